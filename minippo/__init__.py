@@ -1,0 +1,20 @@
+"""minippo: PPO on LoRA adapters over 8-bit causal language models, small enough to read.
+
+Shape letters used throughout: B batch, P prompt length, T response length, L = P + T,
+V vocabulary, H hidden size, r LoRA rank.
+"""
+import logging as _logging
+
+# bitsandbytes logs a float16-cast notice on every int8 matmul and a note about an optional
+# package at import; neither is actionable for users of this library.
+_logging.getLogger("bitsandbytes").setLevel(_logging.ERROR)
+
+__version__ = "0.1.0"
+
+# -- LoRA and 8-bit loading (quant.py, lora.py) --
+
+# -- PPO math (core.py) --
+
+# -- policy, rollouts, trainer (policy.py, rollout.py, ppo.py) --
+
+# -- data, rewards, models, sft (data.py, reward.py, models.py, sft.py) --

@@ -1,0 +1,54 @@
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny import save_tiny_model, tiny_model, tiny_tokenizer
+
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# The IMDB parquet folder: the MINIPPO_IMDB_DIR setting, else the repo's sibling shared/ folder.
+REPO = Path(__file__).resolve().parents[1]
+IMDB_DIR = Path(os.environ.get("MINIPPO_IMDB_DIR") or REPO.parent / "shared" / "data" / "imdb")
+if not IMDB_DIR.is_absolute():
+    IMDB_DIR = (REPO / IMDB_DIR).resolve()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(params=["gpt_neox", "llama", "gpt2"])
+def arch(request):
+    return request.param
+
+
+@pytest.fixture
+def model(arch, tokenizer):
+    """A fresh tiny random model of each architecture (parametrised)."""
+    return tiny_model(arch, vocab_size=len(tokenizer))
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    return save_tiny_model(tmp_path / "tiny-llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def imdb_dir():
+    if not (IMDB_DIR / "train.parquet").exists():
+        pytest.fail(f"IMDB parquet files not found in {IMDB_DIR}; set MINIPPO_IMDB_DIR")
+    return IMDB_DIR
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
