@@ -1,0 +1,6 @@
+"""`python -m minippo ...` is the same as the `minippo` command."""
+import sys
+
+from minippo.cli import main
+
+sys.exit(main())
