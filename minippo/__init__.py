@@ -14,6 +14,20 @@ __version__ = "0.1.0"
 # -- LoRA and 8-bit loading (quant.py, lora.py) --
 
 # -- PPO math (core.py) --
+from .core import (
+    AdaptiveKLController,
+    FixedKLController,
+    compute_gae,
+    entropy_from_logits,
+    kl_penalized_rewards,
+    kl_penalty,
+    logprobs_from_logits,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    policy_loss,
+    value_loss,
+)
 
 # -- policy, rollouts, trainer (policy.py, rollout.py, ppo.py) --
 
