@@ -12,6 +12,26 @@ _logging.getLogger("bitsandbytes").setLevel(_logging.ERROR)
 __version__ = "0.1.0"
 
 # -- LoRA and 8-bit loading (quant.py, lora.py) --
+from .quant import (  # noqa: E402
+    dequantize_8bit,
+    is_8bit,
+    keep_8bit_layers_in_eval,
+    load_model,
+    model_footprint_bytes,
+    prepare_model_for_kbit_training,
+    quantize_model,
+)
+from .lora import (  # noqa: E402
+    LoRAConfig,
+    LoRALayer,
+    add_lora,
+    count_parameters,
+    disable_adapters,
+    load_adapter,
+    lora_state_dict,
+    merge_lora,
+    save_adapter,
+)
 
 # -- PPO math (core.py) --
 from .core import (
