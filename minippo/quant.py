@@ -301,6 +301,10 @@ def prepare_model_for_kbit_training(
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     if use_gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        kwargs = {"use_reentrant": use_reentrant}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     keep_8bit_layers_in_eval(model)
     return model
