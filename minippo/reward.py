@@ -1,0 +1,395 @@
+"""Sentiment rewards: a score of how positive a text is, for PPO.
+
+- `TfidfSentiment`, the offline default: TF-IDF over word 1-2 grams + logistic regression, trained
+  with scikit-learn on IMDB train in ~10-20 s (~0.907 validation accuracy). Saved as plain data
+  (vocabulary JSON, idf/coef/intercept safetensors, config JSON), so loading a reward file cannot
+  run code, and scored by our own batched NumPy code, so scoring needs no scikit-learn.
+- `HFSentiment`: any Hugging Face sequence-classification model (the blog's
+  `lvwerra/distilbert-imdb`), scoring the positive class.
+- `load_reward(spec)`: either one, from a folder or a hub name.
+
+Both score a list of B texts as a float tensor (B,), `kind` "prob" (P(positive)) or "logit".
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .data import clean_review, load_imdb
+
+TFIDF_TYPE = "minippo-tfidf-sentiment"
+TFIDF_FORMAT = 1
+KINDS = ("prob", "logit")
+TOKEN_PATTERN = r"(?u)\b\w\w+\b"  # scikit-learn's default word pattern
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"unknown reward kind {kind!r}; choose one of {KINDS}")
+    return kind
+
+
+def _preprocess(text: str) -> str:
+    """What both the vectoriser and our scorer see: the cleaned, lower-cased review."""
+    return clean_review(text).lower()
+
+
+class _Scorer:
+    """Shared by both rewards: `__call__` returns `probability` or `logit` according to `kind`."""
+
+    kind: str
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        """Scores (B,) float32: P(positive) for kind "prob", the positive logit for "logit"."""
+        return self.probability(texts) if self.kind == "prob" else self.logit(texts)
+
+    def accuracy(self, texts: Sequence[str], labels: Sequence[int]) -> float:
+        """Fraction of texts where P(positive) > 0.5 matches the label (1 = positive)."""
+        pred = self.probability(texts) > 0.5
+        return float((pred == torch.as_tensor(list(labels)).bool()).float().mean())
+
+
+# -- TF-IDF + logistic regression ----------------------------------------------------------------
+
+class TfidfSentiment(_Scorer):
+    """Logistic regression on sublinear TF-IDF word n-grams, scored without scikit-learn.
+
+    For a text: lower-case, tokenise with `TOKEN_PATTERN`, count the vocabulary's n-grams,
+    tf = 1 + log(count), x = tf * idf / ||tf * idf||_2, logit = coef . x + intercept.
+    This is exactly scikit-learn's `TfidfVectorizer(sublinear_tf=True, norm="l2")` followed by
+    `LogisticRegression.decision_function` (tested against it).
+    """
+
+    def __init__(self, vocabulary: Sequence[str], idf: np.ndarray, coef: np.ndarray, intercept: float,
+                 ngram_range: tuple[int, int] = (1, 2), sublinear_tf: bool = True,
+                 token_pattern: str = TOKEN_PATTERN, kind: str = "prob", metrics: dict | None = None):
+        self.vocabulary = list(vocabulary)
+        self.index = {term: i for i, term in enumerate(self.vocabulary)}
+        self.idf = np.asarray(idf, dtype=np.float64)  # (F,)
+        self.coef = np.asarray(coef, dtype=np.float64).reshape(-1)  # (F,)
+        self.intercept = float(intercept)
+        if not len(self.vocabulary) == len(self.idf) == len(self.coef):
+            raise ValueError(f"vocabulary ({len(self.vocabulary)}), idf ({len(self.idf)}) and coef "
+                             f"({len(self.coef)}) must have one entry per feature")
+        self.ngram_range = (int(ngram_range[0]), int(ngram_range[1]))
+        self.sublinear_tf = bool(sublinear_tf)
+        self.token_pattern = token_pattern
+        self._token_re = re.compile(token_pattern)
+        self.kind = _check_kind(kind)
+        self.metrics = dict(metrics or {})
+
+    # -- training (scikit-learn only here) --
+
+    @staticmethod
+    def fit_sklearn(texts: Sequence[str], labels: Sequence[int], ngram_max: int = 2, min_df: int = 3,
+                    max_df: float = 0.9, max_features: int | None = None, C: float = 4.0):
+        """Fit scikit-learn's TfidfVectorizer + LogisticRegression; returns (vectorizer, clf)."""
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import LogisticRegression
+
+        vectorizer = TfidfVectorizer(preprocessor=_preprocess, token_pattern=TOKEN_PATTERN,
+                                     ngram_range=(1, ngram_max), sublinear_tf=True, min_df=min_df,
+                                     max_df=max_df, max_features=max_features, dtype=np.float64)
+        features = vectorizer.fit_transform(list(texts))
+        clf = LogisticRegression(C=C, solver="liblinear", max_iter=1000)
+        clf.fit(features, np.asarray(labels))
+        if list(clf.classes_) != [0, 1]:
+            raise ValueError(f"labels must be 0 (negative) and 1 (positive), got {list(clf.classes_)}")
+        return vectorizer, clf
+
+    @classmethod
+    def from_sklearn(cls, vectorizer, clf, kind: str = "prob", metrics: dict | None = None):
+        """Copy the arrays out of a fitted (TfidfVectorizer, LogisticRegression) pair."""
+        if not (vectorizer.preprocessor is _preprocess and vectorizer.analyzer == "word"
+                and vectorizer.sublinear_tf and vectorizer.use_idf and vectorizer.norm == "l2"):
+            raise ValueError("from_sklearn takes the vectorizer made by fit_sklearn (preprocessor "
+                             "_preprocess, word analyzer, sublinear tf, idf, l2 norm)")
+        vocabulary = [None] * len(vectorizer.vocabulary_)
+        for term, i in vectorizer.vocabulary_.items():
+            vocabulary[i] = term
+        return cls(vocabulary, vectorizer.idf_, clf.coef_[0], clf.intercept_[0],
+                   ngram_range=vectorizer.ngram_range, token_pattern=vectorizer.token_pattern,
+                   kind=kind, metrics=metrics)
+
+    @classmethod
+    def fit(cls, texts: Sequence[str], labels: Sequence[int], kind: str = "prob", **kwargs):
+        """Train on (texts, labels) with `fit_sklearn(**kwargs)`; returns a TfidfSentiment."""
+        return cls.from_sklearn(*cls.fit_sklearn(texts, labels, **kwargs), kind=kind)
+
+    # -- scoring (our code) --
+
+    def _ngrams(self, tokens: list[str]) -> list[str]:
+        lo, hi = self.ngram_range
+        grams = list(tokens) if lo == 1 else []
+        for n in range(max(lo, 2), hi + 1):
+            grams.extend(" ".join(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+        return grams
+
+    def decision_function(self, texts: Sequence[str]) -> np.ndarray:
+        """Logits (B,) float64 for a batch of texts, all texts vectorised at once."""
+        if isinstance(texts, str):
+            raise TypeError("pass a list of texts, not a single string")
+        F = len(self.vocabulary)
+        # 1. (text, feature) pairs of every known n-gram occurrence.
+        rows, cols = [], []
+        for b, text in enumerate(texts):
+            ids = [self.index[g] for g in self._ngrams(self._token_re.findall(_preprocess(text)))
+                   if g in self.index]
+            rows.extend([b] * len(ids))
+            cols.extend(ids)
+        rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+        # 2. Term counts per (text, feature): unique pairs and their multiplicities.
+        pairs, counts = np.unique(rows * F + cols, return_counts=True)  # (K,), K nonzeros
+        r, c = pairs // F, pairs % F
+        tf = 1.0 + np.log(counts) if self.sublinear_tf else counts.astype(np.float64)
+        # 3. TF-IDF weights, l2-normalised per text; the logit is their dot with coef.
+        w = tf * self.idf[c]
+        norm = np.sqrt(np.bincount(r, weights=w * w, minlength=len(texts)))  # (B,)
+        w = w / np.where(norm > 0, norm, 1.0)[r]
+        return np.bincount(r, weights=w * self.coef[c], minlength=len(texts)) + self.intercept  # (B,)
+
+    def logit(self, texts: Sequence[str]) -> torch.Tensor:
+        """log P(positive) / P(negative), (B,) float32."""
+        return torch.from_numpy(self.decision_function(texts)).float()
+
+    def probability(self, texts: Sequence[str]) -> torch.Tensor:
+        """P(positive), (B,) float32."""
+        return torch.sigmoid(torch.from_numpy(self.decision_function(texts))).float()
+
+    # -- files: JSON + safetensors only, so loading cannot run code --
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write `config.json`, `vocabulary.json` and `weights.safetensors` into folder `path`."""
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config = {"type": TFIDF_TYPE, "format": TFIDF_FORMAT, "kind": self.kind,
+                  "ngram_range": list(self.ngram_range), "sublinear_tf": self.sublinear_tf,
+                  "token_pattern": self.token_pattern, "lowercase": True, "norm": "l2",
+                  "preprocess": "minippo.data.clean_review", "num_features": len(self.vocabulary),
+                  "metrics": self.metrics}
+        (path / "vocabulary.json").write_text(json.dumps(self.vocabulary, ensure_ascii=False))
+        save_file({"idf": self.idf, "coef": self.coef, "intercept": np.array([self.intercept])},
+                  str(path / "weights.safetensors"))
+        (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, kind: str | None = None) -> "TfidfSentiment":
+        """Read a folder written by `save` (`kind` overrides the saved one)."""
+        from safetensors.numpy import load_file
+
+        path = Path(path)
+        config = json.loads((path / "config.json").read_text())
+        if config.get("type") != TFIDF_TYPE:
+            raise ValueError(f"{path} is not a minippo TF-IDF reward folder (config type "
+                             f"{config.get('type')!r})")
+        if config.get("format") != TFIDF_FORMAT:
+            raise ValueError(f"{path}: reward file format {config.get('format')} is not supported "
+                             f"(this minippo reads format {TFIDF_FORMAT}); retrain it with `minippo reward`")
+        weights = load_file(str(path / "weights.safetensors"))
+        vocabulary = json.loads((path / "vocabulary.json").read_text())
+        return cls(vocabulary, weights["idf"], weights["coef"], float(weights["intercept"][0]),
+                   ngram_range=tuple(config["ngram_range"]), sublinear_tf=config["sublinear_tf"],
+                   token_pattern=config["token_pattern"], kind=kind or config["kind"],
+                   metrics=config.get("metrics"))
+
+
+# -- Hugging Face classifiers --------------------------------------------------------------------
+
+_POSITIVE_NAMES = ("positive", "pos", "label_1")
+
+
+def find_positive_index(id2label: dict, num_labels: int, positive_label: str | int | None = None) -> int:
+    """The index of the positive class: `positive_label` (a label name or index) when given, else
+    the label named POSITIVE / pos / LABEL_1 (any case), else index 1 of two, else 0 of one."""
+    labels = {int(i): str(name) for i, name in (id2label or {}).items()}
+    if positive_label is not None:
+        if isinstance(positive_label, int) or str(positive_label).isdigit():
+            index = int(positive_label)
+            if not 0 <= index < num_labels:
+                raise ValueError(f"positive_label index {index} out of range for {num_labels} labels")
+            return index
+        for i, name in labels.items():
+            if name == positive_label:
+                return i
+        raise ValueError(f"positive_label {positive_label!r} is not one of the model's labels {labels}")
+    for wanted in _POSITIVE_NAMES:
+        for i, name in labels.items():
+            if name.lower() == wanted:
+                return i
+    if num_labels in (1, 2):
+        return num_labels - 1
+    raise ValueError(f"cannot tell which of the labels {labels} is positive: pass positive_label=...")
+
+
+class HFSentiment(_Scorer):
+    """A Hugging Face sequence-classification model scoring the positive class: its raw logit
+    (kind "logit", the blog's reward) or its softmax probability (kind "prob"; sigmoid for a
+    single-logit model)."""
+
+    def __init__(self, name_or_path: str | os.PathLike, positive_label: str | int | None = None,
+                 kind: str = "logit", device: str | torch.device = "cpu", batch_size: int = 32,
+                 max_length: int = 512):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from .models import ensure_pad_token, resolve_model
+
+        self.kind = _check_kind(kind)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.name_or_path, self.batch_size, self.device = str(name_or_path), batch_size, torch.device(device)
+        folder = resolve_model(name_or_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModelForSequenceClassification.from_pretrained(folder).to(self.device).eval()
+        if self.tokenizer.pad_token is None:
+            ensure_pad_token(self.tokenizer)
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.max_length = min(max_length, self.tokenizer.model_max_length)
+        self.num_labels = self.model.config.num_labels
+        self.positive_index = find_positive_index(self.model.config.id2label, self.num_labels, positive_label)
+        self._inputs = set(inspect.signature(self.model.forward).parameters)
+
+    @torch.no_grad()
+    def _logits(self, texts: Sequence[str]) -> torch.Tensor:
+        """Classifier logits (B, num_labels) float32 on CPU, `batch_size` texts at a time."""
+        if isinstance(texts, str):
+            raise TypeError("pass a list of texts, not a single string")
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(list(texts[i:i + self.batch_size]), padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="pt")
+            enc = {k: v.to(self.device) for k, v in enc.items() if k in self._inputs}
+            out.append(self.model(**enc).logits.float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.num_labels)
+
+    def logit(self, texts: Sequence[str]) -> torch.Tensor:
+        """The positive class's raw logit, (B,) float32."""
+        return self._logits(texts)[:, self.positive_index]
+
+    def probability(self, texts: Sequence[str]) -> torch.Tensor:
+        """P(positive), (B,) float32."""
+        logits = self._logits(texts)
+        if self.num_labels == 1:
+            return torch.sigmoid(logits[:, 0])
+        return logits.softmax(-1)[:, self.positive_index]
+
+
+# -- by name --------------------------------------------------------------------------------------
+
+def load_reward(spec: str | os.PathLike, kind: str | None = None, device: str | torch.device = "cpu",
+                batch_size: int = 32, positive_label: str | int | None = None) -> _Scorer:
+    """A reward from `spec`: a folder saved by `TfidfSentiment.save` / `minippo reward`, a local HF
+    classifier folder, or a hub name (downloaded, or from the HF cache offline). `kind` None keeps
+    the TF-IDF file's kind and uses "logit" for HF classifiers."""
+    path = Path(spec).expanduser()
+    config = path / "config.json"
+    if config.is_file():
+        if json.loads(config.read_text()).get("type") == TFIDF_TYPE:
+            return TfidfSentiment.load(path, kind=kind)
+        return HFSentiment(path, positive_label=positive_label, kind=kind or "logit",
+                           device=device, batch_size=batch_size)
+    if path.is_dir():
+        raise FileNotFoundError(f"reward folder {path} has no config.json: expected a TF-IDF reward "
+                                f"saved by `minippo reward` or a Hugging Face classifier folder")
+    if str(spec).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"reward path {str(spec)!r} does not exist: train one with "
+                                f"`minippo reward --output-dir {spec}`")
+    try:
+        return HFSentiment(str(spec), positive_label=positive_label, kind=kind or "logit",
+                           device=device, batch_size=batch_size)
+    except OSError as e:
+        raise OSError(f"{e}\nFor an offline reward, train the TF-IDF classifier with `minippo reward` "
+                      f"and pass its folder.") from None
+
+
+# -- the `minippo reward` step --------------------------------------------------------------------
+
+@dataclass
+class RewardConfig:
+    model: str = "tfidf"
+    """"tfidf" trains TF-IDF + logistic regression on IMDB; else a HF classifier name/path to evaluate."""
+    data_dir: str | None = None
+    """Folder with IMDB {train,validation}.parquet; None: $MINIPPO_IMDB_DIR, else the hub."""
+    output_dir: str = "runs/reward"
+    """Where the trained reward (and metrics.json) is written."""
+    kind: str = "prob"
+    """Score the reward returns: "prob" (P(positive)) or "logit" (log-odds / raw positive logit)."""
+    num_train: int | None = None
+    """Train on this many shuffled train reviews (None: all 20,000)."""
+    num_eval: int | None = None
+    """Evaluate on this many shuffled validation reviews (None: all 5,000)."""
+    ngram_max: int = 2
+    """TF-IDF: longest word n-gram (1 = single words only)."""
+    min_df: int = 3
+    """TF-IDF: drop n-grams found in fewer than this many reviews."""
+    max_df: float = 0.9
+    """TF-IDF: drop n-grams found in more than this fraction of reviews."""
+    logreg_c: float = 4.0
+    """Logistic regression: inverse L2 regularisation strength."""
+    seed: int = 0
+    """Seed for shuffling the reviews."""
+    device: str = "cpu"
+    """Device for a HF classifier's evaluation."""
+    batch_size: int = 32
+    """Texts per forward pass of a HF classifier."""
+
+    def __post_init__(self):
+        _check_kind(self.kind)
+        for name in ("num_train", "num_eval"):
+            value = getattr(self, name)
+            if value is not None and value < 2:
+                raise ValueError(f"{name} must be >= 2 or None (all), got {value}")
+        if self.ngram_max < 1:
+            raise ValueError(f"ngram_max must be >= 1, got {self.ngram_max}")
+        if self.min_df < 1:
+            raise ValueError(f"min_df must be >= 1 (a count of reviews), got {self.min_df}")
+        if not 0.0 < self.max_df <= 1.0:
+            raise ValueError(f"max_df must be a fraction in (0, 1], got {self.max_df}")
+        if self.logreg_c <= 0:
+            raise ValueError(f"logreg_c must be > 0, got {self.logreg_c}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def train_reward(config: RewardConfig) -> dict:
+    """The `minippo reward` step: train the TF-IDF reward on IMDB train (or take a HF classifier),
+    measure its validation accuracy, and write it (plus `metrics.json`) to `output_dir`.
+
+    Returns {"metrics": {...}, "path": spec to pass to `load_reward`}.
+    """
+    out = Path(config.output_dir)
+    val = load_imdb("validation", config.data_dir, limit=config.num_eval, seed=config.seed)
+    start = time.perf_counter()
+    if config.model == "tfidf":
+        train = load_imdb("train", config.data_dir, limit=config.num_train, seed=config.seed)
+        reward = TfidfSentiment.fit(train["text"], train["label"], kind=config.kind,
+                                    ngram_max=config.ngram_max, min_df=config.min_df,
+                                    max_df=config.max_df, C=config.logreg_c)
+        metrics = {"num_train": len(train), "num_features": len(reward.vocabulary),
+                   "train_seconds": round(time.perf_counter() - start, 2)}
+        path = str(out)
+    else:
+        reward = load_reward(config.model, kind=config.kind, device=config.device,
+                             batch_size=config.batch_size)
+        metrics, path = {}, config.model
+    metrics.update(num_validation=len(val),
+                   validation_accuracy=round(reward.accuracy(val["text"], val["label"]), 4))
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(reward, TfidfSentiment):
+        reward.metrics = metrics
+        reward.save(out)
+    (out / "metrics.json").write_text(json.dumps({"config": asdict(config), "metrics": metrics,
+                                                  "path": path}, indent=2) + "\n")
+    return {"metrics": metrics, "path": path}
