@@ -1,0 +1,415 @@
+"""The memory planner: will this model train with PPO + LoRA on this GPU?
+
+`plan_memory(PlanConfig(params=20e9, gpu_gib=24))` predicts the bytes a LoRA (or full) training step
+holds, part by part, and `format_plan` prints them as a table:
+
+    weights          frozen base model: linear weights in the weight dtype (int8 keeps one fp32
+                     scale per output row), embeddings / norms / lm_head in the compute dtype
+    LoRA parameters  r * (in + out) per adapted linear layer, fp32
+    value head       Linear(H, 1), fp32
+    gradients        one fp32 gradient per trainable parameter
+    optimiser state  Adam: exp_avg and exp_avg_sq, fp32, per trainable parameter
+    activations      what autograd keeps for the backward of one (batch_size, seq_len) mini-batch
+    reserve          what the runtime keeps for itself (CUDA context, allocator slack)
+
+This is the blog's arithmetic (Ref: "Fine-tuning 20B LLMs with RLHF on a 24GB consumer GPU",
+Hugging Face blog, 2023): 20B parameters in bf16 are ~40 GB and do not fit 24 GB; in 8-bit they
+are ~20 GB, and with adapters (a few MB of trainable parameters, so gradients and Adam state are
+tiny) the step fits.
+
+Activations (the only part that is not a plain count) per token and per transformer block, in
+elements of the compute dtype, counted from what autograd saves when the base weights are frozen
+(a frozen Linear saves nothing for its weight; the tensors below are saved for the input
+gradients that must flow back to the lowest adapter):
+
+    gpt_neox   5.3 H + 1 I     (layer-norm inputs, rotary q/k, v, attention output, GELU input)
+    llama      6.5 H + 3 I     (RMSNorm in fp32, rotary q/k, v, attention output, SwiGLU gate/up/act)
+    gpt2       8.5 H + 3.9 I   (its dropout masks are on by default)
+    + 2 * d_in for each adapted linear layer with input size d_in (the dropout output and mask)
+
+plus the logits: four fp32 (B, L, V) tensors are alive at the peak (logits, log-softmax and two
+gradient buffers). With gradient checkpointing only each block's input (H per token) is kept, and
+the peak is the larger of the logits' buffers and one block's activations rebuilt in the backward
+(x 1.5 for its gradients in flight, beside the fp32 logits the caller still holds). Attention is assumed memory-efficient (SDPA: no
+(L, L) score matrix is stored). The constants are checked against measurements in
+`tests/test_plan.py` (within 15%); `TensorMemoryTracker` below is the measuring tool.
+
+Note: the step's peak is taken as everything above at once; PPO's rollout (generation with a KV
+cache, no gradients) needs less than the training mini-batch and is not planned separately.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+GiB = 2**30
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
+TARGETS = ("qkv", "attention", "all-linear")
+OPTIMIZERS = {"adam": 2, "adamw": 2, "sgd": 0}  # fp32 states per trainable parameter
+LOGIT_COPIES = 4  # fp32 (B, L, V) tensors alive at the peak: logits, log-softmax, 2 gradients
+
+# Activation elements per token per block: (c_H, c_I) for c_H * H + c_I * I (see the docstring).
+ACTIVATION_COEFFS = {"gpt_neox": (5.3, 1.0), "llama": (6.5, 3.0), "gpt2": (8.5, 3.9)}
+LORA_ACTIVATION_PER_INPUT = 2.0
+RECOMPUTE_FACTOR = 1.5  # checkpointing: a rebuilt block's tensors + its gradients in flight  # per adapted linear, per token: 2 * d_in elements
+
+# Shapes of a few well-known models (their config.json values), so `--model gpt-neox-20b` works offline.
+KNOWN_MODELS = {
+    "gpt-neox-20b": dict(model_type="gpt_neox", hidden_size=6144, num_hidden_layers=44,
+                         vocab_size=50432, intermediate_size=24576, num_attention_heads=64,
+                         tie_word_embeddings=False),
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, num_hidden_layers=30,
+                         vocab_size=49152, intermediate_size=1536, num_attention_heads=9,
+                         num_key_value_heads=3, tie_word_embeddings=True),
+    "gpt2": dict(model_type="gpt2", n_embd=768, n_layer=12, vocab_size=50257, n_head=12,
+                 tie_word_embeddings=True),
+}
+
+
+@dataclass
+class PlanConfig:
+    """Predict the memory of a PPO/LoRA training step and whether it fits a GPU."""
+
+    params: float = 0.0
+    """Parameters of the base model, e.g. 20e9; 0 means count them from --model or the sizes."""
+    model: str = ""
+    """A model folder with config.json, or one of gpt-neox-20b, smollm2-135m, gpt2; sets the sizes."""
+    hidden_size: int = 0
+    """Hidden size H; 0 means from --model, else inferred from --params (H = 128 * layers)."""
+    num_layers: int = 0
+    """Transformer blocks; 0 means from --model, else inferred from --params (N ~ 12 layers H^2)."""
+    vocab_size: int = 0
+    """Vocabulary size V; 0 means from --model, else 50432 (GPT-NeoX's tokenizer)."""
+    intermediate_size: int = 0
+    """MLP inner size I; 0 means from --model, else 4 H."""
+    arch: str = ""
+    """Block layout for counting: gpt_neox, llama or gpt2; empty means from --model, else gpt_neox."""
+    gpu_gib: float = 24.0
+    """Memory of the GPU (or of the machine), GiB."""
+    reserve_gib: float = 1.0
+    """Memory the runtime keeps for itself (CUDA context, allocator slack), GiB; 0 on a CPU."""
+    dtype: str = "int8"
+    """Weight dtype of the frozen base model: fp32, bf16, fp16 or int8 (LLM.int8 linear layers)."""
+    compute_dtype: str = ""
+    """Dtype of activations and of the weights int8 leaves alone; empty: the weight dtype, fp16 for int8."""
+    lora_r: int = 16
+    """LoRA rank r; 0 means full fine-tuning (every weight trains; needs a float dtype)."""
+    lora_targets: str = "qkv"
+    """Adapted linear layers: qkv (query/key/value, the blog's), attention (qkv + output), all-linear."""
+    batch_size: int = 4
+    """Sequences in one forward + backward (the PPO mini-batch)."""
+    seq_len: int = 256
+    """Tokens per sequence, prompt + response (L = P + T)."""
+    gradient_checkpointing: bool = True
+    """Keep only each block's input and recompute the rest in the backward pass."""
+    optimizer: str = "adam"
+    """Optimiser: adam / adamw (two fp32 states per trainable parameter) or sgd (none)."""
+
+    def __post_init__(self):
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(DTYPE_BYTES)}")
+        if self.compute_dtype and self.compute_dtype not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"compute_dtype {self.compute_dtype!r}: use fp32, bf16 or fp16")
+        if self.lora_targets not in TARGETS:
+            raise ValueError(f"lora_targets {self.lora_targets!r} is not one of {TARGETS}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r} is not one of {sorted(OPTIMIZERS)}")
+        if self.arch and self.arch not in ACTIVATION_COEFFS:
+            raise ValueError(f"arch {self.arch!r} is not one of {sorted(ACTIVATION_COEFFS)}")
+        if self.lora_r < 0 or self.batch_size < 1 or self.seq_len < 1 or self.gpu_gib <= 0:
+            raise ValueError("lora_r must be >= 0, batch_size and seq_len >= 1, gpu_gib > 0")
+        if self.lora_r == 0 and self.dtype == "int8":
+            raise ValueError("int8 weights cannot be trained directly: set lora_r > 0, or a float "
+                             "dtype (fp32/bf16/fp16) for full fine-tuning")
+        if self.params <= 0 and not self.model and not (self.hidden_size and self.num_layers):
+            raise ValueError("say how big the model is: --params (e.g. 20e9), --model (a folder "
+                             "with config.json, or gpt-neox-20b), or --hidden-size and --num-layers")
+
+
+@dataclass
+class ModelShape:
+    """The sizes the planner counts with (from a config, the fields, or inferred from params)."""
+
+    arch: str
+    hidden: int  # H
+    layers: int
+    vocab: int  # V
+    inner: int  # I
+    heads: int
+    kv_heads: int
+    tied: bool  # lm_head shares the embedding matrix
+    source: str  # where the sizes came from, for the printout
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """One block's linear layers: name -> (in, out). Fused qkv where the architecture fuses it."""
+        H, I, kv = self.hidden, self.inner, self.hidden * self.kv_heads // self.heads
+        if self.arch == "llama":
+            return {"q": (H, H), "k": (H, kv), "v": (H, kv), "o": (H, H),
+                    "gate": (H, I), "up": (H, I), "down": (I, H)}
+        return {"qkv": (H, H + 2 * kv), "o": (H, H), "up": (H, I), "down": (I, H)}  # neox, gpt2
+
+    def adapted(self, targets: str) -> dict[str, tuple[int, int]]:
+        """The linear layers of one block that get LoRA adapters under `targets`."""
+        names = {"qkv": {"q", "k", "v", "qkv"}, "attention": {"q", "k", "v", "qkv", "o"}}
+        keep = names.get(targets)
+        return {n: s for n, s in self.linears().items() if keep is None or n in keep}
+
+    def count(self) -> tuple[int, int]:
+        """(linear parameters in the blocks, all other parameters: embeddings, norms, lm_head)."""
+        linear = self.layers * sum(i * o for i, o in self.linears().values())
+        other = self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
+        return linear, other
+
+
+def _config_shape(cfg: dict, source: str) -> ModelShape:
+    """A transformers config.json (as a dict) -> ModelShape."""
+    mt = cfg.get("model_type", "gpt_neox")
+    arch = {"gpt_neox": "gpt_neox", "gpt2": "gpt2"}.get(mt, "llama")  # llama-likes: mistral, qwen2...
+    H = cfg.get("hidden_size", cfg.get("n_embd"))
+    heads = cfg.get("num_attention_heads", cfg.get("n_head", max(1, H // 64)))
+    return ModelShape(
+        arch=arch, hidden=H, layers=cfg.get("num_hidden_layers", cfg.get("n_layer")),
+        vocab=cfg["vocab_size"], inner=cfg.get("intermediate_size") or cfg.get("n_inner") or 4 * H,
+        heads=heads, kv_heads=cfg.get("num_key_value_heads") or heads,
+        tied=cfg.get("tie_word_embeddings", mt == "gpt2"), source=source)
+
+
+def model_shape(config: PlanConfig) -> ModelShape:
+    """The sizes to count with: --model, overridden by any size given, else inferred from --params.
+
+    Inference from a parameter count alone assumes a GPT-NeoX block (N ~ 12 layers H^2) with
+    H = 128 * layers, GPT-NeoX-20B's aspect ratio: 20e9 -> 47 layers of H 6016 (the real model:
+    44 of 6144).
+    """
+    if config.model:
+        key = config.model.lower().split("/")[-1].removesuffix("-instruct")
+        path = Path(config.model) / "config.json"
+        if path.exists():
+            shape = _config_shape(json.loads(path.read_text()), f"{path}")
+        elif key in KNOWN_MODELS:
+            shape = _config_shape(KNOWN_MODELS[key], f"known shape of {key}")
+        else:
+            raise FileNotFoundError(f"--model {config.model!r}: no config.json there and not one of "
+                                    f"{sorted(KNOWN_MODELS)}; or give --hidden-size/--num-layers")
+    else:
+        layers, H = config.num_layers, config.hidden_size
+        source = "the given sizes"
+        if not (layers and H):
+            n = config.params
+            layers = layers or max(1, round((n / (12 * 128**2)) ** (1 / 3)))
+            H = H or max(64, 64 * round(math.sqrt(n / (12 * layers)) / 64))
+            source = f"inferred from {n:.3g} parameters"
+        shape = ModelShape("gpt_neox", H, layers, 50432, 4 * H, max(1, H // 128), max(1, H // 128),
+                           False, source)
+    overrides = {"hidden": config.hidden_size, "layers": config.num_layers,
+                 "vocab": config.vocab_size, "inner": config.intermediate_size, "arch": config.arch}
+    return replace(shape, **{k: v for k, v in overrides.items() if v})
+
+
+@dataclass
+class Plan:
+    """A memory plan: bytes per part, their total, and whether it fits."""
+
+    config: PlanConfig
+    shape: ModelShape
+    params: int  # base-model parameters counted
+    trainable: int  # LoRA (or all) + value head
+    parts: dict[str, int]  # part -> bytes, in print order
+    how: dict[str, str]  # part -> the arithmetic, for the printout
+    total: int
+    budget: int  # gpu_gib in bytes
+    fits: bool
+    alternatives: list[tuple[str, int, bool]] = field(default_factory=list)  # (label, total, fits)
+
+
+def _compute_dtype(config: PlanConfig) -> str:
+    return config.compute_dtype or ("fp16" if config.dtype == "int8" else config.dtype)
+
+
+def activation_bytes(config: PlanConfig, shape: ModelShape) -> int:
+    """Bytes autograd keeps for the backward of one (batch_size, seq_len) mini-batch (see module doc)."""
+    tokens = config.batch_size * config.seq_len  # B * L
+    act = DTYPE_BYTES[_compute_dtype(config)]
+    c_h, c_i = ACTIVATION_COEFFS[shape.arch]
+    per_block = c_h * shape.hidden + c_i * shape.inner  # elements per token
+    if config.lora_r:
+        per_block += LORA_ACTIVATION_PER_INPUT * sum(i for i, _ in shape.adapted(config.lora_targets).values())
+    else:  # full fine-tuning: every linear saves its input for the weight gradient
+        per_block += sum(i for i, _ in shape.linears().values())
+    logits = LOGIT_COPIES * 4 * shape.vocab + (act if act != 4 else 0) * shape.vocab  # per token
+    if config.gradient_checkpointing:
+        # Block inputs stay; the logits' gradient buffers are freed before the backward reaches
+        # the blocks, where one block's activations are rebuilt at a time, with about half as
+        # much again of gradients in flight (beside the logits the caller still holds).
+        rebuilt = RECOMPUTE_FACTOR * per_block * act + 4 * shape.vocab
+        peak = shape.layers * shape.hidden * act + max(logits, rebuilt)
+    else:  # every block's saved tensors and the logits' buffers at the start of the backward
+        peak = shape.layers * per_block * act + logits
+    return int(tokens * (peak + 2 * shape.hidden * act))
+
+
+def plan_memory(config: PlanConfig) -> Plan:
+    """Predict the memory of a training step, part by part (see the module docstring), with the
+    blog's comparison: the same step with fp32 / bf16 / int8 weights, and bf16 full fine-tuning."""
+    plan = _plan_parts(config)
+    r = config.lora_r or 16
+    for label, change in [("fp32 weights + LoRA", dict(dtype="fp32", lora_r=r)),
+                          ("bf16 weights + LoRA", dict(dtype="bf16", lora_r=r)),
+                          ("int8 weights + LoRA", dict(dtype="int8", lora_r=r)),
+                          ("bf16 full fine-tuning", dict(dtype="bf16", lora_r=0))]:
+        other = _plan_parts(replace(config, compute_dtype="", **change))
+        plan.alternatives.append((label, other.total, other.fits))
+    return plan
+
+
+def _plan_parts(config: PlanConfig) -> Plan:
+    shape = model_shape(config)
+    linear, other = shape.count()
+    if config.params > 0:  # the given total wins; the shape only splits it
+        linear = max(0, int(config.params) - other)
+    compute = _compute_dtype(config)
+    parts: dict[str, int] = {}
+    how: dict[str, str] = {}
+
+    # 1. Frozen weights: linear layers in the weight dtype, the rest in the compute dtype.
+    if config.dtype == "int8":
+        rows = shape.layers * sum(o for _, o in shape.linears().values())
+        parts["weights"] = linear + 4 * rows + other * DTYPE_BYTES[compute]
+        how["weights"] = (f"{_n(linear)} linear x 1 B (int8) + fp32 row scales + "
+                          f"{_n(other)} x {DTYPE_BYTES[compute]} B ({compute})")
+    else:
+        parts["weights"] = (linear + other) * DTYPE_BYTES[config.dtype]
+        how["weights"] = f"{_n(linear + other)} x {DTYPE_BYTES[config.dtype]} B ({config.dtype})"
+
+    # 2. Trainable parameters: adapters (fp32) or, for full fine-tuning, the weights themselves.
+    lora = config.lora_r * shape.layers * sum(i + o for i, o in shape.adapted(config.lora_targets).values())
+    head = shape.hidden + 1
+    trainable = (lora if config.lora_r else linear + other) + head
+    if config.lora_r:
+        parts["LoRA parameters"] = 4 * lora
+        how["LoRA parameters"] = f"{_n(lora)} x 4 B (r={config.lora_r} on {config.lora_targets})"
+    parts["value head"] = 4 * head
+    how["value head"] = f"Linear(H={shape.hidden}, 1), fp32"
+
+    # 3. Gradients and optimiser state, per trainable parameter (full fine-tuning in a 16-bit
+    #    dtype keeps an fp32 master copy too: the classic 2 + 2 + 4 + 8 = 16 bytes per parameter).
+    full16 = not config.lora_r and config.dtype in ("bf16", "fp16")
+    grad_bytes = DTYPE_BYTES[config.dtype] if full16 else 4
+    parts["gradients"] = grad_bytes * trainable
+    how["gradients"] = f"{_n(trainable)} trainable x {grad_bytes} B"
+    states = OPTIMIZERS[config.optimizer] + (1 if full16 else 0)
+    parts["optimiser state"] = 4 * states * trainable
+    how["optimiser state"] = (f"{config.optimizer}: {states} x 4 B per trainable parameter"
+                              + (" (incl. fp32 master weights)" if full16 else ""))
+
+    # 4. Activations of one mini-batch, and the runtime's own reserve.
+    parts["activations"] = activation_bytes(config, shape)
+    how["activations"] = (f"B={config.batch_size} x L={config.seq_len}, {compute}, "
+                          f"checkpointing {'on' if config.gradient_checkpointing else 'off'}")
+    parts["reserve"] = int(config.reserve_gib * GiB)
+    how["reserve"] = "CUDA context, allocator slack"
+
+    total = sum(parts.values())
+    budget = int(config.gpu_gib * GiB)
+    return Plan(config, shape, linear + other, trainable, parts, how, total, budget, total <= budget)
+
+
+def _n(count: float) -> str:
+    """12_345_678 -> '12.3M'."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(count) >= size:
+            return f"{count / size:.3g}{unit}"
+    return str(int(count))
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as a markdown table, a fits / does-not-fit verdict and the dtype comparison."""
+    c, s = plan.config, plan.shape
+    lines = [f"{_n(plan.params)} parameters ({s.arch}: {s.layers} layers, H {s.hidden}, I {s.inner}, "
+             f"V {s.vocab}; {s.source}), {c.dtype} weights, "
+             + (f"LoRA r={c.lora_r} on {c.lora_targets}" if c.lora_r else "full fine-tuning")
+             + f", {c.optimizer}", "",
+             "| part | GiB | GB | how |", "|---|---:|---:|---|"]
+    for name, nbytes in plan.parts.items():
+        lines.append(f"| {name} | {nbytes / GiB:.2f} | {nbytes / 1e9:.2f} | {plan.how[name]} |")
+    lines.append(f"| **total** | **{plan.total / GiB:.2f}** | **{plan.total / 1e9:.2f}** | |")
+    room = (plan.budget - plan.total) / GiB
+    lines += ["", f"fits in {c.gpu_gib:g} GiB: " + (f"yes ({room:.1f} GiB to spare)" if plan.fits
+                                                     else f"NO ({-room:.1f} GiB short)")]
+    if plan.alternatives:
+        lines += ["", "| same step with | total GiB | total GB | fits |", "|---|---:|---:|---|"]
+        for label, total, fits in plan.alternatives:
+            lines.append(f"| {label} | {total / GiB:.1f} | {total / 1e9:.1f} | {'yes' if fits else 'no'} |")
+    return "\n".join(lines)
+
+
+def run_plan(config: PlanConfig) -> Plan:
+    """`minippo plan`: print the plan; returns it."""
+    plan = plan_memory(config)
+    print(format_plan(plan))
+    return plan
+
+
+# ---------------------------------------------------------------------------------- measuring
+
+def tensor_footprint_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, each storage counted once (tied weights).
+
+    For bitsandbytes 8-bit layers prefer `minippo.quant.model_footprint_bytes`, which also
+    counts the row scales kept outside the parameters.
+    """
+    seen: dict[int, int] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.device.type != "meta":
+            ref = StorageWeakRef(t.untyped_storage())
+            seen[ref.cdata] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+class TensorMemoryTracker(TorchDispatchMode):
+    """Measure the peak bytes of tensors created inside a `with` block, on CPU or GPU.
+
+    Every op's new output storage is counted until it is freed (checked with weak references
+    after each op); views and in-place results share an input's storage and are not counted
+    again, and tensors that existed before the block (weights) are not counted at all. Backward
+    ops run under the mode too, so a forward + backward inside the block gives its peak.
+
+        with TensorMemoryTracker() as mem:
+            loss = model(ids).logits.sum(); loss.backward()
+        mem.peak  # bytes
+
+    Slow (it sweeps the live set after every op): for measuring, not for training.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _sweep(self) -> None:
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            self.current -= self.live.pop(key)[1]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self._sweep()
+        inputs = {StorageWeakRef(t.untyped_storage()).cdata
+                  for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            ref = StorageWeakRef(storage)
+            if ref.cdata not in inputs and ref.cdata not in self.live:
+                self.live[ref.cdata] = (ref, storage.nbytes())
+                self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+        return out
