@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .quant import dequantize_8bit, keep_8bit_layers_in_eval
+from .quant import dequantize_8bit, keep_8bit_layers_in_eval, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -403,8 +403,6 @@ def merge_lora(model: nn.Module, dtype: torch.dtype | str = torch.float32) -> nn
     are removed, so `model.save_pretrained(dir)` loads with bare `AutoModelForCausalLM`.
     Merging is always this explicit call (never a side effect of `.eval()`).
     """
-    from .quant import resolve_dtype
-
     dtype = resolve_dtype(dtype)
     with torch.no_grad():
         for name, layer in list(lora_layers(model)):

@@ -227,8 +227,11 @@ def load_model(
             from transformers import BitsAndBytesConfig
 
             bnb_config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=threshold)
+            target = str(device)  # device_map wants "cpu" or a CUDA index
+            if device.type == "cuda":
+                target = device.index if device.index is not None else torch.cuda.current_device()
             model = AutoModelForCausalLM.from_pretrained(
-                name_or_path, quantization_config=bnb_config, device_map={"": device}, **kwargs
+                name_or_path, quantization_config=bnb_config, device_map={"": target}, **kwargs
             )
             if is_8bit(model):
                 return model.eval()
