@@ -422,8 +422,9 @@ def merge_lora(model: nn.Module, dtype: torch.dtype | str = torch.float32) -> nn
     config = getattr(lm, "config", None)
     if config is not None:
         setattr(config, "dtype" if hasattr(config, "dtype") else "torch_dtype", dtype)
-    if "lora_config" in vars(model):
-        del model.lora_config
+    for target in (model, lm):
+        if "lora_config" in vars(target):
+            del target.lora_config
     return model
 
 

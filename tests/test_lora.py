@@ -342,7 +342,7 @@ def test_mismatched_adapters_raise_clear_errors(tokenizer, tmp_path):
         load_adapter(named, tmp_path / "a")
     load_adapter(named, tmp_path / "a", check_base=False)
     # other shapes (a wider model with the same module names)
-    wider = tiny_model("llama", len(tokenizer) + 0)
+    wider = tiny_model("llama", len(tokenizer))
     wider.model.layers[0].self_attn.q_proj = nn.Linear(32, 48, bias=False)
     with pytest.raises(ValueError, match="shape mismatch"):
         load_adapter(wider, tmp_path / "a")
