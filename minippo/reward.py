@@ -374,7 +374,7 @@ def train_reward(config: RewardConfig) -> dict:
     start = time.perf_counter()
     if config.model == "tfidf":
         train = load_imdb("train", config.data_dir, limit=config.num_train, seed=config.seed)
-        reward = TfidfSentiment.fit(train["text"], train["label"], kind=config.kind,
+        reward = TfidfSentiment.fit(list(train["text"]), list(train["label"]), kind=config.kind,
                                     ngram_max=config.ngram_max, min_df=config.min_df,
                                     max_df=config.max_df, C=config.logreg_c)
         metrics = {"num_train": len(train), "num_features": len(reward.vocabulary),
@@ -385,7 +385,7 @@ def train_reward(config: RewardConfig) -> dict:
                              batch_size=config.batch_size)
         metrics, path = {}, config.model
     metrics.update(num_validation=len(val),
-                   validation_accuracy=round(reward.accuracy(val["text"], val["label"]), 4))
+                   validation_accuracy=round(reward.accuracy(list(val["text"]), list(val["label"])), 4))
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(reward, TfidfSentiment):
         reward.metrics = metrics
