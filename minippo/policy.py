@@ -1,0 +1,321 @@
+"""The policy: a causal LM (LoRA-adapted, possibly 8-bit) plus a value head, and batched sampling.
+
+- `ValueHead`: Linear(H, 1) over the LM's last hidden state, in float32, dropout off by default.
+- `PolicyWithValueHead`: one module whose forward gives float32 logits and values, computing the
+  LM head only over the positions that predict response tokens.
+- `PolicyWithValueHead.generate`: batched sampling with a KV cache, left-padded prompts and
+  matching `position_ids`, plain sampling (top_k 0, top_p 1) at a temperature, a response length
+  drawn per sample from a range (or fixed), optional stop at EOS.
+
+Layout of a (query, response) batch, the one every forward here uses:
+    input_ids (B, L) = [pad ... pad, query tokens | response tokens, pad ... pad],  L = P + T
+i.e. queries left-padded to P and responses right-padded to T, so every response starts at column P
+and the logits that predict response tokens are those at columns P-1 .. L-2. Masks always come from
+lengths, never from comparing token ids with the pad id, so the pad id may equal EOS without harm.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from .lora import load_adapter, save_adapter
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+# -- padding ------------------------------------------------------------------------------------
+
+
+def left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D token tensors into (B, P) ids and mask, padding on the left."""
+    P = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)  # (B, P)
+    mask = torch.zeros((len(seqs), P), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, P - len(s):] = s
+            mask[i, P - len(s):] = 1
+    return ids, mask
+
+
+def right_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D token tensors into (B, T) ids and mask, padding on the right."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count only real tokens: (B, L) mask -> (B, L) ids, 0 on left padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# -- value head ---------------------------------------------------------------------------------
+
+
+class ValueHead(nn.Module):
+    """A scalar value per position: Linear(H, 1) over the last hidden state, computed in float32.
+
+    Dropout is off by default (``dropout=0.0``): with dropout on, the log-probabilities taken during the
+    rollout and in the first PPO minibatch differ, and the first ratio is no longer 1 (trl issue #454).
+    The weight is zero-initialised by default (``init_std=0.0``), so every value starts at 0 and the
+    first value-loss gradients do not disturb the LM (Huang et al., "value head zero init"); pass
+    ``init_std > 0`` for a normal init instead. The bias always starts at 0.
+    """
+
+    def __init__(self, hidden_size: int, dropout: float = 0.0, init_std: float = 0.0):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.summary = nn.Linear(hidden_size, 1, dtype=torch.float32)
+        nn.init.normal_(self.summary.weight, std=init_std) if init_std > 0 else nn.init.zeros_(self.summary.weight)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) hidden states -> (B, T) float32 values (autocast off: always float32)."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.summary(self.dropout(hidden.float())).squeeze(-1)
+
+
+def save_value_head(value_head: ValueHead, directory: str | os.PathLike) -> None:
+    """Write the value head's weights to ``directory/value_head.safetensors``."""
+    os.makedirs(directory, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()}
+    save_file(state, os.path.join(directory, VALUE_HEAD_FILE))
+
+
+def load_value_head(value_head: ValueHead, directory: str | os.PathLike) -> None:
+    """Load ``directory/value_head.safetensors`` into ``value_head`` (in place, strict)."""
+    path = os.path.join(directory, VALUE_HEAD_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no value head in {directory}: expected {VALUE_HEAD_FILE}")
+    value_head.load_state_dict(load_file(path, device=str(value_head.summary.weight.device)))
+
+
+# -- generation output --------------------------------------------------------------------------
+
+
+@dataclass
+class Generation:
+    """The result of `PolicyWithValueHead.generate`.
+
+    query_ids, query_mask (B, P): the prompts, left-padded.
+    response_ids, response_mask (B, T): the sampled tokens, right-padded (an EOS that stopped a
+        response is part of it: it is an action the policy took).
+    logprobs (B, T): log-probability of each sampled token under the sampling distribution
+        (temperature applied), from the generation pass; 0 at padding.
+    """
+
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+
+    def queries(self) -> list[torch.Tensor]:
+        """The prompts as a list of 1-D tensors without padding."""
+        return [ids[m.bool()] for ids, m in zip(self.query_ids, self.query_mask)]
+
+    def responses(self) -> list[torch.Tensor]:
+        """The responses as a list of 1-D tensors without padding."""
+        return [ids[m.bool()] for ids, m in zip(self.response_ids, self.response_mask)]
+
+
+# -- the policy ---------------------------------------------------------------------------------
+
+
+class PolicyWithValueHead(nn.Module):
+    """A causal LM (LoRA-adapted, possibly 8-bit) and a value head on its last hidden state.
+
+    ``forward`` runs the LM's backbone once and returns float32 logits and values; with
+    ``response_length=T`` only the T positions that predict the last T tokens go through the LM head
+    (a (B, T, V) tensor instead of (B, L, V)). Reference log-probabilities come from the same module
+    with its adapters disabled (``minippo.lora.disable_adapters(policy.model)``): no second model.
+
+    The LM head runs in float32 even under autocast (bf16 logits would put ~0.03-nat noise on every
+    log-probability, and PPO divides probabilities).
+    """
+
+    def __init__(self, model: nn.Module, value_head: ValueHead | None = None, value_head_dropout: float = 0.0):
+        super().__init__()
+        self.model = model
+        hidden_size = model.config.get_text_config().hidden_size
+        if value_head is None:
+            value_head = ValueHead(hidden_size, dropout=value_head_dropout)
+        self.value_head = value_head.to(self.device)
+        # transformers 5 names the KV cache argument `cache`, 4.x `past_key_values`.
+        params = inspect.signature(self.backbone.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The transformer without its LM head (``model.model``, ``model.transformer``, ...)."""
+        return self.model.base_model
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def logits_from_hidden(self, hidden: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """(B, T, H) hidden states -> (B, T, V) float32 logits divided by ``temperature``."""
+        weight = self.lm_head.weight
+        with torch.autocast(hidden.device.type, enabled=False):
+            dtype = weight.dtype if weight.is_floating_point() else hidden.dtype
+            logits = self.lm_head(hidden.to(dtype)).float()  # (B, T, V)
+        return logits if temperature == 1.0 else logits / temperature
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_length: int | None = None,
+        temperature: float = 1.0,
+        with_values: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits and values for a (B, L) batch (queries left-padded, responses right-padded).
+
+        With ``response_length=T``: logits (B, T, V) and values (B, T) at the positions L-T-1 .. L-2,
+        i.e. position t predicts response token t. Without: logits (B, L, V), values (B, L).
+        Logits are float32 and divided by ``temperature``; values are None if ``with_values=False``.
+        """
+        hidden = self.backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        ).last_hidden_state  # (B, L, H)
+        if response_length is not None:
+            hidden = hidden[:, -response_length - 1 : -1]  # (B, T, H)
+        logits = self.logits_from_hidden(hidden, temperature)
+        values = self.value_head(hidden) if with_values else None
+        return logits, values
+
+    # -- sampling -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        queries: list[torch.Tensor],
+        *,
+        pad_token_id: int,
+        eos_token_id: int | None = None,
+        min_new_tokens: int = 4,
+        max_new_tokens: int = 16,
+        temperature: float = 1.0,
+        stop_at_eos: bool = False,
+        batch_size: int | None = None,
+    ) -> Generation:
+        """Sample one response per query (1-D token tensors), batched, with a KV cache.
+
+        Each response's length is drawn uniformly from ``[min_new_tokens, max_new_tokens]`` (both
+        inclusive; equal values give fixed-length sampling). Tokens are drawn from
+        ``softmax(logits / temperature)`` over the whole vocabulary (top_k 0, top_p 1): PPO's
+        log-probabilities are those of this distribution, which top-k/top-p truncation would break.
+        With ``stop_at_eos`` a response ends at (and includes) its first EOS. ``batch_size`` caps how
+        many queries are sampled at once (default: all). Randomness comes from torch's global generator
+        (seed it with ``torch.manual_seed``). Returns a `Generation` on the CPU.
+        """
+        if not queries:
+            raise ValueError("generate() needs at least one query")
+        if any(q.dim() != 1 or len(q) == 0 for q in queries):
+            raise ValueError("each query must be a non-empty 1-D tensor of token ids")
+        if not 1 <= min_new_tokens <= max_new_tokens:
+            raise ValueError(f"need 1 <= min_new_tokens <= max_new_tokens, got {min_new_tokens}, {max_new_tokens}")
+        if stop_at_eos and eos_token_id is None:
+            raise ValueError("stop_at_eos=True needs an eos_token_id")
+        lengths = torch.randint(min_new_tokens, max_new_tokens + 1, (len(queries),))
+        batch_size = batch_size or len(queries)
+        parts = [
+            self._sample(queries[i : i + batch_size], lengths[i : i + batch_size], pad_token_id,
+                         eos_token_id if stop_at_eos else None, temperature)
+            for i in range(0, len(queries), batch_size)
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        # re-pad the chunks to common widths
+        queries_out = [q for p in parts for q in p.queries()]
+        responses = [r for p in parts for r in p.responses()]
+        query_ids, query_mask = left_pad(queries_out, pad_token_id)
+        response_ids, response_mask = right_pad(responses, pad_token_id)
+        T = response_ids.shape[1]
+        logprobs = torch.cat([nn.functional.pad(p.logprobs, (0, T - p.logprobs.shape[1])) for p in parts])
+        return Generation(query_ids, query_mask, response_ids, response_mask, logprobs)
+
+    def _sample(self, queries, lengths, pad_token_id, eos_token_id, temperature) -> Generation:
+        """One batch of `generate`: prefill the prompts, then one cached forward per new token."""
+        device = self.device
+        query_ids, query_mask = left_pad(queries, pad_token_id)  # (B, P)
+        B, T = len(queries), int(lengths.max())
+        lengths = lengths.to(device)
+        tokens = torch.full((B, T), pad_token_id, dtype=torch.long, device=device)  # (B, T)
+        logprobs = torch.zeros((B, T), device=device)  # (B, T)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)  # stopped at EOS
+        attention_mask = query_mask.to(device)  # (B, P + t), grows by one column per step
+        position_ids = position_ids_from_mask(attention_mask)  # (B, P) for the prefill
+        step_ids, cache = query_ids.to(device), None
+        for t in range(T):
+            out = self.backbone(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                use_cache=True, **{self._cache_arg: cache})
+            cache = out.cache if self._cache_arg == "cache" else out.past_key_values
+            logits = self.logits_from_hidden(out.last_hidden_state[:, -1:], temperature)[:, 0]  # (B, V)
+            logp_all = torch.log_softmax(logits, dim=-1)  # (B, V)
+            next_token = torch.multinomial(logp_all.exp(), 1)[:, 0]  # (B,)
+            alive = ~finished & (t < lengths)
+            tokens[:, t] = torch.where(alive, next_token, pad_token_id)
+            logprobs[:, t] = torch.where(alive, logp_all.gather(1, next_token[:, None])[:, 0], 0.0)
+            if eos_token_id is not None:
+                finished |= alive & (next_token == eos_token_id)
+                if finished.all():
+                    break
+            if t + 1 < T:  # feed the new token (next step's input)
+                step_ids = tokens[:, t : t + 1]
+                position_ids = position_ids[:, -1:] + 1  # (B, 1)
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+        response_mask = self._response_mask(tokens, lengths, eos_token_id)  # (B, T)
+        tokens = tokens.masked_fill(response_mask == 0, pad_token_id)
+        return Generation(query_ids, query_mask, tokens.cpu(), response_mask.cpu(), (logprobs * response_mask).cpu())
+
+    @staticmethod
+    def _response_mask(tokens, lengths, eos_token_id) -> torch.Tensor:
+        """1 up to each response's sampled length, or up to and including its first EOS."""
+        B, T = tokens.shape
+        ends = lengths.clone()  # (B,) response lengths
+        if eos_token_id is not None:
+            is_eos = tokens == eos_token_id
+            first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, T)
+            ends = torch.minimum(ends, first_eos)
+        return (torch.arange(T, device=tokens.device)[None, :] < ends[:, None]).long()
+
+    # -- files ----------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write the LoRA adapter (peft layout) and ``value_head.safetensors`` into ``directory``."""
+        save_adapter(self.model, directory)
+        save_value_head(self.value_head, directory)
+
+    def load_pretrained(self, directory: str | os.PathLike) -> None:
+        """Load an adapter and value head written by `save_pretrained` (in place)."""
+        load_adapter(self.model, directory)
+        load_value_head(self.value_head, directory)
+
+
+@contextlib.contextmanager
+def maybe_autocast(device_type: str, dtype: torch.dtype | None):
+    """``torch.autocast(device_type, dtype)`` if a dtype other than float32 is given, else nothing."""
+    if dtype is None or dtype == torch.float32:
+        yield
+    else:
+        with torch.autocast(device_type, dtype=dtype):
+            yield

@@ -1,0 +1,87 @@
+"""The rollout buffer: one PPO batch of samples and everything computed about them.
+
+`RolloutBuffer` is a plain dataclass of tensors with the batch on dim 0; `minibatches` yields
+shuffled `RolloutBuffer`s of a given size (each trimmed of all-padding columns), which the trainer
+turns into PPO updates (and, split again without shuffling, into gradient-accumulation micro-batches).
+The trainer fills the buffer in stages: first the tokens (the other fields None), then everything else.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+
+@dataclass
+class RolloutBuffer:
+    """One batch of B (query, response) samples with their log-probabilities, values and targets.
+
+    query_ids, query_mask (B, P): prompts, left-padded.
+    response_ids, response_mask (B, T): responses, right-padded; the mask marks real tokens.
+    old_logprobs (B, T): log-probabilities of the response tokens under the policy that sampled them.
+    ref_logprobs (B, T): the same under the reference policy (adapters disabled).
+    values (B, T): value estimates at the positions predicting each response token.
+    scores (B,): the scalar reward of each sample (after any scaling / clipping).
+    rewards (B, T): per-token rewards (KL penalty, plus the score at the last token).
+    advantages (B, T): GAE advantages (whitened); returns (B, T): value targets.
+    """
+
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    old_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.query_ids.shape[0]
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """(B, L) queries then responses: [pad.., query | response, ..pad]."""
+        return torch.cat([self.query_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(B, L) 1 on the real query and response tokens."""
+        return torch.cat([self.query_mask, self.response_mask.to(self.query_mask.dtype)], dim=1)
+
+    def select(self, index: torch.Tensor) -> "RolloutBuffer":
+        """The samples at ``index`` (1-D), with columns that are padding in all of them removed
+        (leading query columns, trailing response columns), so a minibatch of short samples costs less."""
+        picked = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        picked = {name: None if value is None else value[index] for name, value in picked.items()}
+        query_cols = picked["query_mask"].any(0).nonzero()
+        response_cols = picked["response_mask"].any(0).nonzero()
+        p0 = int(query_cols[0]) if len(query_cols) else 0
+        t1 = int(response_cols[-1]) + 1 if len(response_cols) else picked["response_mask"].shape[1]
+        for name, value in picked.items():
+            if value is None:
+                continue
+            if name.startswith("query_"):
+                picked[name] = value[:, p0:]
+            elif value.dim() == 2:  # every (B, T) field
+                picked[name] = value[:, :t1]
+        return RolloutBuffer(**picked)
+
+    def minibatches(self, size: int, shuffle: bool = True, generator: torch.Generator | None = None,
+                    order: torch.Tensor | None = None) -> Iterator["RolloutBuffer"]:
+        """Yield ``len(self) // size`` buffers of ``size`` samples each: in a random order if ``shuffle``
+        (a fresh permutation per call; ``generator`` makes it reproducible), in the given ``order``
+        (a permutation of 0..B-1) if one is passed, else in order. ``size`` must divide B."""
+        if size < 1 or len(self) % size:
+            raise ValueError(f"minibatch size {size} must be positive and divide the batch size {len(self)}")
+        if order is None:
+            order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
+        elif sorted(order.tolist()) != list(range(len(self))):
+            raise ValueError(f"order must be a permutation of 0..{len(self) - 1}")
+        order = order.to(self.query_ids.device)
+        for start in range(0, len(self), size):
+            yield self.select(order[start : start + size])
