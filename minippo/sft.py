@@ -1,0 +1,269 @@
+"""Step 1 of the blog: LoRA causal-LM fine-tuning of an (8-bit) base model on IMDB review text,
+so that the policy PPO starts from writes movie reviews.
+
+    run_sft(SFTConfig(model="smollm2-135m", max_steps=100))
+
+Reviews are cleaned (`<br />` removed), tokenised, joined with EOS separators and cut into blocks
+of `block_size` tokens (`pack_blocks`); the LoRA adapter is trained with AdamW on the next-token
+loss, linear warm-up then linear decay (as the blog's HF Trainer). Validation loss and perplexity
+are measured before and after; the adapter (peft layout), the loss log and the metrics are written
+to `output_dir`. Ctrl-C saves the adapter reached so far before stopping.
+
+Shapes: B batch of blocks, L = block_size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import clean_review, load_imdb, pack_blocks
+from .lora import LoRAConfig, add_lora, count_parameters, save_adapter
+from .models import DEFAULT_MODEL, load_tokenizer, resolve_model
+from .quant import load_model, prepare_model_for_kbit_training, resolve_dtype
+
+
+@dataclass
+class SFTConfig:
+    """Settings of `minippo sft` (step 1: LoRA fine-tuning on IMDB review text)."""
+
+    model: str = DEFAULT_MODEL
+    """Base causal LM: the embedded default "smollm2-135m", a local model folder, or a hub name."""
+    data_dir: str | None = None
+    """Folder with IMDB {train,validation}.parquet; None: $MINIPPO_IMDB_DIR, else the hub's stanfordnlp/imdb."""
+    output_dir: str = "runs/sft"
+    """Where the adapter (output_dir/adapter), loss log and metrics are written."""
+    load_in_8bit: bool = True
+    """Load the base model's Linear layers in 8-bit (bitsandbytes LLM.int8()), as the blog."""
+    dtype: str = "float32"
+    """dtype of the base weights that are not int8; 8-bit training upcasts them to float32."""
+    device: str = "cpu"
+    """Device to train on: cpu, cuda or cuda:N."""
+    lora_r: int = 16
+    """LoRA rank r."""
+    lora_alpha: float = 32.0
+    """LoRA scale numerator: the update is scaled by alpha / r."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input during training."""
+    lora_target_modules: str | None = None
+    """Layers to adapt: names ("q_proj,v_proj"), a regex, "all-linear", or None for the architecture's default."""
+    block_size: int = 256
+    """Tokens per packed training block (the blog used 1024)."""
+    max_steps: int = 200
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Blocks per optimizer step (split into batch_size / grad_accum_steps per forward)."""
+    grad_accum_steps: int = 1
+    """Forward/backward passes per optimizer step; must divide batch_size."""
+    learning_rate: float = 2e-4
+    """Peak AdamW learning rate of the LoRA weights."""
+    warmup_steps: int = 10
+    """Linear warm-up steps; then the rate decays linearly to 0 at max_steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this (0 = no clipping)."""
+    num_train_texts: int = 2000
+    """Train reviews (shuffled) to pack into blocks; steps cycle over the blocks."""
+    num_eval_blocks: int = 32
+    """Validation blocks for the loss/perplexity before and after (0 = skip)."""
+    eval_batch_size: int = 8
+    """Blocks per forward pass during evaluation."""
+    seed: int = 0
+    """Seed for data shuffling, LoRA initialisation and dropout."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, ~30% slower."""
+    log_every: int = 10
+    """Show the running loss on the progress bar every this many steps."""
+
+    def __post_init__(self):
+        positive = ("block_size", "max_steps", "batch_size", "grad_accum_steps", "num_train_texts",
+                    "eval_batch_size", "log_every", "lora_r")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"SFTConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "num_eval_blocks", "weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"SFTConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.block_size < 2:
+            raise ValueError(f"SFTConfig.block_size must be >= 2, got {self.block_size}")
+        if self.batch_size % self.grad_accum_steps:
+            raise ValueError(f"SFTConfig.grad_accum_steps ({self.grad_accum_steps}) must divide "
+                             f"batch_size ({self.batch_size})")
+        if not self.learning_rate > 0:
+            raise ValueError(f"SFTConfig.learning_rate must be > 0, got {self.learning_rate}")
+        resolve_dtype(self.dtype)
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"SFTConfig.device {self.device!r} is not a device: use cpu, cuda or cuda:N") from None
+        self.lora_config()  # validates r, alpha, dropout, target_modules
+
+    def lora_config(self) -> LoRAConfig:
+        return LoRAConfig(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                          target_modules=self.lora_target_modules)
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+def review_blocks(texts, tokenizer, block_size: int) -> torch.Tensor:
+    """Clean, tokenise (no special tokens) and pack reviews: LongTensor (N, block_size)."""
+    cleaned = [clean_review(t) for t in texts]
+    ids = tokenizer(cleaned, add_special_tokens=False)["input_ids"]
+    return pack_blocks(ids, block_size, tokenizer.eos_token_id)
+
+
+def eval_blocks(tokenizer, config: SFTConfig) -> torch.Tensor:
+    """The first `num_eval_blocks` packed validation blocks (N, L), loading more reviews until enough."""
+    n_texts = max(8, config.num_eval_blocks * config.block_size // 200 + 8)  # ~300 tokens a review
+    while True:
+        ds = load_imdb("validation", config.data_dir, limit=n_texts, seed=config.seed)
+        blocks = review_blocks(ds["text"], tokenizer, config.block_size)
+        if len(blocks) >= config.num_eval_blocks or len(ds) < n_texts:
+            return blocks[: config.num_eval_blocks]
+        n_texts *= 2
+
+
+# -- training --------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate_lm(model, blocks: torch.Tensor, batch_size: int, device) -> float:
+    """Mean next-token cross-entropy (nats per token) of `model` over blocks (N, L)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(blocks), batch_size):
+        batch = blocks[i:i + batch_size].to(device)  # (B, L)
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        n = batch.numel() - batch.shape[0]  # predicted tokens: L - 1 per block
+        total, count = total + loss.item() * n, count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def lr_lambda(warmup_steps: int, max_steps: int):
+    """Multiplier of the peak rate at a step: linear warm-up, then linear decay to 0."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
+    return factor
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+def run_sft(config: SFTConfig) -> dict:
+    """Train a LoRA adapter on packed IMDB review blocks; returns the metrics (also written to
+    `output_dir/metrics.json`; the adapter goes to `output_dir/adapter`, the (step, loss) log to
+    `output_dir/loss_log.json`)."""
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {config.device!r} asked for, but torch sees no CUDA GPU: use --device cpu")
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sft_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    torch.manual_seed(config.seed)
+
+    # 1. Model: base (8-bit) + LoRA, tokenizer with a pad token distinct from EOS.
+    model_dir = resolve_model(config.model)
+    tokenizer = load_tokenizer(model_dir, padding_side="right")
+    model = load_model(model_dir, load_in_8bit=config.load_in_8bit, dtype=config.dtype, device=device)
+    if config.load_in_8bit:
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    elif config.gradient_checkpointing:
+        model.enable_input_require_grads()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if context and config.block_size > context:
+        raise ValueError(f"block_size {config.block_size} exceeds the model's context window of {context} "
+                         f"tokens: use --block-size {context} or less")
+    add_lora(model, config.lora_config())
+    trainable, total = count_parameters(model)
+
+    # 2. Data: packed train and validation blocks.
+    train_texts = load_imdb("train", config.data_dir, limit=config.num_train_texts, seed=config.seed)["text"]
+    train = review_blocks(train_texts, tokenizer, config.block_size)  # (N, L)
+    val = eval_blocks(tokenizer, config) if config.num_eval_blocks else None  # (N_val, L)
+
+    # 3. Validation loss before training (LoRA B = 0: the base model).
+    metrics = {"model": model_dir, "trainable_params": trainable, "total_params": total,
+               "train_blocks": len(train), "block_size": config.block_size}
+    if val is not None:
+        metrics["eval_blocks"] = len(val)
+        metrics["eval_loss_before"] = evaluate_lm(model, val, config.eval_batch_size, device)
+        metrics["eval_ppl_before"] = _perplexity(metrics["eval_loss_before"])
+
+    # 4. Train: AdamW on the LoRA weights, warm-up + linear decay, gradient clipping.
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, config.max_steps))
+    generator = torch.Generator().manual_seed(config.seed)
+    micro = config.batch_size // config.grad_accum_steps
+    order, cursor = torch.randperm(len(train), generator=generator), 0
+    loss_log: list[tuple[int, float]] = []
+    model.train()
+    start = time.perf_counter()
+    bar = tqdm(range(1, config.max_steps + 1), desc="sft", unit="step", dynamic_ncols=True)
+    try:
+        for step in bar:
+            step_loss = 0.0
+            for _ in range(config.grad_accum_steps):
+                if cursor + micro > len(order):  # a new epoch over the blocks
+                    order, cursor = torch.randperm(len(train), generator=generator), 0
+                idx = order[cursor:cursor + micro]
+                cursor += micro
+                batch = train[idx].to(device)  # (B, L)
+                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+                (loss / config.grad_accum_steps).backward()
+                step_loss += loss.item() / config.grad_accum_steps
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_log.append((step, step_loss))
+            if step % config.log_every == 0 or step == config.max_steps:
+                recent = [l for _, l in loss_log[-config.log_every:]]
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
+    except KeyboardInterrupt:
+        bar.close()
+        _save(model, out, model_dir, loss_log)
+        print(f"sft: interrupted at step {len(loss_log)}; adapter saved to {out / 'adapter'}")
+        raise
+    bar.close()
+    seconds = time.perf_counter() - start
+
+    # 5. Validation loss after; save the adapter, the loss log and the metrics.
+    if val is not None:
+        metrics["eval_loss_after"] = evaluate_lm(model, val, config.eval_batch_size, device)
+        metrics["eval_ppl_after"] = _perplexity(metrics["eval_loss_after"])
+    tokens = config.max_steps * config.batch_size * config.block_size
+    metrics.update(steps=config.max_steps, train_seconds=round(seconds, 2),
+                   tokens_per_second=round(tokens / max(seconds, 1e-9), 1),
+                   train_loss_first=loss_log[0][1], train_loss_last=loss_log[-1][1])
+    metrics.update(_save(model, out, model_dir, loss_log))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if val is not None:
+        print(f"sft: validation loss {metrics['eval_loss_before']:.3f} -> {metrics['eval_loss_after']:.3f} "
+              f"(perplexity {metrics['eval_ppl_before']:.1f} -> {metrics['eval_ppl_after']:.1f}); "
+              f"adapter -> {metrics['adapter']}")
+    return metrics
+
+
+def _save(model, out: Path, base_model: str, loss_log) -> dict:
+    """Write the adapter (atomically, peft layout) and the (step, loss) log; return their paths."""
+    adapter = save_adapter(model, out / "adapter", base_model_name_or_path=base_model)
+    log_path = out / "loss_log.json"
+    tmp = log_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps([[s, l] for s, l in loss_log]) + "\n")
+    os.replace(tmp, log_path)
+    return {"adapter": str(adapter), "loss_log": str(log_path)}
