@@ -52,3 +52,26 @@ from .core import (
 # -- policy, rollouts, trainer (policy.py, rollout.py, ppo.py) --
 
 # -- data, rewards, models, sft (data.py, reward.py, models.py, sft.py) --
+from .data import (  # noqa: E402
+    LengthSampler,
+    clean_review,
+    load_imdb,
+    load_text_dataset,
+    make_prompts,
+    pack_blocks,
+)
+from .models import (  # noqa: E402
+    DEFAULT_MODEL,
+    convert_gguf,
+    embedded_model_dir,
+    load_tokenizer,
+    resolve_model,
+)
+from .reward import (  # noqa: E402
+    HFSentiment,
+    RewardConfig,
+    TfidfSentiment,
+    load_reward,
+    train_reward,
+)
+from .sft import SFTConfig, run_sft  # noqa: E402
