@@ -50,6 +50,9 @@ from .core import (
 )
 
 # -- policy, rollouts, trainer (policy.py, rollout.py, ppo.py) --
+from .policy import Generation, PolicyWithValueHead, ValueHead, load_value_head, save_value_head  # noqa: E402
+from .rollout import RolloutBuffer  # noqa: E402
+from .ppo import PPOConfig, PPOTrainer  # noqa: E402
 
 # -- data, rewards, models, sft (data.py, reward.py, models.py, sft.py) --
 from .data import (  # noqa: E402

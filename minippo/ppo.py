@@ -454,13 +454,13 @@ class PPOTrainer:
         non_score_reward = -kl_coef * kl  # (B, T)
         stats = {
             "objective/kl": kl.sum(1).mean(),
-            "objective/kl_coef": torch.tensor(kl_coef),
+            "objective/kl_coef": kl_coef,
             "objective/entropy": (-buffer.old_logprobs).sum(1).mean(),
             "objective/logprobs": buffer.old_logprobs.sum(1).mean(),
             "objective/ref_logprobs": buffer.ref_logprobs.sum(1).mean(),
             "ppo/mean_non_score_reward": non_score_reward.sum(1).mean(),
             "ppo/mean_scores": raw_scores.mean(),
-            "ppo/learning_rate": torch.tensor(self.optimizer.param_groups[0]["lr"]),
+            "ppo/learning_rate": self.optimizer.param_groups[0]["lr"],
             "ppo/policy/entropy": masked_mean(entropy, mask),
             "ppo/returns/mean": masked_mean(buffer.returns, mask),
             "ppo/returns/var": masked_var(buffer.returns, mask),
@@ -470,7 +470,7 @@ class PPOTrainer:
             "ppo/skipped_updates": train["skipped"],
             "ppo/early_stopped": train["early_stopped"],
             "env/reward_mean": raw_scores.mean(),
-            "env/reward_std": raw_scores.std() if len(raw_scores) > 1 else torch.tensor(0.0),
+            "env/reward_std": raw_scores.std() if len(raw_scores) > 1 else 0.0,
             "env/response_length": mask.sum(1).mean(),
         }
         for k, v in train.items():

@@ -1,0 +1,243 @@
+"""The value head, PolicyWithValueHead's forward, batched generation and value-head files."""
+import pytest
+import torch
+
+from minippo.core import logprobs_from_logits
+from minippo.lora import LoRAConfig, add_lora, disable_adapters
+from minippo.policy import (
+    VALUE_HEAD_FILE,
+    PolicyWithValueHead,
+    ValueHead,
+    left_pad,
+    load_value_head,
+    position_ids_from_mask,
+    right_pad,
+    save_value_head,
+)
+from minippo.quant import quantize_model
+from tiny import tiny_model
+
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and far more steadily on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+PROMPTS = ["This movie", "A wonderful, moving picture with a", "Boring", "The best film of"]
+
+
+def encode(tokenizer, texts):
+    return [torch.tensor(tokenizer(t)["input_ids"]) for t in texts]
+
+
+def sample(policy, tokenizer, **kwargs):
+    settings = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                    min_new_tokens=3, max_new_tokens=7, temperature=0.8)
+    settings.update(kwargs)
+    return policy.generate(encode(tokenizer, PROMPTS), **settings)
+
+
+def unpadded_logprobs(policy, query, response, temperature):
+    """Log-probs of `response` after `query`, one sample, no padding at all."""
+    ids = torch.cat([query, response])[None]  # (1, L)
+    with torch.no_grad():
+        logits, _ = policy(ids, torch.ones_like(ids), response_length=len(response), temperature=temperature)
+    return logprobs_from_logits(logits, response[None])[0]
+
+
+# -- padding helpers ----------------------------------------------------------------------------
+
+
+def test_padding_and_positions():
+    seqs = [torch.tensor([5, 6, 7]), torch.tensor([8])]
+    ids, mask = left_pad(seqs, pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert position_ids_from_mask(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
+    ids, mask = right_pad(seqs, pad_id=9)
+    assert ids.tolist() == [[5, 6, 7], [8, 9, 9]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    full = torch.tensor([[0, 0, 1, 1, 1, 0]])
+    assert position_ids_from_mask(full).tolist() == [[0, 0, 0, 1, 2, 2]]
+
+
+# -- value head and forward ---------------------------------------------------------------------
+
+
+def test_value_head_defaults():
+    head = ValueHead(32)
+    assert head.dropout.p == 0.0
+    assert head.summary.weight.dtype == torch.float32
+    hidden = torch.randn(2, 5, 32, dtype=torch.bfloat16)
+    values = head(hidden)
+    assert values.shape == (2, 5) and values.dtype == torch.float32 and (values == 0).all()
+    assert ValueHead(32, init_std=0.1).summary.weight.abs().sum() > 0
+
+
+def test_forward_shapes_and_response_slice(model, tokenizer):
+    policy = PolicyWithValueHead(model)
+    torch.nn.init.normal_(policy.value_head.summary.weight, std=0.1)
+    ids = torch.randint(3, len(tokenizer), (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    with torch.no_grad():
+        logits, values = policy(ids, mask)
+        logits_t, values_t = policy(ids, mask, response_length=4, temperature=2.0)
+    assert logits.shape == (2, 9, len(tokenizer)) and values.shape == (2, 9)
+    assert logits.dtype == torch.float32 and values.dtype == torch.float32
+    # position t of the response slice predicts response token t: logits at columns 4..7 of 0..8
+    torch.testing.assert_close(logits_t, logits[:, 4:8] / 2.0)
+    torch.testing.assert_close(values_t, values[:, 4:8])
+    # the policy's logits are the model's own
+    with torch.no_grad():
+        hf = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    torch.testing.assert_close(logits[0], hf[0].float())
+    torch.testing.assert_close(logits[1, 3:], hf[1, 3:].float())
+
+
+def test_forward_under_bf16_autocast_keeps_float32_logits(model):
+    policy = PolicyWithValueHead(model)
+    ids = torch.randint(3, 100, (2, 6))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, values = policy(ids, torch.ones_like(ids), response_length=3)
+    assert logits.dtype == torch.float32 and values.dtype == torch.float32
+
+
+# -- generation ---------------------------------------------------------------------------------
+
+
+def test_batched_left_padded_generation_matches_unpadded_forward(model, tokenizer):
+    """KV cache + left padding + position_ids: every sampled token's log-prob equals the one from
+    an unpadded forward of that sample alone, and so does the padded batch forward step() uses."""
+    torch.manual_seed(0)
+    add_lora(model, LoRAConfig(target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)  # a non-trivial adapter
+    policy = PolicyWithValueHead(model)
+    gen = sample(policy, tokenizer, temperature=0.7)
+    assert gen.query_mask.sum(1).tolist() == [len(q) for q in encode(tokenizer, PROMPTS)]
+    ids = torch.cat([gen.query_ids, gen.response_ids], 1)
+    mask = torch.cat([gen.query_mask, gen.response_mask], 1)
+    with torch.no_grad():
+        logits, _ = policy(ids, mask, response_length=gen.response_ids.shape[1], temperature=0.7)
+    batch_logprobs = logprobs_from_logits(logits, gen.response_ids) * gen.response_mask
+    for i, (q, r) in enumerate(zip(gen.queries(), gen.responses())):
+        alone = unpadded_logprobs(policy, q, r, temperature=0.7)
+        torch.testing.assert_close(gen.logprobs[i, : len(r)], alone, atol=1e-5, rtol=0)
+        torch.testing.assert_close(batch_logprobs[i, : len(r)], alone, atol=1e-5, rtol=0)
+
+
+def test_batched_generation_8bit(arch, tokenizer):
+    model = quantize_model(tiny_model(arch, vocab_size=len(tokenizer)))
+    add_lora(model)
+    policy = PolicyWithValueHead(model)
+    torch.manual_seed(0)
+    gen = sample(policy, tokenizer)
+    for i, (q, r) in enumerate(zip(gen.queries(), gen.responses())):
+        # int8 picks outlier columns per batch, so batched and single runs differ slightly
+        torch.testing.assert_close(gen.logprobs[i, : len(r)], unpadded_logprobs(policy, q, r, 0.8),
+                                   atol=0.05, rtol=0)
+
+
+def test_generation_lengths(model, tokenizer):
+    policy = PolicyWithValueHead(model)
+    torch.manual_seed(0)
+    gen = policy.generate(encode(tokenizer, PROMPTS * 8), pad_token_id=tokenizer.pad_token_id,
+                          min_new_tokens=2, max_new_tokens=5)
+    lengths = gen.response_mask.sum(1)
+    assert lengths.min() >= 2 and lengths.max() <= 5 and len(set(lengths.tolist())) > 1
+    assert (gen.response_ids[gen.response_mask == 0] == tokenizer.pad_token_id).all()
+    assert (gen.logprobs[gen.response_mask == 0] == 0).all() and (gen.logprobs[gen.response_mask == 1] < 0).all()
+    fixed = sample(policy, tokenizer, min_new_tokens=6, max_new_tokens=6)
+    assert (fixed.response_mask.sum(1) == 6).all()
+    # chunked generation gives the same layout
+    chunked = sample(policy, tokenizer, min_new_tokens=4, max_new_tokens=4, batch_size=3)
+    assert chunked.response_ids.shape == (4, 4) and [len(q) for q in chunked.queries()] == [
+        len(q) for q in encode(tokenizer, PROMPTS)]
+
+
+class EosAfter(PolicyWithValueHead):
+    """Makes EOS overwhelmingly likely from the `after`-th sampled token on, for the sample(s) `rows`."""
+
+    def __init__(self, model, eos, after, rows):
+        super().__init__(model)
+        self.eos, self.after, self.rows, self.calls = eos, after, rows, 0
+
+    def logits_from_hidden(self, hidden, temperature=1.0):
+        logits = super().logits_from_hidden(hidden, temperature)
+        if hidden.shape[1] == 1:  # a sampling step
+            self.calls += 1
+            if self.calls > self.after:
+                logits = logits.clone()
+                logits[self.rows, :, self.eos] = 1e4
+        return logits
+
+
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_stop_at_eos(model, tokenizer, pad_is_eos):
+    eos = tokenizer.eos_token_id
+    pad = eos if pad_is_eos else tokenizer.pad_token_id
+    assert tokenizer.pad_token_id != eos  # the fixture's tokenizer keeps them distinct
+    policy = EosAfter(model, eos, after=2, rows=[0, 2])
+    gen = sample(policy, tokenizer, min_new_tokens=6, max_new_tokens=6, stop_at_eos=True, pad_token_id=pad)
+    responses = gen.responses()
+    # rows 0 and 2 stop with EOS as their third token (the EOS is part of the response)
+    assert [len(r) for r in responses] == [3, 6, 3, 6]
+    assert responses[0][-1] == eos and responses[2][-1] == eos
+    assert gen.response_mask[0].tolist() == [1, 1, 1, 0, 0, 0]
+    assert (gen.response_ids[0, 3:] == pad).all()
+    # without stop_at_eos the EOS is just a token and every response has its drawn length
+    policy.calls = 0
+    gen = sample(policy, tokenizer, min_new_tokens=6, max_new_tokens=6, stop_at_eos=False)
+    assert (gen.response_mask.sum(1) == 6).all()
+
+
+def test_generate_rejects_bad_input(model, tokenizer):
+    policy = PolicyWithValueHead(model)
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        policy.generate([torch.tensor([], dtype=torch.long)], pad_token_id=0)
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        policy.generate([torch.tensor([5])], pad_token_id=0, min_new_tokens=5, max_new_tokens=2)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        policy.generate([torch.tensor([5])], pad_token_id=0, stop_at_eos=True)
+
+
+# -- files --------------------------------------------------------------------------------------
+
+
+def test_value_head_round_trip(tmp_path):
+    head = ValueHead(32, init_std=0.3)
+    save_value_head(head, tmp_path)
+    assert (tmp_path / VALUE_HEAD_FILE).exists()
+    other = ValueHead(32)
+    load_value_head(other, tmp_path)
+    torch.testing.assert_close(other.state_dict(), head.state_dict())
+    with pytest.raises(FileNotFoundError, match="value_head.safetensors"):
+        load_value_head(other, tmp_path / "missing")
+
+
+def test_policy_save_and_load_pretrained(tmp_path, arch, tokenizer):
+    model = add_lora(tiny_model(arch, vocab_size=len(tokenizer)))
+    policy = PolicyWithValueHead(model)
+    with torch.no_grad():
+        for p in policy.parameters():
+            if p.requires_grad or p is policy.value_head.summary.weight:
+                p.normal_()
+    policy.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors",
+                                                    VALUE_HEAD_FILE}
+    fresh = PolicyWithValueHead(add_lora(tiny_model(arch, vocab_size=len(tokenizer))))
+    fresh.load_pretrained(tmp_path)
+    ids = torch.randint(3, 100, (2, 7))
+    with torch.no_grad():
+        a, va = policy(ids, torch.ones_like(ids))
+        b, vb = fresh(ids, torch.ones_like(ids))
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(va, vb)
+    with torch.no_grad(), disable_adapters(fresh.model):
+        base, _ = fresh(ids, torch.ones_like(ids))
+    assert not torch.allclose(base, b)

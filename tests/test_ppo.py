@@ -1,0 +1,410 @@
+"""PPOConfig and PPOTrainer: invariants of one step, bad input, checkpoints, and end-to-end learning."""
+import dataclasses
+import logging
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from minippo.cli import field_docs
+from minippo.core import kl_penalty
+from minippo.lora import LoRAConfig, add_lora, lora_state_dict
+from minippo.policy import PolicyWithValueHead
+from minippo.ppo import PPOConfig, PPOTrainer
+from minippo.quant import prepare_model_for_kbit_training, quantize_model
+from tiny import tiny_model
+
+PROMPTS = ["This movie", "A wonderful, moving picture with a", "Boring and", "The best film of"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and far more steadily on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def encode(tokenizer, n):
+    return [torch.tensor(tokenizer(PROMPTS[i % len(PROMPTS)])["input_ids"]) for i in range(n)]
+
+
+def lora_model(arch, tokenizer, int8=False, head_scale=1.0, seed=0):
+    model = tiny_model(arch, vocab_size=len(tokenizer), seed=seed)
+    if head_scale != 1.0:
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(head_scale)
+    if int8:
+        quantize_model(model)
+        prepare_model_for_kbit_training(model)
+    return add_lora(model, LoRAConfig(target_modules="all-linear"))
+
+
+def small_config(**overrides):
+    settings = dict(batch_size=8, mini_batch_size=4, ppo_epochs=2, learning_rate=1e-2, min_new_tokens=2,
+                    max_new_tokens=6, temperature=0.9, seed=0)
+    settings.update(overrides)
+    return PPOConfig(**settings)
+
+
+def make_trainer(arch, tokenizer, int8=False, **overrides):
+    trainer = PPOTrainer(small_config(**overrides), lora_model(arch, tokenizer, int8), tokenizer)
+    queries = encode(tokenizer, trainer.config.batch_size)
+    responses = trainer.generate(queries)
+    return trainer, queries, responses
+
+
+def capture(trainer):
+    """Record the rollout buffer and the stats of every minibatch of the next steps."""
+    seen = SimpleNamespace(buffers=[], minibatches=[])
+    optimize, train_minibatch = trainer._optimize, trainer._train_minibatch
+
+    def _optimize(buffer, first_order):
+        seen.buffers.append(buffer)
+        return optimize(buffer, first_order)
+
+    def _train_minibatch(minibatch):
+        seen.minibatches.append(train_minibatch(minibatch))
+        return seen.minibatches[-1]
+
+    trainer._optimize, trainer._train_minibatch = _optimize, _train_minibatch
+    return seen
+
+
+def adapter_snapshot(trainer):
+    state = {k: v.clone() for k, v in lora_state_dict(trainer.policy.model).items()}
+    state.update({f"value_head.{k}": v.clone() for k, v in trainer.policy.value_head.state_dict().items()})
+    return state
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# -- config -------------------------------------------------------------------------------------
+
+
+def test_config_defaults_follow_trl():
+    c = PPOConfig()
+    assert (c.learning_rate, c.ppo_epochs, c.init_kl_coef, c.adap_kl_ctrl, c.target, c.horizon) == (
+        1.41e-5, 4, 0.2, True, 6.0, 10000.0)
+    assert (c.gamma, c.lam, c.cliprange, c.cliprange_value, c.vf_coef) == (1.0, 0.95, 0.2, 0.2, 0.1)
+    assert (c.kl_penalty, c.whiten_rewards, c.max_grad_norm, c.early_stopping, c.target_kl) == (
+        "kl", False, None, False, 0.1)
+    assert (c.ratio_threshold, c.gradient_accumulation_steps, c.batch_size) == (10.0, 1, 256)
+
+
+def test_every_config_field_has_a_docstring():
+    docs = field_docs(PPOConfig)
+    missing = [f.name for f in dataclasses.fields(PPOConfig) if not docs.get(f.name)]
+    assert not missing
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(batch_size=10, mini_batch_size=4), "divisible by mini_batch_size"),
+    (dict(mini_batch_size=4, gradient_accumulation_steps=3), "divisible by gradient_accumulation_steps"),
+    (dict(kl_penalty="full"), "kl_penalty must be one of"),
+    (dict(learning_rate=-1.0), "learning_rate must be a positive"),
+    (dict(ppo_epochs=0), "ppo_epochs must be a positive integer"),
+    (dict(lam=1.5), "lam must be in"),
+    (dict(min_new_tokens=8, max_new_tokens=4), "min_new_tokens"),
+    (dict(compute_dtype="int8"), "compute_dtype"),
+    (dict(max_grad_norm=0.0), "max_grad_norm"),
+    (dict(temperature=0.0), "temperature"),
+])
+def test_config_validation(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        PPOConfig(**overrides)
+
+
+# -- construction -------------------------------------------------------------------------------
+
+
+def test_trainer_needs_lora(tokenizer):
+    with pytest.raises(ValueError, match="add_lora"):
+        PPOTrainer(small_config(), tiny_model("llama", vocab_size=len(tokenizer)), tokenizer)
+
+
+def test_only_adapters_and_value_head_train(arch, tokenizer):
+    trainer = PPOTrainer(small_config(), lora_model(arch, tokenizer), tokenizer)
+    names = {n for n, p in trainer.policy.named_parameters() if p.requires_grad}
+    assert names and all("lora_A" in n or "lora_B" in n or n.startswith("value_head.") for n in names)
+    assert {"value_head.summary.weight", "value_head.summary.bias"} <= names
+    optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in trainer.trainable}
+    assert not trainer.policy.training
+
+
+def test_tokenizer_without_pad_token(tokenizer, caplog):
+    no_pad = SimpleNamespace(pad_token_id=None, eos_token_id=tokenizer.eos_token_id)
+    with caplog.at_level(logging.WARNING, logger="minippo.ppo"):
+        trainer = PPOTrainer(small_config(), lora_model("llama", tokenizer), no_pad)
+    assert "no pad token" in caplog.text
+    assert trainer.pad_token_id == tokenizer.eos_token_id
+    queries = encode(tokenizer, 8)
+    responses = trainer.generate(queries)
+    stats = trainer.step(queries, responses, [1.0] * 8)
+    assert all(map(torch.isfinite, map(torch.tensor, stats.values())))
+
+
+# -- one step: invariants -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compute_dtype,int8", [("float32", False), ("bfloat16", False), ("float32", True)])
+def test_first_minibatch_has_ratio_exactly_one(arch, tokenizer, compute_dtype, int8):
+    trainer, queries, responses = make_trainer(arch, tokenizer, int8=int8, compute_dtype=compute_dtype,
+                                               stop_at_eos=True, gradient_accumulation_steps=2)
+    seen = capture(trainer)
+    for _ in range(2):  # also after the adapters have moved
+        trainer.step(queries, responses, torch.randn(8))
+        first = seen.minibatches[-2 * trainer.config.ppo_epochs]
+        assert first["policy/ratio"].item() == 1.0
+        assert first["policy/approxkl"].item() == 0.0
+        assert first["policy/policykl"].item() == 0.0
+        assert first["policy/clipfrac"].item() == 0.0
+    # later minibatches see updated adapters
+    assert seen.minibatches[-1]["policy/approxkl"].item() > 0
+
+
+def test_reference_logprobs_come_from_the_base_model(arch, tokenizer):
+    trainer, queries, responses = make_trainer(arch, tokenizer)
+    base = tiny_model(arch, vocab_size=len(tokenizer))  # the same weights, never adapted
+    seen = capture(trainer)
+    stats = trainer.step(queries, responses, torch.ones(8))
+    assert stats["objective/kl"] == 0.0  # adapters start at B = 0: the policy is the base model
+    trainer.step(queries, responses, torch.ones(8))
+    first, second = seen.buffers
+    for i, (q, r) in enumerate(zip(queries, responses)):
+        ids = torch.cat([q, r])[None]
+        with torch.no_grad():
+            logits = base(input_ids=ids).logits[0, len(q) - 1 : -1].float() / 0.9  # the config's temperature
+        expected = torch.log_softmax(logits, -1).gather(-1, r[:, None])[:, 0]
+        torch.testing.assert_close(first.ref_logprobs[i, : len(r)], expected, atol=1e-5, rtol=0)
+    # the reference does not move when the adapters do (up to float rounding: each step batches the
+    # samples differently); the policy does
+    torch.testing.assert_close(first.ref_logprobs, second.ref_logprobs, atol=1e-5, rtol=0)
+    assert (first.old_logprobs - second.old_logprobs).abs().max() > 1e-3
+    assert trainer.step(queries, responses, torch.ones(8))["objective/kl"] != 0.0
+
+
+@pytest.mark.parametrize("estimator", ["kl", "k3", "abs", "mse"])
+def test_logged_kl_is_the_penalised_kl(tokenizer, estimator):
+    trainer, queries, responses = make_trainer("llama", tokenizer, kl_penalty=estimator, horizon=100.0,
+                                               target=0.01)
+    seen = capture(trainer)
+    trainer.step(queries, responses, torch.randn(8))  # moves the adapters
+    coef = trainer.kl_ctl.value
+    stats = trainer.step(queries, responses, torch.randn(8))
+    buf = seen.buffers[-1]
+    kl = kl_penalty(buf.old_logprobs, buf.ref_logprobs, estimator) * buf.response_mask
+    assert stats["objective/kl"] == pytest.approx(kl.sum(1).mean().item(), rel=1e-5)
+    assert stats["objective/kl_coef"] == pytest.approx(coef)
+    assert stats["ppo/mean_non_score_reward"] == pytest.approx(-coef * stats["objective/kl"], rel=1e-5)
+    # the rewards hold exactly this penalty plus the (unscaled) score at the last token
+    scores_at_end = buf.rewards + coef * kl
+    torch.testing.assert_close(scores_at_end.sum(1), buf.scores, atol=1e-5, rtol=1e-5)
+    # the controller moved with this KL: error clip(kl / 0.01 - 1, +-0.2) over n=8 of horizon 100
+    error = max(min(stats["objective/kl"] / 0.01 - 1, 0.2), -0.2)
+    assert trainer.kl_ctl.value == pytest.approx(coef * (1 + error * 8 / 100))
+    if estimator == "k3":
+        assert (kl >= 0).all()
+
+
+def test_fixed_kl_controller(tokenizer):
+    trainer, queries, responses = make_trainer("llama", tokenizer, adap_kl_ctrl=False, init_kl_coef=0.3)
+    trainer.step(queries, responses, torch.randn(8))
+    stats = trainer.step(queries, responses, torch.randn(8))
+    assert trainer.kl_ctl.value == 0.3 and stats["objective/kl_coef"] == 0.3
+
+
+def test_stats_names(tokenizer):
+    trainer, queries, responses = make_trainer("llama", tokenizer, max_grad_norm=1.0, whiten_rewards=True,
+                                               score_scale=2.0, score_clip=1.0)
+    stats = trainer.step(queries, responses, [5.0, -5.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    expected = {
+        "objective/kl", "objective/kl_coef", "objective/entropy", "ppo/loss/policy", "ppo/loss/value",
+        "ppo/loss/total", "ppo/policy/entropy", "ppo/policy/approxkl", "ppo/policy/policykl",
+        "ppo/policy/clipfrac", "ppo/policy/advantages_mean", "ppo/policy/ratio", "ppo/returns/mean",
+        "ppo/returns/var", "ppo/val/vpred", "ppo/val/error", "ppo/val/clipfrac", "ppo/val/var_explained",
+        "ppo/mean_scores", "ppo/mean_non_score_reward", "ppo/learning_rate", "env/reward_mean",
+        "env/reward_std", "time/ppo/forward_pass", "time/ppo/optimize_step", "time/ppo/total",
+        "ppo/grad_norm", "ppo/updates",
+    }
+    assert expected <= stats.keys()
+    assert all(isinstance(v, float) for v in stats.values())
+    assert stats["env/reward_mean"] == pytest.approx(sum([5.0, -5.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]) / 8)
+    assert stats["ppo/updates"] == 4  # 2 epochs x 2 minibatches
+
+
+def test_gradient_accumulation_gives_the_same_update(tokenizer):
+    """Micro-batches weighted by their token share: the same gradient as the whole minibatch."""
+    queries = encode(tokenizer, 8)
+    responses = None
+    results = []
+    for steps in (1, 4):
+        policy = PolicyWithValueHead(lora_model("llama", tokenizer))
+        with torch.no_grad():
+            torch.nn.init.normal_(policy.value_head.summary.weight, std=0.1)
+        sgd = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.5)
+        trainer = PPOTrainer(small_config(ppo_epochs=1, mini_batch_size=8, gradient_accumulation_steps=steps,
+                                          stop_at_eos=True), policy, tokenizer, optimizer=sgd)
+        if responses is None:  # uneven lengths, so the token weighting matters
+            responses = [torch.randint(3, 300, (n,)) for n in (1, 6, 2, 5, 3, 3, 6, 2)]
+        before = adapter_snapshot(trainer)
+        trainer.step(queries, responses, torch.linspace(-1, 1, 8))
+        results.append({k: v - before[k] for k, v in adapter_snapshot(trainer).items()})
+    for k in results[0]:
+        torch.testing.assert_close(results[0][k], results[1][k], atol=1e-6, rtol=1e-4)
+    assert any(v.abs().max() > 0 for v in results[0].values())
+
+
+def test_non_finite_loss_skips_the_update(tokenizer, caplog):
+    trainer, queries, responses = make_trainer("llama", tokenizer)
+    before = adapter_snapshot(trainer)
+    with caplog.at_level(logging.WARNING, logger="minippo.ppo"):
+        stats = trainer.step(queries, responses, [1e30] * 8)  # finite scores, an infinite value loss
+    assert "non-finite loss" in caplog.text
+    assert stats["ppo/skipped_updates"] == 4 and stats["ppo/updates"] == 0
+    assert_same(before, adapter_snapshot(trainer))
+
+
+def test_ratio_threshold_skips_the_update(tokenizer):
+    trainer, queries, responses = make_trainer("llama", tokenizer, ratio_threshold=1e-3)
+    before = adapter_snapshot(trainer)
+    stats = trainer.step(queries, responses, torch.randn(8))
+    assert stats["ppo/skipped_updates"] == 4
+    assert_same(before, adapter_snapshot(trainer))
+
+
+def test_early_stopping(tokenizer):
+    trainer, queries, responses = make_trainer("llama", tokenizer, early_stopping=True, target_kl=1e-9,
+                                               ppo_epochs=4, mini_batch_size=2, learning_rate=5e-2)
+    stats = trainer.step(queries, responses, torch.linspace(-1, 1, 8))
+    assert stats["ppo/early_stopped"] == 1.0
+    assert 1 <= stats["ppo/updates"] < 16
+
+
+def test_max_grad_norm_clips(tokenizer):
+    trainer, queries, responses = make_trainer("llama", tokenizer, max_grad_norm=1e-3, ppo_epochs=1,
+                                               mini_batch_size=8)
+    stats = trainer.step(queries, responses, [100.0] * 8)
+    assert stats["ppo/grad_norm"] > 1e-3  # reported before clipping
+    assert stats["ppo/updates"] == 1
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+
+def test_bad_input_errors(tokenizer):
+    trainer, queries, responses = make_trainer("llama", tokenizer)
+    scores = [1.0] * 8
+    with pytest.raises(ValueError, match="7 queries, 8 responses and 8 scores"):
+        trainer.step(queries[:7], responses, scores)
+    with pytest.raises(ValueError, match="batch_size is 8"):
+        trainer.step(queries[:4], responses[:4], scores[:4])
+    with pytest.raises(ValueError, match="response 3 is empty"):
+        trainer.step(queries, responses[:3] + [torch.tensor([], dtype=torch.long)] + responses[4:], scores)
+    with pytest.raises(ValueError, match="scores must be finite"):
+        trainer.step(queries, responses, scores[:7] + [float("nan")])
+    with pytest.raises(ValueError, match="1-D tensor of token ids"):
+        trainer.step([q[None] for q in queries], responses, scores)
+    with pytest.raises(ValueError, match="1-D tensor of token ids"):
+        trainer.step(queries, [r.float() for r in responses], scores)
+    with pytest.raises(ValueError, match="outside"):
+        trainer.step(queries, responses[:7] + [torch.tensor([10**6])], scores)
+    with pytest.raises(ValueError, match="list of numbers"):
+        trainer.step(queries, responses, ["good"] * 8)
+    with pytest.raises(TypeError, match="temperature"):
+        trainer.generate(queries, temperature=0.5)
+    # a tensor of scores, or 0-d tensors, are fine
+    trainer.step(queries, responses, torch.ones(8))
+    trainer.step(queries, responses, [torch.tensor(1.0)] * 8)
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+
+def test_save_and_load(tmp_path, arch, tokenizer):
+    trainer, queries, responses = make_trainer(arch, tokenizer, target=0.01)
+    trainer.step(queries, responses, torch.randn(8))
+    path = tmp_path / "ckpt"
+    trainer.save(path)
+    assert {p.name for p in path.iterdir()} == {"adapter_config.json", "adapter_model.safetensors",
+                                                "value_head.safetensors", "optimizer.pt", "trainer_state.json"}
+    fresh = PPOTrainer(small_config(target=0.01), lora_model(arch, tokenizer), tokenizer)
+    with torch.no_grad():
+        for p in fresh.trainable:
+            p.normal_()  # load must overwrite every trainable tensor
+    fresh.load(path)
+    assert_same(adapter_snapshot(trainer), adapter_snapshot(fresh))
+    assert fresh.kl_ctl.value == trainer.kl_ctl.value != 0.2 and fresh.current_step == 1
+    exp_avg = lambda t: [s["exp_avg"] for s in t.optimizer.state_dict()["state"].values()]
+    assert all(torch.equal(a, b) for a, b in zip(exp_avg(trainer), exp_avg(fresh)))
+    # both continue identically
+    torch.manual_seed(5)
+    a = trainer.step(queries, responses, torch.ones(8))
+    torch.manual_seed(5)
+    b = fresh.step(queries, responses, torch.ones(8))
+    assert a["ppo/loss/total"] == pytest.approx(b["ppo/loss/total"], rel=1e-5)
+
+
+def test_save_is_atomic(tmp_path, tokenizer, monkeypatch):
+    trainer, queries, responses = make_trainer("llama", tokenizer)
+    path = tmp_path / "ckpt"
+    trainer.save(path)
+    saved = (path / "adapter_model.safetensors").read_bytes()
+    trainer.step(queries, responses, torch.randn(8))
+    trainer.save(path)  # overwriting an existing checkpoint works
+    assert (path / "adapter_model.safetensors").read_bytes() != saved
+    saved = (path / "adapter_model.safetensors").read_bytes()
+    trainer.step(queries, responses, torch.randn(8))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save(path)
+    assert (path / "adapter_model.safetensors").read_bytes() == saved  # the old checkpoint, intact
+    assert os.listdir(tmp_path) == ["ckpt"]  # no temporary folder left behind
+
+
+# -- end to end ---------------------------------------------------------------------------------
+
+
+def in_target_set(tokens):
+    """The reward's token set: every 8th id (one token in eight at random)."""
+    return tokens % 8 == 0
+
+
+@pytest.mark.parametrize("arch,int8,compute_dtype", [
+    ("llama", False, "float32"), ("gpt2", False, "float32"), ("gpt_neox", False, "bfloat16"),
+    ("llama", True, "float32"),
+])
+def test_ppo_raises_a_simple_reward(tokenizer, arch, int8, compute_dtype):
+    """Reward: the share of response tokens in a fixed set. PPO must raise it clearly within 30 steps
+    while the adaptive controller keeps the KL to the reference near its target.
+
+    The tiny model's LM head is scaled up (x30) so its logits span a range like a trained LM's; at
+    init its lm_head is so small that no hidden state can make any token likely.
+    """
+    torch.manual_seed(0)
+    model = lora_model(arch, tokenizer, int8=int8, head_scale=30.0)
+    config = PPOConfig(batch_size=64, mini_batch_size=32, ppo_epochs=2, learning_rate=3e-3, min_new_tokens=8,
+                       max_new_tokens=8, init_kl_coef=0.05, target=4.0, horizon=1000.0, compute_dtype=compute_dtype)
+    trainer = PPOTrainer(config, model, tokenizer)
+    queries = encode(tokenizer, 64)
+    rewards, kls = [], []
+    for _ in range(30):
+        responses = trainer.generate(queries)
+        scores = [in_target_set(r).float().mean().item() for r in responses]
+        stats = trainer.step(queries, responses, scores)
+        rewards.append(stats["env/reward_mean"])
+        kls.append(stats["objective/kl"])
+    start, end = sum(rewards[:3]) / 3, sum(rewards[-5:]) / 5
+    assert end > start + 0.1, rewards
+    assert max(kls[-5:]) < 3 * config.target, kls
