@@ -43,6 +43,8 @@ class Spec:
     seed: int = 0
     threads: int = 2
     learning_rate: float = 1.41e-5
+    device: str = "cpu"
+    """where minippo runs: "cpu" or "cuda" (the peer always runs on the CPU here)."""
 
     @classmethod
     def from_json(cls, text: str) -> "Spec":
@@ -107,16 +109,20 @@ def emit(result: dict) -> None:
     sys.stdout.flush()
 
 
-def run_steps(spec: Spec, generate, step, queries) -> list[dict]:
+def run_steps(spec: Spec, generate, step, queries, sync=None) -> list[dict]:
     """warmup + steps PPO steps: generate (timed), score, step (the trainer's own time split).
 
     `generate(queries) -> responses` (lists of 1-D tensors); `step(queries, responses, scores) ->
-    (forward_s, optimise_s, total_s)`. Returns one timing dict per timed step.
+    (forward_s, optimise_s, total_s)`. `sync` (e.g. torch.cuda.synchronize) runs before each
+    clock read of the generation. Returns one timing dict per timed step.
     """
+    sync = sync or (lambda: None)
     records = []
     for i in range(spec.warmup + spec.steps):
+        sync()
         with Timer() as t_gen:
             responses = generate(queries)
+            sync()
         assert all(len(r) == spec.new_tokens for r in responses), [len(r) for r in responses]
         scores = [token_reward(r) for r in responses]
         with Timer() as t_step:

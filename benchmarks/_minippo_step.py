@@ -30,7 +30,7 @@ def build_trainer(spec: Spec, info: dict):
     from minippo.quant import load_model, prepare_model_for_kbit_training
 
     int8 = spec.dtype == "int8"
-    model = load_model(spec.model_dir, load_in_8bit=int8, dtype=torch.float32)
+    model = load_model(spec.model_dir, load_in_8bit=int8, dtype=torch.float32, device=spec.device)
     if int8:
         prepare_model_for_kbit_training(model)
     add_lora(model, LoRAConfig(r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout,
@@ -38,7 +38,7 @@ def build_trainer(spec: Spec, info: dict):
     config = PPOConfig(batch_size=spec.batch_size, mini_batch_size=spec.mini_batch_size,
                        ppo_epochs=spec.ppo_epochs, learning_rate=spec.learning_rate, seed=spec.seed,
                        min_new_tokens=spec.new_tokens, max_new_tokens=spec.new_tokens, stop_at_eos=False,
-                       compute_dtype="bfloat16" if spec.dtype == "bfloat16" else "float32")
+                       compute_dtype="bfloat16" if spec.dtype == "bfloat16" else "float32", device=spec.device)
     ids = SimpleNamespace(pad_token_id=info["pad_token_id"], eos_token_id=info["eos_token_id"])
     return model, PPOTrainer(config, model, tokenizer=ids)
 
@@ -56,7 +56,7 @@ def main(spec: Spec) -> None:
 
     # The model check: log-likelihood of the prompts under the base model (adapters off).
     with torch.no_grad(), disable_adapters(model):
-        ids = torch.stack(queries)  # (B, P)
+        ids = torch.stack(queries).to(spec.device)  # (B, P)
         logits = model(input_ids=ids).logits.float()
         check = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).mean().item()
 
@@ -67,8 +67,13 @@ def main(spec: Spec) -> None:
         stats = trainer.step(qs, rs, scores)
         return stats["time/ppo/forward_pass"], stats["time/ppo/optimize_step"], stats["time/ppo/total"]
 
-    records = run_steps(spec, generate, step, queries)
+    cuda = spec.device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    records = run_steps(spec, generate, step, queries, sync=torch.cuda.synchronize if cuda else None)
     emit(dict(side="minippo", dtype=spec.dtype, records=records, peak_rss_mib=peak_rss_mib(),
+              gpu_peak_mib=torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+              gpu=torch.cuda.get_device_name() if cuda else None,
               loaded_rss_mib=loaded_rss, load_s=t_load.seconds, check=check,
               trainable=sum(p.numel() for p in trainer.trainable)))
 

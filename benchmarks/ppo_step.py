@@ -128,18 +128,24 @@ def model_flops(n: int, spec: Spec) -> float:
     return (2 + 2 * 2 + 6 * spec.ppo_epochs) * n * tokens
 
 
-def matmul_peak(threads: int, size: int = 2048, reps: int = 5) -> dict[str, float]:
-    """Measured matmul throughput (GFLOP/s) of this machine at `threads` threads, fp32 and bf16."""
+def matmul_peak(threads: int, device: str = "cpu") -> dict[str, float]:
+    """Measured matmul throughput (GFLOP/s) of this machine, fp32 and bf16: the best of 5 products
+    of two n x n random matrices (n = 2048 on a CPU at `threads` threads, 8192 on a GPU)."""
     torch.set_num_threads(threads)
+    cuda = device.startswith("cuda")
+    size, reps = (8192, 10) if cuda else (2048, 5)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     out = {}
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        a = torch.randn(size, size, dtype=dtype)
-        b = torch.randn(size, size, dtype=dtype)
+        a = torch.randn(size, size, dtype=dtype, device=device)
+        b = torch.randn(size, size, dtype=dtype, device=device)
         a @ b  # warm up
+        sync()
         best = float("inf")
         for _ in range(reps):
             t = time.perf_counter()
             a @ b
+            sync()
             best = min(best, time.perf_counter() - t)
         out[name] = 2 * size**3 / best / 1e9
     return out
@@ -171,7 +177,9 @@ def summarise(runs: list[dict]) -> dict:
     """Medians over every timed step of every run of one (model, side, dtype)."""
     records = [r for run in runs for r in run["records"]]
     med = {k: statistics.median(r[k] for r in records) for k in records[0]}
+    gpu = [r["gpu_peak_mib"] for r in runs if r.get("gpu_peak_mib") is not None]
     return dict(**med, n=len(records), peak_rss_mib=max(r["peak_rss_mib"] for r in runs),
+                gpu_peak_mib=max(gpu) if gpu else None, gpu=runs[0].get("gpu"),
                 loaded_rss_mib=max(r["loaded_rss_mib"] for r in runs), check=runs[0]["check"],
                 trainable=runs[0]["trainable"])
 
@@ -220,23 +228,26 @@ def report(results: dict, peak: dict, meta: dict, spec: Spec) -> str:
              f"- timing: {meta['rounds']} round(s) x {spec.steps} timed step(s) per process after "
              f"{spec.warmup} warm-up step(s), sides alternating; medians. Peer: float32 (its 8-bit path "
              "does not run on CPU). minippo: float32 (same work), bfloat16 autocast, int8 (bitsandbytes).",
-             f"- matmul peak measured here ({spec.threads} threads, 2048^3): "
+             f"- device: {meta['device']}; matmul peak measured there ({spec.threads} CPU threads; "
+             f"{'8192' if meta['device'] != 'cpu' else '2048'}^3): "
              + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items()),
              "- model FLOPs per step = (2 + 2*2 + 6*epochs) * N * B * (P + T): generation ~1 forward, "
              "rollout + reference 2 forwards, each PPO epoch a forward + backward (6N convention; "
              "a frozen base really costs ~4N); N = matmul weights (Linears + LM head).",
              "- tokens/s = batch x new tokens / step time. Peak RSS: the worker process's maximum "
-             "(imports + model + step); 'loaded' is its RSS once the model is loaded.", ""]
+             "(imports + model + step); 'loaded' is its RSS once the model is loaded. On a GPU, "
+             "'GPU peak' is torch.cuda.max_memory_allocated over the timed steps.",
+             f"- machine load (1-minute load average) at start / end: {meta['load']}", ""]
     for model, rows in results.items():
         info = meta["models"][model]
         lines += [f"### {model} ({info['params'] / 1e6:.1f}M parameters, N = {info['n'] / 1e6:.1f}M in matmuls)", "",
                   "| stack | s/step | generation | forward passes | optimisation | other | tokens/s | "
-                  "peak RSS MiB (loaded) | time vs peer | RSS vs peer | % of matmul peak |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "peak RSS MiB (loaded) | GPU peak MiB | time vs peer | RSS vs peer | % of matmul peak |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         peer = rows.get("peer/float32")
         for key, r in rows.items():
             if "error" in r:
-                lines.append(f"| {key} | failed: {r['error'][:150]} | | | | | | | | | |")
+                lines.append(f"| {key} | failed: {r['error'][:150]} | | | | | | | | | | |")
                 continue
             flops = model_flops(info["n"], spec)
             pk = peak["bfloat16" if "bfloat16" in key else "float32"]
@@ -248,7 +259,9 @@ def report(results: dict, peak: dict, meta: dict, spec: Spec) -> str:
                 vr = f"{r['peak_rss_mib'] / peer['peak_rss_mib']:.2f}" if peer and "error" not in peer else "-"
             lines.append(f"| {key} | {r['total']:.2f} | {r['generation']:.2f} | {r['forward']:.2f} | "
                          f"{r['optimisation']:.2f} | {r['other']:.2f} | {tps:.0f} | "
-                         f"{r['peak_rss_mib']:.0f} ({r['loaded_rss_mib']:.0f}) | {vs} | {vr} | {frac:.1f} |")
+                         f"{r['peak_rss_mib']:.0f} ({r['loaded_rss_mib']:.0f}) | "
+                         f"{'-' if r.get('gpu_peak_mib') is None else format(r['gpu_peak_mib'], '.0f')} | "
+                         f"{vs} | {vr} | {frac:.1f} |")
         checks = {k: r["check"] for k, r in rows.items() if "error" not in r}
         if len(checks) > 1:
             lines += ["", "Same model on both sides: mean log-likelihood of the prompts under the base model: "
@@ -279,6 +292,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per process")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-peer", action="store_true", help="minippo only (e.g. a GPU machine without trl)")
+    p.add_argument("--device", default="cpu", help='minippo\'s device: "cpu" or "cuda" (the peer runs on the CPU)')
     p.add_argument("--timeout", type=float, default=900, help="seconds per worker process")
     p.add_argument("--out", default=str(RESULTS), help="markdown file to update (section between markers)")
     p.add_argument("--json", default=None, help="also dump the raw results here")
@@ -294,10 +308,12 @@ def main(argv=None) -> int:
         return 2
 
     torch.set_num_threads(args.threads)
-    peak = matmul_peak(args.threads)
+    load_start = os.getloadavg()[0]
+    peak = matmul_peak(args.threads, args.device)
     print("matmul peak:", {k: f"{v:.0f} GFLOP/s" for k, v in peak.items()}, flush=True)
     meta = dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), rounds=args.rounds,
                 machine=f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()}",
+                device=args.device if args.device == "cpu" else torch.cuda.get_device_name(),
                 versions=versions(), models={})
     root = Path(tempfile.mkdtemp(prefix="minippo-bench-"))
     results: dict[str, dict] = {}
@@ -309,7 +325,7 @@ def main(argv=None) -> int:
             n, total = matmul_params(folder)
             meta["models"][model] = dict(params=total, n=n)
             spec = Spec(model_dir=str(folder), targets=info["targets"], warmup=args.warmup,
-                        steps=args.steps, threads=args.threads)
+                        steps=args.steps, threads=args.threads, device=args.device)
             sides = (["peer/float32"] if use_peer else []) + [f"minippo/{v}" for v in variants]
             runs: dict[str, list] = {s: [] for s in sides}
             for r in range(args.rounds):
@@ -329,6 +345,7 @@ def main(argv=None) -> int:
                 results[model][side] = summarise(ok) if ok else rs[0]
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    meta["load"] = f"{load_start:.1f} / {os.getloadavg()[0]:.1f}"
     text = report(results, peak, meta, spec)
     print(text)
     write_section(text, path=Path(args.out))

@@ -162,3 +162,43 @@ def test_tracker_counts_new_tensors_once_and_frees():
         v = x * 3  # the others were freed: 4 KiB live
     assert mem.peak == 8192 and mem.current == 4096
     del v
+
+
+# ------------------------------------------------------------------------------- on a CUDA GPU
+
+@pytest.mark.cuda
+def test_cuda_forward_backward_peak_matches_the_plan():
+    """The same check with the CUDA caching allocator's own counter (max_memory_allocated)."""
+    torch.manual_seed(0)
+    model = build("gpt_neox", hidden=512, layers=4, vocab=8000).cuda()
+    add_lora(model, LoRAConfig(r=16, alpha=32, dropout=0.05, target_modules=TARGETS["gpt_neox"]["attention"]))
+    model.train()
+    head = torch.nn.Linear(512, 1).cuda()
+    batch, seq_len = 8, 128
+    ids = torch.randint(3, 8000, (batch, seq_len), device="cuda")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    logprobs = torch.log_softmax(out.logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    values = head(out.hidden_states[-1].float()).squeeze(-1)
+    (-logprobs.mean() + values.pow(2).mean()).backward()
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated() - before
+    plan = plan_for(model, dtype="fp32", lora_r=16, lora_targets="attention", batch_size=batch,
+                    seq_len=seq_len, gradient_checkpointing=False)
+    predicted = plan.parts["activations"] + plan.parts["gradients"]
+    assert close(predicted, measured), (predicted, measured)
+
+
+@pytest.mark.cuda
+def test_cuda_int8_weights_match_the_plan():
+    """LLM.int8 on the GPU: memory_allocated after quantising matches the planner's weights."""
+    from minippo.quant import quantize_model
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    model = quantize_model(build("gpt_neox", hidden=1024, layers=4, vocab=8000).half().cuda())
+    torch.cuda.synchronize()
+    measured = torch.cuda.memory_allocated() - before
+    predicted = plan_for(model, dtype="int8", compute_dtype="fp16").parts["weights"]
+    assert close(predicted, measured), (predicted, measured)
