@@ -37,6 +37,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 from _common import Spec  # noqa: E402
 
@@ -161,7 +162,7 @@ def run_worker(side: str, spec: Spec, timeout: float) -> dict:
         cmd = [sys.executable, str(HERE / "_minippo_step.py"), spec.to_json()]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(spec.threads),
-               PYTHONPATH=str(HERE))
+               PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     except subprocess.TimeoutExpired:

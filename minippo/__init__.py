@@ -78,3 +78,6 @@ from .reward import (  # noqa: E402
     train_reward,
 )
 from .sft import SFTConfig, run_sft  # noqa: E402
+
+# -- tools (plan.py) --
+from .plan import Plan, PlanConfig, TensorMemoryTracker, format_plan, plan_memory  # noqa: E402
