@@ -64,22 +64,37 @@ def _none_or(convert: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one `--field-name` option per dataclass field (defaults shown in --help)."""
+def _default(f: dataclasses.Field, instance: Any = None) -> Any:
+    if instance is not None:
+        return getattr(instance, f.name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "",
+                            dest_prefix: str = "", defaults: Any = None) -> None:
+    """Add one `--field-name` option per dataclass field (defaults shown in --help).
+
+    A field whose type is itself a dataclass (e.g. `lora: LoRAConfig`) adds that dataclass's
+    fields as `--lora-r`, `--lora-alpha`, ...; with `metadata={"cli_prefix": ""}` they keep their
+    own names (`ppo: PPOConfig` gives `--learning-rate`, `--batch-size`, ... as trl spells them).
+    """
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         if not f.init or f.name.startswith("_"):
             continue
         tp, optional = _unwrap_optional(hints[f.name])
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = None
-        flag = "--" + f.name.replace("_", "-")
-        kwargs: dict[str, Any] = dict(dest=f.name, default=default, help=docs.get(f.name, ""))
+        default = _default(f, defaults)
+        if dataclasses.is_dataclass(tp):
+            sub_prefix = f.metadata.get("cli_prefix", f.name.replace("_", "-") + "-")
+            add_dataclass_arguments(parser, tp, prefix + sub_prefix, f"{dest_prefix}{f.name}.", default)
+            continue
+        flag = "--" + prefix + f.name.replace("_", "-")
+        kwargs: dict[str, Any] = dict(dest=dest_prefix + f.name, default=default, help=docs.get(f.name, ""))
         origin = typing.get_origin(tp)
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -102,13 +117,19 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         parser.add_argument(flag, **kwargs)
 
 
-def config_from_namespace(cls: type, ns: argparse.Namespace):
-    """Build the dataclass from parsed arguments (its `__post_init__` validates)."""
-    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)
-              if f.init and hasattr(ns, f.name)}
+def config_from_namespace(cls: type, ns: argparse.Namespace, dest_prefix: str = ""):
+    """Build the dataclass (and nested ones) from parsed arguments (`__post_init__` validates)."""
+    hints = typing.get_type_hints(cls)
+    values = {}
     for f in dataclasses.fields(cls):
-        if f.name in values and isinstance(values[f.name], list) and isinstance(f.default, tuple):
-            values[f.name] = tuple(values[f.name])
+        if not f.init:
+            continue
+        tp, _ = _unwrap_optional(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            values[f.name] = config_from_namespace(tp, ns, f"{dest_prefix}{f.name}.")
+        elif hasattr(ns, dest_prefix + f.name):
+            value = getattr(ns, dest_prefix + f.name)
+            values[f.name] = tuple(value) if isinstance(value, list) and isinstance(f.default, tuple) else value
     return cls(**values)
 
 
@@ -116,11 +137,11 @@ def config_from_namespace(cls: type, ns: argparse.Namespace):
 
 def _commands() -> dict[str, tuple[type, Callable, str]]:
     """name -> (config dataclass, run function, one-line help). Imported lazily: fast --help."""
-    from minippo import pipeline
+    from minippo import demo, pipeline, sft
     from minippo.plan import PlanConfig, run_plan
 
     return {
-        "sft": (pipeline.SFTConfig, pipeline.run_sft,
+        "sft": (sft.SFTConfig, sft.run_sft,
                 "step 1: LoRA fine-tune an 8-bit base model on IMDB review text"),
         "merge": (pipeline.MergeConfig, pipeline.run_merge,
                   "step 2: merge an adapter into the base weights and save a plain model"),
@@ -130,7 +151,7 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
                 "step 3: PPO-train a new adapter so the model writes positive reviews"),
         "generate": (pipeline.GenerateConfig, pipeline.run_generate,
                      "sample reviews with and without an adapter, side by side"),
-        "demo": (pipeline.DemoConfig, pipeline.run_demo,
+        "demo": (demo.DemoConfig, demo.run_demo,
                  "the whole pipeline on the embedded defaults, with plots and a report"),
         "plan": (PlanConfig, run_plan, "predict training memory and whether it fits a GPU"),
     }
@@ -161,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nminippo: interrupted; the last saved adapter/checkpoint is intact.", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as err:  # bad input: a message, not a traceback
+    except (ValueError, OSError) as err:  # bad input, missing files, offline hub: a message
         print(f"minippo {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

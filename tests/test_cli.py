@@ -67,3 +67,28 @@ def test_validation_error_comes_from_post_init():
 def test_bad_choice_is_rejected_by_argparse():
     with pytest.raises(SystemExit):
         parse(["--kind", "neither"])
+
+
+@dataclass
+class Inner:
+    rate: float = 0.1
+    """A rate."""
+
+
+@dataclass
+class Outer:
+    steps: int = 2
+    """Steps."""
+    inner: Inner = field(default_factory=lambda: Inner(rate=0.5))
+    """Prefixed nested settings."""
+    flat: Inner = field(default_factory=lambda: Inner(rate=0.7), metadata={"cli_prefix": "flat-"})
+    """Nested settings with their own prefix."""
+
+
+def test_nested_dataclasses_get_prefixed_flags_and_keep_outer_defaults():
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, Outer)
+    cfg = config_from_namespace(Outer, parser.parse_args([]))
+    assert cfg == Outer()  # the outer default Inner(rate=0.5), not Inner's own 0.1
+    cfg = config_from_namespace(Outer, parser.parse_args(["--inner-rate", "2", "--flat-rate", "3"]))
+    assert cfg.inner.rate == 2.0 and cfg.flat.rate == 3.0

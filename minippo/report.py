@@ -1,0 +1,76 @@
+"""Run artefacts: a metrics log (JSON lines), PNG plots, and the demo's markdown report."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+
+def _plain(value: Any) -> Any:
+    """Make a stats value JSON-friendly: tensors and numpy scalars become floats/lists."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLog:
+    """Append-only `metrics.jsonl`: one JSON object a line, flushed after every write, so an
+    interrupted run keeps every step it finished."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        line = json.dumps({k: _plain(v) for k, v in record.items()})
+        with open(self.path, "a") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_plain) + "\n")
+    os.replace(tmp, path)
+
+
+def plot_lines(path: str | os.PathLike, panels: Sequence[tuple[str, Sequence[float], Sequence[float]]],
+               xlabel: str, title: str) -> None:
+    """One PNG with a panel per (ylabel, xs, ys) triple, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    for ax, (ylabel, xs, ys) in zip(axes[0], panels):
+        ax.plot(list(xs), list(ys), marker="." if len(xs) < 60 else None)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub markdown table; cell text has pipes and newlines escaped."""
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            v = f"{v:.3f}"
+        return str(v).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
