@@ -303,10 +303,11 @@ def main(argv=None) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     use_peer = not args.no_peer
-    if use_peer and not PEER_PYTHON.exists():
-        print("the peer's environment is missing: run  bash benchmarks/setup_peer.sh  (or pass --no-peer)",
-              file=sys.stderr)
-        return 2
+    if use_peer and not (PEER_PYTHON.parent.parent / ".peer-installed").exists():
+        print("installing the peer's environment (.venv-peer): bash benchmarks/setup_peer.sh", flush=True)
+        if subprocess.run(["bash", str(HERE / "setup_peer.sh")]).returncode != 0:
+            print("could not install the peer: see above, or pass --no-peer", file=sys.stderr)
+            return 2
 
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()[0]
