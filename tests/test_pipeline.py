@@ -1,0 +1,118 @@
+"""End to end through the CLI on a tiny random model and a small IMDB slice: every subcommand,
+each step's output consumed by the next."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from minippo.cli import main
+from minippo.lora import load_adapter
+from minippo.quant import load_model
+
+# Keys of every metrics.jsonl line (the trl / OpenAI names the README documents).
+METRIC_KEYS = {
+    "step", "objective/kl", "objective/kl_coef", "objective/entropy", "ppo/loss/policy", "ppo/loss/value",
+    "ppo/loss/total", "ppo/policy/entropy", "ppo/policy/approxkl", "ppo/policy/policykl",
+    "ppo/policy/clipfrac", "ppo/policy/advantages_mean", "ppo/policy/ratio", "ppo/returns/mean",
+    "ppo/returns/var", "ppo/val/vpred", "ppo/val/error", "ppo/val/clipfrac", "ppo/val/var_explained",
+    "ppo/mean_scores", "env/reward_mean", "env/reward_std", "env/reward_prob_mean", "time/ppo/total",
+    "time/generate",
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, imdb_dir):
+    """Run reward -> sft -> merge -> ppo -> generate once; the tests below inspect the outputs."""
+    from tiny import save_tiny_model
+
+    root = tmp_path_factory.mktemp("pipeline")
+    model = save_tiny_model(root / "tiny", "llama")
+    data = ["--data-dir", str(imdb_dir)]
+    assert main(["reward", *data, "--output-dir", str(root / "reward"), "--num-train", "400",
+                 "--num-eval", "200"]) == 0
+    assert main(["sft", *data, "--model", model, "--output-dir", str(root / "sft"), "--max-steps", "3",
+                 "--batch-size", "2", "--block-size", "32", "--num-train-texts", "30",
+                 "--num-eval-blocks", "2", "--lora-r", "4"]) == 0
+    assert main(["merge", *data, "--base-model", model, "--adapter", str(root / "sft" / "adapter"),
+                 "--output-dir", str(root / "merged")]) == 0
+    assert main(["ppo", *data, "--model", str(root / "merged"), "--reward", str(root / "reward"),
+                 "--output-dir", str(root / "ppo"), "--steps", "3", "--batch-size", "4",
+                 "--mini-batch-size", "2", "--ppo-epochs", "1", "--eval-prompts", "4", "--save-every", "2",
+                 "--min-new-tokens", "3", "--max-new-tokens", "5", "--lora-r", "4"]) == 0
+    assert main(["generate", *data, "--model", str(root / "merged"), "--adapter", str(root / "ppo" / "adapter"),
+                 "--num-prompts", "2", "--max-new-tokens", "4", "--reward", str(root / "reward")]) == 0
+    return root
+
+
+def test_reward_step_reports_accuracy_and_writes_no_pickle(run):
+    metrics = json.loads((run / "reward" / "metrics.json").read_text())["metrics"]
+    assert metrics["validation_accuracy"] > 0.6
+    assert not list(run.glob("reward/*.pkl")) and not list(run.glob("reward/*.joblib"))
+
+
+def test_sft_step_saves_a_loadable_adapter(run):
+    metrics = json.loads((run / "sft" / "metrics.json").read_text())
+    assert {"eval_loss_before", "eval_loss_after"} <= set(metrics)
+    model = load_model(str(run / "tiny"))
+    load_adapter(model, run / "sft" / "adapter")
+
+
+def test_merged_folder_loads_in_bare_transformers_and_matches(run):
+    check = json.loads((run / "merged" / "merge_check.json").read_text())
+    assert check["max_abs_logit_diff"] < 1e-4
+    model = AutoModelForCausalLM.from_pretrained(run / "merged")
+    assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_ppo_step_writes_metrics_checkpoints_and_result(run):
+    lines = [json.loads(l) for l in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2, 3]
+    for line in lines:
+        missing = METRIC_KEYS - set(line)
+        assert not missing, f"metrics.jsonl lacks {sorted(missing)}"
+    for folder in ("adapter", "checkpoint"):
+        files = {p.name for p in (run / "ppo" / folder).iterdir()}
+        assert {"adapter_config.json", "adapter_model.safetensors", "value_head.safetensors"} <= files
+    result = json.loads((run / "ppo" / "result.json").read_text())
+    assert 0.0 <= result["before"]["reward_prob_mean"] <= 1.0
+    assert len(result["after"]["responses"]) == 4
+    config = json.loads((run / "ppo" / "config.json").read_text())
+    assert config["ppo"]["batch_size"] == 4 and config["lora"]["r"] == 4
+
+
+def test_ppo_adapter_changes_the_model_and_loads_on_the_merged_base(run):
+    base = load_model(str(run / "merged"))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        before = base(ids).logits
+        load_adapter(base, run / "ppo" / "adapter")
+        after = base(ids).logits
+    assert not torch.equal(before, after)
+
+
+def test_plan_command_prints_the_blog_arithmetic(capsys):
+    assert main(["plan", "--params", "20e9", "--gpu-gib", "24", "--dtype", "bf16"]) == 0
+    assert "fits in 24 GiB: NO" in capsys.readouterr().out
+    assert main(["plan", "--params", "20e9", "--gpu-gib", "24", "--dtype", "int8"]) == 0
+    assert "fits in 24 GiB: yes" in capsys.readouterr().out
+
+
+def test_bad_input_gives_a_message_not_a_traceback(tmp_path, capsys, tiny_model_dir, imdb_dir):
+    assert main(["merge", "--base-model", tiny_model_dir, "--adapter", str(tmp_path / "nowhere"),
+                 "--output-dir", str(tmp_path / "m")]) == 2
+    assert "not a saved adapter" in capsys.readouterr().err
+    assert main(["generate", "--model", tiny_model_dir, "--adapter", "", "--prompts", "good film",
+                 "--max-new-tokens", "500", "--data-dir", str(imdb_dir)]) == 2
+    assert "context window" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["ppo", "--steps", "0"])
+    assert "steps must be >= 1" in capsys.readouterr().err
+
+
+def test_every_subcommand_has_help(capsys):
+    for command in ("sft", "merge", "reward", "ppo", "generate", "demo", "plan"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+    assert "--learning-rate" in capsys.readouterr().out
