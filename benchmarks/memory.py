@@ -75,8 +75,9 @@ def weights_table(names: list[str]) -> list[dict]:
         cfg = model.config
         n_params = sum(p.numel() for p in model.parameters())
         n_linear = linear_params(model)
-        plan_kw = dict(hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers, vocab_size=cfg.vocab_size,
-                       intermediate_size=cfg.intermediate_size, arch=cfg.model_type, reserve_gib=0)
+        config_dir = tempfile.mkdtemp(prefix="minippo-mem-")
+        cfg.save_pretrained(config_dir)  # the planner reads the shapes from config.json
+        plan_kw = dict(model=config_dir, reserve_gib=0)
         row = dict(model=name, params=n_params, linear=n_linear)
         for dtype in ("fp32", "bf16", "int8"):
             m = copy.deepcopy(model)  # fp32
@@ -92,6 +93,7 @@ def weights_table(names: list[str]) -> list[dict]:
         # bytes per parameter of the linear layers alone under int8: (total - non-linear fp32) / linear
         row["int8_linear_bpp"] = (row["int8"] - 4 * (n_params - n_linear)) / n_linear
         rows.append(row)
+        shutil.rmtree(config_dir, ignore_errors=True)
         del model
     return rows
 

@@ -6,6 +6,7 @@ backward, taken with `TensorMemoryTracker` (an allocation tracker that works on 
 Each prediction must be within 15% of its measurement.
 """
 import json
+import tempfile
 
 import pytest
 import torch
@@ -41,10 +42,10 @@ def build(arch, hidden=128, layers=2, vocab=1000, inner=None, seed=0):
 
 
 def plan_for(model, **kw):
-    cfg = model.config
-    return plan_memory(PlanConfig(
-        hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers, vocab_size=cfg.vocab_size,
-        intermediate_size=cfg.intermediate_size, arch=cfg.model_type, reserve_gib=0, **kw))
+    """The planner's plan for `model`, its shapes read from the model's config.json."""
+    with tempfile.TemporaryDirectory() as folder:
+        model.config.save_pretrained(folder)
+        return plan_memory(PlanConfig(model=folder, reserve_gib=0, **kw))
 
 
 def close(predicted, measured, tol=TOL):
