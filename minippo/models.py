@@ -57,12 +57,14 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def hub_snapshot(name: str, what: str = "model") -> str:
     """The local folder of hub repo `name`: downloaded when the hub is reachable, else taken from
     the local HF cache. Raises OSError saying what is missing and how to provide it."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import list_repo_files, snapshot_download
 
     online = hub_reachable()
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
     try:
-        return snapshot_download(name, local_files_only=not online,
-                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        if online and not any(f.endswith(".safetensors") for f in list_repo_files(name)):
+            patterns.append("*.bin")  # older repos (e.g. lvwerra/distilbert-imdb) ship only .bin weights
+        return snapshot_download(name, local_files_only=not online, allow_patterns=patterns)
     except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear message
         where = ("the Hugging Face hub refused it" if online else
                  "the Hugging Face hub is unreachable from this machine and it is not in the local HF cache")
