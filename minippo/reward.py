@@ -256,7 +256,8 @@ class HFSentiment(_Scorer):
             ensure_pad_token(self.tokenizer)
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.max_length = min(max_length, self.tokenizer.model_max_length)
+        positions = getattr(self.model.config, "max_position_embeddings", None) or max_length
+        self.max_length = min(max_length, self.tokenizer.model_max_length, positions)
         self.num_labels = self.model.config.num_labels
         self.positive_index = find_positive_index(self.model.config.id2label, self.num_labels, positive_label)
         self._inputs = set(inspect.signature(self.model.forward).parameters)

@@ -145,6 +145,13 @@ def _save_classifier(path, arch="distilbert", id2label=None):
 TEXTS = ["This movie was great, I loved it.", "Terrible.", "A wonderful, moving picture with a brilliant cast!"]
 
 
+def test_hf_sentiment_truncates_to_the_model_context(tmp_path):
+    _save_classifier(tmp_path)  # 64 positions
+    reward = HFSentiment(tmp_path)
+    assert reward.max_length == 64
+    assert reward(["A wonderful film. " * 100]).shape == (1,)
+
+
 @pytest.mark.parametrize("arch", ["distilbert", "bert"])
 def test_hf_sentiment_scores_positive_class(tmp_path, arch):
     model, tok = _save_classifier(tmp_path, arch)
