@@ -112,7 +112,7 @@ class PPOConfig:
     generation_batch_size: int | None = None
     """queries sampled at once by generate() (None: all of them in one batch)."""
     compute_dtype: str = "float32"
-    """matmul dtype: "float32", or "bfloat16" (autocast; weights, logits, values and Adam stay float32)."""
+    """matmul dtype: "float32", or "bfloat16" (autocast; stored weights, logits, values and Adam are unchanged)."""
     device: str | None = None
     """device to train on, e.g. "cuda" (None: wherever the model's parameters are)."""
 

@@ -31,8 +31,8 @@ def encode(tokenizer, n):
     return [torch.tensor(tokenizer(PROMPTS[i % len(PROMPTS)])["input_ids"]) for i in range(n)]
 
 
-def lora_model(arch, tokenizer, int8=False, head_scale=1.0, seed=0):
-    model = tiny_model(arch, vocab_size=len(tokenizer), seed=seed)
+def lora_model(arch, tokenizer, int8=False, head_scale=1.0, seed=0, dtype=torch.float32):
+    model = tiny_model(arch, vocab_size=len(tokenizer), seed=seed).to(dtype)
     if head_scale != 1.0:
         with torch.no_grad():
             model.get_output_embeddings().weight.mul_(head_scale)
@@ -49,8 +49,8 @@ def small_config(**overrides):
     return PPOConfig(**settings)
 
 
-def make_trainer(arch, tokenizer, int8=False, **overrides):
-    trainer = PPOTrainer(small_config(**overrides), lora_model(arch, tokenizer, int8), tokenizer)
+def make_trainer(arch, tokenizer, int8=False, dtype=torch.float32, **overrides):
+    trainer = PPOTrainer(small_config(**overrides), lora_model(arch, tokenizer, int8, dtype=dtype), tokenizer)
     queries = encode(tokenizer, trainer.config.batch_size)
     responses = trainer.generate(queries)
     return trainer, queries, responses
@@ -154,10 +154,13 @@ def test_tokenizer_without_pad_token(tokenizer, caplog):
 # -- one step: invariants -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("compute_dtype,int8", [("float32", False), ("bfloat16", False), ("float32", True)])
-def test_first_minibatch_has_ratio_exactly_one(arch, tokenizer, compute_dtype, int8):
+@pytest.mark.parametrize("compute_dtype,int8,dtype", [
+    ("float32", False, torch.float32), ("bfloat16", False, torch.float32), ("float32", True, torch.float32),
+    ("bfloat16", False, torch.bfloat16),  # a model stored in bf16
+])
+def test_first_minibatch_has_ratio_exactly_one(arch, tokenizer, compute_dtype, int8, dtype):
     trainer, queries, responses = make_trainer(arch, tokenizer, int8=int8, compute_dtype=compute_dtype,
-                                               stop_at_eos=True, gradient_accumulation_steps=2)
+                                               dtype=dtype, stop_at_eos=True, gradient_accumulation_steps=2)
     seen = capture(trainer)
     for _ in range(2):  # also after the adapters have moved
         trainer.step(queries, responses, torch.randn(8))
@@ -408,3 +411,13 @@ def test_ppo_raises_a_simple_reward(tokenizer, arch, int8, compute_dtype):
     start, end = sum(rewards[:3]) / 3, sum(rewards[-5:]) / 5
     assert end > start + 0.1, rewards
     assert max(kls[-5:]) < 3 * config.target, kls
+
+
+@pytest.mark.cuda
+def test_step_on_cuda(tokenizer):
+    trainer, queries, responses = make_trainer("llama", tokenizer, device="cuda")
+    assert trainer.policy.device.type == "cuda"
+    seen = capture(trainer)
+    stats = trainer.step(queries, responses, torch.randn(8))
+    assert seen.minibatches[0]["policy/ratio"].item() == 1.0
+    assert stats["objective/kl"] == 0.0 and stats["ppo/updates"] == 4
