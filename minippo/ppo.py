@@ -154,6 +154,11 @@ class PPOConfig:
         need(self.generation_batch_size is None or (isinstance(self.generation_batch_size, int)
                                                     and self.generation_batch_size >= 1),
              f"generation_batch_size must be None or a positive integer, got {self.generation_batch_size!r}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"PPOConfig: device {self.device!r} is not a device: use cpu, cuda or cuda:N") from None
         try:
             dtype = resolve_dtype(self.compute_dtype)
         except ValueError as err:
@@ -195,8 +200,10 @@ class PPOTrainer:
                 "the model has no LoRA layers: PPOTrainer trains adapters and takes the reference policy "
                 "from the same model with its adapters disabled; call minippo.add_lora(model) first"
             )
-        if config.device is not None and policy.device != torch.device(config.device):
-            policy.to(config.device)
+        wanted = torch.device(config.device) if config.device is not None else None
+        if wanted is not None and not (policy.device.type == wanted.type
+                                       and wanted.index in (None, policy.device.index)):
+            policy.to(wanted)  # an 8-bit model should rather be loaded on its device (load_model(device=...))
         self.policy = policy.eval()
         self.device = policy.device
         self.compute_dtype = resolve_dtype(config.compute_dtype)

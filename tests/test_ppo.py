@@ -115,6 +115,7 @@ def test_every_config_field_has_a_docstring():
     (dict(compute_dtype="int8"), "compute_dtype"),
     (dict(max_grad_norm=0.0), "max_grad_norm"),
     (dict(temperature=0.0), "temperature"),
+    (dict(device="gpu"), "not a device"),
 ])
 def test_config_validation(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -292,11 +293,19 @@ def test_early_stopping(tokenizer):
 
 
 def test_max_grad_norm_clips(tokenizer):
-    trainer, queries, responses = make_trainer("llama", tokenizer, max_grad_norm=1e-3, ppo_epochs=1,
-                                               mini_batch_size=8)
+    policy = PolicyWithValueHead(lora_model("llama", tokenizer))
+    sgd = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=1.0)
+    trainer = PPOTrainer(small_config(max_grad_norm=1e-3, ppo_epochs=1, mini_batch_size=8), policy, tokenizer,
+                         optimizer=sgd)
+    queries = encode(tokenizer, 8)
+    responses = trainer.generate(queries)
+    before = adapter_snapshot(trainer)
     stats = trainer.step(queries, responses, [100.0] * 8)
     assert stats["ppo/grad_norm"] > 1e-3  # reported before clipping
     assert stats["ppo/updates"] == 1
+    # one SGD step with lr 1 moves the parameters by exactly the clipped gradient
+    moved = torch.cat([(v - before[k]).flatten() for k, v in adapter_snapshot(trainer).items()])
+    assert moved.norm().item() == pytest.approx(1e-3, rel=1e-3)
 
 
 # -- bad input ----------------------------------------------------------------------------------
