@@ -28,7 +28,8 @@ gradients that must flow back to the lowest adapter):
     + 2 * d_in for each adapted linear layer with input size d_in (the dropout output and mask)
 
 plus the logits: four fp32 (B, L, V) tensors are alive at the peak (logits, log-softmax and two
-gradient buffers). With gradient checkpointing only each block's input (H per token) is kept, and
+gradient buffers) in a plain causal-LM loss; minippo's trainer takes logits at the T response
+positions only and log-probs by logsumexp, so for it this term is an upper bound. With gradient checkpointing only each block's input (H per token) is kept, and
 the peak is the larger of the logits' buffers and one block's activations rebuilt in the backward
 (x 1.5 for its gradients in flight, beside the fp32 logits the caller still holds). Attention is assumed memory-efficient (SDPA: no
 (L, L) score matrix is stored). The constants are checked against measurements in
