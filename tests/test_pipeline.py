@@ -116,3 +116,36 @@ def test_every_subcommand_has_help(capsys):
             main([command, "--help"])
         assert exit_info.value.code == 0
     assert "--learning-rate" in capsys.readouterr().out
+
+
+def test_interrupted_ppo_run_keeps_its_last_checkpoint_loadable(tmp_path, tiny_model_dir, imdb_dir, monkeypatch):
+    """Ctrl-C in the middle of step 3 (after a checkpoint at step 2): the checkpoint is intact."""
+    from minippo import TfidfSentiment, load_imdb
+    from minippo import pipeline
+
+    train = load_imdb("train", imdb_dir, limit=300)
+    TfidfSentiment.fit(train["text"], train["label"], kind="logit").save(tmp_path / "reward")
+    calls = {"n": 0}
+    real_step = pipeline.PPOTrainer.step
+
+    def step_then_interrupt(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.PPOTrainer, "step", step_then_interrupt)
+    config = pipeline.PPORunConfig(
+        model=tiny_model_dir, reward=str(tmp_path / "reward"), data_dir=str(imdb_dir),
+        output_dir=str(tmp_path / "ppo"), steps=5, save_every=2, eval_prompts=0,
+        lora=pipeline.LoRAConfig(r=4, alpha=8),
+        ppo=pipeline.PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=1, min_new_tokens=3, max_new_tokens=4))
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_ppo(config, progress=False)
+    checkpoint = tmp_path / "ppo" / "checkpoint"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["step"] == 2
+    assert len((tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()) == 2
+    model = load_model(tiny_model_dir)
+    load_adapter(model, checkpoint)
+    assert not list(tmp_path.glob("ppo/.checkpoint.tmp-*"))
