@@ -53,6 +53,7 @@ MODELS = {
                       vocab_size=16384),
     "smollm2-135m": None,
 }
+INPUT_EMBEDDINGS = ("embed_in", "embed_tokens", "wte", "wpe", "embed_positions")  # lookups, not matmuls
 TARGETS = {"gpt_neox": ["query_key_value", "dense"], "llama": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 
@@ -110,23 +111,24 @@ def matmul_params(model_dir: Path) -> tuple[int, int]:
                 for d in shape:
                     numel *= d
                 total += numel
-                if len(shape) == 2 and ("embed" not in key or tied):
-                    n += numel  # Linear weights; a tied embedding is also the LM head
+                if len(shape) == 2 and (not any(e in key for e in INPUT_EMBEDDINGS) or tied):
+                    n += numel  # Linear weights and the LM head; a tied input embedding is the LM head
     return n, total
 
 
-def model_flops(n: int, spec: Spec) -> float:
+def model_flops(n: int, spec: Spec, train_per_token: int = 6) -> float:
     """Model FLOPs of one PPO step: 2 N per token forward, 6 N per token forward + backward.
 
     tokens = B (P + T); generation ~ one forward over them; the rollout + reference passes are two
     forwards; the PPO epochs are ppo_epochs forward + backward passes:
         FLOPs = (2 + 2 * 2 + 6 * ppo_epochs) * N * B * (P + T)
     Note: with a frozen base the backward computes no weight gradients, so the hardware does
-    about 4 N (not 6 N) per trained token; 6 N is the usual model-FLOPs convention. Attention's
+    about 4 N (not 6 N) per trained token; 6 N is the usual model-FLOPs convention, and
+    `train_per_token=4` gives the estimate of the work actually done. Attention's
     own FLOPs are left out (L = 32 is tiny next to H).
     """
     tokens = spec.batch_size * (spec.prompt_len + spec.new_tokens)
-    return (2 + 2 * 2 + 6 * spec.ppo_epochs) * n * tokens
+    return (2 + 2 * 2 + train_per_token * spec.ppo_epochs) * n * tokens
 
 
 def matmul_peak(threads: int, device: str = "cpu") -> dict[str, float]:
@@ -234,7 +236,9 @@ def report(results: dict, peak: dict, meta: dict, spec: Spec) -> str:
              + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items()),
              "- model FLOPs per step = (2 + 2*2 + 6*epochs) * N * B * (P + T): generation ~1 forward, "
              "rollout + reference 2 forwards, each PPO epoch a forward + backward (6N convention; "
-             "a frozen base really costs ~4N); N = matmul weights (Linears + LM head).",
+             "a frozen base really costs ~4N: the (4N) column); N = matmul weights (Linears + LM head). The % column divides "
+             "by the bf16 peak for bfloat16 rows and by the fp32 peak otherwise (int8 too: over 100% "
+             "means faster than fp32 matmuls could be).",
              "- tokens/s = batch x new tokens / step time. Peak RSS: the worker process's maximum "
              "(imports + model + step); 'loaded' is its RSS once the model is loaded. On a GPU, "
              "'GPU peak' is torch.cuda.max_memory_allocated over the timed steps.",
@@ -243,16 +247,17 @@ def report(results: dict, peak: dict, meta: dict, spec: Spec) -> str:
         info = meta["models"][model]
         lines += [f"### {model} ({info['params'] / 1e6:.1f}M parameters, N = {info['n'] / 1e6:.1f}M in matmuls)", "",
                   "| stack | s/step | generation | forward passes | optimisation | other | tokens/s | "
-                  "peak RSS MiB (loaded) | GPU peak MiB | time vs peer | RSS vs peer | % of matmul peak |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "peak RSS MiB (loaded) | GPU peak MiB | time vs peer | RSS vs peer | % of matmul peak (6N) | (4N) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         peer = rows.get("peer/float32")
         for key, r in rows.items():
             if "error" in r:
-                lines.append(f"| {key} | failed: {r['error'][:150]} | | | | | | | | | | |")
+                lines.append(f"| {key} | failed: {r['error'][:150]} | | | | | | | | | | | |")
                 continue
             flops = model_flops(info["n"], spec)
             pk = peak["bfloat16" if "bfloat16" in key else "float32"]
             frac = flops / r["total"] / (pk * 1e9) * 100
+            frac4 = model_flops(info["n"], spec, train_per_token=4) / r["total"] / (pk * 1e9) * 100
             tps = spec.batch_size * spec.new_tokens / r["total"]
             vs = vr = "1.00"
             if key != "peer/float32":
@@ -262,7 +267,7 @@ def report(results: dict, peak: dict, meta: dict, spec: Spec) -> str:
                          f"{r['optimisation']:.2f} | {r['other']:.2f} | {tps:.0f} | "
                          f"{r['peak_rss_mib']:.0f} ({r['loaded_rss_mib']:.0f}) | "
                          f"{'-' if r.get('gpu_peak_mib') is None else format(r['gpu_peak_mib'], '.0f')} | "
-                         f"{vs} | {vr} | {frac:.1f} |")
+                         f"{vs} | {vr} | {frac:.1f} | {frac4:.1f} |")
         checks = {k: r["check"] for k, r in rows.items() if "error" not in r}
         if len(checks) > 1:
             lines += ["", "Same model on both sides: mean log-likelihood of the prompts under the base model: "
@@ -297,7 +302,14 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=900, help="seconds per worker process")
     p.add_argument("--out", default=str(RESULTS), help="markdown file to update (section between markers)")
     p.add_argument("--json", default=None, help="also dump the raw results here")
+    p.add_argument("--render", default=None, help="only re-write the report from a --json dump")
     args = p.parse_args(argv)
+    if args.render:
+        raw = json.loads(Path(args.render).read_text())
+        text = report(raw["results"], raw["peak"], raw["meta"], Spec(**raw["spec"]))
+        write_section(text, path=Path(args.out))
+        print(text)
+        return 0
     if args.quick:
         args.models, args.variants, args.rounds, args.steps, args.warmup = "neox-7m", "float32", 1, 1, 1
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -352,7 +364,8 @@ def main(argv=None) -> int:
     print(text)
     write_section(text, path=Path(args.out))
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(meta=meta, peak=peak, results=results), indent=2))
+        Path(args.json).write_text(json.dumps(dict(meta=meta, peak=peak, results=results,
+                                                   spec=spec.__dict__), indent=2))
     return 0
 
 
