@@ -6,7 +6,9 @@
     .venv/bin/python benchmarks/_minippo_step.py '<Spec JSON>'
 
 Spec.dtype: "float32" (the peer's work exactly), "bfloat16" (autocast matmuls; weights, logits,
-values and Adam stay float32) or "int8" (bitsandbytes Linear8bitLt base layers, float32 compute).
+values and Adam stay float32), "bf16-weights" (the frozen base stored in bf16, LM head included, so
+autocast casts no weights; adapters, value head and Adam stay float32) or "int8" (bitsandbytes
+Linear8bitLt base layers, float32 compute).
 """
 import logging
 import os
@@ -30,7 +32,8 @@ def build_trainer(spec: Spec, info: dict):
     from minippo.quant import load_model, prepare_model_for_kbit_training
 
     int8 = spec.dtype == "int8"
-    model = load_model(spec.model_dir, load_in_8bit=int8, dtype=torch.float32, device=spec.device)
+    weights = torch.bfloat16 if spec.dtype == "bf16-weights" else torch.float32
+    model = load_model(spec.model_dir, load_in_8bit=int8, dtype=weights, device=spec.device)
     if int8:
         prepare_model_for_kbit_training(model)
     add_lora(model, LoRAConfig(r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout,
@@ -38,7 +41,8 @@ def build_trainer(spec: Spec, info: dict):
     config = PPOConfig(batch_size=spec.batch_size, mini_batch_size=spec.mini_batch_size,
                        ppo_epochs=spec.ppo_epochs, learning_rate=spec.learning_rate, seed=spec.seed,
                        min_new_tokens=spec.new_tokens, max_new_tokens=spec.new_tokens, stop_at_eos=False,
-                       compute_dtype="bfloat16" if spec.dtype == "bfloat16" else "float32", device=spec.device)
+                       compute_dtype="bfloat16" if spec.dtype in ("bfloat16", "bf16-weights") else "float32",
+                       device=spec.device)
     ids = SimpleNamespace(pad_token_id=info["pad_token_id"], eos_token_id=info["eos_token_id"])
     return model, PPOTrainer(config, model, tokenizer=ids)
 

@@ -219,8 +219,16 @@ def cpu_name() -> str:
 
 # -------------------------------------------------------------------------------------- report
 
-def report(results: dict, peak: dict, meta: dict, spec: Spec) -> str:
-    lines = [BEGIN, "## PPO step: minippo vs trl 0.4.7 + peft 0.4.0", "",
+def markers(section: str = "") -> tuple[str, str]:
+    """The RESULTS.md markers of the main table, or of a named extra section."""
+    name = f"ppo_step:{section}" if section else "ppo_step"
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
+def report(results: dict, peak: dict, meta: dict, spec: Spec, section: str = "") -> str:
+    begin, end = markers(section)
+    title = "## PPO step: minippo vs trl 0.4.7 + peft 0.4.0" + (f" ({section})" if section else "")
+    lines = [begin, title, "",
              f"- date: {meta['date']}; machine: {meta['machine']}; torch threads: {spec.threads}",
              f"- minippo: {meta['versions']['minippo']}",
              f"- peer: {meta['versions']['peer']}",
@@ -230,7 +238,8 @@ def report(results: dict, peak: dict, meta: dict, spec: Spec) -> str:
              f"{spec.lora_dropout} on the attention projections, token-level reward",
              f"- timing: {meta['rounds']} round(s) x {spec.steps} timed step(s) per process after "
              f"{spec.warmup} warm-up step(s), sides alternating; medians. Peer: float32 (its 8-bit path "
-             "does not run on CPU). minippo: float32 (same work), bfloat16 autocast, int8 (bitsandbytes).",
+             "does not run on CPU). minippo: float32 (same work), bfloat16 autocast, bf16-weights (base stored "
+             "in bf16, LM head too), int8 (bitsandbytes).",
              f"- device: {meta['device']}; matmul peak measured there ({spec.threads} CPU threads; "
              f"{'8192' if meta['device'] != 'cpu' else '2048'}^3): "
              + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items()),
@@ -255,7 +264,7 @@ def report(results: dict, peak: dict, meta: dict, spec: Spec) -> str:
                 lines.append(f"| {key} | failed: {r['error'][:150]} | | | | | | | | | | | |")
                 continue
             flops = model_flops(info["n"], spec)
-            pk = peak["bfloat16" if "bfloat16" in key else "float32"]
+            pk = peak["bfloat16" if ("bfloat16" in key or "bf16" in key) else "float32"]
             frac = flops / r["total"] / (pk * 1e9) * 100
             frac4 = model_flops(info["n"], spec, train_per_token=4) / r["total"] / (pk * 1e9) * 100
             tps = spec.batch_size * spec.new_tokens / r["total"]
@@ -273,7 +282,7 @@ def report(results: dict, peak: dict, meta: dict, spec: Spec) -> str:
             lines += ["", "Same model on both sides: mean log-likelihood of the prompts under the base model: "
                       + ", ".join(f"{k} {v:.5f}" for k, v in checks.items())]
         lines.append("")
-    lines.append(END)
+    lines.append(end)
     return "\n".join(lines)
 
 
@@ -292,7 +301,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smallest model, 1 round, 1 timed step, float32 only")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {list(MODELS)}")
-    p.add_argument("--variants", default="float32,bfloat16", help="minippo dtypes: float32,bfloat16,int8")
+    p.add_argument("--variants", default="float32,bfloat16", help="minippo dtypes: float32,bfloat16,bf16-weights,int8")
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds (a process per side per round)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per process")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per process")
@@ -303,11 +312,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(RESULTS), help="markdown file to update (section between markers)")
     p.add_argument("--json", default=None, help="also dump the raw results here")
     p.add_argument("--render", default=None, help="only re-write the report from a --json dump")
+    p.add_argument("--section", default="", help="write a named extra section of RESULTS.md instead of the main one")
     args = p.parse_args(argv)
     if args.render:
         raw = json.loads(Path(args.render).read_text())
-        text = report(raw["results"], raw["peak"], raw["meta"], Spec(**raw["spec"]))
-        write_section(text, path=Path(args.out))
+        text = report(raw["results"], raw["peak"], raw["meta"], Spec(**raw["spec"]), args.section)
+        write_section(text, *markers(args.section), path=Path(args.out))
         print(text)
         return 0
     if args.quick:
@@ -360,9 +370,9 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     meta["load"] = f"{load_start:.1f} / {os.getloadavg()[0]:.1f}"
-    text = report(results, peak, meta, spec)
+    text = report(results, peak, meta, spec, args.section)
     print(text)
-    write_section(text, path=Path(args.out))
+    write_section(text, *markers(args.section), path=Path(args.out))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(meta=meta, peak=peak, results=results,
                                                    spec=spec.__dict__), indent=2))
