@@ -3,7 +3,8 @@
 `AutoModelForCausalLMWithValueHead` over a peft LoRA model, `PPOTrainer.generate` (batched, the
 whole batch at once) and `PPOTrainer.step` with the reference policy taken by switching the
 adapter off (`ref_model=None`). Float32 on CPU: the blog-era 8-bit path does not run on CPU
-with this stack (see /work/shared/PEERS.md), so 8-bit is compared against this float path.
+with this stack (peft 0.4.0 and trl 0.4.7 predate bitsandbytes' CPU int8), so 8-bit is
+compared against this float path.
 
     .venv-peer/bin/python benchmarks/_peer_step.py '<Spec JSON>'
 """

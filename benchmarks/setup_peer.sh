@@ -5,7 +5,7 @@
 #   bash benchmarks/setup_peer.sh            # creates or reuses .venv-peer
 #   PEER_VENV=/tmp/peer bash benchmarks/setup_peer.sh
 #
-# Recipe (docs: /work/shared/PEERS.md, "Installing the peer"): torch 2.13.0 first, then the pinned
+# Recipe (measured to install together on Python 3.11): torch 2.13.0 first, then the pinned
 # set under a constraint file that pins the torch just installed, so pip cannot swap it for another
 # build (in particular never a CUDA build: a CPU machine takes the "+cpu" wheel when one is offered
 # by a find-links folder, e.g. PIP_FIND_LINKS=/opt/wheels). Without the pyarrow/pandas pins pip
