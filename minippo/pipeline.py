@@ -130,7 +130,7 @@ def run_merge(config: MergeConfig) -> dict:
     check = {"max_abs_logit_diff": diff.max().item(), "mean_abs_logit_diff": diff.mean().item(),
              "logit_scale": adapted[keep].abs().mean().item(),
              "same_argmax": (logits.argmax(-1) == adapted.argmax(-1))[keep].float().mean().item(),
-             "adapter": str(config.adapter), "base_model": base, "dtype": config.dtype}
+             "base_model_folder": base, "config": dataclasses.asdict(config)}
     write_json(out / "merge_check.json", check)
     print(f"merge: {out} (plain transformers model, {config.dtype}); merged vs adapted logits on "
           f"{ids.shape[0]}x{ids.shape[1]} probe tokens: max |diff| {check['max_abs_logit_diff']:.2e}, "
