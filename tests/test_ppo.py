@@ -289,7 +289,7 @@ def test_early_stopping(tokenizer):
                                                ppo_epochs=4, mini_batch_size=2, learning_rate=5e-2)
     stats = trainer.step(queries, responses, torch.linspace(-1, 1, 8))
     assert stats["ppo/early_stopped"] == 1.0
-    assert 1 <= stats["ppo/updates"] < 16
+    assert 0 < stats["ppo/updates"] < 16
 
 
 def test_max_grad_norm_clips(tokenizer):
