@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -33,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .fileio import atomic_write
 from .quant import dequantize_8bit, keep_8bit_layers_in_eval, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -450,22 +450,6 @@ def _base_name(lm: nn.Module) -> str | None:
     return name or None
 
 
-def _atomic_write(path: str, write) -> None:
-    """Write via a temp file in the same folder + os.replace, so `path` is never half-written."""
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-
-
 def adapter_config_dict(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
     """The `adapter_config.json` fields (peft's LoraConfig) describing `model`'s adapters."""
     lm = _unwrap(model)
@@ -525,10 +509,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     }
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    _atomic_write(os.path.join(directory, ADAPTER_WEIGHTS),
+    atomic_write(os.path.join(directory, ADAPTER_WEIGHTS),
                   lambda path: save_file(tensors, path, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True)
-    _atomic_write(os.path.join(directory, ADAPTER_CONFIG), lambda path: open(path, "w").write(text))
+    atomic_write(os.path.join(directory, ADAPTER_CONFIG), lambda path: open(path, "w").write(text))
     return directory
 
 

@@ -7,11 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
-import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +14,10 @@ from typing import Optional
 
 import torch
 
-from .core import logprobs_from_logits
+from .fileio import atomic_directory
 from .data import load_imdb, make_prompts
 from .lora import LoRAConfig, add_lora, disable_adapters, load_adapter, merge_lora
 from .models import DEFAULT_MODEL, load_tokenizer, resolve_model
-from .policy import PolicyWithValueHead, left_pad, right_pad
 from .ppo import PPOConfig, PPOTrainer
 from .quant import load_model, resolve_dtype
 from .report import MetricsLog, markdown_table, write_json
@@ -90,19 +84,11 @@ def _probe_batch(tokenizer, data_dir, n_tokens: int) -> tuple[torch.Tensor, torc
     return enc["input_ids"], enc["attention_mask"]
 
 
-def _atomic_save_pretrained(model, tokenizer, out: Path) -> None:
-    """save_pretrained into a temporary folder beside `out`, then rename it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+def _save_pretrained(model, tokenizer, out: Path) -> None:
+    """save_pretrained of model and tokenizer into `out`, crash-safe (`atomic_directory`)."""
+    with atomic_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def run_merge(config: MergeConfig) -> dict:
@@ -119,7 +105,7 @@ def run_merge(config: MergeConfig) -> dict:
 
     merged = merge_lora(model, dtype=config.dtype)
     out = Path(config.output_dir)
-    _atomic_save_pretrained(merged, tokenizer, out)
+    _save_pretrained(merged, tokenizer, out)
 
     # Verify: the folder reloads in bare transformers and gives the adapted model's logits.
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=resolve_dtype(config.dtype)).to(config.device).eval()
@@ -197,21 +183,11 @@ def _decode_pairs(tokenizer, queries, responses) -> tuple[list[str], list[str]]:
     return q, r
 
 
-@torch.no_grad()
 def sequence_kl(trainer: PPOTrainer, queries, responses) -> torch.Tensor:
     """(B,) sum over response tokens of log pi(y|x) - log pi_ref(y|x): a sample of KL(pi || ref)."""
-    policy, pad = trainer.policy, trainer.pad_token_id
-    q_ids, q_mask = left_pad(list(queries), pad)  # (B, P)
-    r_ids, r_mask = right_pad(list(responses), pad)  # (B, T)
-    ids = torch.cat([q_ids, r_ids], 1).to(trainer.device)  # (B, L)
-    attn = torch.cat([q_mask, r_mask], 1).to(trainer.device)
-    T, temp = r_ids.shape[1], trainer.config.temperature
-    logits, _ = policy(ids, attn, response_length=T, temperature=temp, with_values=False)
-    logp = logprobs_from_logits(logits, r_ids.to(trainer.device))  # (B, T)
-    with disable_adapters(policy.model):
-        ref_logits, _ = policy(ids, attn, response_length=T, temperature=temp, with_values=False)
-    ref = logprobs_from_logits(ref_logits, r_ids.to(trainer.device))
-    return ((logp - ref) * r_mask.to(logp.device)).sum(1).cpu()
+    logp, mask = trainer.response_logprobs(queries, responses)  # (B, T)
+    ref, _ = trainer.response_logprobs(queries, responses, reference=True)
+    return ((logp - ref) * mask).sum(1).cpu()
 
 
 def evaluate_samples(trainer: PPOTrainer, tokenizer, prompts: list[torch.Tensor], seed: int,

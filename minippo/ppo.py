@@ -10,13 +10,12 @@ penalty, arXiv:1909.08593); trl v0.4.7's PPOTrainer (names, defaults, stats).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -38,6 +37,7 @@ from .core import (
     policy_loss,
     value_loss,
 )
+from .fileio import atomic_directory
 from .lora import disable_adapters, lora_layers
 from .policy import PolicyWithValueHead, left_pad, maybe_autocast, right_pad
 from .quant import resolve_dtype
@@ -274,10 +274,7 @@ class PPOTrainer:
         # 1. One padded batch: queries left-padded to P, responses right-padded to T. The first PPO
         #    epoch's sample order is drawn now: the rollout forward runs on the same micro-batches, so
         #    the first minibatch recomputes exactly the same numbers (ratio 1, whatever the kernels).
-        query_ids, query_mask = left_pad(list(queries), self.pad_token_id)  # (B, P)
-        response_ids, response_mask = right_pad(list(responses), self.pad_token_id)  # (B, T)
-        batch = RolloutBuffer(query_ids.to(self.device), query_mask.to(self.device),
-                              response_ids.to(self.device), response_mask.to(self.device, torch.float32))
+        batch = self._padded_batch(queries, responses)
         mask = batch.response_mask  # (B, T)
         first_order = torch.randperm(len(batch)).to(self.device)
 
@@ -321,6 +318,29 @@ class PPOTrainer:
         timing["time/ppo/total"] = time.perf_counter() - t_start
         stats.update(timing)
         return stats
+
+    def _padded_batch(self, queries: Sequence[torch.Tensor], responses: Sequence[torch.Tensor]) -> RolloutBuffer:
+        """Queries left-padded to (B, P), responses right-padded to (B, T), on the trainer's device."""
+        query_ids, query_mask = left_pad(list(queries), self.pad_token_id)  # (B, P)
+        response_ids, response_mask = right_pad(list(responses), self.pad_token_id)  # (B, T)
+        return RolloutBuffer(query_ids.to(self.device), query_mask.to(self.device),
+                             response_ids.to(self.device), response_mask.to(self.device, torch.float32))
+
+    @torch.no_grad()
+    def response_logprobs(self, queries: Sequence[torch.Tensor], responses: Sequence[torch.Tensor],
+                          reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probabilities (B, T) of each response token under the policy, or with ``reference=True``
+        under the reference model (adapters off), and the response mask (B, T); 0 at padding.
+
+        The same forward as step() uses, so ``(logp - ref_logp) * mask`` summed over T is the
+        per-sequence KL sample that step() penalises (k1 estimator).
+        """
+        batch = self._padded_batch(queries, responses)
+        order = torch.arange(len(batch), device=self.device)
+        switch = disable_adapters(self.policy.model) if reference else contextlib.nullcontext()
+        with switch:
+            logprobs, _, _ = self._score_tokens(batch, order, with_values=False)
+        return logprobs, batch.response_mask
 
     def _check_inputs(self, queries, responses, scores) -> torch.Tensor:
         """Raise a ValueError naming the problem; return the scores as a (B,) float32 tensor."""
@@ -494,28 +514,14 @@ class PPOTrainer:
         renames: an interrupted save leaves the previous checkpoint intact (at worst, for the instant
         between the two renames, under ``<directory>.old-*``). Returns the directory.
         """
-        directory = os.path.abspath(os.fspath(directory))
-        parent, name = os.path.split(directory)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-")
-        try:
+        with atomic_directory(directory) as tmp:
             self.policy.save_pretrained(tmp)
             torch.save(self.optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_STATE))
             state = {"step": self.current_step, "kl_coef": self.kl_ctl.value,
                      "config": dataclasses.asdict(self.config)}
             with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
                 json.dump(state, f, indent=2)
-            old = None
-            if os.path.exists(directory):
-                old = tempfile.mkdtemp(dir=parent, prefix=f".{name}.old-")
-                os.rename(directory, os.path.join(old, name))
-            os.rename(tmp, directory)
-            if old is not None:
-                shutil.rmtree(old)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return directory
+        return os.path.abspath(os.fspath(directory))
 
     def load(self, directory: str | os.PathLike) -> None:
         """Restore a checkpoint written by `save` (adapter, value head, optimiser, KL coefficient, step)."""

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from . import fileio
+
 
 def _plain(value: Any) -> Any:
     """Make a stats value JSON-friendly: tensors and numpy scalars become floats/lists."""
@@ -38,11 +40,8 @@ class MetricsLog:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_plain) + "\n")
-    os.replace(tmp, path)
+    """Write JSON atomically; tensors and numpy values become plain numbers."""
+    fileio.write_json(path, obj, default=_plain)
 
 
 def plot_lines(path: str | os.PathLike, panels: Sequence[tuple[str, Sequence[float], Sequence[float]]],

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 from .data import clean_review, load_imdb, pack_blocks
 from .lora import LoRAConfig, add_lora, count_parameters, save_adapter
 from .models import DEFAULT_MODEL, load_tokenizer, resolve_model
+from .fileio import write_json
 from .quant import load_model, prepare_model_for_kbit_training, resolve_dtype
 
 
@@ -263,7 +263,5 @@ def _save(model, out: Path, base_model: str, loss_log) -> dict:
     """Write the adapter (atomically, peft layout) and the (step, loss) log; return their paths."""
     adapter = save_adapter(model, out / "adapter", base_model_name_or_path=base_model)
     log_path = out / "loss_log.json"
-    tmp = log_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps([[s, l] for s, l in loss_log]) + "\n")
-    os.replace(tmp, log_path)
+    write_json(log_path, [[s, l] for s, l in loss_log])
     return {"adapter": str(adapter), "loss_log": str(log_path)}

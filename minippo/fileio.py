@@ -1,0 +1,63 @@
+"""Crash-safe writes: a file or a whole folder appears complete or not at all.
+
+Both write into a temporary sibling first and then rename it into place (a rename within one
+filesystem is atomic), so an interrupt or a crash mid-write leaves the previous version intact.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
+    """Call `write(tmp_path)`, fsync, then `os.replace` the temporary file onto `path`."""
+    path = os.fspath(path)
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any, default: Callable | None = None) -> None:
+    """JSON (indented) written with `atomic_write`."""
+    text = json.dumps(obj, indent=2, default=default) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary folder beside `directory`; on success it replaces `directory`.
+
+    The old folder is first renamed aside, then the new one renamed into place, then the old one
+    deleted: an interrupted write leaves the previous folder intact (at worst, for the instant
+    between the two renames, under `.<name>.old-*`). On an exception the temporary folder is removed.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    parent, name = os.path.split(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-")
+    try:
+        yield tmp
+        old = None
+        if os.path.exists(directory):
+            old = tempfile.mkdtemp(dir=parent, prefix=f".{name}.old-")
+            os.rename(directory, os.path.join(old, name))
+        os.rename(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
