@@ -430,3 +430,19 @@ def test_step_on_cuda(tokenizer):
     stats = trainer.step(queries, responses, torch.randn(8))
     assert seen.minibatches[0]["policy/ratio"].item() == 1.0
     assert stats["objective/kl"] == 0.0 and stats["ppo/updates"] == 4
+
+
+def test_response_logprobs_give_the_kl_that_step_penalises(tokenizer):
+    trainer, queries, responses = make_trainer("llama", tokenizer, learning_rate=5e-2)
+    logp, mask = trainer.response_logprobs(queries, responses)
+    ref, _ = trainer.response_logprobs(queries, responses, reference=True)
+    assert torch.equal(logp, ref)  # LoRA B starts at zero: policy == reference
+    assert torch.equal(mask.sum(1), torch.tensor([len(r) for r in responses], dtype=mask.dtype))
+    trainer.step(queries, responses, torch.linspace(-1, 1, len(queries)))
+    stats = trainer.step(queries, responses, torch.linspace(-1, 1, len(queries)))
+    logp, mask = trainer.response_logprobs(queries, responses)
+    ref_after, _ = trainer.response_logprobs(queries, responses, reference=True)
+    assert torch.equal(ref_after, ref)  # the reference never moves
+    kl = ((logp - ref) * mask).sum(1).mean()
+    assert kl.abs() > 0
+    assert stats["objective/kl"] != 0.0
