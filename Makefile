@@ -34,6 +34,8 @@ demo: $(STAMP)
 	MINIPPO_IMDB_DIR="$(IMDB_DIR)" $(BIN)/minippo demo $(DEMO_ARGS)
 
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	MINIPPO_IMDB_DIR="$(IMDB_DIR)" $(BIN)/python -m pytest -q $(TEST_ARGS)
 
 bench: $(STAMP)

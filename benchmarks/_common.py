@@ -3,6 +3,7 @@
 Imported by `_peer_step.py` (trl 0.4.7 stack in .venv-peer) and `_minippo_step.py` (.venv), so it
 uses only the standard library and torch: same prompts, same reward, same measurement on both sides.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,7 +48,7 @@ class Spec:
     """where minippo runs: "cpu" or "cuda" (the peer always runs on the CPU here)."""
 
     @classmethod
-    def from_json(cls, text: str) -> "Spec":
+    def from_json(cls, text: str) -> Spec:
         return cls(**json.loads(text))
 
     def to_json(self) -> str:
@@ -129,9 +130,15 @@ def run_steps(spec: Spec, generate, step, queries, sync=None) -> list[dict]:
             forward_s, optimise_s, _ = step(queries, responses, scores)
         if i >= spec.warmup:
             total = t_gen.seconds + t_step.seconds
-            records.append(dict(total=total, generation=t_gen.seconds, forward=forward_s,
-                                optimisation=optimise_s,
-                                other=total - t_gen.seconds - forward_s - optimise_s))
+            records.append(
+                dict(
+                    total=total,
+                    generation=t_gen.seconds,
+                    forward=forward_s,
+                    optimisation=optimise_s,
+                    other=total - t_gen.seconds - forward_s - optimise_s,
+                )
+            )
     return records
 
 
@@ -145,5 +152,6 @@ def stand_in_tokenizer(pad_id: int, eos_id: int):
     n = max(pad_id, eos_id) + 1
     vocab = {f"<t{i}>": i for i in range(n)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=f"<t{pad_id}>"))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=f"<t{pad_id}>",
-                                   eos_token=f"<t{eos_id}>", unk_token=f"<t{pad_id}>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=f"<t{pad_id}>", eos_token=f"<t{eos_id}>", unk_token=f"<t{pad_id}>"
+    )

@@ -10,6 +10,7 @@ values and Adam stay float32), "bf16-weights" (the frozen base stored in bf16, L
 autocast casts no weights; adapters, value head and Adam stay float32) or "int8" (bitsandbytes
 Linear8bitLt base layers, float32 compute).
 """
+
 import logging
 import os
 import sys
@@ -18,7 +19,6 @@ from types import SimpleNamespace
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import torch  # noqa: E402
-
 from _common import Spec, Timer, emit, make_queries, model_info, peak_rss_mib, rss_mib, run_steps  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -36,13 +36,24 @@ def build_trainer(spec: Spec, info: dict):
     model = load_model(spec.model_dir, load_in_8bit=int8, dtype=weights, device=spec.device)
     if int8:
         prepare_model_for_kbit_training(model)
-    add_lora(model, LoRAConfig(r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout,
-                               target_modules=list(spec.targets)))
-    config = PPOConfig(batch_size=spec.batch_size, mini_batch_size=spec.mini_batch_size,
-                       ppo_epochs=spec.ppo_epochs, learning_rate=spec.learning_rate, seed=spec.seed,
-                       min_new_tokens=spec.new_tokens, max_new_tokens=spec.new_tokens, stop_at_eos=False,
-                       compute_dtype="bfloat16" if spec.dtype in ("bfloat16", "bf16-weights") else "float32",
-                       device=spec.device)
+    add_lora(
+        model,
+        LoRAConfig(
+            r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout, target_modules=list(spec.targets)
+        ),
+    )
+    config = PPOConfig(
+        batch_size=spec.batch_size,
+        mini_batch_size=spec.mini_batch_size,
+        ppo_epochs=spec.ppo_epochs,
+        learning_rate=spec.learning_rate,
+        seed=spec.seed,
+        min_new_tokens=spec.new_tokens,
+        max_new_tokens=spec.new_tokens,
+        stop_at_eos=False,
+        compute_dtype="bfloat16" if spec.dtype in ("bfloat16", "bf16-weights") else "float32",
+        device=spec.device,
+    )
     ids = SimpleNamespace(pad_token_id=info["pad_token_id"], eos_token_id=info["eos_token_id"])
     return model, PPOTrainer(config, model, tokenizer=ids)
 
@@ -75,11 +86,20 @@ def main(spec: Spec) -> None:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     records = run_steps(spec, generate, step, queries, sync=torch.cuda.synchronize if cuda else None)
-    emit(dict(side="minippo", dtype=spec.dtype, records=records, peak_rss_mib=peak_rss_mib(),
-              gpu_peak_mib=torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
-              gpu=torch.cuda.get_device_name() if cuda else None,
-              loaded_rss_mib=loaded_rss, load_s=t_load.seconds, check=check,
-              trainable=sum(p.numel() for p in trainer.trainable)))
+    emit(
+        dict(
+            side="minippo",
+            dtype=spec.dtype,
+            records=records,
+            peak_rss_mib=peak_rss_mib(),
+            gpu_peak_mib=torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+            gpu=torch.cuda.get_device_name() if cuda else None,
+            loaded_rss_mib=loaded_rss,
+            load_s=t_load.seconds,
+            check=check,
+            trainable=sum(p.numel() for p in trainer.trainable),
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -8,12 +8,22 @@ compared against this float path.
 
     .venv-peer/bin/python benchmarks/_peer_step.py '<Spec JSON>'
 """
+
 import sys
 import warnings
 
 import torch
-
-from _common import Spec, Timer, emit, make_queries, model_info, peak_rss_mib, rss_mib, run_steps, stand_in_tokenizer
+from _common import (
+    Spec,
+    Timer,
+    emit,
+    make_queries,
+    model_info,
+    peak_rss_mib,
+    rss_mib,
+    run_steps,
+    stand_in_tokenizer,
+)
 
 warnings.filterwarnings("ignore")
 
@@ -27,7 +37,9 @@ def set_rope_theta(model, theta: float) -> int:
             dim = module.dim
             module.base = theta
             module.inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2).float() / dim))
-            module._set_cos_sin_cache(module.max_seq_len_cached, module.inv_freq.device, torch.get_default_dtype())
+            module._set_cos_sin_cache(
+                module.max_seq_len_cached, module.inv_freq.device, torch.get_default_dtype()
+            )
             n += 1
     return n
 
@@ -40,15 +52,26 @@ def main(spec: Spec) -> None:
 
     info = model_info(spec.model_dir)
     tokenizer = stand_in_tokenizer(info["pad_token_id"], info["eos_token_id"])
-    lora = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
-                      target_modules=spec.targets, bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=spec.lora_r,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.lora_dropout,
+        target_modules=spec.targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     with Timer() as t_load:
         model = AutoModelForCausalLMWithValueHead.from_pretrained(spec.model_dir, peft_config=lora)
         if info.get("rope_theta") and info["model_type"] == "llama":
             assert set_rope_theta(model, float(info["rope_theta"])) > 0
     loaded_rss = rss_mib()
-    config = PPOConfig(batch_size=spec.batch_size, mini_batch_size=spec.mini_batch_size,
-                       ppo_epochs=spec.ppo_epochs, learning_rate=spec.learning_rate, seed=spec.seed)
+    config = PPOConfig(
+        batch_size=spec.batch_size,
+        mini_batch_size=spec.mini_batch_size,
+        ppo_epochs=spec.ppo_epochs,
+        learning_rate=spec.learning_rate,
+        seed=spec.seed,
+    )
     trainer = PPOTrainer(config, model, ref_model=None, tokenizer=tokenizer)
     queries = make_queries(spec, info["vocab_size"], {info["pad_token_id"], info["eos_token_id"]})
 
@@ -58,8 +81,15 @@ def main(spec: Spec) -> None:
         logits = model.pretrained_model(input_ids=ids).logits.float()
         check = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).mean().item()
 
-    gen_kwargs = dict(min_new_tokens=spec.new_tokens, max_new_tokens=spec.new_tokens, top_k=0, top_p=1.0,
-                      do_sample=True, pad_token_id=info["pad_token_id"], eos_token_id=info["eos_token_id"])
+    gen_kwargs = dict(
+        min_new_tokens=spec.new_tokens,
+        max_new_tokens=spec.new_tokens,
+        top_k=0,
+        top_p=1.0,
+        do_sample=True,
+        pad_token_id=info["pad_token_id"],
+        eos_token_id=info["eos_token_id"],
+    )
 
     def generate(qs):
         return trainer.generate(qs, batch_size=spec.batch_size, return_prompt=False, **gen_kwargs)
@@ -69,9 +99,18 @@ def main(spec: Spec) -> None:
         return stats["time/ppo/forward_pass"], stats["time/ppo/optimize_step"], stats["time/ppo/total"]
 
     records = run_steps(spec, generate, step, queries)
-    emit(dict(side="peer", dtype="float32", records=records, peak_rss_mib=peak_rss_mib(),
-              loaded_rss_mib=loaded_rss, load_s=t_load.seconds, check=check,
-              trainable=sum(p.numel() for p in model.parameters() if p.requires_grad)))
+    emit(
+        dict(
+            side="peer",
+            dtype="float32",
+            records=records,
+            peak_rss_mib=peak_rss_mib(),
+            loaded_rss_mib=loaded_rss,
+            load_s=t_load.seconds,
+            check=check,
+            trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        )
+    )
 
 
 if __name__ == "__main__":

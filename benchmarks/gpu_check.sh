@@ -68,7 +68,7 @@ fenced 240 "pytest -m cuda" "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider -
 # 4. minippo's PPO step on the GPU (fp32, bf16 autocast, int8), and the planner's 20B verdict.
 fenced 300 "PPO step on the GPU (minippo only)" "$PY" benchmarks/ppo_step.py --no-peer --device cuda \
   --models neox-7m,neox-100m --variants float32,bfloat16,int8 --steps 3 --warmup 1 --out /tmp/gpu_step.md
-fenced 30 "minippo plan --params 20e9 --gpu-gib 24" "$PY" -c "from minippo.plan import PlanConfig, run_plan; run_plan(PlanConfig(params=20e9, gpu_gib=24))"
+fenced 30 "minippo plan --params 20e9 --gpu-gib 24" "$PY" -c "from minippo.app.memory_plan import PlanConfig, run_plan; run_plan(PlanConfig(params=20e9, gpu_gib=24))"
 
 echo >> "$RESULT"
 echo "total: $(( $(date +%s) - START )) s; status $status" >> "$RESULT"

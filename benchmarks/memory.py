@@ -6,7 +6,7 @@ the cost of the PPO reference model (adapters switched off vs a second frozen co
 
 1. Weights: random GPT-NeoX models built from a config (and SmolLM2-135M, the embedded model),
    footprint = bytes of parameters + buffers (+ the int8 layers' fp32 row scales), counted by
-   `minippo.quant.model_footprint_bytes`; next to it the planner's prediction (`minippo.plan`).
+   `minippo.quant.model_footprint_bytes`; next to it the planner's prediction (`minippo.app.memory_plan`).
    int8 = bitsandbytes `Linear8bitLt` for every Linear except the LM head; the embedding, norms and
    LM head stay in fp32, as minippo trains them (`prepare_model_for_kbit_training`).
 2. Reference model: in a fresh process each, (a) a LoRA policy whose reference log-probs come from
@@ -14,6 +14,7 @@ the cost of the PPO reference model (adapters switched off vs a second frozen co
    as the reference. Reported: weight footprint, process peak RSS after a policy forward and a
    reference forward, and the reference forward's peak tensor memory (`TensorMemoryTracker`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,10 +38,26 @@ MiB = 2**20
 
 # GPT-NeoX sizes for the bytes/param table (random weights).
 SIZES = {
-    "neox-7m": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, vocab_size=8192),
-    "neox-30m": dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048, vocab_size=8192),
-    "neox-100m": dict(hidden_size=768, num_hidden_layers=11, num_attention_heads=12, intermediate_size=3072, vocab_size=16384),
-    "neox-350m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, vocab_size=16384),
+    "neox-7m": dict(
+        hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, vocab_size=8192
+    ),
+    "neox-30m": dict(
+        hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048, vocab_size=8192
+    ),
+    "neox-100m": dict(
+        hidden_size=768,
+        num_hidden_layers=11,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        vocab_size=16384,
+    ),
+    "neox-350m": dict(
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        intermediate_size=4096,
+        vocab_size=16384,
+    ),
 }
 
 
@@ -52,7 +69,7 @@ def neox(sizes: dict, seed: int = 0):
 
 
 def smollm2():
-    from minippo.models import embedded_model_dir
+    from minippo.app.model_folders import embedded_model_dir
     from minippo.quant import load_model
 
     return load_model(str(embedded_model_dir()))
@@ -66,7 +83,7 @@ def linear_params(model) -> int:
 
 def weights_table(names: list[str]) -> list[dict]:
     """Footprint per dtype for each model, with the planner's prediction beside it."""
-    from minippo.plan import PlanConfig, plan_memory
+    from minippo.app.memory_plan import PlanConfig, plan_memory
     from minippo.quant import model_footprint_bytes, quantize_model
 
     rows = []
@@ -100,14 +117,15 @@ def weights_table(names: list[str]) -> list[dict]:
 
 # ------------------------------------------------------------------------- reference model cost
 
+
 def reference_worker(model_name: str, mode: str, dtype: str) -> dict:
     """Run in a fresh process: policy (+ frozen copy when mode == 'copy'), a policy forward and a
     reference forward; returns footprints, peak RSS and the reference forward's tensor peak."""
-    from minippo.lora import LoRAConfig, add_lora, disable_adapters
-    from minippo.plan import TensorMemoryTracker
-    from minippo.quant import model_footprint_bytes, prepare_model_for_kbit_training, quantize_model
-
     from _common import rss_mib
+
+    from minippo.app.memory_plan import TensorMemoryTracker
+    from minippo.lora import LoRAConfig, add_lora, disable_adapters
+    from minippo.quant import model_footprint_bytes, prepare_model_for_kbit_training, quantize_model
 
     torch.set_num_threads(2)
     before = rss_mib()
@@ -118,8 +136,11 @@ def reference_worker(model_name: str, mode: str, dtype: str) -> dict:
     ref = None
     if mode == "copy":  # the classic second frozen model, made before the adapters go on
         ref = copy.deepcopy(model).eval().requires_grad_(False)
-    targets = ["query_key_value", "dense"] if model.config.model_type == "gpt_neox" else \
-        ["q_proj", "k_proj", "v_proj", "o_proj"]
+    targets = (
+        ["query_key_value", "dense"]
+        if model.config.model_type == "gpt_neox"
+        else ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
     add_lora(model, LoRAConfig(r=16, alpha=32, dropout=0.05, target_modules=targets))
     ids = torch.randint(3, model.config.vocab_size, (16, 32))  # (B, L): a PPO batch of 8 + 24 tokens
     with torch.no_grad():
@@ -154,6 +175,7 @@ def reference_table(names: list[str], dtypes: list[str]) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------- report
 
+
 def report(weights: list[dict], refs: list[dict]) -> str:
     import datetime
     import platform
@@ -161,36 +183,53 @@ def report(weights: list[dict], refs: list[dict]) -> str:
     import bitsandbytes
     import transformers
 
-    lines = [BEGIN, "## Memory", "",
-             f"- date: {datetime.datetime.now():%Y-%m-%d %H:%M}; {platform.machine()}, {os.cpu_count()} cores; "
-             f"torch {torch.__version__}, transformers {transformers.__version__}, bitsandbytes {bitsandbytes.__version__}",
-             "", "### Bytes per parameter of the weights (parameters + buffers, measured; planner in brackets)", "",
-             "int8: every Linear but the LM head is a bitsandbytes `Linear8bitLt` (int8 + one fp32 scale per "
-             "row); embedding, norms and LM head stay fp32, as minippo trains them. 'int8 linear' is the "
-             "bytes per parameter of the quantised layers alone.", "",
-             "| model | params | of which Linear | fp32 MiB | bf16 MiB | int8 MiB | fp32 B/param | bf16 B/param "
-             "| int8 B/param | int8 linear B/param |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        BEGIN,
+        "## Memory",
+        "",
+        f"- date: {datetime.datetime.now():%Y-%m-%d %H:%M}; {platform.machine()}, {os.cpu_count()} cores; "
+        f"torch {torch.__version__}, transformers {transformers.__version__}, bitsandbytes {bitsandbytes.__version__}",
+        "",
+        "### Bytes per parameter of the weights (parameters + buffers, measured; planner in brackets)",
+        "",
+        "int8: every Linear but the LM head is a bitsandbytes `Linear8bitLt` (int8 + one fp32 scale per "
+        "row); embedding, norms and LM head stay fp32, as minippo trains them. 'int8 linear' is the "
+        "bytes per parameter of the quantised layers alone.",
+        "",
+        "| model | params | of which Linear | fp32 MiB | bf16 MiB | int8 MiB | fp32 B/param | bf16 B/param "
+        "| int8 B/param | int8 linear B/param |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in weights:
         n = r["params"]
         cells = [f"{r[d] / MiB:.1f} ({r['plan_' + d] / MiB:.1f})" for d in ("fp32", "bf16", "int8")]
-        lines.append(f"| {r['model']} | {n / 1e6:.1f}M | {r['linear'] / 1e6:.1f}M | " + " | ".join(cells)
-                     + f" | {r['fp32'] / n:.3f} | {r['bf16'] / n:.3f} | {r['int8'] / n:.3f} | {r['int8_linear_bpp']:.3f} |")
-    lines += ["", "### The reference model: adapters switched off vs a second frozen copy (measured)", "",
-              "Each in a fresh process: a LoRA policy (r=16 on the attention projections) and one "
-              "no-grad forward of a 16 x 32 batch, then the reference forward. RSS growth: resident memory "
-              "after the forwards minus before the model was built (imports excluded); 'ref forward' is "
-              "the peak of tensors made by the reference forward.", "",
-              "| model | weights | weights MiB: switch / copy | RSS growth MiB: switch / copy | extra for a copy | "
-              "ref forward MiB: switch / copy |",
-              "|---|---|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {r['model']} | {n / 1e6:.1f}M | {r['linear'] / 1e6:.1f}M | "
+            + " | ".join(cells)
+            + f" | {r['fp32'] / n:.3f} | {r['bf16'] / n:.3f} | {r['int8'] / n:.3f} | {r['int8_linear_bpp']:.3f} |"
+        )
+    lines += [
+        "",
+        "### The reference model: adapters switched off vs a second frozen copy (measured)",
+        "",
+        "Each in a fresh process: a LoRA policy (r=16 on the attention projections) and one "
+        "no-grad forward of a 16 x 32 batch, then the reference forward. RSS growth: resident memory "
+        "after the forwards minus before the model was built (imports excluded); 'ref forward' is "
+        "the peak of tensors made by the reference forward.",
+        "",
+        "| model | weights | weights MiB: switch / copy | RSS growth MiB: switch / copy | extra for a copy | "
+        "ref forward MiB: switch / copy |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for r in refs:
         s, c = r["switch"], r["copy"]
-        lines.append(f"| {r['model']} | {r['dtype']} | {s['footprint'] / MiB:.0f} / {c['footprint'] / MiB:.0f} | "
-                     f"{s['rss_growth_mib']:.0f} / {c['rss_growth_mib']:.0f} | "
-                     f"+{(c['footprint'] - s['footprint']) / MiB:.0f} MiB weights, "
-                     f"+{c['rss_growth_mib'] - s['rss_growth_mib']:.0f} MiB RSS | "
-                     f"{s['ref_forward_peak'] / MiB:.1f} / {c['ref_forward_peak'] / MiB:.1f} |")
+        lines.append(
+            f"| {r['model']} | {r['dtype']} | {s['footprint'] / MiB:.0f} / {c['footprint'] / MiB:.0f} | "
+            f"{s['rss_growth_mib']:.0f} / {c['rss_growth_mib']:.0f} | "
+            f"+{(c['footprint'] - s['footprint']) / MiB:.0f} MiB weights, "
+            f"+{c['rss_growth_mib'] - s['rss_growth_mib']:.0f} MiB RSS | "
+            f"{s['ref_forward_peak'] / MiB:.1f} / {c['ref_forward_peak'] / MiB:.1f} |"
+        )
     lines += ["", END]
     return "\n".join(lines)
 

@@ -7,7 +7,7 @@ The work (both sides): LoRA r=16, alpha 32, dropout 0.05 on the attention projec
 mini-batch 4, 4 PPO epochs; prompts of 8 random tokens; 24 new tokens sampled (top_k 0, top_p 1,
 fixed length); a deterministic token-level reward (`_common.token_reward`, no classifier).
 Models: a ~7M random GPT-NeoX, a ~100M random GPT-NeoX (built here from a config and saved to a
-temporary folder both stacks load) and SmolLM2-135M (the embedded model, `minippo.models`; the
+temporary folder both stacks load) and SmolLM2-135M (the embedded model, `minippo.app.model_folders`; the
 peer's transformers 4.31 gets its RoPE base 100000 set by hand).
 
 Each side runs in its own process and virtual environment (the peer in .venv-peer, made by
@@ -18,6 +18,7 @@ log-probs, no grad) / optimisation (the PPO epochs) / other; response tokens per
 (batch x new tokens / step time); peak RSS of the process; minippo / peer ratios; and the step's
 model FLOPs over the machine's measured matmul peak (see `model_flops`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,10 +48,16 @@ BEGIN, END = "<!-- ppo_step:begin -->", "<!-- ppo_step:end -->"
 
 # name -> GPT-NeoX sizes (random weights), or None for the embedded SmolLM2.
 MODELS = {
-    "neox-7m": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
-                    vocab_size=8192),
-    "neox-100m": dict(hidden_size=768, num_hidden_layers=11, num_attention_heads=12, intermediate_size=3072,
-                      vocab_size=16384),
+    "neox-7m": dict(
+        hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, vocab_size=8192
+    ),
+    "neox-100m": dict(
+        hidden_size=768,
+        num_hidden_layers=11,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        vocab_size=16384,
+    ),
     "smollm2-135m": None,
 }
 INPUT_EMBEDDINGS = ("embed_in", "embed_tokens", "wte", "wpe", "embed_positions")  # lookups, not matmuls
@@ -58,6 +65,7 @@ TARGETS = {"gpt_neox": ["query_key_value", "dense"], "llama": ["q_proj", "k_proj
 
 
 # ---------------------------------------------------------------------------------------- models
+
 
 def build_model(name: str, root: Path) -> Path:
     """A model folder both stacks load, with bench.json (vocab, pad/eos ids, rope theta) beside it."""
@@ -67,7 +75,7 @@ def build_model(name: str, root: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     sizes = MODELS[name]
     if sizes is None:  # the embedded model: link its files, add bench.json
-        from minippo.models import embedded_model_dir
+        from minippo.app.model_folders import embedded_model_dir
 
         src = Path(embedded_model_dir())
         for f in src.iterdir():
@@ -77,20 +85,29 @@ def build_model(name: str, root: Path) -> Path:
         theta = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta"))
     else:
         torch.manual_seed(0)
-        config = GPTNeoXConfig(max_position_embeddings=2048, bos_token_id=0, eos_token_id=2,
-                               pad_token_id=1, **sizes)
+        config = GPTNeoXConfig(
+            max_position_embeddings=2048, bos_token_id=0, eos_token_id=2, pad_token_id=1, **sizes
+        )
         model = AutoModelForCausalLM.from_config(config)
         model.save_pretrained(out)
         config = json.loads((out / "config.json").read_text())
         # transformers 4.31 reads the rotary settings under their old names.
         rope = config.get("rope_parameters") or {}
-        config.update(rotary_pct=rope.get("partial_rotary_factor", 0.25),
-                      rotary_emb_base=rope.get("rope_theta", 10000.0), torch_dtype="float32")
+        config.update(
+            rotary_pct=rope.get("partial_rotary_factor", 0.25),
+            rotary_emb_base=rope.get("rope_theta", 10000.0),
+            torch_dtype="float32",
+        )
         (out / "config.json").write_text(json.dumps(config, indent=2))
         theta = None
-    info = dict(model_type=config["model_type"], vocab_size=config["vocab_size"],
-                pad_token_id=config.get("pad_token_id") or 0, eos_token_id=config["eos_token_id"],
-                rope_theta=theta, targets=TARGETS[config["model_type"]])
+    info = dict(
+        model_type=config["model_type"],
+        vocab_size=config["vocab_size"],
+        pad_token_id=config.get("pad_token_id") or 0,
+        eos_token_id=config["eos_token_id"],
+        rope_theta=theta,
+        targets=TARGETS[config["model_type"]],
+    )
     (out / "bench.json").write_text(json.dumps(info, indent=2))
     return out
 
@@ -156,15 +173,22 @@ def matmul_peak(threads: int, device: str = "cpu") -> dict[str, float]:
 
 # -------------------------------------------------------------------------------------- running
 
+
 def run_worker(side: str, spec: Spec, timeout: float) -> dict:
     """Run one worker process; its RESULT line as a dict, or {"error": ...}."""
     if side == "peer":
         cmd = [str(PEER_PYTHON), str(HERE / "_peer_step.py"), spec.to_json()]
     else:
         cmd = [sys.executable, str(HERE / "_minippo_step.py"), spec.to_json()]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(spec.threads),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS=str(spec.threads),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
+    )
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     except subprocess.TimeoutExpired:
@@ -173,7 +197,7 @@ def run_worker(side: str, spec: Spec, timeout: float) -> dict:
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -181,10 +205,16 @@ def summarise(runs: list[dict]) -> dict:
     records = [r for run in runs for r in run["records"]]
     med = {k: statistics.median(r[k] for r in records) for k in records[0]}
     gpu = [r["gpu_peak_mib"] for r in runs if r.get("gpu_peak_mib") is not None]
-    return dict(**med, n=len(records), peak_rss_mib=max(r["peak_rss_mib"] for r in runs),
-                gpu_peak_mib=max(gpu) if gpu else None, gpu=runs[0].get("gpu"),
-                loaded_rss_mib=max(r["loaded_rss_mib"] for r in runs), check=runs[0]["check"],
-                trainable=runs[0]["trainable"])
+    return dict(
+        **med,
+        n=len(records),
+        peak_rss_mib=max(r["peak_rss_mib"] for r in runs),
+        gpu_peak_mib=max(gpu) if gpu else None,
+        gpu=runs[0].get("gpu"),
+        loaded_rss_mib=max(r["loaded_rss_mib"] for r in runs),
+        check=runs[0]["check"],
+        trainable=runs[0]["trainable"],
+    )
 
 
 def versions() -> dict[str, str]:
@@ -192,7 +222,9 @@ def versions() -> dict[str, str]:
 
     import minippo
 
-    ours = f"minippo {minippo.__version__}, torch {torch.__version__}, transformers {transformers.__version__}"
+    ours = (
+        f"minippo {minippo.__version__}, torch {torch.__version__}, transformers {transformers.__version__}"
+    )
     try:
         import bitsandbytes
 
@@ -201,8 +233,10 @@ def versions() -> dict[str, str]:
         pass
     peer = "not installed (run benchmarks/setup_peer.sh)"
     if PEER_PYTHON.exists():
-        code = ("import torch, transformers, peft, trl; print(f'trl {trl.__version__}, peft {peft.__version__}, "
-                "transformers {transformers.__version__}, torch {torch.__version__}')")
+        code = (
+            "import torch, transformers, peft, trl; print(f'trl {trl.__version__}, peft {peft.__version__}, "
+            "transformers {transformers.__version__}, torch {torch.__version__}')"
+        )
         peer = subprocess.run([str(PEER_PYTHON), "-c", code], capture_output=True, text=True).stdout.strip()
     return {"minippo": ours, "peer": peer}
 
@@ -219,6 +253,7 @@ def cpu_name() -> str:
 
 # -------------------------------------------------------------------------------------- report
 
+
 def markers(section: str = "") -> tuple[str, str]:
     """The RESULTS.md markers of the main table, or of a named extra section."""
     name = f"ppo_step:{section}" if section else "ppo_step"
@@ -228,36 +263,44 @@ def markers(section: str = "") -> tuple[str, str]:
 def report(results: dict, peak: dict, meta: dict, spec: Spec, section: str = "") -> str:
     begin, end = markers(section)
     title = "## PPO step: minippo vs trl 0.4.7 + peft 0.4.0" + (f" ({section})" if section else "")
-    lines = [begin, title, "",
-             f"- date: {meta['date']}; machine: {meta['machine']}; torch threads: {spec.threads}",
-             f"- minippo: {meta['versions']['minippo']}",
-             f"- peer: {meta['versions']['peer']}",
-             f"- work per step: batch {spec.batch_size}, mini-batch {spec.mini_batch_size}, "
-             f"{spec.ppo_epochs} PPO epochs, prompts {spec.prompt_len} tokens, {spec.new_tokens} new tokens "
-             f"(top_k 0, top_p 1, fixed length), LoRA r={spec.lora_r} alpha {spec.lora_alpha:g} dropout "
-             f"{spec.lora_dropout} on the attention projections, token-level reward",
-             f"- timing: {meta['rounds']} round(s) x {spec.steps} timed step(s) per process after "
-             f"{spec.warmup} warm-up step(s), sides alternating; medians. Peer: float32 (its 8-bit path "
-             "does not run on CPU). minippo: float32 (same work), bfloat16 autocast, bf16-weights (base stored "
-             "in bf16, LM head too), int8 (bitsandbytes).",
-             f"- device: {meta['device']}; matmul peak measured there ({spec.threads} CPU threads; "
-             f"{'8192' if meta['device'] != 'cpu' else '2048'}^3): "
-             + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items()),
-             "- model FLOPs per step = (2 + 2*2 + 6*epochs) * N * B * (P + T): generation ~1 forward, "
-             "rollout + reference 2 forwards, each PPO epoch a forward + backward (6N convention; "
-             "a frozen base really costs ~4N: the (4N) column); N = matmul weights (Linears + LM head). The % column divides "
-             "by the bf16 peak for bfloat16 rows and by the fp32 peak otherwise (int8 too: over 100% "
-             "means faster than fp32 matmuls could be).",
-             "- tokens/s = batch x new tokens / step time. Peak RSS: the worker process's maximum "
-             "(imports + model + step); 'loaded' is its RSS once the model is loaded. On a GPU, "
-             "'GPU peak' is torch.cuda.max_memory_allocated over the timed steps.",
-             f"- machine load (1-minute load average) at start / end: {meta['load']}", ""]
+    lines = [
+        begin,
+        title,
+        "",
+        f"- date: {meta['date']}; machine: {meta['machine']}; torch threads: {spec.threads}",
+        f"- minippo: {meta['versions']['minippo']}",
+        f"- peer: {meta['versions']['peer']}",
+        f"- work per step: batch {spec.batch_size}, mini-batch {spec.mini_batch_size}, "
+        f"{spec.ppo_epochs} PPO epochs, prompts {spec.prompt_len} tokens, {spec.new_tokens} new tokens "
+        f"(top_k 0, top_p 1, fixed length), LoRA r={spec.lora_r} alpha {spec.lora_alpha:g} dropout "
+        f"{spec.lora_dropout} on the attention projections, token-level reward",
+        f"- timing: {meta['rounds']} round(s) x {spec.steps} timed step(s) per process after "
+        f"{spec.warmup} warm-up step(s), sides alternating; medians. Peer: float32 (its 8-bit path "
+        "does not run on CPU). minippo: float32 (same work), bfloat16 autocast, bf16-weights (base stored "
+        "in bf16, LM head too), int8 (bitsandbytes).",
+        f"- device: {meta['device']}; matmul peak measured there ({spec.threads} CPU threads; "
+        f"{'8192' if meta['device'] != 'cpu' else '2048'}^3): "
+        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items()),
+        "- model FLOPs per step = (2 + 2*2 + 6*epochs) * N * B * (P + T): generation ~1 forward, "
+        "rollout + reference 2 forwards, each PPO epoch a forward + backward (6N convention; "
+        "a frozen base really costs ~4N: the (4N) column); N = matmul weights (Linears + LM head). The % column divides "
+        "by the bf16 peak for bfloat16 rows and by the fp32 peak otherwise (int8 too: over 100% "
+        "means faster than fp32 matmuls could be).",
+        "- tokens/s = batch x new tokens / step time. Peak RSS: the worker process's maximum "
+        "(imports + model + step); 'loaded' is its RSS once the model is loaded. On a GPU, "
+        "'GPU peak' is torch.cuda.max_memory_allocated over the timed steps.",
+        f"- machine load (1-minute load average) at start / end: {meta['load']}",
+        "",
+    ]
     for model, rows in results.items():
         info = meta["models"][model]
-        lines += [f"### {model} ({info['params'] / 1e6:.1f}M parameters, N = {info['n'] / 1e6:.1f}M in matmuls)", "",
-                  "| stack | s/step | generation | forward passes | optimisation | other | tokens/s | "
-                  "peak RSS MiB (loaded) | GPU peak MiB | time vs peer | RSS vs peer | % of matmul peak (6N) | (4N) |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"### {model} ({info['params'] / 1e6:.1f}M parameters, N = {info['n'] / 1e6:.1f}M in matmuls)",
+            "",
+            "| stack | s/step | generation | forward passes | optimisation | other | tokens/s | "
+            "peak RSS MiB (loaded) | GPU peak MiB | time vs peer | RSS vs peer | % of matmul peak (6N) | (4N) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         peer = rows.get("peer/float32")
         for key, r in rows.items():
             if "error" in r:
@@ -271,16 +314,23 @@ def report(results: dict, peak: dict, meta: dict, spec: Spec, section: str = "")
             vs = vr = "1.00"
             if key != "peer/float32":
                 vs = f"{r['total'] / peer['total']:.2f}" if peer and "error" not in peer else "-"
-                vr = f"{r['peak_rss_mib'] / peer['peak_rss_mib']:.2f}" if peer and "error" not in peer else "-"
-            lines.append(f"| {key} | {r['total']:.2f} | {r['generation']:.2f} | {r['forward']:.2f} | "
-                         f"{r['optimisation']:.2f} | {r['other']:.2f} | {tps:.0f} | "
-                         f"{r['peak_rss_mib']:.0f} ({r['loaded_rss_mib']:.0f}) | "
-                         f"{'-' if r.get('gpu_peak_mib') is None else format(r['gpu_peak_mib'], '.0f')} | "
-                         f"{vs} | {vr} | {frac:.1f} | {frac4:.1f} |")
+                vr = (
+                    f"{r['peak_rss_mib'] / peer['peak_rss_mib']:.2f}" if peer and "error" not in peer else "-"
+                )
+            lines.append(
+                f"| {key} | {r['total']:.2f} | {r['generation']:.2f} | {r['forward']:.2f} | "
+                f"{r['optimisation']:.2f} | {r['other']:.2f} | {tps:.0f} | "
+                f"{r['peak_rss_mib']:.0f} ({r['loaded_rss_mib']:.0f}) | "
+                f"{'-' if r.get('gpu_peak_mib') is None else format(r['gpu_peak_mib'], '.0f')} | "
+                f"{vs} | {vr} | {frac:.1f} | {frac4:.1f} |"
+            )
         checks = {k: r["check"] for k, r in rows.items() if "error" not in r}
         if len(checks) > 1:
-            lines += ["", "Same model on both sides: mean log-likelihood of the prompts under the base model: "
-                      + ", ".join(f"{k} {v:.5f}" for k, v in checks.items())]
+            lines += [
+                "",
+                "Same model on both sides: mean log-likelihood of the prompts under the base model: "
+                + ", ".join(f"{k} {v:.5f}" for k, v in checks.items()),
+            ]
         lines.append("")
     lines.append(end)
     return "\n".join(lines)
@@ -301,18 +351,24 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smallest model, 1 round, 1 timed step, float32 only")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {list(MODELS)}")
-    p.add_argument("--variants", default="float32,bfloat16", help="minippo dtypes: float32,bfloat16,bf16-weights,int8")
+    p.add_argument(
+        "--variants", default="float32,bfloat16", help="minippo dtypes: float32,bfloat16,bf16-weights,int8"
+    )
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds (a process per side per round)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per process")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per process")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-peer", action="store_true", help="minippo only (e.g. a GPU machine without trl)")
-    p.add_argument("--device", default="cpu", help='minippo\'s device: "cpu" or "cuda" (the peer runs on the CPU)')
+    p.add_argument(
+        "--device", default="cpu", help='minippo\'s device: "cpu" or "cuda" (the peer runs on the CPU)'
+    )
     p.add_argument("--timeout", type=float, default=900, help="seconds per worker process")
     p.add_argument("--out", default=str(RESULTS), help="markdown file to update (section between markers)")
     p.add_argument("--json", default=None, help="also dump the raw results here")
     p.add_argument("--render", default=None, help="only re-write the report from a --json dump")
-    p.add_argument("--section", default="", help="write a named extra section of RESULTS.md instead of the main one")
+    p.add_argument(
+        "--section", default="", help="write a named extra section of RESULTS.md instead of the main one"
+    )
     args = p.parse_args(argv)
     if args.render:
         raw = json.loads(Path(args.render).read_text())
@@ -335,10 +391,14 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()[0]
     peak = matmul_peak(args.threads, args.device)
     print("matmul peak:", {k: f"{v:.0f} GFLOP/s" for k, v in peak.items()}, flush=True)
-    meta = dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), rounds=args.rounds,
-                machine=f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()}",
-                device=args.device if args.device == "cpu" else torch.cuda.get_device_name(),
-                versions=versions(), models={})
+    meta = dict(
+        date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        rounds=args.rounds,
+        machine=f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()}",
+        device=args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+        versions=versions(),
+        models={},
+    )
     root = Path(tempfile.mkdtemp(prefix="minippo-bench-"))
     results: dict[str, dict] = {}
     spec = None
@@ -348,20 +408,32 @@ def main(argv=None) -> int:
             info = json.loads((folder / "bench.json").read_text())
             n, total = matmul_params(folder)
             meta["models"][model] = dict(params=total, n=n)
-            spec = Spec(model_dir=str(folder), targets=info["targets"], warmup=args.warmup,
-                        steps=args.steps, threads=args.threads, device=args.device)
+            spec = Spec(
+                model_dir=str(folder),
+                targets=info["targets"],
+                warmup=args.warmup,
+                steps=args.steps,
+                threads=args.threads,
+                device=args.device,
+            )
             sides = (["peer/float32"] if use_peer else []) + [f"minippo/{v}" for v in variants]
             runs: dict[str, list] = {s: [] for s in sides}
             for r in range(args.rounds):
-                for side in (sides if r % 2 == 0 else sides[::-1]):
+                for side in sides if r % 2 == 0 else sides[::-1]:
                     who, dtype = side.split("/")
                     s = Spec(**{**spec.__dict__, "dtype": dtype})
                     t = time.perf_counter()
                     res = run_worker(who, s, args.timeout)
-                    print(f"{model} {side} round {r}: "
-                          + (res["error"] if "error" in res else
-                             f"{statistics.median(x['total'] for x in res['records']):.2f} s/step "
-                             f"(process {time.perf_counter() - t:.0f} s)"), flush=True)
+                    print(
+                        f"{model} {side} round {r}: "
+                        + (
+                            res["error"]
+                            if "error" in res
+                            else f"{statistics.median(x['total'] for x in res['records']):.2f} s/step "
+                            f"(process {time.perf_counter() - t:.0f} s)"
+                        ),
+                        flush=True,
+                    )
                     runs[side].append(res)
             results[model] = {}
             for side, rs in runs.items():
@@ -374,8 +446,9 @@ def main(argv=None) -> int:
     print(text)
     write_section(text, *markers(args.section), path=Path(args.out))
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(meta=meta, peak=peak, results=results,
-                                                   spec=spec.__dict__), indent=2))
+        Path(args.json).write_text(
+            json.dumps(dict(meta=meta, peak=peak, results=results, spec=spec.__dict__), indent=2)
+        )
     return 0
 
 

@@ -6,6 +6,7 @@
 Builds the model as ppo_step.py does, runs one warm-up step, then profiles one generate + step
 and prints the top functions by cumulative time and the top torch ops by self CPU time.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,6 +1,7 @@
 """`python -m minippo ...` is the same as the `minippo` command."""
+
 import sys
 
-from minippo.cli import main
+from minippo.app.cli import main
 
 sys.exit(main())

@@ -15,6 +15,7 @@ Refs:
     Schulman 2020, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html.
     Huang et al. 2024, "The N Implementation Details of RLHF with PPO" (ICLR blog track).
 """
+
 from __future__ import annotations
 
 import torch

@@ -3,6 +3,7 @@
 Both write into a temporary sibling first and then rename it into place (a rename within one
 filesystem is atomic), so an interrupt or a crash mid-write leaves the previous version intact.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -10,8 +11,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:

@@ -1,4 +1,4 @@
-"""LoRA adapters on Linear, GPT-2 Conv1D and bitsandbytes int8 layers; adapter files in peft's layout.
+"""LoRA adapters on Linear, GPT-2 Conv1D and bitsandbytes int8 layers: the layer and its injection.
 
 A LoRA layer adds a trainable low-rank update to a frozen layer W (out, in):
 
@@ -9,37 +9,28 @@ an adapted model starts out equal to its base.  The layer only *calls* the base 
 its weight, so the base may be int8 (`Linear8bitLt`).
 Ref: Hu et al. 2021, LoRA, arXiv:2106.09685, eq. 3; Kalajdzievski 2023, rsLoRA, arXiv:2312.03732.
 
-The API (minLoRA-style verbs): `add_lora`, `disable_adapters`, `lora_state_dict`, `merge_lora`,
-`save_adapter`, `load_adapter`.  Saved adapters use peft's files (`adapter_config.json`,
-`adapter_model.safetensors` with keys `base_model.model.<module path>.lora_A.weight`), so
-`peft.PeftModel.from_pretrained` loads ours and `load_adapter` loads peft's.
+The API (minLoRA-style verbs): `add_lora`, `disable_adapters`, `lora_state_dict`, `merge_lora`.
+Adapter files (peft's layout: `save_adapter`, `load_adapter`) are in `minippo.adapter_files`.
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
-import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import bitsandbytes as bnb
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .fileio import atomic_write
 from .quant import dequantize_8bit, keep_8bit_layers_in_eval, resolve_dtype
 
 logger = logging.getLogger(__name__)
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
 
 # Default targets per `config.model_type` (the attention projections, as peft's defaults).
 DEFAULT_TARGETS = {
@@ -73,11 +64,13 @@ class LoRAConfig:
     dropout: float = 0.0
     """dropout probability on the adapter's input (the frozen base path never sees it)."""
     target_modules: list[str] | str | None = None
-    """module names (suffix match, e.g. "q_proj,v_proj"), a regex on the full module path, "all-linear", or None for the architecture's default."""
+    """module names (suffix match, e.g. "q_proj,v_proj"), a regex on the full module path, "all-linear", or
+    None for the architecture's default."""
     use_rslora: bool = False
     """rank-stabilised scaling alpha / sqrt(r) instead of alpha / r (arXiv:2312.03732)."""
     init: str = "default"
-    """initial A: "default" (Kaiming-uniform, a=sqrt(5), as nn.Linear) or "gaussian" (std 1/r); B is always zero."""
+    """initial A: "default" (Kaiming-uniform, a=sqrt(5), as nn.Linear) or "gaussian" (std 1/r); B is always
+    zero."""
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -166,7 +159,9 @@ class LoRALayer(nn.Module):
     ):
         super().__init__()
         if not is_linear_like(base_layer):
-            raise TypeError(f"LoRALayer wraps nn.Linear, Conv1D or Linear8bitLt, not {type(base_layer).__name__}")
+            raise TypeError(
+                f"LoRALayer wraps nn.Linear, Conv1D or Linear8bitLt, not {type(base_layer).__name__}"
+            )
         in_features, out_features = layer_dims(base_layer)
         if r > min(in_features, out_features):
             raise ValueError(
@@ -208,6 +203,19 @@ class LoRALayer(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, disabled={self.disabled}"
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The language model inside a wrapper (`.pretrained_model`, as trl's value-head models), or `model`."""
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        return model
+    inner = getattr(model, "pretrained_model", None)
+    if isinstance(inner, nn.Module):
+        return inner
+    children = [m for m in model.children() if isinstance(m, PreTrainedModel)]
+    return children[0] if len(children) == 1 else model
+
+
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
     """(module path, layer) for every LoRALayer of `model`."""
     for name, module in model.named_modules():
@@ -239,16 +247,17 @@ def _model_type(model: nn.Module) -> str | None:
 def _linear_like_names(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(path, module) of the Linear-like modules of `model`, outside existing LoRA layers."""
     inside_lora = set()
-    for name, module in lora_layers(model):
+    for name, _ in lora_layers(model):
         inside_lora.update(f"{name}.{sub}" for sub in ("base_layer", "lora_A", "lora_B"))
     return [
-        (name, m) for name, m in model.named_modules()
+        (name, m)
+        for name, m in model.named_modules()
         if is_linear_like(m) and name and name not in inside_lora
     ]
 
 
 def resolve_target_modules(model: nn.Module, config: LoRAConfig):
-    """The config's targets, or the default for the model's architecture (names list / regex / 'all-linear')."""
+    """The config's targets, or the architecture's default (names list / regex / 'all-linear')."""
     if config.target_modules is not None:
         return config.target_modules
     model_type = _model_type(model)
@@ -294,7 +303,9 @@ def add_lora(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
     """
     config = config or LoRAConfig()
     if any(True for _ in lora_layers(model)):
-        raise ValueError("the model already has LoRA layers; add_lora once per model (merge_lora first to stack)")
+        raise ValueError(
+            "the model already has LoRA layers; add_lora once per model (merge_lora first to stack)"
+        )
     found = find_targets(model, config)
     too_small = [(n, layer_dims(m)) for n, m in found if config.r > min(layer_dims(m))]
     if too_small:
@@ -317,7 +328,11 @@ def add_lora(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
     trainable, total = count_parameters(model)
     logger.info(
         "add_lora: %d layers, r=%d; trainable params %d / %d (%.3f%%)",
-        len(found), config.r, trainable, total, 100.0 * trainable / max(total, 1),
+        len(found),
+        config.r,
+        trainable,
+        total,
+        100.0 * trainable / max(total, 1),
     )
     return model
 
@@ -341,7 +356,8 @@ def disable_adapters(model: nn.Module):
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{"<path>.lora_A.weight": A (r, in), "<path>.lora_B.weight": B (out, r)} for every LoRA layer (detached)."""
+    """{"<path>.lora_A.weight": A (r, in), "<path>.lora_B.weight": B (out, r)} for every LoRA layer
+    (detached)."""
     out = {}
     for name, layer in lora_layers(model):
         out[f"{name}.lora_A.weight"] = layer.lora_A.weight.detach()
@@ -370,8 +386,9 @@ def _plain_layer(layer: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> 
     if as_conv1d:
         new = Conv1D(out_features, in_features).to(weight.device)
         new.weight = nn.Parameter(weight.t().contiguous().to(dtype), requires_grad=False)  # (in, out)
-        new.bias = nn.Parameter(bias.clone() if bias is not None else torch.zeros_like(new.bias, dtype=dtype),
-                                requires_grad=False)
+        new.bias = nn.Parameter(
+            bias.clone() if bias is not None else torch.zeros_like(new.bias, dtype=dtype), requires_grad=False
+        )
     else:
         new = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
         new.weight = nn.Parameter(weight.to(dtype).contiguous(), requires_grad=False)
@@ -425,198 +442,4 @@ def merge_lora(model: nn.Module, dtype: torch.dtype | str = torch.float32) -> nn
     for target in (model, lm):
         if "lora_config" in vars(target):
             del target.lora_config
-    return model
-
-
-# ---------------------------------------------------------------------------------------------
-# Adapter files (peft layout)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The language model inside a wrapper (`.pretrained_model`, as trl's value-head models), or `model`."""
-    from transformers import PreTrainedModel
-
-    if isinstance(model, PreTrainedModel):
-        return model
-    inner = getattr(model, "pretrained_model", None)
-    if isinstance(inner, nn.Module):
-        return inner
-    children = [m for m in model.children() if isinstance(m, PreTrainedModel)]
-    return children[0] if len(children) == 1 else model
-
-
-def _base_name(lm: nn.Module) -> str | None:
-    name = getattr(lm, "name_or_path", None) or getattr(getattr(lm, "config", None), "_name_or_path", None)
-    return name or None
-
-
-def adapter_config_dict(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
-    """The `adapter_config.json` fields (peft's LoraConfig) describing `model`'s adapters."""
-    lm = _unwrap(model)
-    layers = [layer for _, layer in lora_layers(lm)]
-    if not layers:
-        raise ValueError("the model has no LoRA layers: call add_lora (or load_adapter) first")
-    first = layers[0]
-    config = getattr(lm, "lora_config", None) or getattr(model, "lora_config", None)
-    if config is not None:
-        targets, init = config.target_modules, config.init
-        dropout = config.dropout
-    else:
-        targets = sorted({n.rsplit(".", 1)[-1] for n, _ in lora_layers(lm)})
-        init = "default"
-        dropout = getattr(first.lora_dropout, "p", 0.0)
-    conv1d = _model_type(lm) == "gpt2" or any(
-        isinstance(l.base_layer, Conv1D) or issubclass(getattr(l.base_layer, "source_cls", nn.Linear), Conv1D)
-        for l in layers
-    )
-    alpha = first.alpha
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path or _base_name(lm),
-        "revision": None,
-        "inference_mode": True,
-        "r": first.r,
-        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
-        "lora_dropout": dropout,
-        "target_modules": targets,
-        "fan_in_fan_out": conv1d,
-        "bias": "none",
-        "use_rslora": first.use_rslora,
-        "use_dora": False,
-        "modules_to_save": None,
-        "init_lora_weights": "gaussian" if init == "gaussian" else True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-    }
-
-
-def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> str:
-    """Write `adapter_config.json` + `adapter_model.safetensors` (peft's layout) to `directory`.
-
-    Keys are `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`, paths relative to
-    the language model (a wrapper with `.pretrained_model` is unwrapped).  Each file is written to a
-    temp file and renamed into place, so an interrupted save never leaves a corrupt adapter.
-    Returns the directory.
-    """
-    lm = _unwrap(model)
-    config = adapter_config_dict(model, base_model_name_or_path)
-    tensors = {
-        PEFT_PREFIX + key: value.detach().to("cpu").contiguous()
-        for key, value in lora_state_dict(lm).items()
-    }
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    atomic_write(os.path.join(directory, ADAPTER_WEIGHTS),
-                  lambda path: save_file(tensors, path, metadata={"format": "pt"}))
-    text = json.dumps(config, indent=2, sort_keys=True)
-    atomic_write(os.path.join(directory, ADAPTER_CONFIG), lambda path: open(path, "w").write(text))
-    return directory
-
-
-def _config_from_peft(cfg: dict, where: str) -> LoRAConfig:
-    """A LoRAConfig from an adapter_config.json dict; ValueError for features we do not support."""
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{where}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    unsupported = {
-        "bias": cfg.get("bias", "none") != "none",
-        "use_dora": bool(cfg.get("use_dora")),
-        "modules_to_save": bool(cfg.get("modules_to_save")),
-        "rank_pattern": bool(cfg.get("rank_pattern")),
-        "alpha_pattern": bool(cfg.get("alpha_pattern")),
-        "layers_to_transform": cfg.get("layers_to_transform") is not None,
-    }
-    bad = [k for k, v in unsupported.items() if v]
-    if bad:
-        raise ValueError(f"{where}: adapter uses {bad}, which minippo's LoRA does not support")
-    init = cfg.get("init_lora_weights", True)
-    return LoRAConfig(
-        r=int(cfg["r"]),
-        alpha=cfg.get("lora_alpha", 8),
-        dropout=float(cfg.get("lora_dropout", 0.0)),
-        target_modules=cfg.get("target_modules"),
-        use_rslora=bool(cfg.get("use_rslora", False)),
-        init="gaussian" if init == "gaussian" else "default",
-    )
-
-
-def _same_model_name(a: str, b: str) -> bool:
-    """Hub id vs local folder of the same model compare equal by their last path component."""
-    return os.path.basename(a.rstrip("/\\")) == os.path.basename(b.rstrip("/\\"))
-
-
-def load_adapter(model: nn.Module, directory: str | os.PathLike, check_base: bool = True) -> nn.Module:
-    """Load a LoRA adapter saved by `save_adapter` or by peft into `model`, in place; returns it.
-
-    A model without LoRA layers gets them first (`add_lora` with the file's config); a model with
-    LoRA layers must match the file's rank and scaling.  Raises ValueError, naming what differs,
-    when the adapter's base model name differs from the model's (`check_base=False` skips this
-    check), or when keys are missing or unexpected, or shapes differ; nothing is changed then.
-    """
-    directory = os.fspath(directory)
-    lm = _unwrap(model)
-    config_path = os.path.join(directory, ADAPTER_CONFIG)
-    weights_path = os.path.join(directory, ADAPTER_WEIGHTS)
-    for path in (config_path, weights_path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {os.path.basename(path)} in {directory}: not a saved adapter")
-    with open(config_path) as f:
-        cfg = json.load(f)
-    config = _config_from_peft(cfg, config_path)
-
-    # 1. Same base model?
-    saved_base, ours = cfg.get("base_model_name_or_path"), _base_name(lm)
-    if check_base and saved_base and ours and not _same_model_name(saved_base, ours):
-        raise ValueError(
-            f"adapter in {directory} was trained on base model {saved_base!r}, but this model is "
-            f"{ours!r}; pass check_base=False to load it anyway"
-        )
-
-    # 2. Expected shapes: from existing LoRA layers, else from the layers add_lora would wrap.
-    existing = dict(lora_layers(lm))
-    if existing:
-        for name, layer in existing.items():
-            if layer.r != config.r or not math.isclose(layer.scaling, config.scaling):
-                raise ValueError(
-                    f"adapter in {directory} has r={config.r}, scaling={config.scaling:g}, but the model's "
-                    f"LoRA layer {name} has r={layer.r}, scaling={layer.scaling:g}"
-                )
-        dims = {name: (layer.in_features, layer.out_features) for name, layer in existing.items()}
-    else:
-        dims = {name: layer_dims(m) for name, m in find_targets(lm, config)}
-    expected = {}
-    for name, (i, o) in dims.items():
-        expected[f"{name}.lora_A.weight"] = (config.r, i)
-        expected[f"{name}.lora_B.weight"] = (o, config.r)
-
-    # 3. Compare the file's keys and shapes with those.
-    raw = load_file(weights_path)
-    tensors = {}
-    for key, value in raw.items():
-        key = key.removeprefix(PEFT_PREFIX).replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
-        tensors[key] = value
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [(k, tuple(tensors[k].shape), expected[k]) for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k]]
-    if missing or unexpected or wrong:
-        lines = [f"adapter in {directory} does not fit this model (base {saved_base!r} vs {ours!r}):"]
-        if missing:
-            lines.append(f"  {len(missing)} missing key(s), e.g. {missing[:3]}")
-        if unexpected:
-            lines.append(f"  {len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
-        if wrong:
-            lines.append("  shape mismatch (key, file, model): " + "; ".join(map(str, wrong[:3])))
-        raise ValueError("\n".join(lines))
-
-    # 4. Load.
-    if not existing:
-        add_lora(lm, config)
-    layers = dict(lora_layers(lm))
-    with torch.no_grad():
-        for key, value in tensors.items():
-            path, which = key.rsplit(".", 2)[0], key.rsplit(".", 2)[1]
-            param = getattr(layers[path], which).weight
-            param.copy_(value.to(device=param.device, dtype=param.dtype))
     return model

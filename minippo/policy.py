@@ -13,6 +13,7 @@ i.e. queries left-padded to P and responses right-padded to T, so every response
 and the logits that predict response tokens are those at columns P-1 .. L-2. Masks always come from
 lengths, never from comparing token ids with the pad id, so the pad id may equal EOS without harm.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,7 +25,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from .lora import load_adapter, save_adapter
+from .adapter_files import load_adapter, save_adapter
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -38,8 +39,8 @@ def left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch
     mask = torch.zeros((len(seqs), P), dtype=torch.long)
     for i, s in enumerate(seqs):
         if len(s):
-            ids[i, P - len(s):] = s
-            mask[i, P - len(s):] = 1
+            ids[i, P - len(s) :] = s
+            mask[i, P - len(s) :] = 1
     return ids, mask
 
 
@@ -76,7 +77,9 @@ class ValueHead(nn.Module):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
         self.summary = nn.Linear(hidden_size, 1, dtype=torch.float32)
-        nn.init.normal_(self.summary.weight, std=init_std) if init_std > 0 else nn.init.zeros_(self.summary.weight)
+        nn.init.normal_(self.summary.weight, std=init_std) if init_std > 0 else nn.init.zeros_(
+            self.summary.weight
+        )
         nn.init.zeros_(self.summary.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -146,7 +149,9 @@ class PolicyWithValueHead(nn.Module):
     float32. On CPU, loading in bf16 is the fastest setting measured (no per-forward weight casts).
     """
 
-    def __init__(self, model: nn.Module, value_head: ValueHead | None = None, value_head_dropout: float = 0.0):
+    def __init__(
+        self, model: nn.Module, value_head: ValueHead | None = None, value_head_dropout: float = 0.0
+    ):
         super().__init__()
         self.model = model
         hidden_size = model.config.get_text_config().hidden_size
@@ -235,14 +240,21 @@ class PolicyWithValueHead(nn.Module):
         if any(q.dim() != 1 or len(q) == 0 for q in queries):
             raise ValueError("each query must be a non-empty 1-D tensor of token ids")
         if not 1 <= min_new_tokens <= max_new_tokens:
-            raise ValueError(f"need 1 <= min_new_tokens <= max_new_tokens, got {min_new_tokens}, {max_new_tokens}")
+            raise ValueError(
+                f"need 1 <= min_new_tokens <= max_new_tokens, got {min_new_tokens}, {max_new_tokens}"
+            )
         if stop_at_eos and eos_token_id is None:
             raise ValueError("stop_at_eos=True needs an eos_token_id")
         lengths = torch.randint(min_new_tokens, max_new_tokens + 1, (len(queries),))
         batch_size = batch_size or len(queries)
         parts = [
-            self._sample(queries[i : i + batch_size], lengths[i : i + batch_size], pad_token_id,
-                         eos_token_id if stop_at_eos else None, temperature)
+            self._sample(
+                queries[i : i + batch_size],
+                lengths[i : i + batch_size],
+                pad_token_id,
+                eos_token_id if stop_at_eos else None,
+                temperature,
+            )
             for i in range(0, len(queries), batch_size)
         ]
         if len(parts) == 1:
@@ -269,8 +281,13 @@ class PolicyWithValueHead(nn.Module):
         position_ids = position_ids_from_mask(attention_mask)  # (B, P) for the prefill
         step_ids, cache = query_ids.to(device), None
         for t in range(T):
-            out = self.backbone(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                use_cache=True, **{self._cache_arg: cache})
+            out = self.backbone(
+                input_ids=step_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=True,
+                **{self._cache_arg: cache},
+            )
             cache = out.cache if self._cache_arg == "cache" else out.past_key_values
             logits = self.logits_from_hidden(out.last_hidden_state[:, -1:], temperature)[:, 0]  # (B, V)
             logp_all = torch.log_softmax(logits, dim=-1)  # (B, V)
@@ -288,7 +305,9 @@ class PolicyWithValueHead(nn.Module):
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
         response_mask = self._response_mask(tokens, lengths, eos_token_id)  # (B, T)
         tokens = tokens.masked_fill(response_mask == 0, pad_token_id)
-        return Generation(query_ids, query_mask, tokens.cpu(), response_mask.cpu(), (logprobs * response_mask).cpu())
+        return Generation(
+            query_ids, query_mask, tokens.cpu(), response_mask.cpu(), (logprobs * response_mask).cpu()
+        )
 
     @staticmethod
     def _response_mask(tokens, lengths, eos_token_id) -> torch.Tensor:

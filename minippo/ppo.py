@@ -8,6 +8,7 @@ head; the reference policy is the same model with its adapters disabled (no seco
 Refs: Schulman et al. 2017 (PPO, arXiv:1707.06347); Ziegler et al. 2019 (PPO for LMs with a KL
 penalty, arXiv:1909.08593); trl v0.4.7's PPOTrainer (names, defaults, stats).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,8 +18,8 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -82,7 +83,7 @@ class PPOConfig:
     vf_coef: float = 0.1
     """weight of the value loss in the total loss."""
     kl_penalty: str = "kl"
-    """KL estimator, penalised and logged: "kl" (= "k1", logp - ref), "abs", "mse", or "k3" (never negative)."""
+    """KL estimator, penalised and logged: "kl" (= "k1", logp - ref), "abs", "mse", "k3" (never < 0)."""
     whiten_rewards: bool = False
     """scale the per-token rewards to unit variance over the batch (no mean shift) before GAE."""
     max_grad_norm: float | None = None
@@ -112,7 +113,10 @@ class PPOConfig:
     generation_batch_size: int | None = None
     """queries sampled at once by generate() (None: all of them in one batch)."""
     compute_dtype: str = "float32"
-    """matmul dtype: "float32", or "bfloat16" (autocast; stored weights, logits, values and Adam are unchanged). With 8-bit layers on a CPU keep float32: under autocast bitsandbytes' int8 path runs float16 element-wise work that CPUs do ~10x slower (measured: a SmolLM2 8-bit forward 0.16 s -> 1.9 s)."""
+    """matmul dtype: "float32", or "bfloat16" (autocast; stored weights, logits, values and Adam are
+    unchanged). With 8-bit layers on a CPU keep float32: under autocast bitsandbytes' int8 path runs
+    float16 element-wise work that CPUs do ~10x slower (measured: a SmolLM2 8-bit forward 0.16 s -> 1.9
+    s)."""
     device: str | None = None
     """device to train on, e.g. "cuda" (None: wherever the model's parameters are)."""
 
@@ -121,50 +125,87 @@ class PPOConfig:
             if not ok:
                 raise ValueError(f"PPOConfig: {message}")
 
-        for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs",
-                     "min_new_tokens", "max_new_tokens"):
+        for name in (
+            "batch_size",
+            "mini_batch_size",
+            "gradient_accumulation_steps",
+            "ppo_epochs",
+            "min_new_tokens",
+            "max_new_tokens",
+        ):
             value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                 f"{name} must be a positive integer, got {value!r}")
-        need(self.batch_size % self.mini_batch_size == 0,
-             f"batch_size ({self.batch_size}) must be divisible by mini_batch_size ({self.mini_batch_size}); "
-             f"e.g. set mini_batch_size to a divisor of {self.batch_size}")
-        need(self.mini_batch_size % self.gradient_accumulation_steps == 0,
-             f"mini_batch_size ({self.mini_batch_size}) must be divisible by gradient_accumulation_steps "
-             f"({self.gradient_accumulation_steps})")
-        need(self.min_new_tokens <= self.max_new_tokens,
-             f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens ({self.max_new_tokens})")
-        for name in ("learning_rate", "target", "horizon", "cliprange", "cliprange_value", "target_kl",
-                     "ratio_threshold", "temperature", "score_scale"):
+            need(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                f"{name} must be a positive integer, got {value!r}",
+            )
+        need(
+            self.batch_size % self.mini_batch_size == 0,
+            f"batch_size ({self.batch_size}) must be divisible by mini_batch_size ({self.mini_batch_size}); "
+            f"e.g. set mini_batch_size to a divisor of {self.batch_size}",
+        )
+        need(
+            self.mini_batch_size % self.gradient_accumulation_steps == 0,
+            f"mini_batch_size ({self.mini_batch_size}) must be divisible by gradient_accumulation_steps "
+            f"({self.gradient_accumulation_steps})",
+        )
+        need(
+            self.min_new_tokens <= self.max_new_tokens,
+            f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens ({self.max_new_tokens})",
+        )
+        for name in (
+            "learning_rate",
+            "target",
+            "horizon",
+            "cliprange",
+            "cliprange_value",
+            "target_kl",
+            "ratio_threshold",
+            "temperature",
+            "score_scale",
+        ):
             value = getattr(self, name)
-            need(isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
-                 f"{name} must be a positive number, got {value!r}")
+            need(
+                isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
+                f"{name} must be a positive number, got {value!r}",
+            )
         for name in ("init_kl_coef", "vf_coef", "weight_decay"):
             value = getattr(self, name)
-            need(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
-                 f"{name} must be a number >= 0, got {value!r}")
+            need(
+                isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
+                f"{name} must be a number >= 0, got {value!r}",
+            )
         need(0 <= self.gamma <= 1, f"gamma must be in [0, 1], got {self.gamma!r}")
         need(0 <= self.lam <= 1, f"lam must be in [0, 1], got {self.lam!r}")
-        need(self.kl_penalty in KL_ESTIMATORS,
-             f"kl_penalty must be one of {KL_ESTIMATORS}, got {self.kl_penalty!r}")
+        need(
+            self.kl_penalty in KL_ESTIMATORS,
+            f"kl_penalty must be one of {KL_ESTIMATORS}, got {self.kl_penalty!r}",
+        )
         for name in ("max_grad_norm", "score_clip"):
             value = getattr(self, name)
-            need(value is None or (isinstance(value, (int, float)) and value > 0),
-                 f"{name} must be None or a positive number, got {value!r}")
-        need(self.generation_batch_size is None or (isinstance(self.generation_batch_size, int)
-                                                    and self.generation_batch_size >= 1),
-             f"generation_batch_size must be None or a positive integer, got {self.generation_batch_size!r}")
+            need(
+                value is None or (isinstance(value, (int, float)) and value > 0),
+                f"{name} must be None or a positive number, got {value!r}",
+            )
+        need(
+            self.generation_batch_size is None
+            or (isinstance(self.generation_batch_size, int) and self.generation_batch_size >= 1),
+            f"generation_batch_size must be None or a positive integer, got {self.generation_batch_size!r}",
+        )
         if self.device is not None:
             try:
                 torch.device(self.device)
             except (RuntimeError, TypeError):
-                raise ValueError(f"PPOConfig: device {self.device!r} is not a device: use cpu, cuda or cuda:N") from None
+                raise ValueError(
+                    f"PPOConfig: device {self.device!r} is not a device: use cpu, cuda or cuda:N"
+                ) from None
         try:
             dtype = resolve_dtype(self.compute_dtype)
         except ValueError as err:
             raise ValueError(f"PPOConfig: compute_dtype: {err}") from None
-        need(dtype in (torch.float32, torch.bfloat16, torch.float16),
-             f"compute_dtype must be float32, bfloat16 or float16, got {self.compute_dtype!r}")
+        need(
+            dtype in (torch.float32, torch.bfloat16, torch.float16),
+            f"compute_dtype must be float32, bfloat16 or float16, got {self.compute_dtype!r}",
+        )
 
     @property
     def micro_batch_size(self) -> int:
@@ -201,8 +242,9 @@ class PPOTrainer:
                 "from the same model with its adapters disabled; call minippo.add_lora(model) first"
             )
         wanted = torch.device(config.device) if config.device is not None else None
-        if wanted is not None and not (policy.device.type == wanted.type
-                                       and wanted.index in (None, policy.device.index)):
+        if wanted is not None and not (
+            policy.device.type == wanted.type and wanted.index in (None, policy.device.index)
+        ):
             policy.to(wanted)  # an 8-bit model should rather be loaded on its device (load_model(device=...))
         self.policy = policy.eval()
         self.device = policy.device
@@ -210,10 +252,14 @@ class PPOTrainer:
         policy.value_head.requires_grad_(True)
         self.trainable = [p for p in policy.parameters() if p.requires_grad]
         self.optimizer = optimizer or torch.optim.AdamW(
-            self.trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+            self.trainable, lr=config.learning_rate, weight_decay=config.weight_decay
+        )
         self.lr_scheduler = lr_scheduler
-        self.kl_ctl = (AdaptiveKLController(config.init_kl_coef, config.target, config.horizon)
-                       if config.adap_kl_ctrl else FixedKLController(config.init_kl_coef))
+        self.kl_ctl = (
+            AdaptiveKLController(config.init_kl_coef, config.target, config.horizon)
+            if config.adap_kl_ctrl
+            else FixedKLController(config.init_kl_coef)
+        )
         self.pad_token_id, self.eos_token_id = self._special_ids(tokenizer, policy.model.config)
         self.vocab_size = policy.lm_head.out_features if hasattr(policy.lm_head, "out_features") else None
         self.current_step = 0
@@ -230,7 +276,9 @@ class PPOTrainer:
             pad = eos if eos is not None else 0
             logger.warning(
                 "no pad token: padding with id %d. This is safe in minippo (masks come from lengths, "
-                "not from pad ids), but set tokenizer.pad_token to a token other than EOS for other tools.", pad)
+                "not from pad ids), but set tokenizer.pad_token to a token other than EOS for other tools.",
+                pad,
+            )
         return int(pad), (None if eos is None else int(eos))
 
     def _autocast(self):
@@ -249,21 +297,35 @@ class PPOTrainer:
         """
         allowed = {"min_new_tokens", "max_new_tokens", "stop_at_eos", "batch_size"}
         if set(overrides) - allowed:
-            raise TypeError(f"generate() got unexpected settings {sorted(set(overrides) - allowed)}; "
-                            f"allowed: {sorted(allowed)} (the temperature comes from PPOConfig)")
-        settings = dict(min_new_tokens=self.config.min_new_tokens, max_new_tokens=self.config.max_new_tokens,
-                        stop_at_eos=self.config.stop_at_eos, batch_size=self.config.generation_batch_size)
+            raise TypeError(
+                f"generate() got unexpected settings {sorted(set(overrides) - allowed)}; "
+                f"allowed: {sorted(allowed)} (the temperature comes from PPOConfig)"
+            )
+        settings = dict(
+            min_new_tokens=self.config.min_new_tokens,
+            max_new_tokens=self.config.max_new_tokens,
+            stop_at_eos=self.config.stop_at_eos,
+            batch_size=self.config.generation_batch_size,
+        )
         settings.update(overrides)
         with self._autocast():
             generation = self.policy.generate(
-                list(queries), pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
-                temperature=self.config.temperature, **settings)
+                list(queries),
+                pad_token_id=self.pad_token_id,
+                eos_token_id=self.eos_token_id,
+                temperature=self.config.temperature,
+                **settings,
+            )
         return generation if return_generation else generation.responses()
 
     # -- the PPO step ---------------------------------------------------------------------------
 
-    def step(self, queries: Sequence[torch.Tensor], responses: Sequence[torch.Tensor],
-             scores: Sequence[float] | torch.Tensor) -> dict[str, float]:
+    def step(
+        self,
+        queries: Sequence[torch.Tensor],
+        responses: Sequence[torch.Tensor],
+        scores: Sequence[float] | torch.Tensor,
+    ) -> dict[str, float]:
         """One PPO step on ``batch_size`` samples: lists of 1-D token tensors and one score each.
 
         Returns the step's statistics (trl / OpenAI names: ``objective/kl``, ``ppo/policy/clipfrac``, ...).
@@ -290,7 +352,9 @@ class PPOTrainer:
         t = time.perf_counter()
         scores = self._scale_scores(raw_scores.to(self.device))  # (B,)
         kl_coef = self.kl_ctl.value
-        rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef, config.kl_penalty)
+        rewards, kl = kl_penalized_rewards(
+            scores, old_logprobs, ref_logprobs, mask, kl_coef, config.kl_penalty
+        )
         if config.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
         timing["time/ppo/compute_rewards"] = time.perf_counter() - t
@@ -299,8 +363,16 @@ class PPOTrainer:
         t = time.perf_counter()
         advantages, returns = compute_gae(values, rewards, mask, config.gamma, config.lam)
         advantages = masked_whiten(advantages, mask)
-        buffer = dataclasses.replace(batch, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, values=values,
-                                     scores=scores, rewards=rewards, advantages=advantages, returns=returns)
+        buffer = dataclasses.replace(
+            batch,
+            old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs,
+            values=values,
+            scores=scores,
+            rewards=rewards,
+            advantages=advantages,
+            returns=returns,
+        )
         timing["time/ppo/compute_advantages"] = time.perf_counter() - t
 
         # 6. ppo_epochs passes over shuffled minibatches: clipped losses, gradient clipping, early stop.
@@ -319,16 +391,23 @@ class PPOTrainer:
         stats.update(timing)
         return stats
 
-    def _padded_batch(self, queries: Sequence[torch.Tensor], responses: Sequence[torch.Tensor]) -> RolloutBuffer:
+    def _padded_batch(
+        self, queries: Sequence[torch.Tensor], responses: Sequence[torch.Tensor]
+    ) -> RolloutBuffer:
         """Queries left-padded to (B, P), responses right-padded to (B, T), on the trainer's device."""
         query_ids, query_mask = left_pad(list(queries), self.pad_token_id)  # (B, P)
         response_ids, response_mask = right_pad(list(responses), self.pad_token_id)  # (B, T)
-        return RolloutBuffer(query_ids.to(self.device), query_mask.to(self.device),
-                             response_ids.to(self.device), response_mask.to(self.device, torch.float32))
+        return RolloutBuffer(
+            query_ids.to(self.device),
+            query_mask.to(self.device),
+            response_ids.to(self.device),
+            response_mask.to(self.device, torch.float32),
+        )
 
     @torch.no_grad()
-    def response_logprobs(self, queries: Sequence[torch.Tensor], responses: Sequence[torch.Tensor],
-                          reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def response_logprobs(
+        self, queries: Sequence[torch.Tensor], responses: Sequence[torch.Tensor], reference: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probabilities (B, T) of each response token under the policy, or with ``reference=True``
         under the reference model (adapters off), and the response mask (B, T); 0 at padding.
 
@@ -345,7 +424,9 @@ class PPOTrainer:
     def _check_inputs(self, queries, responses, scores) -> torch.Tensor:
         """Raise a ValueError naming the problem; return the scores as a (B,) float32 tensor."""
         if not isinstance(queries, (list, tuple)) or not isinstance(responses, (list, tuple)):
-            raise ValueError("queries and responses must be lists of 1-D token tensors (as generate() returns)")
+            raise ValueError(
+                "queries and responses must be lists of 1-D token tensors (as generate() returns)"
+            )
         if isinstance(scores, torch.Tensor):
             scores = scores.detach().float().reshape(-1).cpu()
         else:
@@ -355,18 +436,26 @@ class PPOTrainer:
                 raise ValueError("scores must be a 1-D tensor or a list of numbers, one per sample") from None
         B = self.config.batch_size
         if not len(queries) == len(responses) == len(scores):
-            raise ValueError(f"got {len(queries)} queries, {len(responses)} responses and {len(scores)} scores; "
-                             "step() needs one of each per sample")
+            raise ValueError(
+                f"got {len(queries)} queries, {len(responses)} responses and {len(scores)} scores; "
+                "step() needs one of each per sample"
+            )
         if len(queries) != B:
-            raise ValueError(f"step() got {len(queries)} samples but PPOConfig.batch_size is {B}; pass exactly "
-                             "batch_size samples (or set batch_size to match)")
+            raise ValueError(
+                f"step() got {len(queries)} samples but PPOConfig.batch_size is {B}; pass exactly "
+                "batch_size samples (or set batch_size to match)"
+            )
         for kind, seqs in (("query", queries), ("response", responses)):
             for i, s in enumerate(seqs):
                 if not isinstance(s, torch.Tensor) or s.dim() != 1 or s.is_floating_point():
-                    raise ValueError(f"{kind} {i} must be a 1-D tensor of token ids, got "
-                                     f"{type(s).__name__}{tuple(getattr(s, 'shape', ()))}")
+                    raise ValueError(
+                        f"{kind} {i} must be a 1-D tensor of token ids, got "
+                        f"{type(s).__name__}{tuple(getattr(s, 'shape', ()))}"
+                    )
                 if len(s) == 0:
-                    raise ValueError(f"{kind} {i} is empty; every query and response needs at least one token")
+                    raise ValueError(
+                        f"{kind} {i} is empty; every query and response needs at least one token"
+                    )
                 if self.vocab_size is not None and (int(s.min()) < 0 or int(s.max()) >= self.vocab_size):
                     raise ValueError(f"{kind} {i} has token ids outside [0, {self.vocab_size})")
         if not torch.isfinite(scores).all():
@@ -391,8 +480,13 @@ class PPOTrainer:
             micro = batch.select(index)  # trimmed of all-padding columns
             t = micro.response_ids.shape[1]
             with self._autocast():
-                logits, v = self.policy(micro.input_ids, micro.attention_mask, response_length=t,
-                                        temperature=self.config.temperature, with_values=with_values)  # (b, t, V)
+                logits, v = self.policy(
+                    micro.input_ids,
+                    micro.attention_mask,
+                    response_length=t,
+                    temperature=self.config.temperature,
+                    with_values=with_values,
+                )  # (b, t, V)
             logprobs[index, :t] = logprobs_from_logits(logits, micro.response_ids)
             if with_values:
                 values[index, :t] = v
@@ -416,12 +510,17 @@ class PPOTrainer:
                 records.append(stats)
                 # Skip the update (and, for early stopping, the rest of the step) on a bad minibatch.
                 if not bool(torch.isfinite(stats["loss/total"])):
-                    logger.warning("PPO: non-finite loss (%s); skipping this update, adapters unchanged",
-                                   stats["loss/total"].item())
+                    logger.warning(
+                        "PPO: non-finite loss (%s); skipping this update, adapters unchanged",
+                        stats["loss/total"].item(),
+                    )
                     skipped += 1
                 elif stats["policy/ratio"].item() > config.ratio_threshold:
-                    logger.warning("PPO: mean ratio %.3g > ratio_threshold %.3g; skipping this update",
-                                   stats["policy/ratio"].item(), config.ratio_threshold)
+                    logger.warning(
+                        "PPO: mean ratio %.3g > ratio_threshold %.3g; skipping this update",
+                        stats["policy/ratio"].item(),
+                        config.ratio_threshold,
+                    )
                     skipped += 1
                 elif config.early_stopping and stats["policy/policykl"].item() > 1.5 * config.target_kl:
                     early_stopped = True
@@ -439,8 +538,11 @@ class PPOTrainer:
                 break
         self.optimizer.zero_grad(set_to_none=True)
         out = {k: torch.stack([r[k] for r in records]) for k in records[0]}
-        out.update(updates=torch.tensor(float(updates)), skipped=torch.tensor(float(skipped)),
-                   early_stopped=torch.tensor(float(early_stopped)))
+        out.update(
+            updates=torch.tensor(float(updates)),
+            skipped=torch.tensor(float(skipped)),
+            early_stopped=torch.tensor(float(early_stopped)),
+        )
         return out
 
     def _train_minibatch(self, minibatch: RolloutBuffer) -> dict[str, torch.Tensor]:
@@ -456,19 +558,28 @@ class PPOTrainer:
         for micro in minibatch.minibatches(config.micro_batch_size, shuffle=False):
             weight = micro.response_mask.sum() / n_tokens
             with self._autocast():
-                logits, vpred = self.policy(micro.input_ids, micro.attention_mask,
-                                            response_length=micro.response_ids.shape[1],
-                                            temperature=config.temperature)  # (b, T, V), (b, T)
+                logits, vpred = self.policy(
+                    micro.input_ids,
+                    micro.attention_mask,
+                    response_length=micro.response_ids.shape[1],
+                    temperature=config.temperature,
+                )  # (b, T, V), (b, T)
             logprobs = logprobs_from_logits(logits, micro.response_ids)  # (b, T)
-            pg_loss, pg_stats = policy_loss(logprobs, micro.old_logprobs, micro.advantages,
-                                            micro.response_mask, config.cliprange)
-            vf_loss, vf_stats = value_loss(vpred, micro.values, micro.returns, micro.response_mask,
-                                           config.cliprange_value)
+            pg_loss, pg_stats = policy_loss(
+                logprobs, micro.old_logprobs, micro.advantages, micro.response_mask, config.cliprange
+            )
+            vf_loss, vf_stats = value_loss(
+                vpred, micro.values, micro.returns, micro.response_mask, config.cliprange_value
+            )
             loss = pg_loss + config.vf_coef * vf_loss
             (loss * weight).backward()
-            micro_stats = {"loss/policy": pg_loss, "loss/value": vf_loss, "loss/total": loss,
-                           **{f"policy/{k}": v for k, v in pg_stats.items()},
-                           **{f"val/{k}": v for k, v in vf_stats.items()}}
+            micro_stats = {
+                "loss/policy": pg_loss,
+                "loss/value": vf_loss,
+                "loss/total": loss,
+                **{f"policy/{k}": v for k, v in pg_stats.items()},
+                **{f"val/{k}": v for k, v in vf_stats.items()},
+            }
             for k, v in micro_stats.items():
                 totals[k] = totals.get(k, 0.0) + v.detach() * weight
         max_norm = config.max_grad_norm if config.max_grad_norm is not None else float("inf")
@@ -517,8 +628,11 @@ class PPOTrainer:
         with atomic_directory(directory) as tmp:
             self.policy.save_pretrained(tmp)
             torch.save(self.optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_STATE))
-            state = {"step": self.current_step, "kl_coef": self.kl_ctl.value,
-                     "config": dataclasses.asdict(self.config)}
+            state = {
+                "step": self.current_step,
+                "kl_coef": self.kl_ctl.value,
+                "config": dataclasses.asdict(self.config),
+            }
             with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
                 json.dump(state, f, indent=2)
         return os.path.abspath(os.fspath(directory))
@@ -529,8 +643,9 @@ class PPOTrainer:
         with open(os.path.join(directory, TRAINER_STATE)) as f:
             state = json.load(f)
         self.policy.load_pretrained(directory)
-        optimizer_state = torch.load(os.path.join(directory, OPTIMIZER_STATE), map_location=self.device,
-                                     weights_only=True)
+        optimizer_state = torch.load(
+            os.path.join(directory, OPTIMIZER_STATE), map_location=self.device, weights_only=True
+        )
         self.optimizer.load_state_dict(optimizer_state)
         self.kl_ctl.value = float(state["kl_coef"])
         self.current_step = int(state["step"])

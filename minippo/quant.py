@@ -17,6 +17,7 @@ bitsandbytes' *train* mode on CPU dequantises the weight and runs a float matmul
 mode runs the real int8 path (with the outlier threshold) that CUDA runs, so pinning eval makes
 rollouts and training steps see the same function on every device.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,9 +30,14 @@ from transformers.pytorch_utils import Conv1D
 logger = logging.getLogger(__name__)
 
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
 }
 
 
@@ -174,8 +180,12 @@ def _to_linear8bit(module: nn.Module, threshold: float, device: torch.device) ->
         weight = weight.t()  # (in, out) -> (out, in)
     out_features, in_features = weight.shape
     layer = bnb.nn.Linear8bitLt(
-        in_features, out_features, bias=module.bias is not None,
-        has_fp16_weights=False, threshold=threshold, device="meta",
+        in_features,
+        out_features,
+        bias=module.bias is not None,
+        has_fp16_weights=False,
+        threshold=threshold,
+        device="meta",
     )
     # Int8Params quantises on .to(device) only when its float data sits on the CPU.
     layer.weight = bnb.nn.Int8Params(

@@ -5,11 +5,12 @@ shuffled `RolloutBuffer`s of a given size (each trimmed of all-padding columns),
 turns into PPO updates (and, split again without shuffling, into gradient-accumulation micro-batches).
 The trainer fills the buffer in stages: first the tokens (the other fields None), then everything else.
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
@@ -53,7 +54,7 @@ class RolloutBuffer:
         """(B, L) 1 on the real query and response tokens."""
         return torch.cat([self.query_mask, self.response_mask.to(self.query_mask.dtype)], dim=1)
 
-    def select(self, index: torch.Tensor) -> "RolloutBuffer":
+    def select(self, index: torch.Tensor) -> RolloutBuffer:
         """The samples at ``index`` (1-D), with columns that are padding in all of them removed
         (leading query columns, trailing response columns), so a minibatch of short samples costs less."""
         picked = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -71,8 +72,13 @@ class RolloutBuffer:
                 picked[name] = value[:, :t1]
         return RolloutBuffer(**picked)
 
-    def minibatches(self, size: int, shuffle: bool = True, generator: torch.Generator | None = None,
-                    order: torch.Tensor | None = None) -> Iterator["RolloutBuffer"]:
+    def minibatches(
+        self,
+        size: int,
+        shuffle: bool = True,
+        generator: torch.Generator | None = None,
+        order: torch.Tensor | None = None,
+    ) -> Iterator[RolloutBuffer]:
         """Yield ``len(self) // size`` buffers of ``size`` samples each: in a random order if ``shuffle``
         (a fresh permutation per call; ``generator`` makes it reproducible), in the given ``order``
         (a permutation of 0..B-1) if one is passed, else in order. ``size`` must divide B."""

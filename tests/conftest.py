@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tiny import save_tiny_model, tiny_model, tiny_tokenizer
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

@@ -1,4 +1,5 @@
 """The PPO math: reference equivalence, hand-computed cases and invariants."""
+
 import math
 
 import pytest
@@ -134,7 +135,9 @@ def test_kl_penalty_estimators_by_hand():
     torch.testing.assert_close(kl_penalty(logp, ref, "abs"), d.abs())
     torch.testing.assert_close(kl_penalty(logp, ref, "mse"), 0.5 * d**2)
     # k3: r = p_ref / p = 0.5 -> (0.5 - 1) - log 0.5 = 0.19315; r = 2 -> 1 - log 2 = 0.30685
-    torch.testing.assert_close(kl_penalty(logp, ref, "k3"), torch.tensor([[0.5 - 1 - math.log(0.5), 1 - math.log(2.0)]]))
+    torch.testing.assert_close(
+        kl_penalty(logp, ref, "k3"), torch.tensor([[0.5 - 1 - math.log(0.5), 1 - math.log(2.0)]])
+    )
     with pytest.raises(ValueError, match="unknown KL estimator"):
         kl_penalty(logp, ref, "k2")
 

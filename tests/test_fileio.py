@@ -1,4 +1,5 @@
 """Crash-safe writes: an interrupted write leaves the previous file or folder as it was."""
+
 import json
 
 import pytest

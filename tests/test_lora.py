@@ -1,29 +1,28 @@
 """LoRA: invariants (init == base, disabled == base, merge keeps outputs), a dense reference, the
 peft file contract, peft interop both ways, and clear errors.  Tiny random models, CPU."""
+
 import json
 import os
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny import save_tiny_model, tiny_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from minippo import (
     LoRAConfig,
-    LoRALayer,
     add_lora,
-    count_parameters,
     disable_adapters,
     load_adapter,
-    lora_state_dict,
     merge_lora,
     quantize_model,
     save_adapter,
 )
-from minippo.lora import PEFT_PREFIX
-from tiny import save_tiny_model, tiny_model
+from minippo.adapter_files import PEFT_PREFIX
+from minippo.lora import LoRALayer, count_parameters, lora_state_dict
 
 TEXTS = ["This movie was great, I loved the acting.", "Awful dialogue, a waste of time."]
 DEFAULT_TARGET = {"gpt_neox": ["query_key_value"], "llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
@@ -126,7 +125,7 @@ def test_lora_layer_equals_dense_reference(kind, use_rslora):
     layer = LoRALayer(base, r=r, alpha=alpha, use_rslora=use_rslora)
     nn.init.normal_(layer.lora_B.weight)
     A, B = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()  # (r, in), (out, r)
-    scaling = alpha / (r ** 0.5 if use_rslora else r)
+    scaling = alpha / (r**0.5 if use_rslora else r)
     assert layer.scaling == pytest.approx(scaling)
     x = torch.randn(3, 5, in_f)  # (B, L, in)
     ref = x @ (W + scaling * B @ A).T + base.bias.detach()
@@ -160,7 +159,7 @@ def test_init_modes():
     torch.manual_seed(0)
     default = LoRALayer(nn.Linear(64, 64), r=8, alpha=8)
     gaussian = LoRALayer(nn.Linear(64, 64), r=8, alpha=8, init="gaussian")
-    bound = 1 / 64 ** 0.5  # kaiming_uniform(a=sqrt(5)) on fan_in 64
+    bound = 1 / 64**0.5  # kaiming_uniform(a=sqrt(5)) on fan_in 64
     assert default.lora_A.weight.abs().max() <= bound
     assert gaussian.lora_A.weight.std().item() == pytest.approx(1 / 8, rel=0.15)
     assert not default.lora_B.weight.any() and not gaussian.lora_B.weight.any()
@@ -376,8 +375,14 @@ def test_we_load_a_peft_adapter_with_identical_logits(tokenizer, batch, tmp_path
     from peft import LoraConfig, get_peft_model
 
     target = DEFAULT_TARGET[arch]
-    peft_cfg = LoraConfig(r=4, lora_alpha=8, target_modules=target, use_rslora=True,
-                          fan_in_fan_out=arch == "gpt2", task_type="CAUSAL_LM")
+    peft_cfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=target,
+        use_rslora=True,
+        fan_in_fan_out=arch == "gpt2",
+        task_type="CAUSAL_LM",
+    )
     theirs = get_peft_model(tiny_model(arch, len(tokenizer)), peft_cfg)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -418,7 +423,7 @@ def test_merge_of_a_transformers_8bit_model_saves_a_plain_model(tiny_model_dir, 
 
 
 def test_interrupted_save_keeps_the_previous_adapter(tokenizer, batch, tmp_path, monkeypatch):
-    import minippo.lora as lora_module
+    import minippo.adapter_files as lora_module
 
     model = randomise_adapters(add_lora(tiny_model("llama", len(tokenizer)), LoRAConfig(r=4)))
     save_adapter(model, tmp_path / "a")

@@ -1,6 +1,8 @@
 """The value head, PolicyWithValueHead's forward, batched generation and value-head files."""
+
 import pytest
 import torch
+from tiny import tiny_model
 
 from minippo.core import logprobs_from_logits
 from minippo.lora import LoRAConfig, add_lora, disable_adapters
@@ -15,8 +17,6 @@ from minippo.policy import (
     save_value_head,
 )
 from minippo.quant import quantize_model
-from tiny import tiny_model
-
 
 
 @pytest.fixture(autouse=True)
@@ -36,8 +36,13 @@ def encode(tokenizer, texts):
 
 
 def sample(policy, tokenizer, **kwargs):
-    settings = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                    min_new_tokens=3, max_new_tokens=7, temperature=0.8)
+    settings = dict(
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        min_new_tokens=3,
+        max_new_tokens=7,
+        temperature=0.8,
+    )
     settings.update(kwargs)
     return policy.generate(encode(tokenizer, PROMPTS), **settings)
 
@@ -139,25 +144,33 @@ def test_batched_generation_8bit(arch, tokenizer):
     gen = sample(policy, tokenizer)
     for i, (q, r) in enumerate(zip(gen.queries(), gen.responses())):
         # int8 picks outlier columns per batch, so batched and single runs differ slightly
-        torch.testing.assert_close(gen.logprobs[i, : len(r)], unpadded_logprobs(policy, q, r, 0.8),
-                                   atol=0.05, rtol=0)
+        torch.testing.assert_close(
+            gen.logprobs[i, : len(r)], unpadded_logprobs(policy, q, r, 0.8), atol=0.05, rtol=0
+        )
 
 
 def test_generation_lengths(model, tokenizer):
     policy = PolicyWithValueHead(model)
     torch.manual_seed(0)
-    gen = policy.generate(encode(tokenizer, PROMPTS * 8), pad_token_id=tokenizer.pad_token_id,
-                          min_new_tokens=2, max_new_tokens=5)
+    gen = policy.generate(
+        encode(tokenizer, PROMPTS * 8),
+        pad_token_id=tokenizer.pad_token_id,
+        min_new_tokens=2,
+        max_new_tokens=5,
+    )
     lengths = gen.response_mask.sum(1)
     assert lengths.min() >= 2 and lengths.max() <= 5 and len(set(lengths.tolist())) > 1
     assert (gen.response_ids[gen.response_mask == 0] == tokenizer.pad_token_id).all()
-    assert (gen.logprobs[gen.response_mask == 0] == 0).all() and (gen.logprobs[gen.response_mask == 1] < 0).all()
+    assert (gen.logprobs[gen.response_mask == 0] == 0).all() and (
+        gen.logprobs[gen.response_mask == 1] < 0
+    ).all()
     fixed = sample(policy, tokenizer, min_new_tokens=6, max_new_tokens=6)
     assert (fixed.response_mask.sum(1) == 6).all()
     # chunked generation gives the same layout
     chunked = sample(policy, tokenizer, min_new_tokens=4, max_new_tokens=4, batch_size=3)
     assert chunked.response_ids.shape == (4, 4) and [len(q) for q in chunked.queries()] == [
-        len(q) for q in encode(tokenizer, PROMPTS)]
+        len(q) for q in encode(tokenizer, PROMPTS)
+    ]
 
 
 class EosAfter(PolicyWithValueHead):
@@ -228,8 +241,11 @@ def test_policy_save_and_load_pretrained(tmp_path, arch, tokenizer):
             if p.requires_grad or p is policy.value_head.summary.weight:
                 p.normal_()
     policy.save_pretrained(tmp_path)
-    assert {p.name for p in tmp_path.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors",
-                                                    VALUE_HEAD_FILE}
+    assert {p.name for p in tmp_path.iterdir()} >= {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        VALUE_HEAD_FILE,
+    }
     fresh = PolicyWithValueHead(add_lora(tiny_model(arch, vocab_size=len(tokenizer))))
     fresh.load_pretrained(tmp_path)
     ids = torch.randint(3, 100, (2, 7))

@@ -1,4 +1,5 @@
 """PPOConfig and PPOTrainer: invariants of one step, bad input, checkpoints, and end-to-end learning."""
+
 import dataclasses
 import logging
 import os
@@ -6,14 +7,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny import tiny_model
 
-from minippo.cli import field_docs
+from minippo.app.cli import field_docs
 from minippo.core import kl_penalty
 from minippo.lora import LoRAConfig, add_lora, lora_state_dict
 from minippo.policy import PolicyWithValueHead
 from minippo.ppo import PPOConfig, PPOTrainer
 from minippo.quant import prepare_model_for_kbit_training, quantize_model
-from tiny import tiny_model
 
 PROMPTS = ["This movie", "A wonderful, moving picture with a", "Boring and", "The best film of"]
 
@@ -43,8 +44,16 @@ def lora_model(arch, tokenizer, int8=False, head_scale=1.0, seed=0, dtype=torch.
 
 
 def small_config(**overrides):
-    settings = dict(batch_size=8, mini_batch_size=4, ppo_epochs=2, learning_rate=1e-2, min_new_tokens=2,
-                    max_new_tokens=6, temperature=0.9, seed=0)
+    settings = dict(
+        batch_size=8,
+        mini_batch_size=4,
+        ppo_epochs=2,
+        learning_rate=1e-2,
+        min_new_tokens=2,
+        max_new_tokens=6,
+        temperature=0.9,
+        seed=0,
+    )
     settings.update(overrides)
     return PPOConfig(**settings)
 
@@ -91,10 +100,21 @@ def assert_same(a, b):
 def test_config_defaults_follow_trl():
     c = PPOConfig()
     assert (c.learning_rate, c.ppo_epochs, c.init_kl_coef, c.adap_kl_ctrl, c.target, c.horizon) == (
-        1.41e-5, 4, 0.2, True, 6.0, 10000.0)
+        1.41e-5,
+        4,
+        0.2,
+        True,
+        6.0,
+        10000.0,
+    )
     assert (c.gamma, c.lam, c.cliprange, c.cliprange_value, c.vf_coef) == (1.0, 0.95, 0.2, 0.2, 0.1)
     assert (c.kl_penalty, c.whiten_rewards, c.max_grad_norm, c.early_stopping, c.target_kl) == (
-        "kl", False, None, False, 0.1)
+        "kl",
+        False,
+        None,
+        False,
+        0.1,
+    )
     assert (c.ratio_threshold, c.gradient_accumulation_steps, c.batch_size) == (10.0, 1, 256)
 
 
@@ -104,19 +124,22 @@ def test_every_config_field_has_a_docstring():
     assert not missing
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (dict(batch_size=10, mini_batch_size=4), "divisible by mini_batch_size"),
-    (dict(mini_batch_size=4, gradient_accumulation_steps=3), "divisible by gradient_accumulation_steps"),
-    (dict(kl_penalty="full"), "kl_penalty must be one of"),
-    (dict(learning_rate=-1.0), "learning_rate must be a positive"),
-    (dict(ppo_epochs=0), "ppo_epochs must be a positive integer"),
-    (dict(lam=1.5), "lam must be in"),
-    (dict(min_new_tokens=8, max_new_tokens=4), "min_new_tokens"),
-    (dict(compute_dtype="int8"), "compute_dtype"),
-    (dict(max_grad_norm=0.0), "max_grad_norm"),
-    (dict(temperature=0.0), "temperature"),
-    (dict(device="gpu"), "not a device"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(batch_size=10, mini_batch_size=4), "divisible by mini_batch_size"),
+        (dict(mini_batch_size=4, gradient_accumulation_steps=3), "divisible by gradient_accumulation_steps"),
+        (dict(kl_penalty="full"), "kl_penalty must be one of"),
+        (dict(learning_rate=-1.0), "learning_rate must be a positive"),
+        (dict(ppo_epochs=0), "ppo_epochs must be a positive integer"),
+        (dict(lam=1.5), "lam must be in"),
+        (dict(min_new_tokens=8, max_new_tokens=4), "min_new_tokens"),
+        (dict(compute_dtype="int8"), "compute_dtype"),
+        (dict(max_grad_norm=0.0), "max_grad_norm"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(device="gpu"), "not a device"),
+    ],
+)
 def test_config_validation(overrides, message):
     with pytest.raises(ValueError, match=message):
         PPOConfig(**overrides)
@@ -155,13 +178,25 @@ def test_tokenizer_without_pad_token(tokenizer, caplog):
 # -- one step: invariants -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("compute_dtype,int8,dtype", [
-    ("float32", False, torch.float32), ("bfloat16", False, torch.float32), ("float32", True, torch.float32),
-    ("bfloat16", False, torch.bfloat16),  # a model stored in bf16
-])
+@pytest.mark.parametrize(
+    "compute_dtype,int8,dtype",
+    [
+        ("float32", False, torch.float32),
+        ("bfloat16", False, torch.float32),
+        ("float32", True, torch.float32),
+        ("bfloat16", False, torch.bfloat16),  # a model stored in bf16
+    ],
+)
 def test_first_minibatch_has_ratio_exactly_one(arch, tokenizer, compute_dtype, int8, dtype):
-    trainer, queries, responses = make_trainer(arch, tokenizer, int8=int8, compute_dtype=compute_dtype,
-                                               dtype=dtype, stop_at_eos=True, gradient_accumulation_steps=2)
+    trainer, queries, responses = make_trainer(
+        arch,
+        tokenizer,
+        int8=int8,
+        compute_dtype=compute_dtype,
+        dtype=dtype,
+        stop_at_eos=True,
+        gradient_accumulation_steps=2,
+    )
     seen = capture(trainer)
     for _ in range(2):  # also after the adapters have moved
         trainer.step(queries, responses, torch.randn(8))
@@ -197,8 +232,9 @@ def test_reference_logprobs_come_from_the_base_model(arch, tokenizer):
 
 @pytest.mark.parametrize("estimator", ["kl", "k3", "abs", "mse"])
 def test_logged_kl_is_the_penalised_kl(tokenizer, estimator):
-    trainer, queries, responses = make_trainer("llama", tokenizer, kl_penalty=estimator, horizon=100.0,
-                                               target=0.01)
+    trainer, queries, responses = make_trainer(
+        "llama", tokenizer, kl_penalty=estimator, horizon=100.0, target=0.01
+    )
     seen = capture(trainer)
     trainer.step(queries, responses, torch.randn(8))  # moves the adapters
     coef = trainer.kl_ctl.value
@@ -226,17 +262,39 @@ def test_fixed_kl_controller(tokenizer):
 
 
 def test_stats_names(tokenizer):
-    trainer, queries, responses = make_trainer("llama", tokenizer, max_grad_norm=1.0, whiten_rewards=True,
-                                               score_scale=2.0, score_clip=1.0)
+    trainer, queries, responses = make_trainer(
+        "llama", tokenizer, max_grad_norm=1.0, whiten_rewards=True, score_scale=2.0, score_clip=1.0
+    )
     stats = trainer.step(queries, responses, [5.0, -5.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
     expected = {
-        "objective/kl", "objective/kl_coef", "objective/entropy", "ppo/loss/policy", "ppo/loss/value",
-        "ppo/loss/total", "ppo/policy/entropy", "ppo/policy/approxkl", "ppo/policy/policykl",
-        "ppo/policy/clipfrac", "ppo/policy/advantages_mean", "ppo/policy/ratio", "ppo/returns/mean",
-        "ppo/returns/var", "ppo/val/vpred", "ppo/val/error", "ppo/val/clipfrac", "ppo/val/var_explained",
-        "ppo/mean_scores", "ppo/mean_non_score_reward", "ppo/learning_rate", "env/reward_mean",
-        "env/reward_std", "time/ppo/forward_pass", "time/ppo/optimize_step", "time/ppo/total",
-        "ppo/grad_norm", "ppo/updates",
+        "objective/kl",
+        "objective/kl_coef",
+        "objective/entropy",
+        "ppo/loss/policy",
+        "ppo/loss/value",
+        "ppo/loss/total",
+        "ppo/policy/entropy",
+        "ppo/policy/approxkl",
+        "ppo/policy/policykl",
+        "ppo/policy/clipfrac",
+        "ppo/policy/advantages_mean",
+        "ppo/policy/ratio",
+        "ppo/returns/mean",
+        "ppo/returns/var",
+        "ppo/val/vpred",
+        "ppo/val/error",
+        "ppo/val/clipfrac",
+        "ppo/val/var_explained",
+        "ppo/mean_scores",
+        "ppo/mean_non_score_reward",
+        "ppo/learning_rate",
+        "env/reward_mean",
+        "env/reward_std",
+        "time/ppo/forward_pass",
+        "time/ppo/optimize_step",
+        "time/ppo/total",
+        "ppo/grad_norm",
+        "ppo/updates",
     }
     assert expected <= stats.keys()
     assert all(isinstance(v, float) for v in stats.values())
@@ -254,8 +312,14 @@ def test_gradient_accumulation_gives_the_same_update(tokenizer):
         with torch.no_grad():
             torch.nn.init.normal_(policy.value_head.summary.weight, std=0.1)
         sgd = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.5)
-        trainer = PPOTrainer(small_config(ppo_epochs=1, mini_batch_size=8, gradient_accumulation_steps=steps,
-                                          stop_at_eos=True), policy, tokenizer, optimizer=sgd)
+        trainer = PPOTrainer(
+            small_config(
+                ppo_epochs=1, mini_batch_size=8, gradient_accumulation_steps=steps, stop_at_eos=True
+            ),
+            policy,
+            tokenizer,
+            optimizer=sgd,
+        )
         if responses is None:  # uneven lengths, so the token weighting matters
             responses = [torch.randint(3, 300, (n,)) for n in (1, 6, 2, 5, 3, 3, 6, 2)]
         before = adapter_snapshot(trainer)
@@ -285,8 +349,15 @@ def test_ratio_threshold_skips_the_update(tokenizer):
 
 
 def test_early_stopping(tokenizer):
-    trainer, queries, responses = make_trainer("llama", tokenizer, early_stopping=True, target_kl=1e-9,
-                                               ppo_epochs=4, mini_batch_size=2, learning_rate=5e-2)
+    trainer, queries, responses = make_trainer(
+        "llama",
+        tokenizer,
+        early_stopping=True,
+        target_kl=1e-9,
+        ppo_epochs=4,
+        mini_batch_size=2,
+        learning_rate=5e-2,
+    )
     stats = trainer.step(queries, responses, torch.linspace(-1, 1, 8))
     assert stats["ppo/early_stopped"] == 1.0
     assert 0 < stats["ppo/updates"] < 16
@@ -295,8 +366,9 @@ def test_early_stopping(tokenizer):
 def test_max_grad_norm_clips(tokenizer):
     policy = PolicyWithValueHead(lora_model("llama", tokenizer))
     sgd = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=1.0)
-    trainer = PPOTrainer(small_config(max_grad_norm=1e-3, ppo_epochs=1, mini_batch_size=8), policy, tokenizer,
-                         optimizer=sgd)
+    trainer = PPOTrainer(
+        small_config(max_grad_norm=1e-3, ppo_epochs=1, mini_batch_size=8), policy, tokenizer, optimizer=sgd
+    )
     queries = encode(tokenizer, 8)
     responses = trainer.generate(queries)
     before = adapter_snapshot(trainer)
@@ -345,8 +417,13 @@ def test_save_and_load(tmp_path, arch, tokenizer):
     trainer.step(queries, responses, torch.randn(8))
     path = tmp_path / "ckpt"
     trainer.save(path)
-    assert {p.name for p in path.iterdir()} == {"adapter_config.json", "adapter_model.safetensors",
-                                                "value_head.safetensors", "optimizer.pt", "trainer_state.json"}
+    assert {p.name for p in path.iterdir()} == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "value_head.safetensors",
+        "optimizer.pt",
+        "trainer_state.json",
+    }
     fresh = PPOTrainer(small_config(target=0.01), lora_model(arch, tokenizer), tokenizer)
     with torch.no_grad():
         for p in fresh.trainable:
@@ -393,10 +470,15 @@ def in_target_set(tokens):
     return tokens % 8 == 0
 
 
-@pytest.mark.parametrize("arch,int8,compute_dtype", [
-    ("llama", False, "float32"), ("gpt2", False, "float32"), ("gpt_neox", False, "bfloat16"),
-    ("llama", True, "float32"),
-])
+@pytest.mark.parametrize(
+    "arch,int8,compute_dtype",
+    [
+        ("llama", False, "float32"),
+        ("gpt2", False, "float32"),
+        ("gpt_neox", False, "bfloat16"),
+        ("llama", True, "float32"),
+    ],
+)
 def test_ppo_raises_a_simple_reward(tokenizer, arch, int8, compute_dtype):
     """Reward: the share of response tokens in a fixed set. PPO must raise it clearly within 30 steps
     while the adaptive controller keeps the KL to the reference near its target.
@@ -406,8 +488,18 @@ def test_ppo_raises_a_simple_reward(tokenizer, arch, int8, compute_dtype):
     """
     torch.manual_seed(0)
     model = lora_model(arch, tokenizer, int8=int8, head_scale=30.0)
-    config = PPOConfig(batch_size=64, mini_batch_size=32, ppo_epochs=2, learning_rate=3e-3, min_new_tokens=8,
-                       max_new_tokens=8, init_kl_coef=0.05, target=4.0, horizon=1000.0, compute_dtype=compute_dtype)
+    config = PPOConfig(
+        batch_size=64,
+        mini_batch_size=32,
+        ppo_epochs=2,
+        learning_rate=3e-3,
+        min_new_tokens=8,
+        max_new_tokens=8,
+        init_kl_coef=0.05,
+        target=4.0,
+        horizon=1000.0,
+        compute_dtype=compute_dtype,
+    )
     trainer = PPOTrainer(config, model, tokenizer)
     queries = encode(tokenizer, 64)
     rewards, kls = [], []

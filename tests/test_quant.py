@@ -1,25 +1,17 @@
 """8-bit loading: int8 storage, footprint, fp32 agreement, eval pinning, k-bit training
 preparation (gradient checkpointing in both re-entrant modes), frozen int8 weights under training."""
+
 import bitsandbytes as bnb
 import pytest
 import torch
+from tiny import tiny_model
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.pytorch_utils import Conv1D
 
 import minippo.quant as quant
-from minippo import (
-    LoRAConfig,
-    add_lora,
-    dequantize_8bit,
-    is_8bit,
-    keep_8bit_layers_in_eval,
-    load_model,
-    model_footprint_bytes,
-    prepare_model_for_kbit_training,
-    quantize_model,
-)
-from tiny import tiny_model
+from minippo import LoRAConfig, add_lora, load_model, prepare_model_for_kbit_training, quantize_model
+from minippo.quant import dequantize_8bit, is_8bit, keep_8bit_layers_in_eval, model_footprint_bytes
 
 TEXTS = ["This movie was great, I loved the acting.", "Awful dialogue, a waste of time."]
 
@@ -61,7 +53,9 @@ def test_8bit_logits_close_to_fp32(model, batch, arch):
 
 def test_dequantize_matches_weight_within_about_half_a_step(model, arch):
     """bitsandbytes rounds the fp16-cast weight: measured error <= 0.52 of a row's step."""
-    name, original = next((n, m) for n, m in model.named_modules() if type(m) is nn.Linear or isinstance(m, Conv1D))
+    name, original = next(
+        (n, m) for n, m in model.named_modules() if type(m) is nn.Linear or isinstance(m, Conv1D)
+    )
     W = original.weight.detach().clone()
     W = W.t() if isinstance(original, Conv1D) else W  # (out, in)
     quantize_model(model)
@@ -80,8 +74,15 @@ def test_footprint_is_about_one_byte_per_quantised_weight():
     """Exact accounting on a tiny model; on a model whose Linear layers dominate (H=256, 2 layers,
     V=384) the 8-bit footprint is about a third of the fp32 one (measured 0.336; the fp32
     embeddings, lm_head and norms are not quantised)."""
-    config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=4, vocab_size=384, max_position_embeddings=64)
+    config = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=384,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     fp32 = model_footprint_bytes(model)
@@ -98,7 +99,8 @@ def test_footprint_counts_tied_weights_once(tokenizer):
     model = tiny_model("gpt2", len(tokenizer))
     assert model.lm_head.weight is model.transformer.wte.weight
     assert model_footprint_bytes(model) == sum(p.numel() * 4 for p in model.parameters()) + sum(
-        b.numel() * b.element_size() for b in model.buffers())
+        b.numel() * b.element_size() for b in model.buffers()
+    )
 
 
 def test_8bit_layers_stay_in_eval_mode(model, batch):
@@ -155,8 +157,9 @@ def test_optimiser_step_changes_outputs_but_not_int8_weights(model, batch):
 def test_gradient_checkpointing_gives_the_same_grads(tokenizer, batch, arch, use_reentrant):
     def grads(checkpointing):
         model = quantize_model(tiny_model(arch, len(tokenizer)))
-        prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
-                                        use_reentrant=use_reentrant)
+        prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=checkpointing, use_reentrant=use_reentrant
+        )
         add_lora(model, LoRAConfig(r=4, init="gaussian"))
         with torch.no_grad():  # non-zero B so A gets gradients too
             for n, p in model.named_parameters():

@@ -1,4 +1,5 @@
 """The rollout buffer and its minibatch iterator."""
+
 import pytest
 import torch
 
@@ -11,8 +12,10 @@ def make_buffer(query_lengths=(3, 1, 2, 3), response_lengths=(2, 4, 1, 2)):
     response_mask = (torch.arange(T)[None] < torch.tensor(response_lengths)[:, None]).float()  # right-padded
     sample_id = torch.arange(B, dtype=torch.float32)[:, None]
     per_token = sample_id * 100 + torch.arange(T)  # (B, T): identifies sample and column
-    fields = {name: per_token.clone() for name in
-              ("old_logprobs", "ref_logprobs", "values", "rewards", "advantages", "returns")}
+    fields = {
+        name: per_token.clone()
+        for name in ("old_logprobs", "ref_logprobs", "values", "rewards", "advantages", "returns")
+    }
     return RolloutBuffer(
         query_ids=(sample_id.long() * 10 + 1) * query_mask,
         query_mask=query_mask,
@@ -54,7 +57,10 @@ def test_shuffle_order():
     orders = {tuple(x for mb in buf.minibatches(8) for x in mb.scores.tolist()) for _ in range(5)}
     assert len(orders) > 1  # a fresh permutation per call
     given = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0])
-    assert [mb.scores.long().tolist() for mb in buf.minibatches(4, order=given)] == [[7, 6, 5, 4], [3, 2, 1, 0]]
+    assert [mb.scores.long().tolist() for mb in buf.minibatches(4, order=given)] == [
+        [7, 6, 5, 4],
+        [3, 2, 1, 0],
+    ]
     with pytest.raises(ValueError, match="permutation"):
         next(buf.minibatches(4, order=torch.tensor([0, 0, 1, 2, 3, 4, 5, 6])))
 

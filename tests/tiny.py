@@ -3,10 +3,11 @@
 Used by the test fixtures (`conftest.py`) and by tests that need a model *folder* on disk
 (the CLI end-to-end test): `save_tiny_model(dir, arch)` writes config, weights and tokenizer.
 """
+
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -49,12 +50,24 @@ def tiny_config(arch: str, vocab_size: int):
     """A 2-layer config of the given architecture ("gpt_neox", "llama" or "gpt2")."""
     common = dict(vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, bos_token_id=2)
     if arch == "gpt_neox":
-        return GPTNeoXConfig(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
-                             intermediate_size=64, max_position_embeddings=128, **common)
+        return GPTNeoXConfig(
+            hidden_size=HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            **common,
+        )
     if arch == "llama":
-        return LlamaConfig(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
-                           **common)
+        return LlamaConfig(
+            hidden_size=HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            **common,
+        )
     if arch == "gpt2":
         return GPT2Config(n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=128, **common)
     raise ValueError(f"unknown tiny architecture {arch!r}")

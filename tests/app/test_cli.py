@@ -1,11 +1,12 @@
 """The CLI is generated from config dataclasses: docs, defaults, types and validation carry over."""
+
 import argparse
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 
-from minippo.cli import add_dataclass_arguments, config_from_namespace, field_docs
+from minippo.app.cli import add_dataclass_arguments, config_from_namespace, field_docs
 
 
 @dataclass
@@ -16,7 +17,7 @@ class ToyConfig:
     """How many steps to run."""
     lr: float = 1e-3
     """The learning rate."""
-    name: Optional[str] = None
+    name: str | None = None
     """An optional name."""
     eight_bit: bool = True
     """Load the model in 8-bit."""
@@ -45,10 +46,24 @@ def test_field_docs_read_the_docstring_under_each_field():
 def test_defaults_and_overrides_round_trip():
     _, cfg = parse([])
     assert cfg == ToyConfig()
-    _, cfg = parse(["--steps", "3", "--lr", "0.5", "--name", "x", "--no-eight-bit",
-                    "--targets", "a", "b", "c", "--kind", "logit"])
-    assert cfg == ToyConfig(steps=3, lr=0.5, name="x", eight_bit=False, targets=["a", "b", "c"],
-                            kind="logit")
+    _, cfg = parse(
+        [
+            "--steps",
+            "3",
+            "--lr",
+            "0.5",
+            "--name",
+            "x",
+            "--no-eight-bit",
+            "--targets",
+            "a",
+            "b",
+            "c",
+            "--kind",
+            "logit",
+        ]
+    )
+    assert cfg == ToyConfig(steps=3, lr=0.5, name="x", eight_bit=False, targets=["a", "b", "c"], kind="logit")
 
 
 def test_help_lists_every_field_with_its_doc_and_default():

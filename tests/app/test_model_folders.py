@@ -3,9 +3,10 @@ import sys
 
 import pytest
 import torch
+from tiny import tiny_tokenizer
 
-from minippo import models
-from minippo.models import (
+from minippo.app import model_folders as models
+from minippo.app.model_folders import (
     DEFAULT_MODEL,
     embedded_gguf_path,
     embedded_model_dir,
@@ -13,8 +14,6 @@ from minippo.models import (
     load_tokenizer,
     resolve_model,
 )
-
-from tiny import tiny_tokenizer
 
 
 @pytest.fixture
@@ -106,8 +105,11 @@ def test_convert_embedded_smollm2_and_load_with_plain_transformers(monkeypatch, 
     assert not hasattr(model.config, "quantization_config")
     assert tok.pad_token == "<|endoftext|>" and tok.eos_token == "<|im_end|>"
     assert model.config.pad_token_id == tok.pad_token_id != tok.eos_token_id
-    ids = tok("This movie was one of the best films I have seen this year. The acting was "
-              "superb and the story kept me interested until the very end.", return_tensors="pt").input_ids
+    ids = tok(
+        "This movie was one of the best films I have seen this year. The acting was "
+        "superb and the story kept me interested until the very end.",
+        return_tensors="pt",
+    ).input_ids
     with torch.no_grad():
         loss = model(ids, labels=ids).loss
     assert loss < 3.5  # a working 135M model (2.55 measured); broken RoPE or weights give > 6

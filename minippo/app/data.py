@@ -8,13 +8,14 @@ shuffles them (seeded) unless asked not to.
 
 Shapes: N number of packed blocks, P prompt length.
 """
+
 from __future__ import annotations
 
 import os
 import random
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -44,14 +45,21 @@ def clean_review(text: str, keep_paragraphs: bool = False) -> str:
 
 # -- loading ------------------------------------------------------------------------------------
 
+
 def imdb_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
     """The local IMDB folder to use: `data_dir`, else `$MINIPPO_IMDB_DIR`, else None (the hub)."""
     chosen = data_dir if data_dir not in (None, "") else os.environ.get(IMDB_ENV) or None
     return Path(chosen).expanduser() if chosen is not None else None
 
 
-def load_imdb(split: str, data_dir: str | os.PathLike | None = None, *, limit: int | None = None,
-              seed: int | None = 0, min_chars: int = 0):
+def load_imdb(
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    limit: int | None = None,
+    seed: int | None = 0,
+    min_chars: int = 0,
+):
     """One IMDB split as a `datasets.Dataset` with columns `text` (raw, with `<br />`) and `label`.
 
     Rows are shuffled with `seed` (None keeps the file order, which is grouped by label), then
@@ -67,7 +75,8 @@ def load_imdb(split: str, data_dir: str | os.PathLike | None = None, *, limit: i
             raise FileNotFoundError(
                 f"IMDB split {split!r} not found: {folder / (split + '.parquet')} does not exist. "
                 f"Pass --data-dir (or set {IMDB_ENV}) to a folder holding "
-                f"{', '.join(s + '.parquet' for s in IMDB_SPLITS)}.")
+                f"{', '.join(s + '.parquet' for s in IMDB_SPLITS)}."
+            )
         ds = load_text_dataset(folder, split, min_chars=min_chars)
     else:
         ds = _load_imdb_from_hub(split)
@@ -87,7 +96,8 @@ def _load_imdb_from_hub(split: str):
     except ConnectionError as e:
         raise ConnectionError(
             f"{e}\nOr use a local copy: pass --data-dir (or set {IMDB_ENV}) to a folder with "
-            f"{', '.join(s + '.parquet' for s in IMDB_SPLITS)} (columns text, label).") from None
+            f"{', '.join(s + '.parquet' for s in IMDB_SPLITS)} (columns text, label)."
+        ) from None
     if split == "test":
         return ds
     parts = ds.train_test_split(test_size=HUB_VALIDATION_ROWS, seed=0, stratify_by_column="label")
@@ -98,21 +108,25 @@ def _load_from_hub(name: str, split: str, what: str):
     """`datasets.load_dataset(name, split=split)`, failing fast with a clear message offline."""
     import datasets
 
-    from .models import hub_reachable, hub_offline_mode
+    from .model_folders import hub_offline_mode, hub_reachable
 
     if not hub_reachable() and not hub_offline_mode():
         raise ConnectionError(
             f"cannot load {what} {name!r}: the Hugging Face hub is unreachable from this machine. "
-            f"(If it is in the local datasets cache, set HF_HUB_OFFLINE=1 to use the cache.)")
+            f"(If it is in the local datasets cache, set HF_HUB_OFFLINE=1 to use the cache.)"
+        )
     try:
         return datasets.load_dataset(name, split=split)
     except (ConnectionError, FileNotFoundError) as e:
-        raise ConnectionError(f"cannot load {what} {name!r} from the Hugging Face hub or its "
-                              f"local cache ({type(e).__name__}: {e}).") from None
+        raise ConnectionError(
+            f"cannot load {what} {name!r} from the Hugging Face hub or its "
+            f"local cache ({type(e).__name__}: {e})."
+        ) from None
 
 
-def load_text_dataset(path_or_name: str | os.PathLike, split: str = "train",
-                      text_column: str = "text", min_chars: int = 0):
+def load_text_dataset(
+    path_or_name: str | os.PathLike, split: str = "train", text_column: str = "text", min_chars: int = 0
+):
     """Any text dataset as a `datasets.Dataset` that has `text_column`, rows with fewer than
     `min_chars` characters (or no text) removed.
 
@@ -124,8 +138,9 @@ def load_text_dataset(path_or_name: str | os.PathLike, split: str = "train",
     if path.is_dir():
         found = [path / f"{split}{suffix}" for suffix in _BUILDERS if (path / f"{split}{suffix}").is_file()]
         if not found:
-            raise FileNotFoundError(f"no {split!r} split in {path}: expected one of "
-                                    f"{', '.join(split + s for s in _BUILDERS)}")
+            raise FileNotFoundError(
+                f"no {split!r} split in {path}: expected one of {', '.join(split + s for s in _BUILDERS)}"
+            )
         ds = _read_file(found[0])
     elif path.is_file():
         ds = _read_file(path)
@@ -134,9 +149,11 @@ def load_text_dataset(path_or_name: str | os.PathLike, split: str = "train",
     else:
         ds = _load_from_hub(str(path_or_name), split, what="the dataset")
     if text_column not in ds.column_names:
-        raise ValueError(f"dataset {str(path_or_name)!r} has no {text_column!r} column; its columns "
-                         f"are {ds.column_names}. Name the text column with text_column=... "
-                         f"(--text-column).")
+        raise ValueError(
+            f"dataset {str(path_or_name)!r} has no {text_column!r} column; its columns "
+            f"are {ds.column_names}. Name the text column with text_column=... "
+            f"(--text-column)."
+        )
     return _filter_min_chars(ds, text_column, min_chars, path_or_name)
 
 
@@ -158,20 +175,24 @@ def _filter_min_chars(ds, text_column: str, min_chars: int, source):
     texts = ds[text_column]
     keep = [i for i, t in enumerate(texts) if isinstance(t, str) and len(t) >= max(min_chars, 1)]
     if not keep:
-        raise ValueError(f"dataset {str(source)!r} is empty after filtering: none of its {len(texts)} "
-                         f"rows has a {text_column!r} of at least {max(min_chars, 1)} characters.")
+        raise ValueError(
+            f"dataset {str(source)!r} is empty after filtering: none of its {len(texts)} "
+            f"rows has a {text_column!r} of at least {max(min_chars, 1)} characters."
+        )
     return ds if len(keep) == len(texts) else ds.select(keep)
 
 
 # -- PPO prompts ---------------------------------------------------------------------------------
+
 
 class LengthSampler:
     """Draws integers uniformly from [min_value, max_value) (trl's LengthSampler), seeded."""
 
     def __init__(self, min_value: int, max_value: int, seed: int | None = None):
         if not 0 <= min_value < max_value:
-            raise ValueError(f"LengthSampler needs 0 <= min_value < max_value, got "
-                             f"[{min_value}, {max_value})")
+            raise ValueError(
+                f"LengthSampler needs 0 <= min_value < max_value, got [{min_value}, {max_value})"
+            )
         self.min_value, self.max_value = min_value, max_value
         self.rng = random.Random(seed)
 
@@ -179,9 +200,16 @@ class LengthSampler:
         return self.rng.randrange(self.min_value, self.max_value)
 
 
-def make_prompts(texts: Sequence[str], tokenizer, min_tokens: int = 2, max_tokens: int = 8,
-                 min_chars: int = 200, seed: int = 0, limit: int | None = None,
-                 clean: bool = True) -> tuple[list[torch.Tensor], list[str]]:
+def make_prompts(
+    texts: Sequence[str],
+    tokenizer,
+    min_tokens: int = 2,
+    max_tokens: int = 8,
+    min_chars: int = 200,
+    seed: int = 0,
+    limit: int | None = None,
+    clean: bool = True,
+) -> tuple[list[torch.Tensor], list[str]]:
     """PPO prompts: the first k tokens of each review, k drawn from [min_tokens, max_tokens).
 
     Texts are cleaned (`clean_review`), those shorter than `min_chars` characters dropped, the rest
@@ -193,8 +221,10 @@ def make_prompts(texts: Sequence[str], tokenizer, min_tokens: int = 2, max_token
     pool = [clean_review(t) if clean else t for t in texts]
     pool = [t for t in pool if len(t) >= min_chars]
     if not pool:
-        raise ValueError(f"no prompts: none of the {len(texts)} texts has at least {min_chars} "
-                         f"characters (lower min_chars).")
+        raise ValueError(
+            f"no prompts: none of the {len(texts)} texts has at least {min_chars} "
+            f"characters (lower min_chars)."
+        )
     rng = random.Random(seed)
     rng.shuffle(pool)
     if limit is not None:
@@ -213,8 +243,8 @@ def make_prompts(texts: Sequence[str], tokenizer, min_tokens: int = 2, max_token
 
 # -- SFT blocks ----------------------------------------------------------------------------------
 
-def pack_blocks(token_id_lists: Sequence[Sequence[int]], block_size: int,
-                eos_token_id: int) -> torch.Tensor:
+
+def pack_blocks(token_id_lists: Sequence[Sequence[int]], block_size: int, eos_token_id: int) -> torch.Tensor:
     """Concatenate documents, each followed by `eos_token_id`, and cut the stream into full
     blocks of `block_size` tokens (the tail that does not fill a block is dropped).
 
@@ -229,7 +259,9 @@ def pack_blocks(token_id_lists: Sequence[Sequence[int]], block_size: int,
         stream.append(eos_token_id)
     n = len(stream) // block_size
     if n == 0:
-        raise ValueError(f"{len(token_id_lists)} documents hold {len(stream)} tokens (with EOS "
-                         f"separators), fewer than one block of {block_size}: use more text or a "
-                         f"smaller block_size.")
+        raise ValueError(
+            f"{len(token_id_lists)} documents hold {len(stream)} tokens (with EOS "
+            f"separators), fewer than one block of {block_size}: use more text or a "
+            f"smaller block_size."
+        )
     return torch.tensor(stream[: n * block_size], dtype=torch.long).view(n, block_size)  # (N, block_size)

@@ -5,6 +5,7 @@ parameters and buffers, plus int8 row scales) and the peak tensor memory of one 
 backward, taken with `TensorMemoryTracker` (an allocation tracker that works on CPU and GPU).
 Each prediction must be within 15% of its measurement.
 """
+
 import json
 import tempfile
 
@@ -12,8 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
 
-from minippo.lora import LoRAConfig, add_lora
-from minippo.plan import (
+from minippo.app.memory_plan import (
     GiB,
     PlanConfig,
     TensorMemoryTracker,
@@ -22,6 +22,7 @@ from minippo.plan import (
     plan_memory,
     tensor_footprint_bytes,
 )
+from minippo.lora import LoRAConfig, add_lora
 
 TOL = 0.15
 TARGETS = {  # the planner's target sets, as module names of each architecture
@@ -33,12 +34,19 @@ TARGETS = {  # the planner's target sets, as module names of each architecture
 def build(arch, hidden=128, layers=2, vocab=1000, inner=None, seed=0):
     """A random model from a config (not tiny: the sizes the planner's constants matter at)."""
     torch.manual_seed(seed)
-    common = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 32,
-                  intermediate_size=inner or 4 * hidden, vocab_size=vocab, max_position_embeddings=256)
+    common = dict(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 32,
+        intermediate_size=inner or 4 * hidden,
+        vocab_size=vocab,
+        max_position_embeddings=256,
+    )
     if arch == "gpt_neox":
         return AutoModelForCausalLM.from_config(GPTNeoXConfig(**common))
     return AutoModelForCausalLM.from_config(
-        LlamaConfig(num_key_value_heads=hidden // 64, tie_word_embeddings=True, **common))
+        LlamaConfig(num_key_value_heads=hidden // 64, tie_word_embeddings=True, **common)
+    )
 
 
 def plan_for(model, **kw):
@@ -54,6 +62,7 @@ def close(predicted, measured, tol=TOL):
 
 # ------------------------------------------------------------------------ the blog's arithmetic
 
+
 def test_20b_in_bf16_does_not_fit_24gb_but_int8_with_adapters_does():
     bf16 = plan_memory(PlanConfig(params=20e9, gpu_gib=24, dtype="bf16"))
     assert bf16.parts["weights"] == pytest.approx(40e9, rel=0.05)  # ~40 GB, 2 bytes a parameter
@@ -65,8 +74,9 @@ def test_20b_in_bf16_does_not_fit_24gb_but_int8_with_adapters_does():
     assert int8.parts["gradients"] + int8.parts["optimiser state"] < GiB
     # Full fine-tuning in bf16 with Adam is the classic 16 bytes a parameter.
     full = plan_memory(PlanConfig(params=20e9, dtype="bf16", lora_r=0))
-    assert full.parts["weights"] + full.parts["gradients"] + full.parts["optimiser state"] == \
-        pytest.approx(16 * 20e9, rel=0.01)
+    assert full.parts["weights"] + full.parts["gradients"] + full.parts["optimiser state"] == pytest.approx(
+        16 * 20e9, rel=0.01
+    )
     text = format_plan(int8)
     assert "fits in 24 GiB: yes" in text and "| bf16 weights + LoRA |" in text
 
@@ -82,12 +92,15 @@ def test_known_and_folder_shapes(tmp_path):
     assert counted == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(params=1e9, dtype="int4"), "dtype"),
-    (dict(params=1e9, lora_r=0), "cannot be trained"),
-    (dict(), "how big"),
-    (dict(params=1e9, lora_targets="mlp"), "lora_targets"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(params=1e9, dtype="int4"), "dtype"),
+        (dict(params=1e9, lora_r=0), "cannot be trained"),
+        (dict(), "how big"),
+        (dict(params=1e9, lora_targets="mlp"), "lora_targets"),
+    ],
+)
 def test_config_errors_name_the_fix(bad, match):
     with pytest.raises(ValueError, match=match):
         PlanConfig(**bad)
@@ -95,10 +108,13 @@ def test_config_errors_name_the_fix(bad, match):
 
 # ----------------------------------------------------------------- predictions vs measurements
 
+
 @pytest.mark.parametrize("hidden, vocab", [(128, 1000), (256, 2000), (384, 4000)])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_weight_bytes_match_the_footprint(hidden, vocab, dtype):
-    model = build("gpt_neox", hidden=hidden, vocab=vocab).to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+    model = build("gpt_neox", hidden=hidden, vocab=vocab).to(
+        {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    )
     predicted = plan_for(model, dtype=dtype).parts["weights"]
     assert close(predicted, tensor_footprint_bytes(model))
 
@@ -106,6 +122,7 @@ def test_weight_bytes_match_the_footprint(hidden, vocab, dtype):
 @pytest.mark.parametrize("hidden, vocab", [(128, 1000), (256, 2000), (384, 4000)])
 def test_int8_weight_bytes_match_the_footprint(hidden, vocab):
     from minippo.quant import model_footprint_bytes, quantize_model
+
     model = quantize_model(build("gpt_neox", hidden=hidden, vocab=vocab))  # rest stays fp32
     predicted = plan_for(model, dtype="int8", compute_dtype="fp32").parts["weights"]
     assert close(predicted, model_footprint_bytes(model))
@@ -130,24 +147,34 @@ def measure_forward_backward(model, batch, seq_len, checkpointing):
     return mem.peak
 
 
-@pytest.mark.parametrize("arch, hidden, vocab, targets, checkpointing", [
-    ("gpt_neox", 128, 2000, "qkv", False),  # logits-heavy
-    ("gpt_neox", 256, 2000, "attention", False),
-    ("gpt_neox", 256, 2000, "qkv", True),
-    ("gpt_neox", 384, 500, "attention", True),  # block-heavy
-    ("llama", 128, 2000, "attention", False),
-    ("llama", 256, 2000, "qkv", True),
-    ("llama", 384, 500, "qkv", False),
-    ("llama", 384, 500, "attention", True),
-])
+@pytest.mark.parametrize(
+    "arch, hidden, vocab, targets, checkpointing",
+    [
+        ("gpt_neox", 128, 2000, "qkv", False),  # logits-heavy
+        ("gpt_neox", 256, 2000, "attention", False),
+        ("gpt_neox", 256, 2000, "qkv", True),
+        ("gpt_neox", 384, 500, "attention", True),  # block-heavy
+        ("llama", 128, 2000, "attention", False),
+        ("llama", 256, 2000, "qkv", True),
+        ("llama", 384, 500, "qkv", False),
+        ("llama", 384, 500, "attention", True),
+    ],
+)
 def test_forward_backward_peak_matches_the_plan(arch, hidden, vocab, targets, checkpointing):
     torch.manual_seed(0)
     model = build(arch, hidden=hidden, layers=3, vocab=vocab)
     add_lora(model, LoRAConfig(r=16, alpha=32, dropout=0.05, target_modules=TARGETS[arch][targets]))
     batch, seq_len = 4, 64
     measured = measure_forward_backward(model, batch, seq_len, checkpointing)
-    plan = plan_for(model, dtype="fp32", lora_r=16, lora_targets=targets, batch_size=batch,
-                    seq_len=seq_len, gradient_checkpointing=checkpointing)
+    plan = plan_for(
+        model,
+        dtype="fp32",
+        lora_r=16,
+        lora_targets=targets,
+        batch_size=batch,
+        seq_len=seq_len,
+        gradient_checkpointing=checkpointing,
+    )
     predicted = plan.parts["activations"] + plan.parts["gradients"]
     assert close(predicted, measured), (predicted, measured)
 
@@ -166,6 +193,7 @@ def test_tracker_counts_new_tensors_once_and_frees():
 
 
 # ------------------------------------------------------------------------------- on a CUDA GPU
+
 
 @pytest.mark.cuda
 def test_cuda_forward_backward_peak_matches_the_plan():
@@ -186,8 +214,15 @@ def test_cuda_forward_backward_peak_matches_the_plan():
     (-logprobs.mean() + values.pow(2).mean()).backward()
     torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated() - before
-    plan = plan_for(model, dtype="fp32", lora_r=16, lora_targets="attention", batch_size=batch,
-                    seq_len=seq_len, gradient_checkpointing=False)
+    plan = plan_for(
+        model,
+        dtype="fp32",
+        lora_r=16,
+        lora_targets="attention",
+        batch_size=batch,
+        seq_len=seq_len,
+        gradient_checkpointing=False,
+    )
     predicted = plan.parts["activations"] + plan.parts["gradients"]
     assert close(predicted, measured), (predicted, measured)
 
@@ -196,6 +231,7 @@ def test_cuda_forward_backward_peak_matches_the_plan():
 def test_cuda_int8_weights_match_the_plan():
     """LLM.int8 on the GPU: memory_allocated after quantising matches the planner's weights."""
     from minippo.quant import quantize_model
+
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     model = quantize_model(build("gpt_neox", hidden=1024, layers=4, vocab=8000).half().cuda())

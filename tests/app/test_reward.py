@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny import tiny_tokenizer
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -10,9 +11,9 @@ from transformers import (
     DistilBertForSequenceClassification,
 )
 
-from minippo import models
-from minippo.data import clean_review, load_imdb
-from minippo.reward import (
+from minippo.app import model_folders as models
+from minippo.app.data import load_imdb
+from minippo.app.reward import (
     HFSentiment,
     RewardConfig,
     TfidfSentiment,
@@ -21,10 +22,8 @@ from minippo.reward import (
     train_reward,
 )
 
-from tiny import tiny_tokenizer
-
-
 # -- TF-IDF ---------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def imdb_small(imdb_dir):
@@ -47,8 +46,9 @@ def test_scorer_equals_sklearn_on_held_out_texts(imdb_small, fitted):
     features = vectorizer.transform(texts)
     ours = reward.decision_function(texts)
     np.testing.assert_allclose(ours, clf.decision_function(features), rtol=1e-9, atol=1e-9)
-    np.testing.assert_allclose(reward.probability(texts).numpy(), clf.predict_proba(features)[:, 1],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        reward.probability(texts).numpy(), clf.predict_proba(features)[:, 1], atol=1e-6
+    )
     assert reward.probability(texts).dtype == torch.float32
 
 
@@ -85,8 +85,9 @@ def test_save_load_round_trip_is_plain_data(tmp_path, imdb_small, fitted):
         assert set(json.loads(f.read(header_len))) >= {"idf", "coef", "intercept"}
     loaded = load_reward(tmp_path / "rw")
     assert isinstance(loaded, TfidfSentiment) and loaded.kind == "prob"
-    np.testing.assert_array_equal(loaded.decision_function(val["text"][:50]),
-                                  reward.decision_function(val["text"][:50]))
+    np.testing.assert_array_equal(
+        loaded.decision_function(val["text"][:50]), reward.decision_function(val["text"][:50])
+    )
     assert load_reward(tmp_path / "rw", kind="logit").kind == "logit"
 
 
@@ -103,8 +104,9 @@ def test_load_rejects_other_folders(tmp_path):
 
 def test_train_reward_step(tmp_path, imdb_dir):
     out = tmp_path / "reward"
-    result = train_reward(RewardConfig(data_dir=str(imdb_dir), output_dir=str(out), num_train=2000,
-                                       num_eval=300, min_df=2))
+    result = train_reward(
+        RewardConfig(data_dir=str(imdb_dir), output_dir=str(out), num_train=2000, num_eval=300, min_df=2)
+    )
     m = result["metrics"]
     assert result["path"] == str(out)
     assert m["num_train"] == 2000 and m["num_validation"] == 300 and m["validation_accuracy"] > 0.75
@@ -113,9 +115,16 @@ def test_train_reward_step(tmp_path, imdb_dir):
     assert load_reward(out).metrics["validation_accuracy"] == m["validation_accuracy"]
 
 
-@pytest.mark.parametrize("field, value, match", [
-    ("kind", "score", "unknown reward kind"), ("num_train", 1, "num_train"),
-    ("max_df", 1.5, "max_df"), ("logreg_c", 0.0, "logreg_c"), ("min_df", 0, "min_df")])
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("kind", "score", "unknown reward kind"),
+        ("num_train", 1, "num_train"),
+        ("max_df", 1.5, "max_df"),
+        ("logreg_c", 0.0, "logreg_c"),
+        ("min_df", 0, "min_df"),
+    ],
+)
 def test_reward_config_validation(field, value, match):
     with pytest.raises(ValueError, match=match):
         RewardConfig(**{field: value})
@@ -123,26 +132,46 @@ def test_reward_config_validation(field, value, match):
 
 # -- Hugging Face classifiers ------------------------------------------------------------------------
 
+
 def _save_classifier(path, arch="distilbert", id2label=None):
     tok = tiny_tokenizer()
     id2label = id2label or {0: "NEGATIVE", 1: "POSITIVE"}
-    common = dict(vocab_size=len(tok), max_position_embeddings=64, pad_token_id=tok.pad_token_id,
-                  num_labels=len(id2label), id2label=id2label,
-                  label2id={v: k for k, v in id2label.items()})
+    common = dict(
+        vocab_size=len(tok),
+        max_position_embeddings=64,
+        pad_token_id=tok.pad_token_id,
+        num_labels=len(id2label),
+        id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+    )
     torch.manual_seed(0)
     if arch == "distilbert":
-        model = DistilBertForSequenceClassification(DistilBertConfig(
-            dim=32, n_layers=1, n_heads=2, hidden_dim=64, dropout=0.0, seq_classif_dropout=0.0, **common))
+        model = DistilBertForSequenceClassification(
+            DistilBertConfig(
+                dim=32, n_layers=1, n_heads=2, hidden_dim=64, dropout=0.0, seq_classif_dropout=0.0, **common
+            )
+        )
     else:
-        model = BertForSequenceClassification(BertConfig(
-            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-            hidden_dropout_prob=0.0, **common))
+        model = BertForSequenceClassification(
+            BertConfig(
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=64,
+                hidden_dropout_prob=0.0,
+                **common,
+            )
+        )
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return model.eval(), tok
 
 
-TEXTS = ["This movie was great, I loved it.", "Terrible.", "A wonderful, moving picture with a brilliant cast!"]
+TEXTS = [
+    "This movie was great, I loved it.",
+    "Terrible.",
+    "A wonderful, moving picture with a brilliant cast!",
+]
 
 
 def test_hf_sentiment_truncates_to_the_model_context(tmp_path):
@@ -162,8 +191,9 @@ def test_hf_sentiment_scores_positive_class(tmp_path, arch):
     scores = reward(TEXTS)
     assert scores.shape == (3,) and scores.dtype == torch.float32
     torch.testing.assert_close(scores, ref[:, 1], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(HFSentiment(tmp_path, kind="prob")(TEXTS), ref.softmax(-1)[:, 1],
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        HFSentiment(tmp_path, kind="prob")(TEXTS), ref.softmax(-1)[:, 1], atol=1e-5, rtol=1e-5
+    )
     assert 0.0 <= reward.accuracy(TEXTS, [1, 0, 1]) <= 1.0
 
 

@@ -10,6 +10,7 @@
 
 Both score a list of B texts as a float tensor (B,), `kind` "prob" (P(positive)) or "logit".
 """
+
 from __future__ import annotations
 
 import inspect
@@ -17,9 +18,9 @@ import json
 import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -60,6 +61,7 @@ class _Scorer:
 
 # -- TF-IDF + logistic regression ----------------------------------------------------------------
 
+
 class TfidfSentiment(_Scorer):
     """Logistic regression on sublinear TF-IDF word n-grams, scored without scikit-learn.
 
@@ -69,17 +71,28 @@ class TfidfSentiment(_Scorer):
     `LogisticRegression.decision_function` (tested against it).
     """
 
-    def __init__(self, vocabulary: Sequence[str], idf: np.ndarray, coef: np.ndarray, intercept: float,
-                 ngram_range: tuple[int, int] = (1, 2), sublinear_tf: bool = True,
-                 token_pattern: str = TOKEN_PATTERN, kind: str = "prob", metrics: dict | None = None):
+    def __init__(
+        self,
+        vocabulary: Sequence[str],
+        idf: np.ndarray,
+        coef: np.ndarray,
+        intercept: float,
+        ngram_range: tuple[int, int] = (1, 2),
+        sublinear_tf: bool = True,
+        token_pattern: str = TOKEN_PATTERN,
+        kind: str = "prob",
+        metrics: dict | None = None,
+    ):
         self.vocabulary = list(vocabulary)
         self.index = {term: i for i, term in enumerate(self.vocabulary)}
         self.idf = np.asarray(idf, dtype=np.float64)  # (F,)
         self.coef = np.asarray(coef, dtype=np.float64).reshape(-1)  # (F,)
         self.intercept = float(intercept)
         if not len(self.vocabulary) == len(self.idf) == len(self.coef):
-            raise ValueError(f"vocabulary ({len(self.vocabulary)}), idf ({len(self.idf)}) and coef "
-                             f"({len(self.coef)}) must have one entry per feature")
+            raise ValueError(
+                f"vocabulary ({len(self.vocabulary)}), idf ({len(self.idf)}) and coef "
+                f"({len(self.coef)}) must have one entry per feature"
+            )
         self.ngram_range = (int(ngram_range[0]), int(ngram_range[1]))
         self.sublinear_tf = bool(sublinear_tf)
         self.token_pattern = token_pattern
@@ -90,15 +103,29 @@ class TfidfSentiment(_Scorer):
     # -- training (scikit-learn only here) --
 
     @staticmethod
-    def fit_sklearn(texts: Sequence[str], labels: Sequence[int], ngram_max: int = 2, min_df: int = 3,
-                    max_df: float = 0.9, max_features: int | None = None, C: float = 4.0):
+    def fit_sklearn(
+        texts: Sequence[str],
+        labels: Sequence[int],
+        ngram_max: int = 2,
+        min_df: int = 3,
+        max_df: float = 0.9,
+        max_features: int | None = None,
+        C: float = 4.0,
+    ):
         """Fit scikit-learn's TfidfVectorizer + LogisticRegression; returns (vectorizer, clf)."""
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
 
-        vectorizer = TfidfVectorizer(preprocessor=_preprocess, token_pattern=TOKEN_PATTERN,
-                                     ngram_range=(1, ngram_max), sublinear_tf=True, min_df=min_df,
-                                     max_df=max_df, max_features=max_features, dtype=np.float64)
+        vectorizer = TfidfVectorizer(
+            preprocessor=_preprocess,
+            token_pattern=TOKEN_PATTERN,
+            ngram_range=(1, ngram_max),
+            sublinear_tf=True,
+            min_df=min_df,
+            max_df=max_df,
+            max_features=max_features,
+            dtype=np.float64,
+        )
         features = vectorizer.fit_transform(list(texts))
         clf = LogisticRegression(C=C, solver="liblinear", max_iter=1000)
         clf.fit(features, np.asarray(labels))
@@ -109,16 +136,30 @@ class TfidfSentiment(_Scorer):
     @classmethod
     def from_sklearn(cls, vectorizer, clf, kind: str = "prob", metrics: dict | None = None):
         """Copy the arrays out of a fitted (TfidfVectorizer, LogisticRegression) pair."""
-        if not (vectorizer.preprocessor is _preprocess and vectorizer.analyzer == "word"
-                and vectorizer.sublinear_tf and vectorizer.use_idf and vectorizer.norm == "l2"):
-            raise ValueError("from_sklearn takes the vectorizer made by fit_sklearn (preprocessor "
-                             "_preprocess, word analyzer, sublinear tf, idf, l2 norm)")
+        if not (
+            vectorizer.preprocessor is _preprocess
+            and vectorizer.analyzer == "word"
+            and vectorizer.sublinear_tf
+            and vectorizer.use_idf
+            and vectorizer.norm == "l2"
+        ):
+            raise ValueError(
+                "from_sklearn takes the vectorizer made by fit_sklearn (preprocessor "
+                "_preprocess, word analyzer, sublinear tf, idf, l2 norm)"
+            )
         vocabulary = [None] * len(vectorizer.vocabulary_)
         for term, i in vectorizer.vocabulary_.items():
             vocabulary[i] = term
-        return cls(vocabulary, vectorizer.idf_, clf.coef_[0], clf.intercept_[0],
-                   ngram_range=vectorizer.ngram_range, token_pattern=vectorizer.token_pattern,
-                   kind=kind, metrics=metrics)
+        return cls(
+            vocabulary,
+            vectorizer.idf_,
+            clf.coef_[0],
+            clf.intercept_[0],
+            ngram_range=vectorizer.ngram_range,
+            token_pattern=vectorizer.token_pattern,
+            kind=kind,
+            metrics=metrics,
+        )
 
     @classmethod
     def fit(cls, texts: Sequence[str], labels: Sequence[int], kind: str = "prob", **kwargs):
@@ -131,7 +172,7 @@ class TfidfSentiment(_Scorer):
         lo, hi = self.ngram_range
         grams = list(tokens) if lo == 1 else []
         for n in range(max(lo, 2), hi + 1):
-            grams.extend(" ".join(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+            grams.extend(" ".join(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
         return grams
 
     def decision_function(self, texts: Sequence[str]) -> np.ndarray:
@@ -142,8 +183,11 @@ class TfidfSentiment(_Scorer):
         # 1. (text, feature) pairs of every known n-gram occurrence.
         rows, cols = [], []
         for b, text in enumerate(texts):
-            ids = [self.index[g] for g in self._ngrams(self._token_re.findall(_preprocess(text)))
-                   if g in self.index]
+            ids = [
+                self.index[g]
+                for g in self._ngrams(self._token_re.findall(_preprocess(text)))
+                if g in self.index
+            ]
             rows.extend([b] * len(ids))
             cols.extend(ids)
         rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
@@ -173,36 +217,56 @@ class TfidfSentiment(_Scorer):
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        config = {"type": TFIDF_TYPE, "format": TFIDF_FORMAT, "kind": self.kind,
-                  "ngram_range": list(self.ngram_range), "sublinear_tf": self.sublinear_tf,
-                  "token_pattern": self.token_pattern, "lowercase": True, "norm": "l2",
-                  "preprocess": "minippo.data.clean_review", "num_features": len(self.vocabulary),
-                  "metrics": self.metrics}
+        config = {
+            "type": TFIDF_TYPE,
+            "format": TFIDF_FORMAT,
+            "kind": self.kind,
+            "ngram_range": list(self.ngram_range),
+            "sublinear_tf": self.sublinear_tf,
+            "token_pattern": self.token_pattern,
+            "lowercase": True,
+            "norm": "l2",
+            "preprocess": "minippo.app.data.clean_review",
+            "num_features": len(self.vocabulary),
+            "metrics": self.metrics,
+        }
         (path / "vocabulary.json").write_text(json.dumps(self.vocabulary, ensure_ascii=False))
-        save_file({"idf": self.idf, "coef": self.coef, "intercept": np.array([self.intercept])},
-                  str(path / "weights.safetensors"))
+        save_file(
+            {"idf": self.idf, "coef": self.coef, "intercept": np.array([self.intercept])},
+            str(path / "weights.safetensors"),
+        )
         (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, kind: str | None = None) -> "TfidfSentiment":
+    def load(cls, path: str | os.PathLike, kind: str | None = None) -> TfidfSentiment:
         """Read a folder written by `save` (`kind` overrides the saved one)."""
         from safetensors.numpy import load_file
 
         path = Path(path)
         config = json.loads((path / "config.json").read_text())
         if config.get("type") != TFIDF_TYPE:
-            raise ValueError(f"{path} is not a minippo TF-IDF reward folder (config type "
-                             f"{config.get('type')!r})")
+            raise ValueError(
+                f"{path} is not a minippo TF-IDF reward folder (config type {config.get('type')!r})"
+            )
         if config.get("format") != TFIDF_FORMAT:
-            raise ValueError(f"{path}: reward file format {config.get('format')} is not supported "
-                             f"(this minippo reads format {TFIDF_FORMAT}); retrain it with `minippo reward`")
+            raise ValueError(
+                f"{path}: reward file format {config.get('format')} is not supported "
+                f"(this minippo reads format {TFIDF_FORMAT}); retrain it with `minippo reward`"
+            )
         weights = load_file(str(path / "weights.safetensors"))
         vocabulary = json.loads((path / "vocabulary.json").read_text())
-        return cls(vocabulary, weights["idf"], weights["coef"], float(weights["intercept"][0]),
-                   ngram_range=tuple(config["ngram_range"]), sublinear_tf=config["sublinear_tf"],
-                   token_pattern=config["token_pattern"], kind=kind or config["kind"],
-                   metrics=config.get("metrics"))
+        return cls(
+            vocabulary,
+            weights["idf"],
+            weights["coef"],
+            float(weights["intercept"][0]),
+            ngram_range=tuple(config["ngram_range"]),
+            sublinear_tf=config["sublinear_tf"],
+            token_pattern=config["token_pattern"],
+            kind=kind or config["kind"],
+            metrics=config.get("metrics"),
+        )
 
 
 # -- Hugging Face classifiers --------------------------------------------------------------------
@@ -238,12 +302,18 @@ class HFSentiment(_Scorer):
     (kind "logit", the blog's reward) or its softmax probability (kind "prob"; sigmoid for a
     single-logit model)."""
 
-    def __init__(self, name_or_path: str | os.PathLike, positive_label: str | int | None = None,
-                 kind: str = "logit", device: str | torch.device = "cpu", batch_size: int = 32,
-                 max_length: int = 512):
+    def __init__(
+        self,
+        name_or_path: str | os.PathLike,
+        positive_label: str | int | None = None,
+        kind: str = "logit",
+        device: str | torch.device = "cpu",
+        batch_size: int = 32,
+        max_length: int = 512,
+    ):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from .models import ensure_pad_token, resolve_model
+        from .model_folders import ensure_pad_token, resolve_model
 
         self.kind = _check_kind(kind)
         if batch_size < 1:
@@ -269,8 +339,13 @@ class HFSentiment(_Scorer):
             raise TypeError("pass a list of texts, not a single string")
         out = []
         for i in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(list(texts[i:i + self.batch_size]), padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt")
+            enc = self.tokenizer(
+                list(texts[i : i + self.batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
             enc = {k: v.to(self.device) for k, v in enc.items() if k in self._inputs}
             out.append(self.model(**enc).logits.float().cpu())
         return torch.cat(out) if out else torch.zeros(0, self.num_labels)
@@ -289,8 +364,14 @@ class HFSentiment(_Scorer):
 
 # -- by name --------------------------------------------------------------------------------------
 
-def load_reward(spec: str | os.PathLike, kind: str | None = None, device: str | torch.device = "cpu",
-                batch_size: int = 32, positive_label: str | int | None = None) -> _Scorer:
+
+def load_reward(
+    spec: str | os.PathLike,
+    kind: str | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 32,
+    positive_label: str | int | None = None,
+) -> _Scorer:
     """A reward from `spec`: a folder saved by `TfidfSentiment.save` / `minippo reward`, a local HF
     classifier folder, or a hub name (downloaded, or from the HF cache offline). `kind` None keeps
     the TF-IDF file's kind and uses "logit" for HF classifiers."""
@@ -299,23 +380,35 @@ def load_reward(spec: str | os.PathLike, kind: str | None = None, device: str | 
     if config.is_file():
         if json.loads(config.read_text()).get("type") == TFIDF_TYPE:
             return TfidfSentiment.load(path, kind=kind)
-        return HFSentiment(path, positive_label=positive_label, kind=kind or "logit",
-                           device=device, batch_size=batch_size)
+        return HFSentiment(
+            path, positive_label=positive_label, kind=kind or "logit", device=device, batch_size=batch_size
+        )
     if path.is_dir():
-        raise FileNotFoundError(f"reward folder {path} has no config.json: expected a TF-IDF reward "
-                                f"saved by `minippo reward` or a Hugging Face classifier folder")
+        raise FileNotFoundError(
+            f"reward folder {path} has no config.json: expected a TF-IDF reward "
+            f"saved by `minippo reward` or a Hugging Face classifier folder"
+        )
     if str(spec).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"reward path {str(spec)!r} does not exist: train one with "
-                                f"`minippo reward --output-dir {spec}`")
+        raise FileNotFoundError(
+            f"reward path {str(spec)!r} does not exist: train one with `minippo reward --output-dir {spec}`"
+        )
     try:
-        return HFSentiment(str(spec), positive_label=positive_label, kind=kind or "logit",
-                           device=device, batch_size=batch_size)
+        return HFSentiment(
+            str(spec),
+            positive_label=positive_label,
+            kind=kind or "logit",
+            device=device,
+            batch_size=batch_size,
+        )
     except OSError as e:
-        raise OSError(f"{e}\nFor an offline reward, train the TF-IDF classifier with `minippo reward` "
-                      f"and pass its folder.") from None
+        raise OSError(
+            f"{e}\nFor an offline reward, train the TF-IDF classifier with `minippo reward` "
+            f"and pass its folder."
+        ) from None
 
 
 # -- the `minippo reward` step --------------------------------------------------------------------
+
 
 @dataclass
 class RewardConfig:
@@ -375,22 +468,35 @@ def train_reward(config: RewardConfig) -> dict:
     start = time.perf_counter()
     if config.model == "tfidf":
         train = load_imdb("train", config.data_dir, limit=config.num_train, seed=config.seed)
-        reward = TfidfSentiment.fit(list(train["text"]), list(train["label"]), kind=config.kind,
-                                    ngram_max=config.ngram_max, min_df=config.min_df,
-                                    max_df=config.max_df, C=config.logreg_c)
-        metrics = {"num_train": len(train), "num_features": len(reward.vocabulary),
-                   "train_seconds": round(time.perf_counter() - start, 2)}
+        reward = TfidfSentiment.fit(
+            list(train["text"]),
+            list(train["label"]),
+            kind=config.kind,
+            ngram_max=config.ngram_max,
+            min_df=config.min_df,
+            max_df=config.max_df,
+            C=config.logreg_c,
+        )
+        metrics = {
+            "num_train": len(train),
+            "num_features": len(reward.vocabulary),
+            "train_seconds": round(time.perf_counter() - start, 2),
+        }
         path = str(out)
     else:
-        reward = load_reward(config.model, kind=config.kind, device=config.device,
-                             batch_size=config.batch_size)
+        reward = load_reward(
+            config.model, kind=config.kind, device=config.device, batch_size=config.batch_size
+        )
         metrics, path = {}, config.model
-    metrics.update(num_validation=len(val),
-                   validation_accuracy=round(reward.accuracy(list(val["text"]), list(val["label"])), 4))
+    metrics.update(
+        num_validation=len(val),
+        validation_accuracy=round(reward.accuracy(list(val["text"]), list(val["label"])), 4),
+    )
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(reward, TfidfSentiment):
         reward.metrics = metrics
         reward.save(out)
-    (out / "metrics.json").write_text(json.dumps({"config": asdict(config), "metrics": metrics,
-                                                  "path": path}, indent=2) + "\n")
+    (out / "metrics.json").write_text(
+        json.dumps({"config": asdict(config), "metrics": metrics, "path": path}, indent=2) + "\n"
+    )
     return {"metrics": metrics, "path": path}

@@ -1,18 +1,31 @@
 import json
 
 import pytest
-import torch
 
-from minippo.lora import load_adapter
+from minippo import load_adapter
+from minippo.app.sft import SFTConfig, lr_lambda, review_blocks, run_sft
 from minippo.quant import load_model
-from minippo.sft import SFTConfig, lr_lambda, review_blocks, run_sft
 
 
 def _config(tiny_model_dir, imdb_dir, tmp_path, **overrides):
-    settings = dict(model=tiny_model_dir, data_dir=str(imdb_dir), output_dir=str(tmp_path / "sft"),
-                    load_in_8bit=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
-                    lora_target_modules="all-linear", block_size=32, batch_size=8, max_steps=20,
-                    learning_rate=1e-2, warmup_steps=2, num_train_texts=40, num_eval_blocks=8, log_every=5)
+    settings = dict(
+        model=tiny_model_dir,
+        data_dir=str(imdb_dir),
+        output_dir=str(tmp_path / "sft"),
+        load_in_8bit=True,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        lora_target_modules="all-linear",
+        block_size=32,
+        batch_size=8,
+        max_steps=20,
+        learning_rate=1e-2,
+        warmup_steps=2,
+        num_train_texts=40,
+        num_eval_blocks=8,
+        log_every=5,
+    )
     settings.update(overrides)
     return SFTConfig(**settings)
 
@@ -35,15 +48,26 @@ def test_sft_loss_drops_and_adapter_loads(tiny_model_dir, imdb_dir, tmp_path):
     # The saved adapter on a fresh 8-bit base reproduces the trained model's validation loss.
     model = load_model(tiny_model_dir, load_in_8bit=True)
     load_adapter(model, m["adapter"])
-    from minippo.models import load_tokenizer
-    from minippo.sft import eval_blocks, evaluate_lm
+    from minippo.app.model_folders import load_tokenizer
+    from minippo.app.sft import eval_blocks, evaluate_lm
+
     val = eval_blocks(load_tokenizer(tiny_model_dir), config)
     assert evaluate_lm(model, val, 8, "cpu") == pytest.approx(m["eval_loss_after"], abs=1e-3)
 
 
 def test_sft_float_base_with_grad_accumulation(tiny_model_dir, imdb_dir, tmp_path):
-    m = run_sft(_config(tiny_model_dir, imdb_dir, tmp_path, load_in_8bit=False, grad_accum_steps=2,
-                        max_steps=4, num_eval_blocks=0, lora_target_modules=None))
+    m = run_sft(
+        _config(
+            tiny_model_dir,
+            imdb_dir,
+            tmp_path,
+            load_in_8bit=False,
+            grad_accum_steps=2,
+            max_steps=4,
+            num_eval_blocks=0,
+            lora_target_modules=None,
+        )
+    )
     assert "eval_loss_before" not in m and m["steps"] == 4
     assert (tmp_path / "sft" / "adapter" / "adapter_model.safetensors").is_file()
 
@@ -64,10 +88,18 @@ def test_lr_schedule_warmup_then_linear_decay():
     assert [f(s) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
 
 
-@pytest.mark.parametrize("field, value, match", [
-    ("block_size", 1, "block_size"), ("grad_accum_steps", 3, "must divide"),
-    ("learning_rate", 0.0, "learning_rate"), ("dtype", "int8", "unknown dtype"),
-    ("lora_dropout", 1.0, "dropout"), ("device", "gpu", "not a device"), ("max_steps", 0, "max_steps")])
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("block_size", 1, "block_size"),
+        ("grad_accum_steps", 3, "must divide"),
+        ("learning_rate", 0.0, "learning_rate"),
+        ("dtype", "int8", "unknown dtype"),
+        ("lora_dropout", 1.0, "dropout"),
+        ("device", "gpu", "not a device"),
+        ("max_steps", 0, "max_steps"),
+    ],
+)
 def test_sft_config_validation(field, value, match):
     with pytest.raises(ValueError, match=match):
         SFTConfig(**{field: value})

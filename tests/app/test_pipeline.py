@@ -1,22 +1,42 @@
 """End to end through the CLI on a tiny random model and a small IMDB slice: every subcommand,
 each step's output consumed by the next."""
+
 import json
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from minippo.cli import main
-from minippo.lora import load_adapter
+from minippo import load_adapter
+from minippo.app.cli import main
 from minippo.quant import load_model
 
 # Keys of every metrics.jsonl line (the trl / OpenAI names the README documents).
 METRIC_KEYS = {
-    "step", "objective/kl", "objective/kl_coef", "objective/entropy", "ppo/loss/policy", "ppo/loss/value",
-    "ppo/loss/total", "ppo/policy/entropy", "ppo/policy/approxkl", "ppo/policy/policykl",
-    "ppo/policy/clipfrac", "ppo/policy/advantages_mean", "ppo/policy/ratio", "ppo/returns/mean",
-    "ppo/returns/var", "ppo/val/vpred", "ppo/val/error", "ppo/val/clipfrac", "ppo/val/var_explained",
-    "ppo/mean_scores", "env/reward_mean", "env/reward_std", "env/reward_prob_mean", "time/ppo/total",
+    "step",
+    "objective/kl",
+    "objective/kl_coef",
+    "objective/entropy",
+    "ppo/loss/policy",
+    "ppo/loss/value",
+    "ppo/loss/total",
+    "ppo/policy/entropy",
+    "ppo/policy/approxkl",
+    "ppo/policy/policykl",
+    "ppo/policy/clipfrac",
+    "ppo/policy/advantages_mean",
+    "ppo/policy/ratio",
+    "ppo/returns/mean",
+    "ppo/returns/var",
+    "ppo/val/vpred",
+    "ppo/val/error",
+    "ppo/val/clipfrac",
+    "ppo/val/var_explained",
+    "ppo/mean_scores",
+    "env/reward_mean",
+    "env/reward_std",
+    "env/reward_prob_mean",
+    "time/ppo/total",
     "time/generate",
 }
 
@@ -29,19 +49,104 @@ def run(tmp_path_factory, imdb_dir):
     root = tmp_path_factory.mktemp("pipeline")
     model = save_tiny_model(root / "tiny", "llama")
     data = ["--data-dir", str(imdb_dir)]
-    assert main(["reward", *data, "--output-dir", str(root / "reward"), "--num-train", "400",
-                 "--num-eval", "200"]) == 0
-    assert main(["sft", *data, "--model", model, "--output-dir", str(root / "sft"), "--max-steps", "3",
-                 "--batch-size", "2", "--block-size", "32", "--num-train-texts", "30",
-                 "--num-eval-blocks", "2", "--lora-r", "4"]) == 0
-    assert main(["merge", *data, "--base-model", model, "--adapter", str(root / "sft" / "adapter"),
-                 "--output-dir", str(root / "merged")]) == 0
-    assert main(["ppo", *data, "--model", str(root / "merged"), "--reward", str(root / "reward"),
-                 "--output-dir", str(root / "ppo"), "--steps", "3", "--batch-size", "4",
-                 "--mini-batch-size", "2", "--ppo-epochs", "1", "--eval-prompts", "4", "--save-every", "2",
-                 "--min-new-tokens", "3", "--max-new-tokens", "5", "--lora-r", "4"]) == 0
-    assert main(["generate", *data, "--model", str(root / "merged"), "--adapter", str(root / "ppo" / "adapter"),
-                 "--num-prompts", "2", "--max-new-tokens", "4", "--reward", str(root / "reward")]) == 0
+    assert (
+        main(
+            ["reward", *data, "--output-dir", str(root / "reward"), "--num-train", "400", "--num-eval", "200"]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "sft",
+                *data,
+                "--model",
+                model,
+                "--output-dir",
+                str(root / "sft"),
+                "--max-steps",
+                "3",
+                "--batch-size",
+                "2",
+                "--block-size",
+                "32",
+                "--num-train-texts",
+                "30",
+                "--num-eval-blocks",
+                "2",
+                "--lora-r",
+                "4",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "merge",
+                *data,
+                "--base-model",
+                model,
+                "--adapter",
+                str(root / "sft" / "adapter"),
+                "--output-dir",
+                str(root / "merged"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "ppo",
+                *data,
+                "--model",
+                str(root / "merged"),
+                "--reward",
+                str(root / "reward"),
+                "--output-dir",
+                str(root / "ppo"),
+                "--steps",
+                "3",
+                "--batch-size",
+                "4",
+                "--mini-batch-size",
+                "2",
+                "--ppo-epochs",
+                "1",
+                "--eval-prompts",
+                "4",
+                "--save-every",
+                "2",
+                "--min-new-tokens",
+                "3",
+                "--max-new-tokens",
+                "5",
+                "--lora-r",
+                "4",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "generate",
+                *data,
+                "--model",
+                str(root / "merged"),
+                "--adapter",
+                str(root / "ppo" / "adapter"),
+                "--num-prompts",
+                "2",
+                "--max-new-tokens",
+                "4",
+                "--reward",
+                str(root / "reward"),
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -99,11 +204,39 @@ def test_plan_command_prints_the_blog_arithmetic(capsys):
 
 
 def test_bad_input_gives_a_message_not_a_traceback(tmp_path, capsys, tiny_model_dir, imdb_dir):
-    assert main(["merge", "--base-model", tiny_model_dir, "--adapter", str(tmp_path / "nowhere"),
-                 "--output-dir", str(tmp_path / "m")]) == 2
+    assert (
+        main(
+            [
+                "merge",
+                "--base-model",
+                tiny_model_dir,
+                "--adapter",
+                str(tmp_path / "nowhere"),
+                "--output-dir",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 2
+    )
     assert "not a saved adapter" in capsys.readouterr().err
-    assert main(["generate", "--model", tiny_model_dir, "--adapter", "", "--prompts", "good film",
-                 "--max-new-tokens", "500", "--data-dir", str(imdb_dir)]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                tiny_model_dir,
+                "--adapter",
+                "",
+                "--prompts",
+                "good film",
+                "--max-new-tokens",
+                "500",
+                "--data-dir",
+                str(imdb_dir),
+            ]
+        )
+        == 2
+    )
     assert "context window" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["ppo", "--steps", "0"])
@@ -118,10 +251,11 @@ def test_every_subcommand_has_help(capsys):
     assert "--learning-rate" in capsys.readouterr().out
 
 
-def test_interrupted_ppo_run_keeps_its_last_checkpoint_loadable(tmp_path, tiny_model_dir, imdb_dir, monkeypatch):
+def test_interrupted_ppo_run_keeps_its_last_checkpoint_loadable(
+    tmp_path, tiny_model_dir, imdb_dir, monkeypatch
+):
     """Ctrl-C in the middle of step 3 (after a checkpoint at step 2): the checkpoint is intact."""
-    from minippo import TfidfSentiment, load_imdb
-    from minippo import pipeline
+    from minippo.app import TfidfSentiment, load_imdb, pipeline
 
     train = load_imdb("train", imdb_dir, limit=300)
     TfidfSentiment.fit(train["text"], train["label"], kind="logit").save(tmp_path / "reward")
@@ -136,10 +270,18 @@ def test_interrupted_ppo_run_keeps_its_last_checkpoint_loadable(tmp_path, tiny_m
 
     monkeypatch.setattr(pipeline.PPOTrainer, "step", step_then_interrupt)
     config = pipeline.PPORunConfig(
-        model=tiny_model_dir, reward=str(tmp_path / "reward"), data_dir=str(imdb_dir),
-        output_dir=str(tmp_path / "ppo"), steps=5, save_every=2, eval_prompts=0,
+        model=tiny_model_dir,
+        reward=str(tmp_path / "reward"),
+        data_dir=str(imdb_dir),
+        output_dir=str(tmp_path / "ppo"),
+        steps=5,
+        save_every=2,
+        eval_prompts=0,
         lora=pipeline.LoRAConfig(r=4, alpha=8),
-        ppo=pipeline.PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=1, min_new_tokens=3, max_new_tokens=4))
+        ppo=pipeline.PPOConfig(
+            batch_size=4, mini_batch_size=2, ppo_epochs=1, min_new_tokens=3, max_new_tokens=4
+        ),
+    )
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_ppo(config, progress=False)
     checkpoint = tmp_path / "ppo" / "checkpoint"

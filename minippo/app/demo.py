@@ -9,6 +9,7 @@
 Presets size the run: "cpu" is the default and fits a 2-core laptop-class CPU in about 15 minutes;
 "long" trains longer; "smoke" runs every stage for a few steps (CI's check of the real model).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,12 +17,11 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
-from .lora import LoRAConfig
-from .models import DEFAULT_MODEL, resolve_model
+from ..lora import LoRAConfig
+from ..ppo import PPOConfig
+from .model_folders import DEFAULT_MODEL, resolve_model
 from .pipeline import MergeConfig, PPORunConfig, run_merge, run_ppo
-from .ppo import PPOConfig
 from .report import MetricsLog, markdown_table, plot_lines, write_json
 from .reward import RewardConfig, train_reward
 from .sft import SFTConfig, run_sft
@@ -34,30 +34,64 @@ PRESETS: dict[str, dict] = {
         # adaptive controller hardly moves at this scale: horizon 10,000 samples). The reward is the
         # classifier's logit clipped at 3 (P(positive) 0.95): past that, more "great great great"
         # earns nothing, so the KL to the starting model levels off instead of growing.
-        "sft": dict(max_steps=60, batch_size=4, block_size=128, learning_rate=3e-4, warmup_steps=5,
-                    num_train_texts=600, num_eval_blocks=16),
+        "sft": dict(
+            max_steps=60,
+            batch_size=4,
+            block_size=128,
+            learning_rate=3e-4,
+            warmup_steps=5,
+            num_train_texts=600,
+            num_eval_blocks=16,
+        ),
         "ppo": dict(steps=90, eval_prompts=64),
-        "ppo_config": dict(batch_size=16, mini_batch_size=8, ppo_epochs=2, learning_rate=1.5e-3,
-                           init_kl_coef=0.1, adap_kl_ctrl=False, max_grad_norm=1.0, score_clip=3.0,
-                           min_new_tokens=12, max_new_tokens=16),
+        "ppo_config": dict(
+            batch_size=16,
+            mini_batch_size=8,
+            ppo_epochs=2,
+            learning_rate=1.5e-3,
+            init_kl_coef=0.1,
+            adap_kl_ctrl=False,
+            max_grad_norm=1.0,
+            score_clip=3.0,
+            min_new_tokens=12,
+            max_new_tokens=16,
+        ),
         "lora": dict(r=16, alpha=32),
         "reward": dict(),
     },
     "long": {
         "sft": dict(max_steps=200, batch_size=8, block_size=128, learning_rate=2e-4, num_train_texts=2000),
         "ppo": dict(steps=200, eval_prompts=128),
-        "ppo_config": dict(batch_size=32, mini_batch_size=8, ppo_epochs=2, learning_rate=1e-3,
-                           init_kl_coef=0.1, adap_kl_ctrl=True, target=12.0, horizon=2000,
-                           max_grad_norm=1.0, score_clip=3.0, min_new_tokens=12, max_new_tokens=16),
+        "ppo_config": dict(
+            batch_size=32,
+            mini_batch_size=8,
+            ppo_epochs=2,
+            learning_rate=1e-3,
+            init_kl_coef=0.1,
+            adap_kl_ctrl=True,
+            target=12.0,
+            horizon=2000,
+            max_grad_norm=1.0,
+            score_clip=3.0,
+            min_new_tokens=12,
+            max_new_tokens=16,
+        ),
         "lora": dict(r=16, alpha=32),
         "reward": dict(),
     },
     "smoke": {
-        "sft": dict(max_steps=2, batch_size=2, block_size=64, num_train_texts=20, num_eval_blocks=2,
-                    warmup_steps=0),
+        "sft": dict(
+            max_steps=2, batch_size=2, block_size=64, num_train_texts=20, num_eval_blocks=2, warmup_steps=0
+        ),
         "ppo": dict(steps=2, eval_prompts=4, save_every=1),
-        "ppo_config": dict(batch_size=4, mini_batch_size=2, ppo_epochs=1, learning_rate=1e-4,
-                           min_new_tokens=4, max_new_tokens=6),
+        "ppo_config": dict(
+            batch_size=4,
+            mini_batch_size=2,
+            ppo_epochs=1,
+            learning_rate=1e-4,
+            min_new_tokens=4,
+            max_new_tokens=6,
+        ),
         "lora": dict(r=4, alpha=8),
         "reward": dict(num_train=400, num_eval=200),
     },
@@ -74,15 +108,15 @@ class DemoConfig:
     """Run folder: config, metrics, adapters, plots and report.md."""
     model: str = DEFAULT_MODEL
     """Base model: the embedded "smollm2-135m", a local folder, or a hub name."""
-    data_dir: Optional[str] = None
+    data_dir: str | None = None
     """IMDB parquet folder (None: $MINIPPO_IMDB_DIR, else the hub's stanfordnlp/imdb)."""
-    reward: Optional[str] = None
+    reward: str | None = None
     """A reward to use instead of training the TF-IDF one: a reward folder or a HF classifier name."""
     device: str = "cpu"
     """Device for every stage: cpu, cuda or cuda:N."""
-    sft_steps: Optional[int] = None
+    sft_steps: int | None = None
     """Override the preset's SFT steps."""
-    ppo_steps: Optional[int] = None
+    ppo_steps: int | None = None
     """Override the preset's PPO steps."""
     seed: int = 0
     """Seed of every stage."""
@@ -99,23 +133,48 @@ class DemoConfig:
 def demo_stage_configs(config: DemoConfig, model_dir: str) -> dict:
     """The resolved configs of every stage (preset + overrides), all pointing into the run folder."""
     run, preset = Path(config.output_dir), PRESETS[config.preset]
-    sft = dict(preset["sft"], model=model_dir, data_dir=config.data_dir, output_dir=str(run / "sft"),
-               device=config.device, seed=config.seed, lora_r=preset["lora"]["r"],
-               lora_alpha=preset["lora"]["alpha"])
+    sft = dict(
+        preset["sft"],
+        model=model_dir,
+        data_dir=config.data_dir,
+        output_dir=str(run / "sft"),
+        device=config.device,
+        seed=config.seed,
+        lora_r=preset["lora"]["r"],
+        lora_alpha=preset["lora"]["alpha"],
+    )
     if config.sft_steps:
         sft["max_steps"] = config.sft_steps
     ppo_config = PPOConfig(**dict(preset["ppo_config"], seed=config.seed, device=config.device))
-    ppo = dict(preset["ppo"], model=str(run / "merged"), data_dir=config.data_dir,
-               reward=config.reward or str(run / "reward"), output_dir=str(run / "ppo"),
-               lora=LoRAConfig(**preset["lora"]), ppo=ppo_config)
+    ppo = dict(
+        preset["ppo"],
+        model=str(run / "merged"),
+        data_dir=config.data_dir,
+        reward=config.reward or str(run / "reward"),
+        output_dir=str(run / "ppo"),
+        lora=LoRAConfig(**preset["lora"]),
+        ppo=ppo_config,
+    )
     if config.ppo_steps:
         ppo["steps"] = config.ppo_steps
     return {
-        "reward": RewardConfig(**dict(preset["reward"], data_dir=config.data_dir, output_dir=str(run / "reward"),
-                                      kind="logit", seed=config.seed)),
+        "reward": RewardConfig(
+            **dict(
+                preset["reward"],
+                data_dir=config.data_dir,
+                output_dir=str(run / "reward"),
+                kind="logit",
+                seed=config.seed,
+            )
+        ),
         "sft": SFTConfig(**sft),
-        "merge": MergeConfig(base_model=model_dir, adapter=str(run / "sft" / "adapter"),
-                             output_dir=str(run / "merged"), device=config.device, data_dir=config.data_dir),
+        "merge": MergeConfig(
+            base_model=model_dir,
+            adapter=str(run / "sft" / "adapter"),
+            output_dir=str(run / "merged"),
+            device=config.device,
+            data_dir=config.data_dir,
+        ),
         "ppo": PPORunConfig(**ppo),
     }
 
@@ -129,8 +188,10 @@ def run_demo(config: DemoConfig) -> dict:
     model_dir = resolve_model(config.model)  # converts the embedded GGUF once, then reuses it
     seconds["model"] = time.perf_counter() - t
     stages = demo_stage_configs(config, model_dir)
-    write_json(run / "config.json", {"demo": dataclasses.asdict(config),
-                                     **{k: dataclasses.asdict(v) for k, v in stages.items()}})
+    write_json(
+        run / "config.json",
+        {"demo": dataclasses.asdict(config), **{k: dataclasses.asdict(v) for k, v in stages.items()}},
+    )
 
     summary: dict = {"model": model_dir, "preset": config.preset}
     print(f"demo: run folder {run}, preset {config.preset!r}, model {model_dir}")
@@ -148,13 +209,17 @@ def run_demo(config: DemoConfig) -> dict:
 
     write_plots(run, summary)
     (run / "report.md").write_text(render_report(config, summary))
-    write_json(run / "summary.json", {k: v for k, v in summary.items() if k != "ppo"} |
-               {"ppo": _brief_ppo(summary["ppo"])})
+    write_json(
+        run / "summary.json",
+        {k: v for k, v in summary.items() if k != "ppo"} | {"ppo": _brief_ppo(summary["ppo"])},
+    )
     before, after = summary["ppo"].get("before"), summary["ppo"].get("after")
     if before and after:
-        print(f"demo: held-out P(positive) {before['reward_prob_mean']:.3f} -> {after['reward_prob_mean']:.3f}, "
-              f"KL to the starting model {after['kl_mean']:.2f} nats; "
-              f"{summary['total_seconds'] / 60:.1f} min; report: {run / 'report.md'}")
+        print(
+            f"demo: held-out P(positive) {before['reward_prob_mean']:.3f} -> {after['reward_prob_mean']:.3f}, "
+            f"KL to the starting model {after['kl_mean']:.2f} nats; "
+            f"{summary['total_seconds'] / 60:.1f} min; report: {run / 'report.md'}"
+        )
     return summary
 
 
@@ -170,42 +235,81 @@ def _brief_ppo(result: dict) -> dict:
 def write_plots(run: Path, summary: dict) -> None:
     """sft_loss.png (training loss per step) and ppo_progress.png (reward and KL per PPO step)."""
     loss_log = json.loads(Path(summary["sft"]["loss_log"]).read_text())
-    plot_lines(run / "sft_loss.png", [("training loss", [s for s, _ in loss_log], [l for _, l in loss_log])],
-               "SFT step", "Step 1: LoRA fine-tuning on IMDB reviews")
+    plot_lines(
+        run / "sft_loss.png",
+        [("training loss", [s for s, _ in loss_log], [l for _, l in loss_log])],
+        "SFT step",
+        "Step 1: LoRA fine-tuning on IMDB reviews",
+    )
     metrics = MetricsLog(run / "ppo" / "metrics.jsonl").read()
     steps = [m["step"] for m in metrics]
-    plot_lines(run / "ppo_progress.png", [
-        ("mean P(positive) of samples", steps, [m["env/reward_prob_mean"] for m in metrics]),
-        ("KL to the starting model (nats)", steps, [m["objective/kl"] for m in metrics]),
-    ], "PPO step", "Step 3: PPO towards positive reviews")
+    plot_lines(
+        run / "ppo_progress.png",
+        [
+            ("mean P(positive) of samples", steps, [m["env/reward_prob_mean"] for m in metrics]),
+            ("KL to the starting model (nats)", steps, [m["objective/kl"] for m in metrics]),
+        ],
+        "PPO step",
+        "Step 3: PPO towards positive reviews",
+    )
 
 
 def render_report(config: DemoConfig, summary: dict) -> str:
     """The run's report.md: what ran, how long, and what changed, with samples before and after."""
     sft, merge, ppo, sec = summary["sft"], summary["merge"], summary["ppo"], summary["seconds"]
-    lines = [f"# minippo demo report (preset `{config.preset}`)", "",
-             f"Base model: `{summary['model']}`. Total time {summary['total_seconds'] / 60:.1f} min "
-             f"({', '.join(f'{k} {v:.0f} s' for k, v in sec.items())}).", ""]
+    lines = [
+        f"# minippo demo report (preset `{config.preset}`)",
+        "",
+        f"Base model: `{summary['model']}`. Total time {summary['total_seconds'] / 60:.1f} min "
+        f"({', '.join(f'{k} {v:.0f} s' for k, v in sec.items())}).",
+        "",
+    ]
     if "reward" in summary:
         r = summary["reward"]
-        lines += [f"**Reward model**: TF-IDF + logistic regression on {r['num_train']} IMDB train reviews, "
-                  f"validation accuracy {r['validation_accuracy']:.3f}.", ""]
+        lines += [
+            f"**Reward model**: TF-IDF + logistic regression on {r['num_train']} IMDB train reviews, "
+            f"validation accuracy {r['validation_accuracy']:.3f}.",
+            "",
+        ]
     if "eval_loss_before" in sft:
-        lines += [f"**Step 1, SFT** ({sft['steps']} steps, 8-bit base + LoRA): validation loss "
-                  f"{sft['eval_loss_before']:.3f} -> {sft['eval_loss_after']:.3f} (perplexity "
-                  f"{sft['eval_ppl_before']:.1f} -> {sft['eval_ppl_after']:.1f}). ![sft loss](sft_loss.png)", ""]
-    lines += [f"**Step 2, merge**: merged vs adapted logits, max |diff| {merge['max_abs_logit_diff']:.2e} "
-              f"(mean logit magnitude {merge['logit_scale']:.2f}); the folder loads in bare transformers.", ""]
+        lines += [
+            f"**Step 1, SFT** ({sft['steps']} steps, 8-bit base + LoRA): validation loss "
+            f"{sft['eval_loss_before']:.3f} -> {sft['eval_loss_after']:.3f} (perplexity "
+            f"{sft['eval_ppl_before']:.1f} -> {sft['eval_ppl_after']:.1f}). ![sft loss](sft_loss.png)",
+            "",
+        ]
+    lines += [
+        f"**Step 2, merge**: merged vs adapted logits, max |diff| {merge['max_abs_logit_diff']:.2e} "
+        f"(mean logit magnitude {merge['logit_scale']:.2f}); the folder loads in bare transformers.",
+        "",
+    ]
     if "before" in ppo and "after" in ppo:
         b, a = ppo["before"], ppo["after"]
-        lines += ["**Step 3, PPO** on held-out prompts (IMDB test reviews cut to a few tokens; same prompts "
-                  "and sampling seed before and after):", "",
-                  markdown_table(["", "mean P(positive)", "std", "KL to starting model (nats/review)"],
-                                 [["before (merged SFT model)", b["reward_prob_mean"], b["reward_prob_std"], 0.0],
-                                  ["after PPO", a["reward_prob_mean"], a["reward_prob_std"], a["kl_mean"]]]),
-                  "", "![ppo progress](ppo_progress.png)", "", "## Samples (same prompt, same seed)", "",
-                  markdown_table(["prompt", "before", "P(pos)", "after", "P(pos)"],
-                                 [[p, rb, pb, ra, pa] for p, rb, pb, ra, pa in
-                                  list(zip(b["prompts"], b["responses"], b["probs"], a["responses"],
-                                           a["probs"]))[:12]]), ""]
+        lines += [
+            "**Step 3, PPO** on held-out prompts (IMDB test reviews cut to a few tokens; same prompts "
+            "and sampling seed before and after):",
+            "",
+            markdown_table(
+                ["", "mean P(positive)", "std", "KL to starting model (nats/review)"],
+                [
+                    ["before (merged SFT model)", b["reward_prob_mean"], b["reward_prob_std"], 0.0],
+                    ["after PPO", a["reward_prob_mean"], a["reward_prob_std"], a["kl_mean"]],
+                ],
+            ),
+            "",
+            "![ppo progress](ppo_progress.png)",
+            "",
+            "## Samples (same prompt, same seed)",
+            "",
+            markdown_table(
+                ["prompt", "before", "P(pos)", "after", "P(pos)"],
+                [
+                    [p, rb, pb, ra, pa]
+                    for p, rb, pb, ra, pa in list(
+                        zip(b["prompts"], b["responses"], b["probs"], a["responses"], a["probs"])
+                    )[:12]
+                ],
+            ),
+            "",
+        ]
     return "\n".join(lines) + "\n"

@@ -11,6 +11,7 @@ to `output_dir`. Ctrl-C saves the adapter reached so far before stopping.
 
 Shapes: B batch of blocks, L = block_size.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,11 +24,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..adapter_files import save_adapter
+from ..fileio import write_json
+from ..lora import LoRAConfig, add_lora, count_parameters
+from ..quant import load_model, prepare_model_for_kbit_training, resolve_dtype
 from .data import clean_review, load_imdb, pack_blocks
-from .lora import LoRAConfig, add_lora, count_parameters, save_adapter
-from .models import DEFAULT_MODEL, load_tokenizer, resolve_model
-from .fileio import write_json
-from .quant import load_model, prepare_model_for_kbit_training, resolve_dtype
+from .model_folders import DEFAULT_MODEL, load_tokenizer, resolve_model
 
 
 @dataclass
@@ -37,7 +39,8 @@ class SFTConfig:
     model: str = DEFAULT_MODEL
     """Base causal LM: the embedded default "smollm2-135m", a local model folder, or a hub name."""
     data_dir: str | None = None
-    """Folder with IMDB {train,validation}.parquet; None: $MINIPPO_IMDB_DIR, else the hub's stanfordnlp/imdb."""
+    """folder with IMDB {train,validation}.parquet;
+    None: $MINIPPO_IMDB_DIR, else the hub's stanfordnlp/imdb."""
     output_dir: str = "runs/sft"
     """Where the adapter (output_dir/adapter), loss log and metrics are written."""
     load_in_8bit: bool = True
@@ -53,7 +56,8 @@ class SFTConfig:
     lora_dropout: float = 0.05
     """Dropout on the LoRA input during training."""
     lora_target_modules: str | None = None
-    """Layers to adapt: names ("q_proj,v_proj"), a regex, "all-linear", or None for the architecture's default."""
+    """Layers to adapt: names ("q_proj,v_proj"), a regex, "all-linear", or None for the architecture's
+    default."""
     block_size: int = 256
     """Tokens per packed training block (the blog used 1024)."""
     max_steps: int = 200
@@ -84,8 +88,16 @@ class SFTConfig:
     """Show the running loss on the progress bar every this many steps."""
 
     def __post_init__(self):
-        positive = ("block_size", "max_steps", "batch_size", "grad_accum_steps", "num_train_texts",
-                    "eval_batch_size", "log_every", "lora_r")
+        positive = (
+            "block_size",
+            "max_steps",
+            "batch_size",
+            "grad_accum_steps",
+            "num_train_texts",
+            "eval_batch_size",
+            "log_every",
+            "lora_r",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"SFTConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -95,23 +107,32 @@ class SFTConfig:
         if self.block_size < 2:
             raise ValueError(f"SFTConfig.block_size must be >= 2, got {self.block_size}")
         if self.batch_size % self.grad_accum_steps:
-            raise ValueError(f"SFTConfig.grad_accum_steps ({self.grad_accum_steps}) must divide "
-                             f"batch_size ({self.batch_size})")
+            raise ValueError(
+                f"SFTConfig.grad_accum_steps ({self.grad_accum_steps}) must divide "
+                f"batch_size ({self.batch_size})"
+            )
         if not self.learning_rate > 0:
             raise ValueError(f"SFTConfig.learning_rate must be > 0, got {self.learning_rate}")
         resolve_dtype(self.dtype)
         try:
             torch.device(self.device)
         except RuntimeError:
-            raise ValueError(f"SFTConfig.device {self.device!r} is not a device: use cpu, cuda or cuda:N") from None
+            raise ValueError(
+                f"SFTConfig.device {self.device!r} is not a device: use cpu, cuda or cuda:N"
+            ) from None
         self.lora_config()  # validates r, alpha, dropout, target_modules
 
     def lora_config(self) -> LoRAConfig:
-        return LoRAConfig(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
-                          target_modules=self.lora_target_modules)
+        return LoRAConfig(
+            r=self.lora_r,
+            alpha=self.lora_alpha,
+            dropout=self.lora_dropout,
+            target_modules=self.lora_target_modules,
+        )
 
 
 # -- data ------------------------------------------------------------------------------------------
+
 
 def review_blocks(texts, tokenizer, block_size: int) -> torch.Tensor:
     """Clean, tokenise (no special tokens) and pack reviews: LongTensor (N, block_size)."""
@@ -133,6 +154,7 @@ def eval_blocks(tokenizer, config: SFTConfig) -> torch.Tensor:
 
 # -- training --------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def evaluate_lm(model, blocks: torch.Tensor, batch_size: int, device) -> float:
     """Mean next-token cross-entropy (nats per token) of `model` over blocks (N, L)."""
@@ -140,7 +162,7 @@ def evaluate_lm(model, blocks: torch.Tensor, batch_size: int, device) -> float:
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(blocks), batch_size):
-        batch = blocks[i:i + batch_size].to(device)  # (B, L)
+        batch = blocks[i : i + batch_size].to(device)  # (B, L)
         loss = model(input_ids=batch, labels=batch, use_cache=False).loss
         n = batch.numel() - batch.shape[0]  # predicted tokens: L - 1 per block
         total, count = total + loss.item() * n, count + n
@@ -150,10 +172,12 @@ def evaluate_lm(model, blocks: torch.Tensor, batch_size: int, device) -> float:
 
 def lr_lambda(warmup_steps: int, max_steps: int):
     """Multiplier of the peak rate at a step: linear warm-up, then linear decay to 0."""
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
+
     return factor
 
 
@@ -167,7 +191,9 @@ def run_sft(config: SFTConfig) -> dict:
     `output_dir/loss_log.json`)."""
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {config.device!r} asked for, but torch sees no CUDA GPU: use --device cpu")
+        raise RuntimeError(
+            f"device {config.device!r} asked for, but torch sees no CUDA GPU: use --device cpu"
+        )
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sft_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
@@ -182,10 +208,14 @@ def run_sft(config: SFTConfig) -> dict:
     elif config.gradient_checkpointing:
         model.enable_input_require_grads()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(
+        model.config, "n_positions", None
+    )
     if context and config.block_size > context:
-        raise ValueError(f"block_size {config.block_size} exceeds the model's context window of {context} "
-                         f"tokens: use --block-size {context} or less")
+        raise ValueError(
+            f"block_size {config.block_size} exceeds the model's context window of {context} "
+            f"tokens: use --block-size {context} or less"
+        )
     add_lora(model, config.lora_config())
     trainable, total = count_parameters(model)
 
@@ -195,8 +225,13 @@ def run_sft(config: SFTConfig) -> dict:
     val = eval_blocks(tokenizer, config) if config.num_eval_blocks else None  # (N_val, L)
 
     # 3. Validation loss before training (LoRA B = 0: the base model).
-    metrics = {"model": model_dir, "trainable_params": trainable, "total_params": total,
-               "train_blocks": len(train), "block_size": config.block_size}
+    metrics = {
+        "model": model_dir,
+        "trainable_params": trainable,
+        "total_params": total,
+        "train_blocks": len(train),
+        "block_size": config.block_size,
+    }
     if val is not None:
         metrics["eval_blocks"] = len(val)
         metrics["eval_loss_before"] = evaluate_lm(model, val, config.eval_batch_size, device)
@@ -219,7 +254,7 @@ def run_sft(config: SFTConfig) -> dict:
             for _ in range(config.grad_accum_steps):
                 if cursor + micro > len(order):  # a new epoch over the blocks
                     order, cursor = torch.randperm(len(train), generator=generator), 0
-                idx = order[cursor:cursor + micro]
+                idx = order[cursor : cursor + micro]
                 cursor += micro
                 batch = train[idx].to(device)  # (B, L)
                 loss = model(input_ids=batch, labels=batch, use_cache=False).loss
@@ -232,8 +267,10 @@ def run_sft(config: SFTConfig) -> dict:
             optimizer.zero_grad(set_to_none=True)
             loss_log.append((step, step_loss))
             if step % config.log_every == 0 or step == config.max_steps:
-                recent = [l for _, l in loss_log[-config.log_every:]]
-                bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
+                recent = [l for _, l in loss_log[-config.log_every :]]
+                bar.set_postfix(
+                    loss=f"{sum(recent) / len(recent):.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}"
+                )
     except KeyboardInterrupt:
         bar.close()
         _save(model, out, model_dir, loss_log)
@@ -247,15 +284,21 @@ def run_sft(config: SFTConfig) -> dict:
         metrics["eval_loss_after"] = evaluate_lm(model, val, config.eval_batch_size, device)
         metrics["eval_ppl_after"] = _perplexity(metrics["eval_loss_after"])
     tokens = config.max_steps * config.batch_size * config.block_size
-    metrics.update(steps=config.max_steps, train_seconds=round(seconds, 2),
-                   tokens_per_second=round(tokens / max(seconds, 1e-9), 1),
-                   train_loss_first=loss_log[0][1], train_loss_last=loss_log[-1][1])
+    metrics.update(
+        steps=config.max_steps,
+        train_seconds=round(seconds, 2),
+        tokens_per_second=round(tokens / max(seconds, 1e-9), 1),
+        train_loss_first=loss_log[0][1],
+        train_loss_last=loss_log[-1][1],
+    )
     metrics.update(_save(model, out, model_dir, loss_log))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if val is not None:
-        print(f"sft: validation loss {metrics['eval_loss_before']:.3f} -> {metrics['eval_loss_after']:.3f} "
-              f"(perplexity {metrics['eval_ppl_before']:.1f} -> {metrics['eval_ppl_after']:.1f}); "
-              f"adapter -> {metrics['adapter']}")
+        print(
+            f"sft: validation loss {metrics['eval_loss_before']:.3f} -> {metrics['eval_loss_after']:.3f} "
+            f"(perplexity {metrics['eval_ppl_before']:.1f} -> {metrics['eval_ppl_after']:.1f}); "
+            f"adapter -> {metrics['adapter']}"
+        )
     return metrics
 
 

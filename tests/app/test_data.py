@@ -3,8 +3,9 @@ import json
 import pytest
 import torch
 
-from minippo import data, models
-from minippo.data import (
+from minippo.app import data
+from minippo.app import model_folders as models
+from minippo.app.data import (
     LengthSampler,
     clean_review,
     load_imdb,
@@ -13,13 +14,17 @@ from minippo.data import (
     pack_blocks,
 )
 
-REVIEW = ("I loved this film.<br /><br />The acting   was great,\tthe story<br/>moving. "
-          "Watch it!<BR>Ten out of ten. ") * 3
+REVIEW = (
+    "I loved this film.<br /><br />The acting   was great,\tthe story<br/>moving. "
+    "Watch it!<BR>Ten out of ten. "
+) * 3
 
 
 def test_clean_review_removes_br_and_collapses_whitespace():
-    assert clean_review("  Good.<br /><br />Very   good.<br/>Ten\n out<BR>of ten.  ") == \
-        "Good. Very good. Ten out of ten."
+    assert (
+        clean_review("  Good.<br /><br />Very   good.<br/>Ten\n out<BR>of ten.  ")
+        == "Good. Very good. Ten out of ten."
+    )
     assert clean_review("Good.<br /><br />Very   good.", keep_paragraphs=True) == "Good.\nVery good."
     assert "<br" not in clean_review(REVIEW).lower()
 

@@ -1,8 +1,9 @@
 """The blog's three steps on IMDB as library calls: sft -> merge -> reward -> ppo, plus generate.
 
 Each step is a config dataclass and a `run_*` function; the CLI (`minippo <step>`) is generated
-from the dataclasses, and `minippo.demo` chains the steps into one run folder with a report.
+from the dataclasses, and `minippo.app.demo` chains the steps into one run folder with a report.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,34 +11,41 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 
-from .fileio import atomic_directory
+from ..adapter_files import load_adapter
+from ..fileio import atomic_directory
+from ..lora import LoRAConfig, add_lora, disable_adapters, merge_lora
+from ..ppo import PPOConfig, PPOTrainer
+from ..quant import load_model, resolve_dtype
 from .data import load_imdb, make_prompts
-from .lora import LoRAConfig, add_lora, disable_adapters, load_adapter, merge_lora
-from .models import DEFAULT_MODEL, load_tokenizer, resolve_model
-from .ppo import PPOConfig, PPOTrainer
-from .quant import load_model, resolve_dtype
+from .model_folders import DEFAULT_MODEL, load_tokenizer, resolve_model
 from .report import MetricsLog, markdown_table, write_json
 from .reward import RewardConfig, load_reward, train_reward
 
 __all__ = [
-    "RewardConfig", "run_reward", "MergeConfig", "run_merge",
-    "PPORunConfig", "run_ppo", "GenerateConfig", "run_generate", "evaluate_policy",
+    "RewardConfig",
+    "run_reward",
+    "MergeConfig",
+    "run_merge",
+    "PPORunConfig",
+    "run_ppo",
+    "GenerateConfig",
+    "run_generate",
+    "evaluate_policy",
 ]
 
 
 def run_reward(config: RewardConfig) -> dict:
     """`minippo reward`: train the TF-IDF sentiment reward (or check a HF classifier); print accuracy."""
     result = train_reward(config)
-    print(f"reward: validation accuracy {result['metrics']['validation_accuracy']:.4f} "
-          f"-> {result['path']}")
+    print(f"reward: validation accuracy {result['metrics']['validation_accuracy']:.4f} -> {result['path']}")
     return result
 
 
 # ----------------------------------------------------------------------------- step 2: merge
+
 
 @dataclass
 class MergeConfig:
@@ -57,7 +65,7 @@ class MergeConfig:
     """Device for loading and merging."""
     probe_tokens: int = 64
     """Length of each probe text used to check the merge (logits of merged vs adapted model)."""
-    data_dir: Optional[str] = None
+    data_dir: str | None = None
     """IMDB folder for the probe texts (None: $MINIPPO_IMDB_DIR, else built-in sentences)."""
 
     def __post_init__(self):
@@ -108,23 +116,32 @@ def run_merge(config: MergeConfig) -> dict:
     _save_pretrained(merged, tokenizer, out)
 
     # Verify: the folder reloads in bare transformers and gives the adapted model's logits.
-    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=resolve_dtype(config.dtype)).to(config.device).eval()
+    reloaded = (
+        AutoModelForCausalLM.from_pretrained(out, dtype=resolve_dtype(config.dtype)).to(config.device).eval()
+    )
     with torch.no_grad():
         logits = reloaded(input_ids=ids, attention_mask=attn).logits.float()
     keep = attn.bool()
     diff = (logits - adapted)[keep].abs()
-    check = {"max_abs_logit_diff": diff.max().item(), "mean_abs_logit_diff": diff.mean().item(),
-             "logit_scale": adapted[keep].abs().mean().item(),
-             "same_argmax": (logits.argmax(-1) == adapted.argmax(-1))[keep].float().mean().item(),
-             "base_model_folder": base, "config": dataclasses.asdict(config)}
+    check = {
+        "max_abs_logit_diff": diff.max().item(),
+        "mean_abs_logit_diff": diff.mean().item(),
+        "logit_scale": adapted[keep].abs().mean().item(),
+        "same_argmax": (logits.argmax(-1) == adapted.argmax(-1))[keep].float().mean().item(),
+        "base_model_folder": base,
+        "config": dataclasses.asdict(config),
+    }
     write_json(out / "merge_check.json", check)
-    print(f"merge: {out} (plain transformers model, {config.dtype}); merged vs adapted logits on "
-          f"{ids.shape[0]}x{ids.shape[1]} probe tokens: max |diff| {check['max_abs_logit_diff']:.2e}, "
-          f"mean |diff| {check['mean_abs_logit_diff']:.2e}, same top-1 token {check['same_argmax']:.1%}")
+    print(
+        f"merge: {out} (plain transformers model, {config.dtype}); merged vs adapted logits on "
+        f"{ids.shape[0]}x{ids.shape[1]} probe tokens: max |diff| {check['max_abs_logit_diff']:.2e}, "
+        f"mean |diff| {check['mean_abs_logit_diff']:.2e}, same top-1 token {check['same_argmax']:.1%}"
+    )
     return {"path": str(out), **check}
 
 
 # ----------------------------------------------------------------------------- step 3: ppo
+
 
 @dataclass
 class PPORunConfig:
@@ -136,7 +153,7 @@ class PPORunConfig:
     """Reward: a folder from `minippo reward`, or a HF sentiment classifier (e.g. lvwerra/distilbert-imdb)."""
     reward_kind: str = "logit"
     """What the reward returns: "logit" (log-odds / raw positive logit, as the blog) or "prob"."""
-    data_dir: Optional[str] = None
+    data_dir: str | None = None
     """IMDB folder for prompts (None: $MINIPPO_IMDB_DIR, else the hub's stanfordnlp/imdb)."""
     output_dir: str = "runs/ppo"
     """Run folder: metrics.jsonl, checkpoint/ (periodic), adapter/ (final), config.json."""
@@ -160,8 +177,9 @@ class PPORunConfig:
     """Print this many sample reviews every save_every steps."""
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(r=16, alpha=32, dropout=0.0))
     """LoRA settings of the new adapter."""
-    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(batch_size=16, mini_batch_size=4),
-                           metadata={"cli_prefix": ""})
+    ppo: PPOConfig = field(
+        default_factory=lambda: PPOConfig(batch_size=16, mini_batch_size=4), metadata={"cli_prefix": ""}
+    )
     """PPO settings (trl names)."""
 
     def __post_init__(self):
@@ -170,8 +188,10 @@ class PPORunConfig:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if not 1 <= self.prompt_min_tokens < self.prompt_max_tokens:
-            raise ValueError("need 1 <= prompt_min_tokens < prompt_max_tokens, got "
-                             f"{self.prompt_min_tokens}, {self.prompt_max_tokens}")
+            raise ValueError(
+                "need 1 <= prompt_min_tokens < prompt_max_tokens, got "
+                f"{self.prompt_min_tokens}, {self.prompt_max_tokens}"
+            )
         if self.save_every < 0 or self.eval_prompts < 0:
             raise ValueError("save_every and eval_prompts must be >= 0")
         resolve_dtype(self.dtype)
@@ -190,8 +210,9 @@ def sequence_kl(trainer: PPOTrainer, queries, responses) -> torch.Tensor:
     return ((logp - ref) * mask).sum(1).cpu()
 
 
-def evaluate_samples(trainer: PPOTrainer, tokenizer, prompts: list[torch.Tensor], seed: int,
-                     adapters: bool = True, reward=None) -> dict:
+def evaluate_samples(
+    trainer: PPOTrainer, tokenizer, prompts: list[torch.Tensor], seed: int, adapters: bool = True, reward=None
+) -> dict:
     """Sample one response per prompt (fixed seed) with the adapters on or off; optionally score
     the reviews (prompt + response) with the reward's P(positive)."""
     torch.manual_seed(seed)
@@ -205,16 +226,21 @@ def evaluate_samples(trainer: PPOTrainer, tokenizer, prompts: list[torch.Tensor]
     return {"prompts": q, "responses": r, "probs": probs, "response_ids": responses}
 
 
-def evaluate_policy(trainer: PPOTrainer, tokenizer, reward, prompts: list[torch.Tensor], seed: int,
-                    adapters: bool = True) -> dict:
+def evaluate_policy(
+    trainer: PPOTrainer, tokenizer, reward, prompts: list[torch.Tensor], seed: int, adapters: bool = True
+) -> dict:
     """Mean P(positive) of sampled reviews and mean KL to the starting model (adapters off; 0 when
     sampling from it), with the samples themselves."""
     samples = evaluate_samples(trainer, tokenizer, prompts, seed, adapters, reward)
     responses = samples.pop("response_ids")
     kl = sequence_kl(trainer, prompts, responses) if adapters else torch.zeros(len(prompts))
     probs = torch.tensor(samples["probs"])
-    return {"reward_prob_mean": probs.mean().item(), "reward_prob_std": probs.std().item(),
-            "kl_mean": kl.mean().item(), **samples}
+    return {
+        "reward_prob_mean": probs.mean().item(),
+        "reward_prob_std": probs.std().item(),
+        "kl_mean": kl.mean().item(),
+        **samples,
+    }
 
 
 def _cycle_prompts(prompts: list[torch.Tensor], batch_size: int, seed: int):
@@ -223,7 +249,7 @@ def _cycle_prompts(prompts: list[torch.Tensor], batch_size: int, seed: int):
     for _ in itertools.count():
         order = torch.randperm(len(prompts), generator=gen).tolist()
         for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield [prompts[j] for j in order[i:i + batch_size]]
+            yield [prompts[j] for j in order[i : i + batch_size]]
 
 
 def build_trainer(config: PPORunConfig):
@@ -251,24 +277,42 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
     # Prompts: train reviews for training, test reviews for the held-out evaluation.
     n_train = max(config.steps * config.ppo.batch_size, 4 * config.ppo.batch_size)
     train_texts = load_imdb("train", config.data_dir, limit=2 * n_train, seed=config.ppo.seed)["text"]
-    prompts, _ = make_prompts(train_texts, tokenizer, config.prompt_min_tokens, config.prompt_max_tokens,
-                              seed=config.ppo.seed, limit=n_train)
+    prompts, _ = make_prompts(
+        train_texts,
+        tokenizer,
+        config.prompt_min_tokens,
+        config.prompt_max_tokens,
+        seed=config.ppo.seed,
+        limit=n_train,
+    )
     if len(prompts) < config.ppo.batch_size:
-        raise ValueError(f"only {len(prompts)} prompts after filtering, fewer than batch_size "
-                         f"{config.ppo.batch_size}: use more data or a smaller batch")
+        raise ValueError(
+            f"only {len(prompts)} prompts after filtering, fewer than batch_size "
+            f"{config.ppo.batch_size}: use more data or a smaller batch"
+        )
     eval_prompts = []
     if config.eval_prompts:
-        test_texts = load_imdb("test", config.data_dir, limit=4 * config.eval_prompts, seed=config.eval_seed)["text"]
-        eval_prompts, _ = make_prompts(test_texts, tokenizer, config.prompt_min_tokens,
-                                       config.prompt_max_tokens, seed=config.eval_seed,
-                                       limit=config.eval_prompts)
+        test_texts = load_imdb("test", config.data_dir, limit=4 * config.eval_prompts, seed=config.eval_seed)[
+            "text"
+        ]
+        eval_prompts, _ = make_prompts(
+            test_texts,
+            tokenizer,
+            config.prompt_min_tokens,
+            config.prompt_max_tokens,
+            seed=config.eval_seed,
+            limit=config.eval_prompts,
+        )
 
     result = {"model": model_dir, "output_dir": str(out)}
     if eval_prompts:
-        result["before"] = evaluate_policy(trainer, tokenizer, reward, eval_prompts, config.eval_seed,
-                                           adapters=False)
-        print(f"ppo: before training, held-out reviews score P(positive) "
-              f"{result['before']['reward_prob_mean']:.3f}")
+        result["before"] = evaluate_policy(
+            trainer, tokenizer, reward, eval_prompts, config.eval_seed, adapters=False
+        )
+        print(
+            f"ppo: before training, held-out reviews score P(positive) "
+            f"{result['before']['reward_prob_mean']:.3f}"
+        )
 
     log = MetricsLog(out / "metrics.jsonl")
     if log.path.exists():
@@ -291,28 +335,41 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
         t_score = time.perf_counter() - t
         # 3. one PPO step
         stats = trainer.step(queries, responses, scores)
-        stats.update({"step": step + 1, "time/generate": t_gen, "time/score": t_score,
-                      "time/elapsed": time.perf_counter() - t0,
-                      "env/reward_prob_mean": probs.float().mean().item()})
+        stats.update(
+            {
+                "step": step + 1,
+                "time/generate": t_gen,
+                "time/score": t_score,
+                "time/elapsed": time.perf_counter() - t0,
+                "env/reward_prob_mean": probs.float().mean().item(),
+            }
+        )
         log.write(stats)
-        bar.set_postfix(reward=f"{stats['env/reward_mean']:.2f}", pos=f"{stats['env/reward_prob_mean']:.2f}",
-                        kl=f"{stats['objective/kl']:.2f}", beta=f"{stats['objective/kl_coef']:.3f}")
+        bar.set_postfix(
+            reward=f"{stats['env/reward_mean']:.2f}",
+            pos=f"{stats['env/reward_prob_mean']:.2f}",
+            kl=f"{stats['objective/kl']:.2f}",
+            beta=f"{stats['objective/kl_coef']:.3f}",
+        )
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
             trainer.save(out / "checkpoint")
-            for q, r in list(zip(q_text, r_text))[:config.log_samples]:
+            for q, r in list(zip(q_text, r_text))[: config.log_samples]:
                 bar.write(f"  step {step + 1}: {q!r} -> {r!r}")
     trainer.save(out / "adapter")
     result["train_seconds"] = time.perf_counter() - t0
     if eval_prompts:
         result["after"] = evaluate_policy(trainer, tokenizer, reward, eval_prompts, config.eval_seed)
-        print(f"ppo: after {config.steps} steps, held-out reviews score P(positive) "
-              f"{result['after']['reward_prob_mean']:.3f} (before {result['before']['reward_prob_mean']:.3f}), "
-              f"KL to the starting model {result['after']['kl_mean']:.2f} nats/review")
+        print(
+            f"ppo: after {config.steps} steps, held-out reviews score P(positive) "
+            f"{result['after']['reward_prob_mean']:.3f} (before {result['before']['reward_prob_mean']:.3f}), "
+            f"KL to the starting model {result['after']['kl_mean']:.2f} nats/review"
+        )
     write_json(out / "result.json", result)
     return result
 
 
 # ----------------------------------------------------------------------------- generate
+
 
 @dataclass
 class GenerateConfig:
@@ -320,13 +377,13 @@ class GenerateConfig:
 
     model: str = "runs/merged"
     """Model folder or name (the base the adapter was trained on)."""
-    adapter: Optional[str] = "runs/ppo/adapter"
+    adapter: str | None = "runs/ppo/adapter"
     """Adapter folder (None: only the base model)."""
     prompts: list[str] = field(default_factory=list)
     """Prompt texts; empty: cut num_prompts IMDB test reviews to 2-7 tokens."""
     num_prompts: int = 6
     """How many IMDB prompts when no prompts are given."""
-    data_dir: Optional[str] = None
+    data_dir: str | None = None
     """IMDB folder (None: $MINIPPO_IMDB_DIR, else the hub)."""
     max_new_tokens: int = 24
     """Tokens to sample per prompt."""
@@ -334,7 +391,7 @@ class GenerateConfig:
     """Sampling temperature (top_k 0, top_p 1)."""
     seed: int = 0
     """Sampling seed, the same for both columns."""
-    reward: Optional[str] = None
+    reward: str | None = None
     """Optional reward folder/name: adds each sample's P(positive)."""
     load_in_8bit: bool = True
     """Load the model's Linear layers in 8-bit."""
@@ -355,9 +412,14 @@ def run_generate(config: GenerateConfig) -> dict:
         load_adapter(model, config.adapter)
     else:
         add_lora(model, LoRAConfig())  # a zero adapter: identical to the base, lets the trainer sample
-    ppo_config = PPOConfig(batch_size=1, mini_batch_size=1, temperature=config.temperature,
-                           min_new_tokens=config.max_new_tokens, max_new_tokens=config.max_new_tokens,
-                           device=config.device)
+    ppo_config = PPOConfig(
+        batch_size=1,
+        mini_batch_size=1,
+        temperature=config.temperature,
+        min_new_tokens=config.max_new_tokens,
+        max_new_tokens=config.max_new_tokens,
+        device=config.device,
+    )
     trainer = PPOTrainer(ppo_config, model, tokenizer)
     if config.prompts:
         prompts = [torch.tensor(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in config.prompts]
@@ -368,9 +430,13 @@ def run_generate(config: GenerateConfig) -> dict:
         prompts, _ = make_prompts(texts, tokenizer, seed=config.seed, limit=config.num_prompts)
     _check_context(prompts, config.max_new_tokens, model)
     reward = load_reward(config.reward) if config.reward else None
-    columns = {"base": evaluate_samples(trainer, tokenizer, prompts, config.seed, adapters=False, reward=reward)}
+    columns = {
+        "base": evaluate_samples(trainer, tokenizer, prompts, config.seed, adapters=False, reward=reward)
+    }
     if config.adapter:
-        columns["adapter"] = evaluate_samples(trainer, tokenizer, prompts, config.seed, adapters=True, reward=reward)
+        columns["adapter"] = evaluate_samples(
+            trainer, tokenizer, prompts, config.seed, adapters=True, reward=reward
+        )
     for col in columns.values():
         col.pop("response_ids")
     header, rows = ["prompt"], []
@@ -387,8 +453,12 @@ def run_generate(config: GenerateConfig) -> dict:
 
 def _check_context(prompts, max_new_tokens: int, model) -> None:
     """A prompt plus its response must fit the model's context window."""
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(
+        model.config, "n_positions", None
+    )
     longest = max(len(p) for p in prompts)
     if limit and longest + max_new_tokens > limit:
-        raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's "
-                         f"context window of {limit} tokens: shorten the prompt or max_new_tokens")
+        raise ValueError(
+            f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's "
+            f"context window of {limit} tokens: shorten the prompt or max_new_tokens"
+        )

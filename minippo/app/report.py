@@ -1,13 +1,15 @@
 """Run artefacts: a metrics log (JSON lines), PNG plots, and the demo's markdown report."""
+
 from __future__ import annotations
 
 import json
 import math
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
-from . import fileio
+from .. import fileio
 
 
 def _plain(value: Any) -> Any:
@@ -44,8 +46,12 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     fileio.write_json(path, obj, default=_plain)
 
 
-def plot_lines(path: str | os.PathLike, panels: Sequence[tuple[str, Sequence[float], Sequence[float]]],
-               xlabel: str, title: str) -> None:
+def plot_lines(
+    path: str | os.PathLike,
+    panels: Sequence[tuple[str, Sequence[float], Sequence[float]]],
+    xlabel: str,
+    title: str,
+) -> None:
     """One PNG with a panel per (ylabel, xs, ys) triple, side by side."""
     import matplotlib
 
@@ -66,10 +72,12 @@ def plot_lines(path: str | os.PathLike, panels: Sequence[tuple[str, Sequence[flo
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     """A GitHub markdown table; cell text has pipes and newlines escaped."""
+
     def cell(v: Any) -> str:
         if isinstance(v, float):
             v = f"{v:.3f}"
         return str(v).replace("|", "\\|").replace("\n", " ")
+
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)

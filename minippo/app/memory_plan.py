@@ -29,15 +29,17 @@ gradients that must flow back to the lowest adapter):
 
 plus the logits: four fp32 (B, L, V) tensors are alive at the peak (logits, log-softmax and two
 gradient buffers) in a plain causal-LM loss; minippo's trainer takes logits at the T response
-positions only and log-probs by logsumexp, so for it this term is an upper bound. With gradient checkpointing only each block's input (H per token) is kept, and
-the peak is the larger of the logits' buffers and one block's activations rebuilt in the backward
-(x 1.5 for its gradients in flight, beside the fp32 logits the caller still holds). Attention is assumed memory-efficient (SDPA: no
-(L, L) score matrix is stored). The constants are checked against measurements in
+positions only and log-probs by logsumexp, so for it this term is an upper bound. With gradient
+checkpointing only each block's input (H per token) is kept, and the peak is the larger of the
+logits' buffers and one block's activations rebuilt in the backward (x 1.5 for its gradients in
+flight, beside the fp32 logits the caller still holds). Attention is assumed memory-efficient
+(SDPA: no (L, L) score matrix is stored). The constants are checked against measurements in
 `tests/test_plan.py` (within 15%); `TensorMemoryTracker` below is the measuring tool.
 
 Note: the step's peak is taken as everything above at once; PPO's rollout (generation with a KV
 cache, no gradients) needs less than the training mini-batch and is not planned separately.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,19 +60,33 @@ LOGIT_COPIES = 4  # fp32 (B, L, V) tensors alive at the peak: logits, log-softma
 
 # Activation elements per token per block: (c_H, c_I) for c_H * H + c_I * I (see the docstring).
 ACTIVATION_COEFFS = {"gpt_neox": (5.3, 1.0), "llama": (6.5, 3.0), "gpt2": (8.5, 3.9)}
-LORA_ACTIVATION_PER_INPUT = 2.0
-RECOMPUTE_FACTOR = 1.5  # checkpointing: a rebuilt block's tensors + its gradients in flight  # per adapted linear, per token: 2 * d_in elements
+LORA_ACTIVATION_PER_INPUT = 2.0  # per adapted linear, per token: 2 * d_in elements
+RECOMPUTE_FACTOR = 1.5  # checkpointing: a rebuilt block's tensors + its gradients in flight
 
 # Shapes of a few well-known models (their config.json values), so `--model gpt-neox-20b` works offline.
 KNOWN_MODELS = {
-    "gpt-neox-20b": dict(model_type="gpt_neox", hidden_size=6144, num_hidden_layers=44,
-                         vocab_size=50432, intermediate_size=24576, num_attention_heads=64,
-                         tie_word_embeddings=False),
-    "smollm2-135m": dict(model_type="llama", hidden_size=576, num_hidden_layers=30,
-                         vocab_size=49152, intermediate_size=1536, num_attention_heads=9,
-                         num_key_value_heads=3, tie_word_embeddings=True),
-    "gpt2": dict(model_type="gpt2", n_embd=768, n_layer=12, vocab_size=50257, n_head=12,
-                 tie_word_embeddings=True),
+    "gpt-neox-20b": dict(
+        model_type="gpt_neox",
+        hidden_size=6144,
+        num_hidden_layers=44,
+        vocab_size=50432,
+        intermediate_size=24576,
+        num_attention_heads=64,
+        tie_word_embeddings=False,
+    ),
+    "smollm2-135m": dict(
+        model_type="llama",
+        hidden_size=576,
+        num_hidden_layers=30,
+        vocab_size=49152,
+        intermediate_size=1536,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+    ),
+    "gpt2": dict(
+        model_type="gpt2", n_embd=768, n_layer=12, vocab_size=50257, n_head=12, tie_word_embeddings=True
+    ),
 }
 
 
@@ -127,11 +143,15 @@ class PlanConfig:
         if self.lora_r < 0 or self.batch_size < 1 or self.seq_len < 1 or self.gpu_gib <= 0:
             raise ValueError("lora_r must be >= 0, batch_size and seq_len >= 1, gpu_gib > 0")
         if self.lora_r == 0 and self.dtype == "int8":
-            raise ValueError("int8 weights cannot be trained directly: set lora_r > 0, or a float "
-                             "dtype (fp32/bf16/fp16) for full fine-tuning")
+            raise ValueError(
+                "int8 weights cannot be trained directly: set lora_r > 0, or a float "
+                "dtype (fp32/bf16/fp16) for full fine-tuning"
+            )
         if self.params <= 0 and not self.model and not (self.hidden_size and self.num_layers):
-            raise ValueError("say how big the model is: --params (e.g. 20e9), --model (a folder "
-                             "with config.json, or gpt-neox-20b), or --hidden-size and --num-layers")
+            raise ValueError(
+                "say how big the model is: --params (e.g. 20e9), --model (a folder "
+                "with config.json, or gpt-neox-20b), or --hidden-size and --num-layers"
+            )
 
 
 @dataclass
@@ -152,8 +172,15 @@ class ModelShape:
         """One block's linear layers: name -> (in, out). Fused qkv where the architecture fuses it."""
         H, I, kv = self.hidden, self.inner, self.hidden * self.kv_heads // self.heads
         if self.arch == "llama":
-            return {"q": (H, H), "k": (H, kv), "v": (H, kv), "o": (H, H),
-                    "gate": (H, I), "up": (H, I), "down": (I, H)}
+            return {
+                "q": (H, H),
+                "k": (H, kv),
+                "v": (H, kv),
+                "o": (H, H),
+                "gate": (H, I),
+                "up": (H, I),
+                "down": (I, H),
+            }
         return {"qkv": (H, H + 2 * kv), "o": (H, H), "up": (H, I), "down": (I, H)}  # neox, gpt2
 
     def adapted(self, targets: str) -> dict[str, tuple[int, int]]:
@@ -176,10 +203,16 @@ def _config_shape(cfg: dict, source: str) -> ModelShape:
     H = cfg.get("hidden_size", cfg.get("n_embd"))
     heads = cfg.get("num_attention_heads", cfg.get("n_head", max(1, H // 64)))
     return ModelShape(
-        arch=arch, hidden=H, layers=cfg.get("num_hidden_layers", cfg.get("n_layer")),
-        vocab=cfg["vocab_size"], inner=cfg.get("intermediate_size") or cfg.get("n_inner") or 4 * H,
-        heads=heads, kv_heads=cfg.get("num_key_value_heads") or heads,
-        tied=cfg.get("tie_word_embeddings", mt == "gpt2"), source=source)
+        arch=arch,
+        hidden=H,
+        layers=cfg.get("num_hidden_layers", cfg.get("n_layer")),
+        vocab=cfg["vocab_size"],
+        inner=cfg.get("intermediate_size") or cfg.get("n_inner") or 4 * H,
+        heads=heads,
+        kv_heads=cfg.get("num_key_value_heads") or heads,
+        tied=cfg.get("tie_word_embeddings", mt == "gpt2"),
+        source=source,
+    )
 
 
 def model_shape(config: PlanConfig) -> ModelShape:
@@ -197,8 +230,10 @@ def model_shape(config: PlanConfig) -> ModelShape:
         elif key in KNOWN_MODELS:
             shape = _config_shape(KNOWN_MODELS[key], f"known shape of {key}")
         else:
-            raise FileNotFoundError(f"--model {config.model!r}: no config.json there and not one of "
-                                    f"{sorted(KNOWN_MODELS)}; or give --hidden-size/--num-layers")
+            raise FileNotFoundError(
+                f"--model {config.model!r}: no config.json there and not one of "
+                f"{sorted(KNOWN_MODELS)}; or give --hidden-size/--num-layers"
+            )
     else:
         layers, H = config.num_layers, config.hidden_size
         source = "the given sizes"
@@ -207,10 +242,16 @@ def model_shape(config: PlanConfig) -> ModelShape:
             layers = layers or max(1, round((n / (12 * 128**2)) ** (1 / 3)))
             H = H or max(64, 64 * round(math.sqrt(n / (12 * layers)) / 64))
             source = f"inferred from {n:.3g} parameters"
-        shape = ModelShape("gpt_neox", H, layers, 50432, 4 * H, max(1, H // 128), max(1, H // 128),
-                           False, source)
-    overrides = {"hidden": config.hidden_size, "layers": config.num_layers,
-                 "vocab": config.vocab_size, "inner": config.intermediate_size, "arch": config.arch}
+        shape = ModelShape(
+            "gpt_neox", H, layers, 50432, 4 * H, max(1, H // 128), max(1, H // 128), False, source
+        )
+    overrides = {
+        "hidden": config.hidden_size,
+        "layers": config.num_layers,
+        "vocab": config.vocab_size,
+        "inner": config.intermediate_size,
+        "arch": config.arch,
+    }
     return replace(shape, **{k: v for k, v in overrides.items() if v})
 
 
@@ -241,7 +282,9 @@ def activation_bytes(config: PlanConfig, shape: ModelShape) -> int:
     c_h, c_i = ACTIVATION_COEFFS[shape.arch]
     per_block = c_h * shape.hidden + c_i * shape.inner  # elements per token
     if config.lora_r:
-        per_block += LORA_ACTIVATION_PER_INPUT * sum(i for i, _ in shape.adapted(config.lora_targets).values())
+        per_block += LORA_ACTIVATION_PER_INPUT * sum(
+            i for i, _ in shape.adapted(config.lora_targets).values()
+        )
     else:  # full fine-tuning: every linear saves its input for the weight gradient
         per_block += sum(i for i, _ in shape.linears().values())
     logits = LOGIT_COPIES * 4 * shape.vocab + (act if act != 4 else 0) * shape.vocab  # per token
@@ -261,10 +304,12 @@ def plan_memory(config: PlanConfig) -> Plan:
     blog's comparison: the same step with fp32 / bf16 / int8 weights, and bf16 full fine-tuning."""
     plan = _plan_parts(config)
     r = config.lora_r or 16
-    for label, change in [("fp32 weights + LoRA", dict(dtype="fp32", lora_r=r)),
-                          ("bf16 weights + LoRA", dict(dtype="bf16", lora_r=r)),
-                          ("int8 weights + LoRA", dict(dtype="int8", lora_r=r)),
-                          ("bf16 full fine-tuning", dict(dtype="bf16", lora_r=0))]:
+    for label, change in [
+        ("fp32 weights + LoRA", dict(dtype="fp32", lora_r=r)),
+        ("bf16 weights + LoRA", dict(dtype="bf16", lora_r=r)),
+        ("int8 weights + LoRA", dict(dtype="int8", lora_r=r)),
+        ("bf16 full fine-tuning", dict(dtype="bf16", lora_r=0)),
+    ]:
         other = _plan_parts(replace(config, compute_dtype="", **change))
         plan.alternatives.append((label, other.total, other.fits))
     return plan
@@ -283,8 +328,10 @@ def _plan_parts(config: PlanConfig) -> Plan:
     if config.dtype == "int8":
         rows = shape.layers * sum(o for _, o in shape.linears().values())
         parts["weights"] = linear + 4 * rows + other * DTYPE_BYTES[compute]
-        how["weights"] = (f"{_n(linear)} linear x 1 B (int8) + fp32 row scales + "
-                          f"{_n(other)} x {DTYPE_BYTES[compute]} B ({compute})")
+        how["weights"] = (
+            f"{_n(linear)} linear x 1 B (int8) + fp32 row scales + "
+            f"{_n(other)} x {DTYPE_BYTES[compute]} B ({compute})"
+        )
     else:
         parts["weights"] = (linear + other) * DTYPE_BYTES[config.dtype]
         how["weights"] = f"{_n(linear + other)} x {DTYPE_BYTES[config.dtype]} B ({config.dtype})"
@@ -307,13 +354,16 @@ def _plan_parts(config: PlanConfig) -> Plan:
     how["gradients"] = f"{_n(trainable)} trainable x {grad_bytes} B"
     states = OPTIMIZERS[config.optimizer] + (1 if full16 else 0)
     parts["optimiser state"] = 4 * states * trainable
-    how["optimiser state"] = (f"{config.optimizer}: {states} x 4 B per trainable parameter"
-                              + (" (incl. fp32 master weights)" if full16 else ""))
+    how["optimiser state"] = f"{config.optimizer}: {states} x 4 B per trainable parameter" + (
+        " (incl. fp32 master weights)" if full16 else ""
+    )
 
     # 4. Activations of one mini-batch, and the runtime's own reserve.
     parts["activations"] = activation_bytes(config, shape)
-    how["activations"] = (f"B={config.batch_size} x L={config.seq_len}, {compute}, "
-                          f"checkpointing {'on' if config.gradient_checkpointing else 'off'}")
+    how["activations"] = (
+        f"B={config.batch_size} x L={config.seq_len}, {compute}, "
+        f"checkpointing {'on' if config.gradient_checkpointing else 'off'}"
+    )
     parts["reserve"] = int(config.reserve_gib * GiB)
     how["reserve"] = "CUDA context, allocator slack"
 
@@ -333,17 +383,24 @@ def _n(count: float) -> str:
 def format_plan(plan: Plan) -> str:
     """The plan as a markdown table, a fits / does-not-fit verdict and the dtype comparison."""
     c, s = plan.config, plan.shape
-    lines = [f"{_n(plan.params)} parameters ({s.arch}: {s.layers} layers, H {s.hidden}, I {s.inner}, "
-             f"V {s.vocab}; {s.source}), {c.dtype} weights, "
-             + (f"LoRA r={c.lora_r} on {c.lora_targets}" if c.lora_r else "full fine-tuning")
-             + f", {c.optimizer}", "",
-             "| part | GiB | GB | how |", "|---|---:|---:|---|"]
+    lines = [
+        f"{_n(plan.params)} parameters ({s.arch}: {s.layers} layers, H {s.hidden}, I {s.inner}, "
+        f"V {s.vocab}; {s.source}), {c.dtype} weights, "
+        + (f"LoRA r={c.lora_r} on {c.lora_targets}" if c.lora_r else "full fine-tuning")
+        + f", {c.optimizer}",
+        "",
+        "| part | GiB | GB | how |",
+        "|---|---:|---:|---|",
+    ]
     for name, nbytes in plan.parts.items():
         lines.append(f"| {name} | {nbytes / GiB:.2f} | {nbytes / 1e9:.2f} | {plan.how[name]} |")
     lines.append(f"| **total** | **{plan.total / GiB:.2f}** | **{plan.total / 1e9:.2f}** | |")
     room = (plan.budget - plan.total) / GiB
-    lines += ["", f"fits in {c.gpu_gib:g} GiB: " + (f"yes ({room:.1f} GiB to spare)" if plan.fits
-                                                     else f"NO ({-room:.1f} GiB short)")]
+    lines += [
+        "",
+        f"fits in {c.gpu_gib:g} GiB: "
+        + (f"yes ({room:.1f} GiB to spare)" if plan.fits else f"NO ({-room:.1f} GiB short)"),
+    ]
     if plan.alternatives:
         lines += ["", "| same step with | total GiB | total GB | fits |", "|---|---:|---:|---|"]
         for label, total, fits in plan.alternatives:
@@ -359,6 +416,7 @@ def run_plan(config: PlanConfig) -> Plan:
 
 
 # ---------------------------------------------------------------------------------- measuring
+
 
 def tensor_footprint_bytes(module: torch.nn.Module) -> int:
     """Bytes of a module's parameters and buffers, each storage counted once (tied weights).
@@ -402,8 +460,11 @@ class TensorMemoryTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self._sweep()
-        inputs = {StorageWeakRef(t.untyped_storage()).cdata
-                  for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        inputs = {
+            StorageWeakRef(t.untyped_storage()).cdata
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor)
+        }
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor) or t.device.type == "meta":
                 continue

@@ -4,6 +4,7 @@ Every subcommand's settings are one `@dataclass`; each field becomes a `--flag` 
 the one-line docstring written under the field, and whose default is the field's default. So
 `minippo ppo --help` always lists exactly what `PPORunConfig` accepts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,10 +15,11 @@ import sys
 import textwrap
 import types
 import typing
-from typing import Any, Callable
-
+from collections.abc import Callable
+from typing import Any
 
 # ----------------------------------------------------------------------------- dataclass -> argparse
+
 
 def field_docs(cls: type) -> dict[str, str]:
     """Map each field of a dataclass (and its bases) to the docstring written under it."""
@@ -31,9 +33,13 @@ def field_docs(cls: type) -> dict[str, str]:
             continue
         body = ast.parse(source).body[0].body
         for node, nxt in zip(body, body[1:]):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                    and isinstance(nxt.value.value, str)):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
                 docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
 
@@ -51,6 +57,7 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 def _none_or(convert: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         return None if text.lower() in ("none", "null", "") else convert(text)
+
     parse.__name__ = getattr(convert, "__name__", "value")
     return parse
 
@@ -65,8 +72,9 @@ def _default(f: dataclasses.Field, instance: Any = None) -> Any:
     return None
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "",
-                            dest_prefix: str = "", defaults: Any = None) -> None:
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser, cls: type, prefix: str = "", dest_prefix: str = "", defaults: Any = None
+) -> None:
     """Add one `--field-name` option per dataclass field (defaults shown in --help).
 
     A field whose type is itself a dataclass (e.g. `lora: LoRAConfig`) adds that dataclass's
@@ -120,38 +128,53 @@ def config_from_namespace(cls: type, ns: argparse.Namespace, dest_prefix: str = 
             values[f.name] = config_from_namespace(tp, ns, f"{dest_prefix}{f.name}.")
         elif hasattr(ns, dest_prefix + f.name):
             value = getattr(ns, dest_prefix + f.name)
-            values[f.name] = tuple(value) if isinstance(value, list) and isinstance(f.default, tuple) else value
+            values[f.name] = (
+                tuple(value) if isinstance(value, list) and isinstance(f.default, tuple) else value
+            )
     return cls(**values)
 
 
 # ----------------------------------------------------------------------------- the commands
 
+
 def _commands() -> dict[str, tuple[type, Callable, str]]:
     """name -> (config dataclass, run function, one-line help). Imported lazily: fast --help."""
-    from minippo import demo, pipeline, sft
-    from minippo.plan import PlanConfig, run_plan
+    from minippo.app import demo, pipeline, sft
+    from minippo.app.memory_plan import PlanConfig, run_plan
 
     return {
-        "sft": (sft.SFTConfig, sft.run_sft,
-                "step 1: LoRA fine-tune an 8-bit base model on IMDB review text"),
-        "merge": (pipeline.MergeConfig, pipeline.run_merge,
-                  "step 2: merge an adapter into the base weights and save a plain model"),
-        "reward": (pipeline.RewardConfig, pipeline.run_reward,
-                   "train (or check) the sentiment reward model"),
-        "ppo": (pipeline.PPORunConfig, pipeline.run_ppo,
-                "step 3: PPO-train a new adapter so the model writes positive reviews"),
-        "generate": (pipeline.GenerateConfig, pipeline.run_generate,
-                     "sample reviews with and without an adapter, side by side"),
-        "demo": (demo.DemoConfig, demo.run_demo,
-                 "the whole pipeline on the embedded defaults, with plots and a report"),
+        "sft": (sft.SFTConfig, sft.run_sft, "step 1: LoRA fine-tune an 8-bit base model on IMDB review text"),
+        "merge": (
+            pipeline.MergeConfig,
+            pipeline.run_merge,
+            "step 2: merge an adapter into the base weights and save a plain model",
+        ),
+        "reward": (pipeline.RewardConfig, pipeline.run_reward, "train (or check) the sentiment reward model"),
+        "ppo": (
+            pipeline.PPORunConfig,
+            pipeline.run_ppo,
+            "step 3: PPO-train a new adapter so the model writes positive reviews",
+        ),
+        "generate": (
+            pipeline.GenerateConfig,
+            pipeline.run_generate,
+            "sample reviews with and without an adapter, side by side",
+        ),
+        "demo": (
+            demo.DemoConfig,
+            demo.run_demo,
+            "the whole pipeline on the embedded defaults, with plots and a report",
+        ),
         "plan": (PlanConfig, run_plan, "predict training memory and whether it fits a GPU"),
     }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="minippo", description="PPO on LoRA adapters over 8-bit causal language models.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="minippo",
+        description="PPO on LoRA adapters over 8-bit causal language models.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (cls, _, help_text) in _commands().items():

@@ -1,0 +1,240 @@
+"""Adapter files in peft's layout: `save_adapter` and `load_adapter`.
+
+An adapter folder holds `adapter_config.json` (peft's LoraConfig fields) and
+`adapter_model.safetensors` with keys `base_model.model.<module path>.lora_A.weight` and
+`.lora_B.weight`, so `peft.PeftModel.from_pretrained` loads ours and `load_adapter` loads peft's.
+Kept apart from the LoRA layer itself, as peft keeps its `save_and_load.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .fileio import atomic_write
+from .lora import (
+    LoRAConfig,
+    _model_type,
+    _unwrap,
+    add_lora,
+    find_targets,
+    layer_dims,
+    lora_layers,
+    lora_state_dict,
+)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+def _base_name(lm: nn.Module) -> str | None:
+    name = getattr(lm, "name_or_path", None) or getattr(getattr(lm, "config", None), "_name_or_path", None)
+    return name or None
+
+
+def adapter_config_dict(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
+    """The `adapter_config.json` fields (peft's LoraConfig) describing `model`'s adapters."""
+    lm = _unwrap(model)
+    layers = [layer for _, layer in lora_layers(lm)]
+    if not layers:
+        raise ValueError("the model has no LoRA layers: call add_lora (or load_adapter) first")
+    first = layers[0]
+    config = getattr(lm, "lora_config", None) or getattr(model, "lora_config", None)
+    if config is not None:
+        targets, init = config.target_modules, config.init
+        dropout = config.dropout
+    else:
+        targets = sorted({n.rsplit(".", 1)[-1] for n, _ in lora_layers(lm)})
+        init = "default"
+        dropout = getattr(first.lora_dropout, "p", 0.0)
+    conv1d = _model_type(lm) == "gpt2" or any(
+        isinstance(l.base_layer, Conv1D) or issubclass(getattr(l.base_layer, "source_cls", nn.Linear), Conv1D)
+        for l in layers
+    )
+    alpha = first.alpha
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path or _base_name(lm),
+        "revision": None,
+        "inference_mode": True,
+        "r": first.r,
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "lora_dropout": dropout,
+        "target_modules": targets,
+        "fan_in_fan_out": conv1d,
+        "bias": "none",
+        "use_rslora": first.use_rslora,
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": "gaussian" if init == "gaussian" else True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+def save_adapter(
+    model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None
+) -> str:
+    """Write `adapter_config.json` + `adapter_model.safetensors` (peft's layout) to `directory`.
+
+    Keys are `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`, paths relative to
+    the language model (a wrapper with `.pretrained_model` is unwrapped).  Each file is written to a
+    temp file and renamed into place, so an interrupted save never leaves a corrupt adapter.
+    Returns the directory.
+    """
+    lm = _unwrap(model)
+    config = adapter_config_dict(model, base_model_name_or_path)
+    tensors = {
+        PEFT_PREFIX + key: value.detach().to("cpu").contiguous() for key, value in lora_state_dict(lm).items()
+    }
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    atomic_write(
+        os.path.join(directory, ADAPTER_WEIGHTS),
+        lambda path: save_file(tensors, path, metadata={"format": "pt"}),
+    )
+    text = json.dumps(config, indent=2, sort_keys=True)
+    atomic_write(os.path.join(directory, ADAPTER_CONFIG), lambda path: open(path, "w").write(text))
+    return directory
+
+
+def _config_from_peft(cfg: dict, where: str) -> LoRAConfig:
+    """A LoRAConfig from an adapter_config.json dict; ValueError for features we do not support."""
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{where}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    unsupported = {
+        "bias": cfg.get("bias", "none") != "none",
+        "use_dora": bool(cfg.get("use_dora")),
+        "modules_to_save": bool(cfg.get("modules_to_save")),
+        "rank_pattern": bool(cfg.get("rank_pattern")),
+        "alpha_pattern": bool(cfg.get("alpha_pattern")),
+        "layers_to_transform": cfg.get("layers_to_transform") is not None,
+    }
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise ValueError(f"{where}: adapter uses {bad}, which minippo's LoRA does not support")
+    init = cfg.get("init_lora_weights", True)
+    return LoRAConfig(
+        r=int(cfg["r"]),
+        alpha=cfg.get("lora_alpha", 8),
+        dropout=float(cfg.get("lora_dropout", 0.0)),
+        target_modules=cfg.get("target_modules"),
+        use_rslora=bool(cfg.get("use_rslora", False)),
+        init="gaussian" if init == "gaussian" else "default",
+    )
+
+
+def _same_model_name(a: str, b: str) -> bool:
+    """Hub id vs local folder of the same model compare equal by their last path component."""
+    return os.path.basename(a.rstrip("/\\")) == os.path.basename(b.rstrip("/\\"))
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, check_base: bool = True) -> nn.Module:
+    """Load a LoRA adapter saved by `save_adapter` or by peft into `model`, in place; returns it.
+
+    A model without LoRA layers gets them first (`add_lora` with the file's config); a model with
+    LoRA layers must match the file's rank and scaling.  Raises ValueError, naming what differs,
+    when the adapter's base model name differs from the model's (`check_base=False` skips this
+    check), or when keys are missing or unexpected, or shapes differ; nothing is changed then.
+    """
+    directory = os.fspath(directory)
+    lm = _unwrap(model)
+    cfg, config, tensors = read_adapter(directory)
+    _check_base(cfg.get("base_model_name_or_path"), _base_name(lm), directory, check_base)  # 1. same base?
+    expected = _expected_shapes(lm, config, directory)  # 2. the shapes this model needs
+    _check_tensors(tensors, expected, directory, cfg.get("base_model_name_or_path"), _base_name(lm))  # 3.
+    if not dict(lora_layers(lm)):  # 4. load
+        add_lora(lm, config)
+    layers = dict(lora_layers(lm))
+    with torch.no_grad():
+        for key, value in tensors.items():
+            path, which = key.rsplit(".", 2)[0], key.rsplit(".", 2)[1]
+            param = getattr(layers[path], which).weight
+            param.copy_(value.to(device=param.device, dtype=param.dtype))
+    return model
+
+
+def read_adapter(directory: str) -> tuple[dict, LoRAConfig, dict[str, torch.Tensor]]:
+    """(adapter_config.json as a dict, its LoRAConfig, tensors keyed `<module path>.lora_A.weight`)."""
+    config_path = os.path.join(directory, ADAPTER_CONFIG)
+    weights_path = os.path.join(directory, ADAPTER_WEIGHTS)
+    for path in (config_path, weights_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {os.path.basename(path)} in {directory}: not a saved adapter")
+    try:
+        with open(config_path) as f:
+            cfg = json.load(f)
+        raw = load_file(weights_path)
+    except Exception as err:  # JSON, unicode, OS errors, and safetensors' own for damaged headers
+        raise ValueError(f"adapter in {directory} is corrupt or truncated ({err}); save it again") from None
+    config = _config_from_peft(cfg, config_path)
+    tensors = {}
+    for key, value in raw.items():
+        key = (
+            key.removeprefix(PEFT_PREFIX)
+            .replace(".lora_A.default.", ".lora_A.")
+            .replace(".lora_B.default.", ".lora_B.")
+        )
+        tensors[key] = value
+    return cfg, config, tensors
+
+
+def _check_base(saved_base: str | None, ours: str | None, directory: str, check: bool) -> None:
+    if check and saved_base and ours and not _same_model_name(saved_base, ours):
+        raise ValueError(
+            f"adapter in {directory} was trained on base model {saved_base!r}, but this model is "
+            f"{ours!r}; pass check_base=False to load it anyway"
+        )
+
+
+def _expected_shapes(lm: nn.Module, config: LoRAConfig, directory: str) -> dict[str, tuple[int, int]]:
+    """Key -> shape, from the model's LoRA layers, else from the layers add_lora would wrap."""
+    existing = dict(lora_layers(lm))
+    if existing:
+        for name, layer in existing.items():
+            if layer.r != config.r or not math.isclose(layer.scaling, config.scaling):
+                raise ValueError(
+                    f"adapter in {directory} has r={config.r}, scaling={config.scaling:g}, but the model's "
+                    f"LoRA layer {name} has r={layer.r}, scaling={layer.scaling:g}"
+                )
+        dims = {name: (layer.in_features, layer.out_features) for name, layer in existing.items()}
+    else:
+        dims = {name: layer_dims(m) for name, m in find_targets(lm, config)}
+    expected = {}
+    for name, (i, o) in dims.items():
+        expected[f"{name}.lora_A.weight"] = (config.r, i)
+        expected[f"{name}.lora_B.weight"] = (o, config.r)
+    return expected
+
+
+def _check_tensors(tensors: dict, expected: dict, directory: str, saved_base, ours) -> None:
+    """ValueError listing missing and unexpected keys, shape and dtype mismatches."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [
+        (k, tuple(tensors[k].shape), expected[k])
+        for k in expected
+        if k in tensors and tuple(tensors[k].shape) != expected[k]
+    ]
+    not_float = sorted(k for k, v in tensors.items() if not v.is_floating_point())
+    if missing or unexpected or wrong or not_float:
+        lines = [f"adapter in {directory} does not fit this model (base {saved_base!r} vs {ours!r}):"]
+        if missing:
+            lines.append(f"  {len(missing)} missing key(s), e.g. {missing[:3]}")
+        if unexpected:
+            lines.append(f"  {len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
+        if wrong:
+            lines.append("  shape mismatch (key, file, model): " + "; ".join(map(str, wrong[:3])))
+        if not_float:
+            lines.append(f"  {len(not_float)} tensor(s) are not floating point, e.g. {not_float[:3]}")
+        raise ValueError("\n".join(lines))
