@@ -285,3 +285,33 @@ class FixedKLController:
 
     def update(self, current_kl: float, n_steps: int) -> None:
         pass
+
+
+class RunningMoments:
+    """Running mean and standard deviation of a stream of scalars (batches merged by Chan et al.'s
+    parallel update, so the result equals the moments of everything seen).
+
+    ``update(x)`` adds a (B,) batch and returns the new (mean, std) as floats; std is unbiased
+    (Bessel) and at least ``eps``. Ref: Chan, Golub, LeVeque 1979 (pairwise variance update).
+    """
+
+    def __init__(self, eps: float = 1e-8):
+        self.mean, self.var, self.count, self.eps = 0.0, 1.0, 0, eps
+
+    def update(self, x: torch.Tensor) -> tuple[float, float]:
+        n = x.numel()
+        batch_mean = x.float().mean().item()
+        batch_m2 = ((x.float() - batch_mean) ** 2).sum().item()  # sum of squared deviations
+        total = self.count + n
+        delta = batch_mean - self.mean
+        m2 = self.var * max(self.count - 1, 0) + batch_m2 + delta**2 * self.count * n / total
+        self.mean += delta * n / total
+        self.var = m2 / max(total - 1, 1)
+        self.count = total
+        return self.mean, max(self.var**0.5, self.eps)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])

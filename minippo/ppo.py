@@ -28,6 +28,7 @@ from .core import (
     KL_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
+    RunningMoments,
     compute_gae,
     entropy_from_logits,
     kl_penalized_rewards,
@@ -41,7 +42,7 @@ from .core import (
 from .fileio import atomic_directory
 from .lora import disable_adapters, lora_layers
 from .policy import PolicyWithValueHead, left_pad, maybe_autocast, right_pad
-from .quant import resolve_dtype
+from .quant import resolve_compute_dtype
 from .rollout import RolloutBuffer
 
 logger = logging.getLogger(__name__)
@@ -106,17 +107,20 @@ class PPOConfig:
     """end a response at its first EOS token (False: always sample the drawn length, as the 20B example)."""
     score_scale: float = 1.0
     """multiply every score by this before it enters the rewards (reward scale matters for a fixed beta)."""
+    use_score_scaling: bool = False
+    """divide scores by their running standard deviation (trl's use_score_scaling, OpenAI's reward gain)."""
+    use_score_norm: bool = False
+    """with use_score_scaling, also subtract the running mean (trl's use_score_norm, OpenAI's reward bias)."""
     score_clip: float | None = None
     """clip scaled scores to [-score_clip, score_clip] (None: no clipping)."""
     weight_decay: float = 0.0
     """AdamW weight decay (0: plain Adam, as trl)."""
     generation_batch_size: int | None = None
     """queries sampled at once by generate() (None: all of them in one batch)."""
-    compute_dtype: str = "float32"
-    """matmul dtype: "float32", or "bfloat16" (autocast; stored weights, logits, values and Adam are
-    unchanged). With 8-bit layers on a CPU keep float32: under autocast bitsandbytes' int8 path runs
-    float16 element-wise work that CPUs do ~10x slower (measured: a SmolLM2 8-bit forward 0.16 s -> 1.9
-    s)."""
+    compute_dtype: str = "auto"
+    """matmul dtype: "auto" (bfloat16 where the hardware runs it natively and no 8-bit layer sits on a
+    CPU, else float32: `minippo.quant.auto_compute_dtype`), "float32" or "bfloat16" (autocast; stored
+    weights, logits, values and Adam stay as they are). float16 is refused: it needs loss scaling."""
     device: str | None = None
     """device to train on, e.g. "cuda" (None: wherever the model's parameters are)."""
 
@@ -174,6 +178,10 @@ class PPOConfig:
                 isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
                 f"{name} must be a number >= 0, got {value!r}",
             )
+        need(
+            self.use_score_scaling or not self.use_score_norm,
+            "use_score_norm needs use_score_scaling=True (it centres the scaled scores)",
+        )
         need(0 <= self.gamma <= 1, f"gamma must be in [0, 1], got {self.gamma!r}")
         need(0 <= self.lam <= 1, f"lam must be in [0, 1], got {self.lam!r}")
         need(
@@ -198,13 +206,11 @@ class PPOConfig:
                 raise ValueError(
                     f"PPOConfig: device {self.device!r} is not a device: use cpu, cuda or cuda:N"
                 ) from None
-        try:
-            dtype = resolve_dtype(self.compute_dtype)
-        except ValueError as err:
-            raise ValueError(f"PPOConfig: compute_dtype: {err}") from None
         need(
-            dtype in (torch.float32, torch.bfloat16, torch.float16),
-            f"compute_dtype must be float32, bfloat16 or float16, got {self.compute_dtype!r}",
+            self.compute_dtype == "auto"
+            or str(self.compute_dtype).removeprefix("torch.") in ("float32", "fp32", "bfloat16", "bf16"),
+            f"compute_dtype must be auto, float32 or bfloat16, got {self.compute_dtype!r} (float16 would "
+            "need loss scaling, which minippo does not do: use bfloat16)",
         )
 
     @property
@@ -220,7 +226,7 @@ class PPOTrainer:
     wrapped in one (value head dropout off, zero init). ``tokenizer`` (optional) supplies the pad and
     EOS ids; without a pad token the EOS id pads, which is harmless here because every mask is built
     from lengths, never by comparing ids with the pad id. ``optimizer`` defaults to AdamW over the
-    trainable parameters only; ``lr_scheduler`` (optional) is stepped after every update.
+    trainable parameters only; ``lr_scheduler`` (optional) is stepped once per `step`, as trl does.
 
     The policy is put in eval mode and kept there: PPO runs with dropout off, so the first minibatch
     of every step sees exactly the rollout policy (ratio 1).
@@ -248,7 +254,7 @@ class PPOTrainer:
             policy.to(wanted)  # an 8-bit model should rather be loaded on its device (load_model(device=...))
         self.policy = policy.eval()
         self.device = policy.device
-        self.compute_dtype = resolve_dtype(config.compute_dtype)
+        self.compute_dtype = resolve_compute_dtype(config.compute_dtype, self.device, policy.model)
         policy.value_head.requires_grad_(True)
         self.trainable = [p for p in policy.parameters() if p.requires_grad]
         self.optimizer = optimizer or torch.optim.AdamW(
@@ -262,6 +268,7 @@ class PPOTrainer:
         )
         self.pad_token_id, self.eos_token_id = self._special_ids(tokenizer, policy.model.config)
         self.vocab_size = policy.lm_head.out_features if hasattr(policy.lm_head, "out_features") else None
+        self.score_moments = RunningMoments()
         self.current_step = 0
         torch.manual_seed(config.seed)
 
@@ -330,64 +337,57 @@ class PPOTrainer:
 
         Returns the step's statistics (trl / OpenAI names: ``objective/kl``, ``ppo/policy/clipfrac``, ...).
         """
-        config, timing, t_start = self.config, {}, time.perf_counter()
+        config, timing = self.config, {}
         raw_scores = self._check_inputs(queries, responses, scores)  # (B,)
+        with timed(timing, "total"):
+            # 1. One padded batch: queries left-padded to P, responses right-padded to T.
+            batch = self._padded_batch(queries, responses)
+            mask = batch.response_mask  # (B, T)
 
-        # 1. One padded batch: queries left-padded to P, responses right-padded to T. The first PPO
-        #    epoch's sample order is drawn now: the rollout forward runs on the same micro-batches, so
-        #    the first minibatch recomputes exactly the same numbers (ratio 1, whatever the kernels).
-        batch = self._padded_batch(queries, responses)
-        mask = batch.response_mask  # (B, T)
-        first_order = torch.randperm(len(batch)).to(self.device)
+            with timed(timing, "forward_pass"):
+                # 2. Rollout log-probs, values and entropy: the current policy, adapters on, no grad.
+                batch.old_logprobs, batch.values, token_entropy = self._forward_no_grad(batch)
+                # 3. Reference log-probs: the same model and inputs with the adapters disabled.
+                with disable_adapters(self.policy.model):
+                    batch.ref_logprobs, _, _ = self._forward_no_grad(batch, with_values=False)
 
-        # 2. Rollout log-probs, values and entropy: the current policy, adapters on, no grad.
-        t = time.perf_counter()
-        old_logprobs, values, entropy = self._score_tokens(batch, first_order)
-        # 3. Reference log-probs: the same model and inputs with the adapters disabled.
-        with disable_adapters(self.policy.model):
-            ref_logprobs, _, _ = self._score_tokens(batch, first_order, with_values=False)
-        timing["time/ppo/forward_pass"] = time.perf_counter() - t
+            with timed(timing, "compute_rewards"):
+                # 4. KL-penalised per-token rewards, the (normalised) score added at the last token.
+                batch.scores = self._normalise_scores(raw_scores.to(self.device))  # (B,)
+                kl_coef = self.kl_ctl.value
+                batch.rewards, kl = kl_penalized_rewards(
+                    batch.scores, batch.old_logprobs, batch.ref_logprobs, mask, kl_coef, config.kl_penalty
+                )
+                if config.whiten_rewards:
+                    batch.rewards = masked_whiten(batch.rewards, mask, shift_mean=False)
 
-        # 4. KL-penalised per-token rewards, the score added at each response's last token.
-        t = time.perf_counter()
-        scores = self._scale_scores(raw_scores.to(self.device))  # (B,)
-        kl_coef = self.kl_ctl.value
-        rewards, kl = kl_penalized_rewards(
-            scores, old_logprobs, ref_logprobs, mask, kl_coef, config.kl_penalty
-        )
-        if config.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
-        timing["time/ppo/compute_rewards"] = time.perf_counter() - t
+            with timed(timing, "compute_advantages"):
+                # 5. Advantages (GAE) and value targets; advantages whitened over the batch.
+                advantages, batch.returns = compute_gae(
+                    batch.values, batch.rewards, mask, config.gamma, config.lam
+                )
+                batch.advantages = masked_whiten(advantages, mask)
 
-        # 5. Advantages (GAE) and value targets; advantages whitened over the batch.
-        t = time.perf_counter()
-        advantages, returns = compute_gae(values, rewards, mask, config.gamma, config.lam)
-        advantages = masked_whiten(advantages, mask)
-        buffer = dataclasses.replace(
-            batch,
-            old_logprobs=old_logprobs,
-            ref_logprobs=ref_logprobs,
-            values=values,
-            scores=scores,
-            rewards=rewards,
-            advantages=advantages,
-            returns=returns,
-        )
-        timing["time/ppo/compute_advantages"] = time.perf_counter() - t
+            with timed(timing, "optimize_step"):
+                # 6. ppo_epochs passes over shuffled minibatches, one clipped update each.
+                records, outcomes = [], []
+                for minibatch in batch.epochs(config.ppo_epochs, config.mini_batch_size):
+                    stats = self._clipped_loss_backward(minibatch)  # gradients left in .grad
+                    records.append(stats)
+                    outcomes.append(self._apply_update(stats))  # "update", "skip" or "stop"
+                    if outcomes[-1] == "stop":
+                        break
+                self.optimizer.zero_grad(set_to_none=True)
 
-        # 6. ppo_epochs passes over shuffled minibatches: clipped losses, gradient clipping, early stop.
-        t = time.perf_counter()
-        train_stats = self._optimize(buffer, first_order)
-        timing["time/ppo/optimize_step"] = time.perf_counter() - t
-
-        # 7. KL controller update, with the KL that was penalised (mean per-sequence sum).
-        mean_kl = kl.sum(1).mean()
-        self.kl_ctl.update(mean_kl.item(), len(buffer))
-        self.current_step += 1
+            # 7. Once per step, as trl: the KL controller, with the KL that was penalised (mean
+            #    per-sequence sum), and the learning-rate scheduler.
+            self.kl_ctl.update(kl.sum(1).mean().item(), len(batch))
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.step()
+            self.current_step += 1
 
         # 8. Statistics.
-        stats = self._step_stats(buffer, raw_scores, kl, kl_coef, entropy, train_stats)
-        timing["time/ppo/total"] = time.perf_counter() - t_start
+        stats = self._step_stats(batch, raw_scores, kl, kl_coef, token_entropy, records, outcomes)
         stats.update(timing)
         return stats
 
@@ -418,7 +418,7 @@ class PPOTrainer:
         order = torch.arange(len(batch), device=self.device)
         switch = disable_adapters(self.policy.model) if reference else contextlib.nullcontext()
         with switch:
-            logprobs, _, _ = self._score_tokens(batch, order, with_values=False)
+            logprobs, _, _ = self._forward_no_grad(batch, with_values=False, order=order)
         return logprobs, batch.response_mask
 
     def _check_inputs(self, queries, responses, scores) -> torch.Tensor:
@@ -463,18 +463,30 @@ class PPOTrainer:
             raise ValueError(f"scores must be finite; samples {bad[:5]} are {scores[bad[:5]].tolist()}")
         return scores
 
-    def _scale_scores(self, scores: torch.Tensor) -> torch.Tensor:
-        """score_scale, then score_clip (both optional): (B,) -> (B,)."""
-        scores = scores * self.config.score_scale
-        if self.config.score_clip is not None:
-            scores = scores.clamp(-self.config.score_clip, self.config.score_clip)
+    def _normalise_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """(B,) -> (B,): score_scale; then, optionally, running normalisation and clipping.
+
+        With ``use_score_scaling`` scores are divided by the running standard deviation of all scores
+        seen so far (this batch included), and with ``use_score_norm`` also centred on their running
+        mean, as trl's options of the same names; OpenAI's reward gain and bias do the same once, on
+        samples of the initial policy. Ref: Ziegler et al. 2019, arXiv:1909.08593, sec. 2.2.
+        """
+        config = self.config
+        scores = scores * config.score_scale
+        if config.use_score_scaling:
+            mean, std = self.score_moments.update(scores)
+            scores = (scores - mean) / std if config.use_score_norm else scores / std
+        if config.score_clip is not None:
+            scores = scores.clamp(-config.score_clip, config.score_clip)
         return scores
 
     @torch.no_grad()
-    def _score_tokens(self, batch: RolloutBuffer, order: torch.Tensor, with_values: bool = True):
+    def _forward_no_grad(self, batch: RolloutBuffer, with_values: bool = True, order=None):
         """Log-probs, values and entropies (each (B, T), 0 at padding) of the batch's responses,
-        computed on the micro-batches that the first PPO epoch will use (``order`` split in chunks)."""
+        computed on the micro-batches that the first PPO epoch will use (`RolloutBuffer.epoch_order`),
+        or on consecutive micro-batches of ``order``."""
         B, T = batch.response_ids.shape
+        order = batch.epoch_order(0) if order is None else order
         logprobs, values, entropy = (torch.zeros(B, T, device=self.device) for _ in range(3))
         for index in order.split(self.config.micro_batch_size):
             micro = batch.select(index)  # trimmed of all-padding columns
@@ -496,57 +508,34 @@ class PPOTrainer:
             return logprobs * mask, None, None
         return logprobs * mask, values * mask, entropy * mask
 
-    def _optimize(self, buffer: RolloutBuffer, first_order: torch.Tensor) -> dict[str, torch.Tensor]:
-        """ppo_epochs x (batch_size / mini_batch_size) updates; returns per-update stats stacked.
+    def _apply_update(self, stats: dict[str, torch.Tensor]) -> str:
+        """Step the optimiser on the minibatch's gradients unless a guard says otherwise.
 
-        Epoch 0 visits the samples in ``first_order``, later epochs in fresh random orders.
+        Returns "update"; "skip" for a non-finite loss or gradient norm, or a mean ratio above
+        ``ratio_threshold`` (a loss spike, trl PR #488); "stop" when ``early_stopping`` is on and the
+        policy KL exceeds 1.5 * ``target_kl`` (the rest of the step's epochs are dropped).
         """
         config = self.config
-        records, updates, skipped, early_stopped = [], 0, 0, False
-        for epoch in range(config.ppo_epochs):
-            order = first_order if epoch == 0 else None
-            for minibatch in buffer.minibatches(config.mini_batch_size, shuffle=True, order=order):
-                stats = self._train_minibatch(minibatch)
-                records.append(stats)
-                # Skip the update (and, for early stopping, the rest of the step) on a bad minibatch.
-                if not bool(torch.isfinite(stats["loss/total"])):
-                    logger.warning(
-                        "PPO: non-finite loss (%s); skipping this update, adapters unchanged",
-                        stats["loss/total"].item(),
-                    )
-                    skipped += 1
-                elif stats["policy/ratio"].item() > config.ratio_threshold:
-                    logger.warning(
-                        "PPO: mean ratio %.3g > ratio_threshold %.3g; skipping this update",
-                        stats["policy/ratio"].item(),
-                        config.ratio_threshold,
-                    )
-                    skipped += 1
-                elif config.early_stopping and stats["policy/policykl"].item() > 1.5 * config.target_kl:
-                    early_stopped = True
-                    break
-                elif not bool(torch.isfinite(stats["grad_norm"])):
-                    logger.warning("PPO: non-finite gradient norm; skipping this update, adapters unchanged")
-                    skipped += 1
-                else:
-                    self.optimizer.step()
-                    if self.lr_scheduler is not None:
-                        self.lr_scheduler.step()
-                    updates += 1
-                self.optimizer.zero_grad(set_to_none=True)
-            if early_stopped:
-                break
+        if config.early_stopping and stats["policy/policykl"].item() > 1.5 * config.target_kl:
+            return "stop"
+        problem = None
+        if not (torch.isfinite(stats["loss/total"]) and torch.isfinite(stats["grad_norm"])):
+            problem = "non-finite loss or gradient norm"
+        elif stats["policy/ratio"].item() > config.ratio_threshold:
+            problem = (
+                f"mean ratio {stats['policy/ratio'].item():.3g} > ratio_threshold {config.ratio_threshold:g}"
+            )
+        if problem:
+            logger.warning("PPO: %s; skipping this update, adapters unchanged", problem)
+            self.optimizer.zero_grad(set_to_none=True)
+            return "skip"
+        self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        out = {k: torch.stack([r[k] for r in records]) for k in records[0]}
-        out.update(
-            updates=torch.tensor(float(updates)),
-            skipped=torch.tensor(float(skipped)),
-            early_stopped=torch.tensor(float(early_stopped)),
-        )
-        return out
+        return "update"
 
-    def _train_minibatch(self, minibatch: RolloutBuffer) -> dict[str, torch.Tensor]:
-        """Forward + backward over the minibatch in micro-batches; gradients left in .grad (not stepped).
+    def _clipped_loss_backward(self, minibatch: RolloutBuffer) -> dict[str, torch.Tensor]:
+        """Clipped policy + value loss, forward and backward over the minibatch in micro-batches;
+        gradients left in .grad (clipped to max_grad_norm, not stepped). Returns the detached stats.
 
         Each micro-batch's loss is a masked mean over its own tokens; weighting it by its share of the
         minibatch's tokens makes the accumulated gradient that of the masked mean over the whole
@@ -586,34 +575,39 @@ class PPOTrainer:
         totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
         return totals
 
-    def _step_stats(self, buffer, raw_scores, kl, kl_coef, entropy, train) -> dict[str, float]:
-        """The step's statistics as floats, named as in trl (and OpenAI's lm-human-preferences)."""
+    def _step_stats(
+        self, buffer, raw_scores, kl, kl_coef, token_entropy, records, outcomes
+    ) -> dict[str, float]:
+        """The step's statistics as floats, named as in trl (and OpenAI's lm-human-preferences).
+
+        Two entropies, as trl logs them: ``objective/entropy`` is the sampled responses' negative
+        log-probability summed over each response (a one-sample estimate, nats per sequence);
+        ``ppo/policy/entropy`` is the exact entropy of the policy's distribution, nats per token.
+        """
         mask = buffer.response_mask
-        non_score_reward = -kl_coef * kl  # (B, T)
         stats = {
             "objective/kl": kl.sum(1).mean(),
             "objective/kl_coef": kl_coef,
-            "objective/entropy": (-buffer.old_logprobs).sum(1).mean(),
+            "objective/entropy": (-buffer.old_logprobs).sum(1).mean(),  # per sequence, sampled tokens
             "objective/logprobs": buffer.old_logprobs.sum(1).mean(),
             "objective/ref_logprobs": buffer.ref_logprobs.sum(1).mean(),
-            "ppo/mean_non_score_reward": non_score_reward.sum(1).mean(),
+            "ppo/mean_non_score_reward": (-kl_coef * kl).sum(1).mean(),
             "ppo/mean_scores": raw_scores.mean(),
             "ppo/learning_rate": self.optimizer.param_groups[0]["lr"],
-            "ppo/policy/entropy": masked_mean(entropy, mask),
+            "ppo/policy/entropy": masked_mean(token_entropy, mask),  # per token, exact
             "ppo/returns/mean": masked_mean(buffer.returns, mask),
             "ppo/returns/var": masked_var(buffer.returns, mask),
             "ppo/val/mean": masked_mean(buffer.values, mask),
             "ppo/val/var": masked_var(buffer.values, mask),
-            "ppo/updates": train["updates"],
-            "ppo/skipped_updates": train["skipped"],
-            "ppo/early_stopped": train["early_stopped"],
+            "ppo/updates": outcomes.count("update"),
+            "ppo/skipped_updates": outcomes.count("skip"),
+            "ppo/early_stopped": float("stop" in outcomes),
             "env/reward_mean": raw_scores.mean(),
             "env/reward_std": raw_scores.std() if len(raw_scores) > 1 else 0.0,
             "env/response_length": mask.sum(1).mean(),
         }
-        for k, v in train.items():
-            if v.dim() == 1:  # per-minibatch records: mean over the step's minibatches
-                stats[f"ppo/{k}"] = v.mean()
+        for k in records[0]:  # per-minibatch records: mean over the step's minibatches
+            stats[f"ppo/{k}"] = torch.stack([r[k] for r in records]).mean()
         return {k: float(v) for k, v in stats.items()}
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -631,6 +625,7 @@ class PPOTrainer:
             state = {
                 "step": self.current_step,
                 "kl_coef": self.kl_ctl.value,
+                "score_moments": self.score_moments.state_dict(),
                 "config": dataclasses.asdict(self.config),
             }
             with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
@@ -648,4 +643,16 @@ class PPOTrainer:
         )
         self.optimizer.load_state_dict(optimizer_state)
         self.kl_ctl.value = float(state["kl_coef"])
+        if "score_moments" in state:
+            self.score_moments.load_state_dict(state["score_moments"])
         self.current_step = int(state["step"])
+
+
+@contextlib.contextmanager
+def timed(timing: dict[str, float], name: str):
+    """Record the wall time of the block as ``timing["time/ppo/<name>"]`` (seconds)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timing[f"time/ppo/{name}"] = time.perf_counter() - start

@@ -53,6 +53,41 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return _DTYPES[key]
 
 
+def auto_compute_dtype(device: torch.device | str, model: nn.Module | None = None) -> torch.dtype:
+    """The faster matmul dtype on ``device``, from torch's own capability report.
+
+    CUDA: bfloat16 where the GPU supports it, else float32. CPU: bfloat16 only where the CPU runs it
+    natively (AVX512_BF16 or AMX tiles); without them bf16 matmuls are emulated and several times
+    slower than float32. A model with 8-bit layers on a CPU always gets float32: under autocast
+    bitsandbytes' CPU int8 path does its element-wise work in float16, which CPUs run slowly.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    elif device.type == "cpu":
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        int8 = model is not None and is_8bit(model)
+        dtype = torch.bfloat16 if native and not int8 else torch.float32
+    else:
+        dtype = torch.float32
+    if (device.type, dtype) not in _LOGGED_AUTO:
+        _LOGGED_AUTO.add((device.type, dtype))
+        logger.info(
+            "compute_dtype auto -> %s on %s (%s)", dtype, device, torch.backends.cpu.get_cpu_capability()
+        )
+    return dtype
+
+
+_LOGGED_AUTO: set = set()
+
+
+def resolve_compute_dtype(
+    name: torch.dtype | str, device: torch.device | str, model: nn.Module | None = None
+) -> torch.dtype:
+    """``"auto"`` -> `auto_compute_dtype`; any other name -> `resolve_dtype`."""
+    return auto_compute_dtype(device, model) if name == "auto" else resolve_dtype(name)
+
+
 # ---------------------------------------------------------------------------------------------
 # Inspecting 8-bit layers
 

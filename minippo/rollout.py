@@ -27,6 +27,11 @@ class RolloutBuffer:
     scores (B,): the scalar reward of each sample (after any scaling / clipping).
     rewards (B, T): per-token rewards (KL penalty, plus the score at the last token).
     advantages (B, T): GAE advantages (whitened); returns (B, T): value targets.
+
+    Each PPO epoch visits the samples in a random order (`epoch_order`), drawn once per epoch and
+    kept. The trainer draws the first epoch's order *before* the rollout forward, and runs that
+    forward on the same micro-batches: the first minibatch then recomputes bit for bit the numbers of
+    the rollout (ratio exactly 1), whatever the kernels do with a batch's composition and padding.
     """
 
     query_ids: torch.Tensor
@@ -41,8 +46,23 @@ class RolloutBuffer:
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
 
+    def __post_init__(self):
+        self._epoch_orders: list[torch.Tensor] = []  # not a field: select() makes fresh buffers
+
     def __len__(self) -> int:
         return self.query_ids.shape[0]
+
+    def epoch_order(self, epoch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The (B,) sample order of PPO epoch ``epoch``: a random permutation drawn on first use, kept."""
+        while len(self._epoch_orders) <= epoch:
+            order = torch.randperm(len(self), generator=generator)
+            self._epoch_orders.append(order.to(self.query_ids.device))
+        return self._epoch_orders[epoch]
+
+    def epochs(self, n_epochs: int, size: int) -> Iterator[RolloutBuffer]:
+        """Minibatches of ``size`` samples for ``n_epochs`` passes, each pass in its `epoch_order`."""
+        for epoch in range(n_epochs):
+            yield from self.minibatches(size, order=self.epoch_order(epoch))
 
     @property
     def input_ids(self) -> torch.Tensor:

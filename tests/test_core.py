@@ -8,6 +8,7 @@ import torch
 from minippo.core import (
     AdaptiveKLController,
     FixedKLController,
+    RunningMoments,
     compute_gae,
     entropy_from_logits,
     kl_penalized_rewards,
@@ -252,3 +253,19 @@ def test_fixed_kl_controller():
     ctl = FixedKLController(0.05)
     ctl.update(100.0, 256)
     assert ctl.value == 0.05
+
+
+def test_running_moments_equal_the_moments_of_everything_seen():
+    torch.manual_seed(0)
+    moments, seen = RunningMoments(), []
+    for n in (1, 5, 3, 17):
+        x = torch.randn(n) * 3 + 2
+        seen.append(x)
+        mean, std = moments.update(x)
+        everything = torch.cat(seen)
+        assert mean == pytest.approx(everything.mean().item(), abs=1e-5)
+        if len(everything) > 1:
+            assert std == pytest.approx(everything.std().item(), rel=1e-5)  # unbiased, as torch.std
+    restored = RunningMoments()
+    restored.load_state_dict(moments.state_dict())
+    assert restored.update(torch.ones(2)) == moments.update(torch.ones(2))

@@ -68,17 +68,17 @@ def make_trainer(arch, tokenizer, int8=False, dtype=torch.float32, **overrides):
 def capture(trainer):
     """Record the rollout buffer and the stats of every minibatch of the next steps."""
     seen = SimpleNamespace(buffers=[], minibatches=[])
-    optimize, train_minibatch = trainer._optimize, trainer._train_minibatch
+    step_stats, loss_backward = trainer._step_stats, trainer._clipped_loss_backward
 
-    def _optimize(buffer, first_order):
+    def _step_stats(buffer, *args):
         seen.buffers.append(buffer)
-        return optimize(buffer, first_order)
+        return step_stats(buffer, *args)
 
-    def _train_minibatch(minibatch):
-        seen.minibatches.append(train_minibatch(minibatch))
+    def _clipped_loss_backward(minibatch):
+        seen.minibatches.append(loss_backward(minibatch))
         return seen.minibatches[-1]
 
-    trainer._optimize, trainer._train_minibatch = _optimize, _train_minibatch
+    trainer._step_stats, trainer._clipped_loss_backward = _step_stats, _clipped_loss_backward
     return seen
 
 
@@ -135,6 +135,8 @@ def test_every_config_field_has_a_docstring():
         (dict(lam=1.5), "lam must be in"),
         (dict(min_new_tokens=8, max_new_tokens=4), "min_new_tokens"),
         (dict(compute_dtype="int8"), "compute_dtype"),
+        (dict(compute_dtype="float16"), "loss scaling"),
+        (dict(use_score_norm=True), "use_score_scaling"),
         (dict(max_grad_norm=0.0), "max_grad_norm"),
         (dict(temperature=0.0), "temperature"),
         (dict(device="gpu"), "not a device"),
@@ -146,6 +148,47 @@ def test_config_validation(overrides, message):
 
 
 # -- construction -------------------------------------------------------------------------------
+
+
+def test_auto_compute_dtype_follows_the_hardware(tokenizer, monkeypatch):
+    from minippo import quant
+
+    model = lora_model("llama", tokenizer)
+    for native, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert quant.auto_compute_dtype("cpu", model) == want
+        assert PPOTrainer(small_config(compute_dtype="auto"), model, tokenizer).compute_dtype == want
+    # an 8-bit model on a CPU: float32 even where bf16 is native
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert quant.auto_compute_dtype("cpu", lora_model("llama", tokenizer, int8=True)) == torch.float32
+
+
+def test_scheduler_steps_once_per_ppo_step(tokenizer):
+    model = lora_model("llama", tokenizer)
+    trainer = PPOTrainer(small_config(), model, tokenizer)
+    trainer.lr_scheduler = torch.optim.lr_scheduler.StepLR(trainer.optimizer, step_size=1, gamma=0.5)
+    queries = encode(tokenizer, trainer.config.batch_size)
+    lr0 = trainer.optimizer.param_groups[0]["lr"]
+    for n in (1, 2):
+        stats = trainer.step(queries, trainer.generate(queries), [1.0] * len(queries))
+        assert stats["ppo/updates"] > 1  # several optimiser updates, one scheduler step
+        assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr0 * 0.5**n)
+
+
+def test_score_normalisation_uses_running_statistics(tokenizer):
+    trainer = PPOTrainer(
+        small_config(use_score_scaling=True, use_score_norm=True), lora_model("llama", tokenizer), tokenizer
+    )
+    seen = []
+    for scores in (torch.tensor([0.0, 0.0, 1.0, 0.0]), torch.tensor([0.0, 1.0, 1.0, 0.0])):
+        seen.append(scores)
+        out = trainer._normalise_scores(scores)
+        everything = torch.cat(seen)
+        assert torch.allclose(out, (scores - everything.mean()) / everything.std(), atol=1e-6)
+    scaled_only = PPOTrainer(small_config(use_score_scaling=True), lora_model("llama", tokenizer), tokenizer)
+    x = torch.tensor([0.0, 0.0, 1.0, 0.0])
+    assert torch.allclose(scaled_only._normalise_scores(x), x / x.std(), atol=1e-6)
 
 
 def test_trainer_needs_lora(tokenizer):
