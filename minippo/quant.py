@@ -320,9 +320,7 @@ def _upcast_logits_hook(module, inputs, output):
 
 
 def prepare_model_for_kbit_training(
-    model: nn.Module,
-    use_gradient_checkpointing: bool = False,
-    use_reentrant: bool = True,
+    model: nn.Module, use_gradient_checkpointing: bool = False, use_reentrant: bool = True
 ) -> nn.Module:
     """Make a (possibly 8-bit) causal LM ready for adapter training, in place; returns it.
 
