@@ -224,7 +224,14 @@ def run_demo(config: DemoConfig) -> dict:
 
 
 def _brief_ppo(result: dict) -> dict:
-    keep = ("reward_prob_mean", "reward_prob_std", "kl_mean")
+    keep = (
+        "reward_prob_mean",
+        "reward_prob_std",
+        "kl_mean",
+        "distinct_1",
+        "distinct_2",
+        "base_logp_per_token",
+    )
     brief = {k: v for k, v in result.items() if k not in ("before", "after")}
     for name in ("before", "after"):
         if name in result:
@@ -248,6 +255,7 @@ def write_plots(run: Path, summary: dict) -> None:
         [
             ("mean P(positive) of samples", steps, [m["env/reward_prob_mean"] for m in metrics]),
             ("KL to the starting model (nats)", steps, [m["objective/kl"] for m in metrics]),
+            ("distinct-2 of samples", steps, [m["env/distinct_2"] for m in metrics]),
         ],
         "PPO step",
         "Step 3: PPO towards positive reviews",
@@ -290,10 +298,26 @@ def render_report(config: DemoConfig, summary: dict) -> str:
             "and sampling seed before and after):",
             "",
             markdown_table(
-                ["", "mean P(positive)", "std", "KL to starting model (nats/review)"],
                 [
-                    ["before (merged SFT model)", b["reward_prob_mean"], b["reward_prob_std"], 0.0],
-                    ["after PPO", a["reward_prob_mean"], a["reward_prob_std"], a["kl_mean"]],
+                    "",
+                    "mean P(positive)",
+                    "std",
+                    "KL to starting model (nats/review)",
+                    "distinct-1",
+                    "distinct-2",
+                    "starting model log-lik./token",
+                ],
+                [
+                    [
+                        name,
+                        r["reward_prob_mean"],
+                        r["reward_prob_std"],
+                        kl,
+                        r["distinct_1"],
+                        r["distinct_2"],
+                        r["base_logp_per_token"],
+                    ]
+                    for name, r, kl in (("before (merged SFT model)", b, 0.0), ("after PPO", a, a["kl_mean"]))
                 ],
             ),
             "",

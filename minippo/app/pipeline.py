@@ -21,7 +21,7 @@ from ..ppo import PPOConfig, PPOTrainer
 from ..quant import load_model, resolve_dtype
 from .data import load_imdb, make_prompts
 from .model_folders import DEFAULT_MODEL, load_tokenizer, resolve_model
-from .report import MetricsLog, markdown_table, write_json
+from .report import MetricsLog, distinct_n, markdown_table, write_json
 from .reward import RewardConfig, load_reward, train_reward
 
 __all__ = [
@@ -234,11 +234,15 @@ def evaluate_policy(
     samples = evaluate_samples(trainer, tokenizer, prompts, seed, adapters, reward)
     responses = samples.pop("response_ids")
     kl = sequence_kl(trainer, prompts, responses) if adapters else torch.zeros(len(prompts))
+    base_logp, mask = trainer.response_logprobs(prompts, responses, reference=True)  # (B, T)
     probs = torch.tensor(samples["probs"])
     return {
         "reward_prob_mean": probs.mean().item(),
         "reward_prob_std": probs.std().item(),
         "kl_mean": kl.mean().item(),
+        "distinct_1": distinct_n(responses, 1),
+        "distinct_2": distinct_n(responses, 2),
+        "base_logp_per_token": (base_logp.sum() / mask.sum()).item(),
         **samples,
     }
 
@@ -342,6 +346,8 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
                 "time/score": t_score,
                 "time/elapsed": time.perf_counter() - t0,
                 "env/reward_prob_mean": probs.float().mean().item(),
+                "env/distinct_1": distinct_n(responses, 1),
+                "env/distinct_2": distinct_n(responses, 2),
             }
         )
         log.write(stats)

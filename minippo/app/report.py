@@ -21,6 +21,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def distinct_n(sequences: Sequence[Sequence[int]], n: int) -> float:
+    """Distinct-n: unique n-grams / all n-grams over a set of token sequences (1.0: no repeats).
+    Ref: Li et al. 2016, "A Diversity-Promoting Objective Function", arXiv:1510.03055, sec. 4.3."""
+    grams = [tuple(seq[i : i + n]) for seq in map(list, sequences) for i in range(len(seq) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
 class MetricsLog:
     """Append-only `metrics.jsonl`: one JSON object a line, flushed after every write, so an
     interrupted run keeps every step it finished."""

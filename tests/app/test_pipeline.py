@@ -36,6 +36,8 @@ METRIC_KEYS = {
     "env/reward_mean",
     "env/reward_std",
     "env/reward_prob_mean",
+    "env/distinct_1",
+    "env/distinct_2",
     "time/ppo/total",
     "time/generate",
 }
@@ -182,6 +184,9 @@ def test_ppo_step_writes_metrics_checkpoints_and_result(run):
     result = json.loads((run / "ppo" / "result.json").read_text())
     assert 0.0 <= result["before"]["reward_prob_mean"] <= 1.0
     assert len(result["after"]["responses"]) == 4
+    for name in ("before", "after"):  # diversity and the starting model's likelihood of the samples
+        assert 0.0 < result[name]["distinct_1"] <= 1.0 and 0.0 < result[name]["distinct_2"] <= 1.0
+        assert result[name]["base_logp_per_token"] < 0.0
     config = json.loads((run / "ppo" / "config.json").read_text())
     assert config["ppo"]["batch_size"] == 4 and config["lora"]["r"] == 4
 
