@@ -87,3 +87,20 @@ def save_tiny_model(path, arch: str = "llama", seed: int = 0) -> str:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def logits(model, batch):
+    """The model's logits on a tokenised batch, without gradients."""
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def randomise_adapters(model, seed=1, std=0.1):
+    """Non-zero LoRA weights (B too) so the adapters change the outputs, as after training."""
+    from minippo.lora import lora_state_dict
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_state_dict(model).values():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
