@@ -6,7 +6,7 @@
     ppo     -> a new LoRA adapter on the merged model, loaded in 8-bit   (step 3)
     report  -> report.md, sft_loss.png, ppo_progress.png
 
-Presets size the run: "cpu" is the default and fits a 2-core laptop-class CPU in about 15 minutes;
+Presets size the run: "cpu" is the default and is sized for a 2-core CPU (its times: the README);
 "long" trains longer; "smoke" runs every stage for a few steps (CI's check of the real model).
 """
 
@@ -29,7 +29,7 @@ from .sft import SFTConfig, run_sft
 # Each preset: settings of the SFT, PPO and reward stages (anything not named keeps its default).
 PRESETS: dict[str, dict] = {
     "cpu": {
-        # Sized for 2 CPU cores (SFT ~2 min, PPO ~6 min). A small fixed KL coefficient and a high
+        # Sized for 2 CPU cores (times: the README). A small fixed KL coefficient and a high
         # LoRA learning rate (with gradient clipping) let PPO move within ~1,400 samples (trl's
         # adaptive controller hardly moves at this scale: horizon 10,000 samples). The reward is the
         # classifier's logit clipped at 3 (P(positive) 0.95): past that, more "great great great"
@@ -103,7 +103,7 @@ class DemoConfig:
     """Run the whole pipeline (reward, sft, merge, ppo) on the embedded defaults and write a report."""
 
     preset: str = "cpu"
-    """Size of the run: "cpu" (~15 min on 2 cores), "long" (longer PPO), or "smoke" (a few steps)."""
+    """Size of the run: "cpu" (sized for 2 CPU cores), "long" (longer PPO), or "smoke" (a few steps)."""
     output_dir: str = "runs/demo"
     """Run folder: config, metrics, adapters, plots and report.md."""
     model: str = DEFAULT_MODEL

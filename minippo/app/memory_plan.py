@@ -34,7 +34,7 @@ checkpointing only each block's input (H per token) is kept, and the peak is the
 logits' buffers and one block's activations rebuilt in the backward (x 1.5 for its gradients in
 flight, beside the fp32 logits the caller still holds). Attention is assumed memory-efficient
 (SDPA: no (L, L) score matrix is stored). The constants are checked against measurements in
-`tests/test_plan.py` (within 15%); `TensorMemoryTracker` below is the measuring tool.
+`tests/app/test_memory_plan.py`; `TensorMemoryTracker` below is the measuring tool.
 
 Note: the step's peak is taken as everything above at once; PPO's rollout (generation with a KV
 cache, no gradients) needs less than the training mini-batch and is not planned separately.

@@ -3,7 +3,7 @@
 
 The GGUF file is converted once into a plain safetensors folder in the cache
 (`$MINIPPO_CACHE/models/SmolLM2-135M-Instruct`, default `~/.cache/minippo`) and reused: a model
-loaded from GGUF cannot be saved by transformers, and dequantising it takes ~20 s each time.
+loaded from GGUF cannot be saved by transformers, and dequantising it again on every run is slow.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def hub_offline_mode() -> bool:
 def hub_reachable(timeout: float = 3.0) -> bool:
     """True when a TCP connection to the hub endpoint opens within `timeout` seconds (and offline
     mode is off). Checked first so that offline machines fail at once instead of after the HF
-    libraries' ~25 s of retries."""
+    libraries' retries."""
     if hub_offline_mode():
         return False
     from huggingface_hub import constants

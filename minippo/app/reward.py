@@ -1,7 +1,7 @@
 """Sentiment rewards: a score of how positive a text is, for PPO.
 
 - `TfidfSentiment`, the offline default: TF-IDF over word 1-2 grams + logistic regression, trained
-  with scikit-learn on IMDB train in ~10-20 s (~0.907 validation accuracy). Saved as plain data
+  with scikit-learn on IMDB train (time and accuracy: the README's demo table). Saved as plain data
   (vocabulary JSON, idf/coef/intercept safetensors, config JSON), so loading a reward file cannot
   run code, and scored by our own batched NumPy code, so scoring needs no scikit-learn.
 - `HFSentiment`: any Hugging Face sequence-classification model (the blog's

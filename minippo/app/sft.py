@@ -83,7 +83,7 @@ class SFTConfig:
     seed: int = 0
     """Seed for data shuffling, LoRA initialisation and dropout."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, ~30% slower."""
+    """Recompute activations in the backward pass: less memory, more compute."""
     log_every: int = 10
     """Show the running loss on the progress bar every this many steps."""
 
