@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..checks import POSITIVE_INT, check, check_device, check_fields, optional
+from ..fileio import write_text
 from ..lora import LoRAConfig
 from ..ppo import PPOConfig
 from .model_folders import DEFAULT_MODEL, resolve_model
@@ -122,12 +124,11 @@ class DemoConfig:
     """Seed of every stage."""
 
     def __post_init__(self):
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
-        for name in ("sft_steps", "ppo_steps"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        check(
+            self, self.preset in PRESETS, f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}"
+        )
+        check_fields(self, optional(POSITIVE_INT), "sft_steps", "ppo_steps")
+        check_device(self)
 
 
 def demo_stage_configs(config: DemoConfig, model_dir: str) -> dict:
@@ -140,8 +141,7 @@ def demo_stage_configs(config: DemoConfig, model_dir: str) -> dict:
         output_dir=str(run / "sft"),
         device=config.device,
         seed=config.seed,
-        lora_r=preset["lora"]["r"],
-        lora_alpha=preset["lora"]["alpha"],
+        lora=dataclasses.replace(SFTConfig().lora, **preset["lora"]),
     )
     if config.sft_steps:
         sft["max_steps"] = config.sft_steps
@@ -208,7 +208,7 @@ def run_demo(config: DemoConfig) -> dict:
     summary["total_seconds"] = sum(seconds.values())
 
     write_plots(run, summary)
-    (run / "report.md").write_text(render_report(config, summary))
+    write_text(run / "report.md", render_report(config, summary))
     write_json(
         run / "summary.json",
         {k: v for k, v in summary.items() if k != "ppo"} | {"ppo": _brief_ppo(summary["ppo"])},
