@@ -104,3 +104,20 @@ def randomise_adapters(model, seed=1, std=0.1):
         for p in lora_state_dict(model).values():
             p.copy_(torch.randn(p.shape, generator=g) * std)
     return model
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Each dataclass field -> the docstring written under it (as tyro reads them)."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {
+        node.target.id: " ".join(nxt.value.value.split())
+        for node, nxt in zip(body, body[1:])
+        if isinstance(node, ast.AnnAssign)
+        and isinstance(nxt, ast.Expr)
+        and isinstance(nxt.value, ast.Constant)
+        and isinstance(nxt.value.value, str)
+    }

@@ -10,8 +10,10 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import torch
+import tyro
 
 from ..adapter_files import load_adapter
 from ..checks import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, check, check_device, check_fields, one_of
@@ -177,10 +179,10 @@ class PPORunConfig:
     """Print this many sample reviews every save_every steps."""
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(r=16, alpha=32, dropout=0.0))
     """LoRA settings of the new adapter."""
-    ppo: PPOConfig = field(
-        default_factory=lambda: PPOConfig(batch_size=16, mini_batch_size=4), metadata={"cli_prefix": ""}
+    ppo: Annotated[PPOConfig, tyro.conf.OmitArgPrefixes] = field(
+        default_factory=lambda: PPOConfig(batch_size=16, mini_batch_size=4)
     )
-    """PPO settings (trl names)."""
+    """PPO settings (flags with trl's names: --learning-rate, --batch-size, ...)."""
 
     def __post_init__(self):
         check_fields(self, one_of("logit", "prob"), "reward_kind")
