@@ -5,15 +5,11 @@
 Every flag is a field of `minippo.app.SFTConfig` (see `minippo sft --help`).
 """
 
-import argparse
+import sys
 
 from minippo.app import SFTConfig, run_sft
-from minippo.app.cli import add_dataclass_arguments, config_from_namespace
+from minippo.app.cli import parse_config
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_dataclass_arguments(parser, SFTConfig)
-    metrics = run_sft(config_from_namespace(SFTConfig, parser.parse_args()))
+    metrics = run_sft(parse_config(SFTConfig, sys.argv[1:], description=__doc__))
     print(f"adapter saved to {metrics['adapter']}")

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .fileio import atomic_write
+from .fileio import atomic_write, write_json
 from .lora import (
     LoRAConfig,
     _model_type,
@@ -103,8 +103,7 @@ def save_adapter(
         os.path.join(directory, ADAPTER_WEIGHTS),
         lambda path: save_file(tensors, path, metadata={"format": "pt"}),
     )
-    text = json.dumps(config, indent=2, sort_keys=True)
-    atomic_write(os.path.join(directory, ADAPTER_CONFIG), lambda path: open(path, "w").write(text))
+    write_json(os.path.join(directory, ADAPTER_CONFIG), config, sort_keys=True)
     return directory
 
 

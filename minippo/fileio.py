@@ -1,4 +1,5 @@
-"""Crash-safe writes: a file or a whole folder appears complete or not at all.
+"""Crash-safe writes: a file or a whole folder appears complete or not at all; a log line is on
+disk once `append_line` returns. Every file minippo writes goes through here.
 
 Both write into a temporary sibling first and then rename it into place (a rename within one
 filesystem is atomic), so an interrupt or a crash mid-write leaves the previous version intact.
@@ -33,10 +34,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
         raise
 
 
-def write_json(path: str | os.PathLike, obj: Any, default: Callable | None = None) -> None:
-    """JSON (indented) written with `atomic_write`."""
-    text = json.dumps(obj, indent=2, default=default) + "\n"
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """A text file written with `atomic_write`."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json(path: str | os.PathLike, obj: Any, default: Callable | None = None, **dumps_kwargs) -> None:
+    """JSON (indented; more `json.dumps` options in `dumps_kwargs`) written with `atomic_write`."""
+    write_text(path, json.dumps(obj, indent=2, default=default, **dumps_kwargs) + "\n")
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append one line and flush it to disk: an interrupted log keeps every line it finished."""
+    with open(path, "a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @contextlib.contextmanager

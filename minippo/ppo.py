@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -24,6 +23,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .checks import (
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    UNIT_INTERVAL,
+    check,
+    check_device,
+    check_fields,
+    one_of,
+    optional,
+)
 from .core import (
     KL_ESTIMATORS,
     AdaptiveKLController,
@@ -125,93 +135,49 @@ class PPOConfig:
     """device to train on, e.g. "cuda" (None: wherever the model's parameters are)."""
 
     def __post_init__(self):
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ValueError(f"PPOConfig: {message}")
-
-        for name in (
+        check_fields(
+            self,
+            POSITIVE_INT,
             "batch_size",
             "mini_batch_size",
             "gradient_accumulation_steps",
             "ppo_epochs",
             "min_new_tokens",
             "max_new_tokens",
-        ):
-            value = getattr(self, name)
-            need(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                f"{name} must be a positive integer, got {value!r}",
-            )
-        need(
+        )
+        check(
+            self,
             self.batch_size % self.mini_batch_size == 0,
             f"batch_size ({self.batch_size}) must be divisible by mini_batch_size ({self.mini_batch_size}); "
             f"e.g. set mini_batch_size to a divisor of {self.batch_size}",
         )
-        need(
+        check(
+            self,
             self.mini_batch_size % self.gradient_accumulation_steps == 0,
             f"mini_batch_size ({self.mini_batch_size}) must be divisible by gradient_accumulation_steps "
             f"({self.gradient_accumulation_steps})",
         )
-        need(
+        check(
+            self,
             self.min_new_tokens <= self.max_new_tokens,
             f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens ({self.max_new_tokens})",
         )
-        for name in (
-            "learning_rate",
-            "target",
-            "horizon",
-            "cliprange",
-            "cliprange_value",
-            "target_kl",
-            "ratio_threshold",
-            "temperature",
-            "score_scale",
-        ):
-            value = getattr(self, name)
-            need(
-                isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
-                f"{name} must be a positive number, got {value!r}",
-            )
-        for name in ("init_kl_coef", "vf_coef", "weight_decay"):
-            value = getattr(self, name)
-            need(
-                isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
-                f"{name} must be a number >= 0, got {value!r}",
-            )
-        need(
-            self.use_score_scaling or not self.use_score_norm,
-            "use_score_norm needs use_score_scaling=True (it centres the scaled scores)",
+        positive = "learning_rate", "target", "horizon", "cliprange", "cliprange_value", "target_kl"
+        check_fields(self, POSITIVE, *positive, "ratio_threshold", "temperature", "score_scale")
+        check_fields(self, NON_NEGATIVE, "init_kl_coef", "vf_coef", "weight_decay")
+        check_fields(self, UNIT_INTERVAL, "gamma", "lam")
+        check_fields(self, one_of(*KL_ESTIMATORS), "kl_penalty")
+        check_fields(self, optional(POSITIVE), "max_grad_norm", "score_clip")
+        check_fields(self, optional(POSITIVE_INT), "generation_batch_size")
+        check(
+            self, self.use_score_scaling or not self.use_score_norm, "use_score_norm needs use_score_scaling"
         )
-        need(0 <= self.gamma <= 1, f"gamma must be in [0, 1], got {self.gamma!r}")
-        need(0 <= self.lam <= 1, f"lam must be in [0, 1], got {self.lam!r}")
-        need(
-            self.kl_penalty in KL_ESTIMATORS,
-            f"kl_penalty must be one of {KL_ESTIMATORS}, got {self.kl_penalty!r}",
+        matmul_dtype = (
+            lambda d: d in ("auto", "float32", "fp32", "bfloat16", "bf16"),
+            "auto, float32 or bfloat16 (float16 would need loss scaling, which minippo does not do)",
         )
-        for name in ("max_grad_norm", "score_clip"):
-            value = getattr(self, name)
-            need(
-                value is None or (isinstance(value, (int, float)) and value > 0),
-                f"{name} must be None or a positive number, got {value!r}",
-            )
-        need(
-            self.generation_batch_size is None
-            or (isinstance(self.generation_batch_size, int) and self.generation_batch_size >= 1),
-            f"generation_batch_size must be None or a positive integer, got {self.generation_batch_size!r}",
-        )
-        if self.device is not None:
-            try:
-                torch.device(self.device)
-            except (RuntimeError, TypeError):
-                raise ValueError(
-                    f"PPOConfig: device {self.device!r} is not a device: use cpu, cuda or cuda:N"
-                ) from None
-        need(
-            self.compute_dtype == "auto"
-            or str(self.compute_dtype).removeprefix("torch.") in ("float32", "fp32", "bfloat16", "bf16"),
-            f"compute_dtype must be auto, float32 or bfloat16, got {self.compute_dtype!r} (float16 would "
-            "need loss scaling, which minippo does not do: use bfloat16)",
-        )
+        check_fields(self, matmul_dtype, "compute_dtype")
+        check_device(self)
 
     @property
     def micro_batch_size(self) -> int:

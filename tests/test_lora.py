@@ -1,27 +1,16 @@
-"""LoRA: invariants (init == base, disabled == base, merge keeps outputs), a dense reference, the
-peft file contract, peft interop both ways, and clear errors.  Tiny random models, CPU."""
+"""LoRA: invariants (init == base, disabled == base, merge keeps outputs), a dense reference and
+clear errors.  Tiny random models, CPU.  The adapter files are tested in test_adapter_files.py."""
 
 import json
-import os
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from tiny import save_tiny_model, tiny_model
+from tiny import logits, randomise_adapters, tiny_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from minippo import (
-    LoRAConfig,
-    add_lora,
-    disable_adapters,
-    load_adapter,
-    merge_lora,
-    quantize_model,
-    save_adapter,
-)
-from minippo.adapter_files import PEFT_PREFIX
+from minippo import LoRAConfig, add_lora, disable_adapters, merge_lora, quantize_model
 from minippo.lora import LoRALayer, count_parameters, lora_state_dict
 
 TEXTS = ["This movie was great, I loved the acting.", "Awful dialogue, a waste of time."]
@@ -31,20 +20,6 @@ DEFAULT_TARGET = {"gpt_neox": ["query_key_value"], "llama": ["q_proj", "v_proj"]
 @pytest.fixture
 def batch(tokenizer):
     return tokenizer(TEXTS, return_tensors="pt", padding=True)
-
-
-def logits(model, batch):
-    with torch.no_grad():
-        return model(**batch).logits
-
-
-def randomise_adapters(model, seed=1, std=0.1):
-    """Non-zero B so the adapters change the outputs (as after training)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora_state_dict(model).values():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 def train_step(model, batch, lr=1e-2):
@@ -269,141 +244,6 @@ def test_merge_8bit_within_quantisation_error(model, batch, tmp_path, arch):
     assert torch.equal(logits(plain, batch), logits(merged, batch))
 
 
-# -- adapter files ---------------------------------------------------------------------------
-
-
-def test_save_load_round_trip_bit_exact(tokenizer, batch, tmp_path, arch):
-    model = add_lora(tiny_model(arch, len(tokenizer)), LoRAConfig(r=4, alpha=8))
-    randomise_adapters(model)
-    expected = logits(model, batch)
-    save_adapter(model, tmp_path / "adapter", base_model_name_or_path="tiny")
-    fresh = tiny_model(arch, len(tokenizer))
-    load_adapter(fresh, tmp_path / "adapter")
-    for key, value in lora_state_dict(model).items():
-        assert torch.equal(lora_state_dict(fresh)[key], value)
-    assert torch.equal(logits(fresh, batch), expected)
-    # loading into a model that already has matching LoRA layers overwrites them
-    other = add_lora(tiny_model(arch, len(tokenizer)), LoRAConfig(r=4, alpha=8))
-    load_adapter(other, tmp_path / "adapter")
-    assert torch.equal(logits(other, batch), expected)
-
-
-def test_peft_file_contract(model, tmp_path, arch):
-    add_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.05))
-    folder = save_adapter(model, tmp_path / "adapter", base_model_name_or_path="org/tiny")
-    assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
-    cfg = json.loads(open(os.path.join(folder, "adapter_config.json")).read())
-    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
-    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) == (4, 8, 0.05)
-    assert cfg["target_modules"] == DEFAULT_TARGET[arch]
-    assert cfg["bias"] == "none" and cfg["use_rslora"] is False and cfg["modules_to_save"] is None
-    assert cfg["fan_in_fan_out"] is (arch == "gpt2")
-    assert cfg["base_model_name_or_path"] == "org/tiny" and cfg["init_lora_weights"] is True
-    tensors = load_file(os.path.join(folder, "adapter_model.safetensors"))
-    names = [n for n, m in model.named_modules() if isinstance(m, LoRALayer)]
-    assert set(tensors) == {f"{PEFT_PREFIX}{n}.lora_{ab}.weight" for n in names for ab in "AB"}
-    layer = dict(model.named_modules())[names[0]]
-    assert tensors[f"{PEFT_PREFIX}{names[0]}.lora_A.weight"].shape == (4, layer.in_features)
-    assert tensors[f"{PEFT_PREFIX}{names[0]}.lora_B.weight"].shape == (layer.out_features, 4)
-    assert not [f for f in os.listdir(folder) if f.startswith(".tmp")]
-
-
-def test_save_load_through_a_wrapper(tokenizer, batch, tmp_path):
-    class ValueHeadWrapper(nn.Module):
-        def __init__(self, lm):
-            super().__init__()
-            self.pretrained_model = lm
-            self.v_head = nn.Linear(32, 1)
-
-    lm = randomise_adapters(add_lora(tiny_model("llama", len(tokenizer)), LoRAConfig(r=4)))
-    save_adapter(ValueHeadWrapper(lm), tmp_path / "a")
-    keys = load_file(tmp_path / "a" / "adapter_model.safetensors")
-    assert all(k.startswith(PEFT_PREFIX + "model.layers.") for k in keys)
-    wrapper = ValueHeadWrapper(tiny_model("llama", len(tokenizer)))
-    load_adapter(wrapper, tmp_path / "a")
-    assert torch.equal(logits(wrapper.pretrained_model, batch), logits(lm, batch))
-
-
-def test_mismatched_adapters_raise_clear_errors(tokenizer, tmp_path):
-    llama = randomise_adapters(add_lora(tiny_model("llama", len(tokenizer)), LoRAConfig(r=4)))
-    save_adapter(llama, tmp_path / "a", base_model_name_or_path="org/tiny-llama")
-
-    # other architecture: the target modules do not exist there
-    with pytest.raises(ValueError, match="matched no Linear-like module"):
-        load_adapter(tiny_model("gpt_neox", len(tokenizer)), tmp_path / "a")
-    # other rank than the model's LoRA layers
-    with pytest.raises(ValueError, match="r=4.*r=2"):
-        load_adapter(add_lora(tiny_model("llama", len(tokenizer)), LoRAConfig(r=2)), tmp_path / "a")
-    # other base model name
-    named = tiny_model("llama", len(tokenizer))
-    named.name_or_path = "org/other-model"
-    with pytest.raises(ValueError, match="org/tiny-llama.*org/other-model"):
-        load_adapter(named, tmp_path / "a")
-    load_adapter(named, tmp_path / "a", check_base=False)
-    # other shapes (a wider model with the same module names)
-    wider = tiny_model("llama", len(tokenizer))
-    wider.model.layers[0].self_attn.q_proj = nn.Linear(32, 48, bias=False)
-    with pytest.raises(ValueError, match="shape mismatch"):
-        load_adapter(wider, tmp_path / "a")
-    assert not any(isinstance(m, LoRALayer) for m in wider.modules())  # nothing changed
-
-    # missing and unexpected keys
-    weights = tmp_path / "a" / "adapter_model.safetensors"
-    tensors = load_file(weights)
-    first = sorted(tensors)[0]
-    tensors[first.replace("layers.0", "layers.7")] = tensors.pop(first)
-    save_file(tensors, weights)
-    with pytest.raises(ValueError, match="1 missing key.*\n.*1 unexpected key"):
-        load_adapter(tiny_model("llama", len(tokenizer)), tmp_path / "a")
-    with pytest.raises(FileNotFoundError, match="not a saved adapter"):
-        load_adapter(tiny_model("llama", len(tokenizer)), tmp_path / "nowhere")
-
-
-# -- peft interop -----------------------------------------------------------------------------
-
-
-def test_peft_loads_our_adapter_with_identical_logits(tokenizer, batch, tmp_path, arch):
-    from peft import PeftModel
-
-    ours = randomise_adapters(add_lora(tiny_model(arch, len(tokenizer)), LoRAConfig(r=4, alpha=8)))
-    save_adapter(ours, tmp_path / "ours")
-    theirs = PeftModel.from_pretrained(tiny_model(arch, len(tokenizer)), tmp_path / "ours").eval()
-    assert torch.equal(logits(theirs, batch), logits(ours, batch))
-
-
-def test_we_load_a_peft_adapter_with_identical_logits(tokenizer, batch, tmp_path, arch):
-    from peft import LoraConfig, get_peft_model
-
-    target = DEFAULT_TARGET[arch]
-    peft_cfg = LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules=target,
-        use_rslora=True,
-        fan_in_fan_out=arch == "gpt2",
-        task_type="CAUSAL_LM",
-    )
-    theirs = get_peft_model(tiny_model(arch, len(tokenizer)), peft_cfg)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    theirs.eval().save_pretrained(tmp_path / "theirs")
-    ours = load_adapter(tiny_model(arch, len(tokenizer)), tmp_path / "theirs")
-    assert all(m.use_rslora for m in ours.modules() if isinstance(m, LoRALayer))
-    assert torch.equal(logits(ours, batch), logits(theirs, batch))
-
-
-def test_saved_tiny_model_folder_names_match(tmp_path, tokenizer):
-    """base_model_name_or_path defaults to the model's own name: load works on the same folder."""
-    path = save_tiny_model(tmp_path / "tiny-llama", "llama")
-    model = add_lora(AutoModelForCausalLM.from_pretrained(path), LoRAConfig(r=2))
-    save_adapter(model, tmp_path / "a")
-    assert json.load(open(tmp_path / "a" / "adapter_config.json"))["base_model_name_or_path"] == path
-    load_adapter(AutoModelForCausalLM.from_pretrained(path), tmp_path / "a")
-
-
 def test_merge_of_a_transformers_8bit_model_saves_a_plain_model(tiny_model_dir, batch, tmp_path):
     """transformers' 8-bit load marks the model (hf_quantizer, quantization_config): merge removes it."""
     from minippo import load_model
@@ -420,23 +260,3 @@ def test_merge_of_a_transformers_8bit_model_saves_a_plain_model(tiny_model_dir, 
     assert "quantization_config" not in json.load(open(tmp_path / "merged" / "config.json"))
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert torch.equal(logits(plain, batch), logits(merged, batch))
-
-
-def test_interrupted_save_keeps_the_previous_adapter(tokenizer, batch, tmp_path, monkeypatch):
-    import minippo.adapter_files as lora_module
-
-    model = randomise_adapters(add_lora(tiny_model("llama", len(tokenizer)), LoRAConfig(r=4)))
-    save_adapter(model, tmp_path / "a")
-    expected = logits(model, batch)
-
-    def crash(tensors, path, metadata=None):
-        open(path, "wb").write(b"half a file")
-        raise KeyboardInterrupt
-
-    randomise_adapters(model, seed=7)
-    monkeypatch.setattr(lora_module, "save_file", crash)
-    with pytest.raises(KeyboardInterrupt):
-        save_adapter(model, tmp_path / "a")
-    assert sorted(os.listdir(tmp_path / "a")) == ["adapter_config.json", "adapter_model.safetensors"]
-    fresh = load_adapter(tiny_model("llama", len(tokenizer)), tmp_path / "a")
-    assert torch.equal(logits(fresh, batch), expected)

@@ -7,9 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny import tiny_model
+from tiny import field_docs, tiny_model
 
-from minippo.app.cli import field_docs
 from minippo.core import kl_penalty
 from minippo.lora import LoRAConfig, add_lora, lora_state_dict
 from minippo.policy import PolicyWithValueHead

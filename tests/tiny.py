@@ -81,3 +81,37 @@ def save_tiny_model(path, arch: str = "llama", seed: int = 0) -> str:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def logits(model, batch):
+    """The model's logits on a tokenised batch, without gradients."""
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def randomise_adapters(model, seed=1, std=0.1):
+    """Non-zero LoRA weights (B too) so the adapters change the outputs, as after training."""
+    from minippo.lora import lora_state_dict
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_state_dict(model).values():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Each dataclass field -> the docstring written under it (as tyro reads them)."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {
+        node.target.id: " ".join(nxt.value.value.split())
+        for node, nxt in zip(body, body[1:])
+        if isinstance(node, ast.AnnAssign)
+        and isinstance(nxt, ast.Expr)
+        and isinstance(nxt.value, ast.Constant)
+        and isinstance(nxt.value.value, str)
+    }

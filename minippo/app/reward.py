@@ -1,7 +1,7 @@
 """Sentiment rewards: a score of how positive a text is, for PPO.
 
 - `TfidfSentiment`, the offline default: TF-IDF over word 1-2 grams + logistic regression, trained
-  with scikit-learn on IMDB train in ~10-20 s (~0.907 validation accuracy). Saved as plain data
+  with scikit-learn on IMDB train (time and accuracy: the README's demo table). Saved as plain data
   (vocabulary JSON, idf/coef/intercept safetensors, config JSON), so loading a reward file cannot
   run code, and scored by our own batched NumPy code, so scoring needs no scikit-learn.
 - `HFSentiment`: any Hugging Face sequence-classification model (the blog's
@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checks import POSITIVE, POSITIVE_INT, check_device, check_fields, optional
+from ..fileio import atomic_directory, write_json
 from .data import clean_review, load_imdb
 
 TFIDF_TYPE = "minippo-tfidf-sentiment"
@@ -215,8 +217,6 @@ class TfidfSentiment(_Scorer):
         """Write `config.json`, `vocabulary.json` and `weights.safetensors` into folder `path`."""
         from safetensors.numpy import save_file
 
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         config = {
             "type": TFIDF_TYPE,
             "format": TFIDF_FORMAT,
@@ -230,13 +230,12 @@ class TfidfSentiment(_Scorer):
             "num_features": len(self.vocabulary),
             "metrics": self.metrics,
         }
-        (path / "vocabulary.json").write_text(json.dumps(self.vocabulary, ensure_ascii=False))
-        save_file(
-            {"idf": self.idf, "coef": self.coef, "intercept": np.array([self.intercept])},
-            str(path / "weights.safetensors"),
-        )
-        (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        return path
+        weights = {"idf": self.idf, "coef": self.coef, "intercept": np.array([self.intercept])}
+        with atomic_directory(path) as tmp:  # the folder appears complete or not at all
+            write_json(Path(tmp) / "vocabulary.json", self.vocabulary, ensure_ascii=False)
+            save_file(weights, str(Path(tmp) / "weights.safetensors"))
+            write_json(Path(tmp) / "config.json", config)
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, kind: str | None = None) -> TfidfSentiment:
@@ -441,20 +440,11 @@ class RewardConfig:
 
     def __post_init__(self):
         _check_kind(self.kind)
-        for name in ("num_train", "num_eval"):
-            value = getattr(self, name)
-            if value is not None and value < 2:
-                raise ValueError(f"{name} must be >= 2 or None (all), got {value}")
-        if self.ngram_max < 1:
-            raise ValueError(f"ngram_max must be >= 1, got {self.ngram_max}")
-        if self.min_df < 1:
-            raise ValueError(f"min_df must be >= 1 (a count of reviews), got {self.min_df}")
-        if not 0.0 < self.max_df <= 1.0:
-            raise ValueError(f"max_df must be a fraction in (0, 1], got {self.max_df}")
-        if self.logreg_c <= 0:
-            raise ValueError(f"logreg_c must be > 0, got {self.logreg_c}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_fields(self, optional((lambda v: v >= 2, "at least 2")), "num_train", "num_eval")
+        check_fields(self, POSITIVE_INT, "ngram_max", "min_df", "batch_size")
+        check_fields(self, (lambda v: 0 < v <= 1, "a fraction in (0, 1]"), "max_df")
+        check_fields(self, POSITIVE, "logreg_c")
+        check_device(self)
 
 
 def train_reward(config: RewardConfig) -> dict:
@@ -496,7 +486,5 @@ def train_reward(config: RewardConfig) -> dict:
     if isinstance(reward, TfidfSentiment):
         reward.metrics = metrics
         reward.save(out)
-    (out / "metrics.json").write_text(
-        json.dumps({"config": asdict(config), "metrics": metrics, "path": path}, indent=2) + "\n"
-    )
+    write_json(out / "metrics.json", {"config": asdict(config), "metrics": metrics, "path": path})
     return {"metrics": metrics, "path": path}

@@ -15,21 +15,21 @@ Shapes: B batch of blocks, L = block_size.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..adapter_files import save_adapter
+from ..checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check, check_device, check_fields
 from ..fileio import write_json
 from ..lora import LoRAConfig, add_lora, count_parameters
 from ..quant import load_model, prepare_model_for_kbit_training, resolve_dtype
-from .data import clean_review, load_imdb, pack_blocks
-from .model_folders import DEFAULT_MODEL, load_tokenizer, resolve_model
+from .data import clean_review, cycle_batches, load_imdb, pack_blocks
+from .model_folders import DEFAULT_MODEL, check_context, context_window, load_tokenizer, resolve_model
 
 
 @dataclass
@@ -46,18 +46,11 @@ class SFTConfig:
     load_in_8bit: bool = True
     """Load the base model's Linear layers in 8-bit (bitsandbytes LLM.int8()), as the blog."""
     dtype: str = "float32"
-    """dtype of the base weights that are not int8; 8-bit training upcasts them to float32."""
+    """dtype of the base weights that are not int8; training upcasts them to float32."""
     device: str = "cpu"
     """Device to train on: cpu, cuda or cuda:N."""
-    lora_r: int = 16
-    """LoRA rank r."""
-    lora_alpha: float = 32.0
-    """LoRA scale numerator: the update is scaled by alpha / r."""
-    lora_dropout: float = 0.05
-    """Dropout on the LoRA input during training."""
-    lora_target_modules: str | None = None
-    """Layers to adapt: names ("q_proj,v_proj"), a regex, "all-linear", or None for the architecture's
-    default."""
+    lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(r=16, alpha=32.0, dropout=0.05))
+    """LoRA settings of the adapter (target_modules None: the architecture's default layers)."""
     block_size: int = 256
     """Tokens per packed training block (the blog used 1024)."""
     max_steps: int = 200
@@ -83,52 +76,23 @@ class SFTConfig:
     seed: int = 0
     """Seed for data shuffling, LoRA initialisation and dropout."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, ~30% slower."""
+    """Recompute activations in the backward pass: less memory, more compute."""
     log_every: int = 10
     """Show the running loss on the progress bar every this many steps."""
 
     def __post_init__(self):
-        positive = (
-            "block_size",
-            "max_steps",
-            "batch_size",
-            "grad_accum_steps",
-            "num_train_texts",
-            "eval_batch_size",
-            "log_every",
-            "lora_r",
+        positive = "max_steps", "batch_size", "grad_accum_steps", "num_train_texts", "eval_batch_size"
+        check_fields(self, POSITIVE_INT, *positive, "log_every")
+        check_fields(self, (lambda v: v >= 2, "at least 2"), "block_size")
+        check_fields(self, NON_NEGATIVE, "warmup_steps", "num_eval_blocks", "weight_decay", "max_grad_norm")
+        check_fields(self, POSITIVE, "learning_rate")
+        check(
+            self,
+            self.batch_size % self.grad_accum_steps == 0,
+            f"grad_accum_steps ({self.grad_accum_steps}) must divide batch_size ({self.batch_size})",
         )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"SFTConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "num_eval_blocks", "weight_decay", "max_grad_norm"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"SFTConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.block_size < 2:
-            raise ValueError(f"SFTConfig.block_size must be >= 2, got {self.block_size}")
-        if self.batch_size % self.grad_accum_steps:
-            raise ValueError(
-                f"SFTConfig.grad_accum_steps ({self.grad_accum_steps}) must divide "
-                f"batch_size ({self.batch_size})"
-            )
-        if not self.learning_rate > 0:
-            raise ValueError(f"SFTConfig.learning_rate must be > 0, got {self.learning_rate}")
         resolve_dtype(self.dtype)
-        try:
-            torch.device(self.device)
-        except RuntimeError:
-            raise ValueError(
-                f"SFTConfig.device {self.device!r} is not a device: use cpu, cuda or cuda:N"
-            ) from None
-        self.lora_config()  # validates r, alpha, dropout, target_modules
-
-    def lora_config(self) -> LoRAConfig:
-        return LoRAConfig(
-            r=self.lora_r,
-            alpha=self.lora_alpha,
-            dropout=self.lora_dropout,
-            target_modules=self.lora_target_modules,
-        )
+        check_device(self)
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -189,74 +153,86 @@ def run_sft(config: SFTConfig) -> dict:
     """Train a LoRA adapter on packed IMDB review blocks; returns the metrics (also written to
     `output_dir/metrics.json`; the adapter goes to `output_dir/adapter`, the (step, loss) log to
     `output_dir/loss_log.json`)."""
-    device = torch.device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"device {config.device!r} asked for, but torch sees no CUDA GPU: use --device cpu"
-        )
+    device = _available(config.device)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sft_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    write_json(out / "sft_config.json", dataclasses.asdict(config))
     torch.manual_seed(config.seed)
 
     # 1. Model: base (8-bit) + LoRA, tokenizer with a pad token distinct from EOS.
-    model_dir = resolve_model(config.model)
-    tokenizer = load_tokenizer(model_dir, padding_side="right")
-    model = load_model(model_dir, load_in_8bit=config.load_in_8bit, dtype=config.dtype, device=device)
-    if config.load_in_8bit:
-        prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
-    elif config.gradient_checkpointing:
-        model.enable_input_require_grads()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(
-        model.config, "n_positions", None
-    )
-    if context and config.block_size > context:
-        raise ValueError(
-            f"block_size {config.block_size} exceeds the model's context window of {context} "
-            f"tokens: use --block-size {context} or less"
-        )
-    add_lora(model, config.lora_config())
+    model, tokenizer, model_dir = load_sft_model(config, device)
     trainable, total = count_parameters(model)
 
     # 2. Data: packed train and validation blocks.
     train_texts = load_imdb("train", config.data_dir, limit=config.num_train_texts, seed=config.seed)["text"]
     train = review_blocks(train_texts, tokenizer, config.block_size)  # (N, L)
     val = eval_blocks(tokenizer, config) if config.num_eval_blocks else None  # (N_val, L)
+    metrics = dict(model=model_dir, trainable_params=trainable, total_params=total, train_blocks=len(train))
+    metrics["block_size"] = config.block_size
 
     # 3. Validation loss before training (LoRA B = 0: the base model).
-    metrics = {
-        "model": model_dir,
-        "trainable_params": trainable,
-        "total_params": total,
-        "train_blocks": len(train),
-        "block_size": config.block_size,
-    }
     if val is not None:
-        metrics["eval_blocks"] = len(val)
-        metrics["eval_loss_before"] = evaluate_lm(model, val, config.eval_batch_size, device)
-        metrics["eval_ppl_before"] = _perplexity(metrics["eval_loss_before"])
+        metrics.update(eval_blocks=len(val), **_eval_metrics(model, val, config, device, "before"))
 
-    # 4. Train: AdamW on the LoRA weights, warm-up + linear decay, gradient clipping.
+    # 4. Train; Ctrl-C saves the adapter reached so far.
+    loss_log: list[tuple[int, float]] = []
+    try:
+        seconds = train_lm(model, train, config, device, loss_log)
+    except KeyboardInterrupt:
+        _save(model, out, model_dir, loss_log)
+        print(f"sft: interrupted at step {len(loss_log)}; adapter saved to {out / 'adapter'}")
+        raise
+
+    # 5. Validation loss after; save the adapter, the loss log and the metrics.
+    if val is not None:
+        metrics.update(_eval_metrics(model, val, config, device, "after"))
+    tokens = config.max_steps * config.batch_size * config.block_size
+    metrics.update(
+        steps=config.max_steps,
+        train_seconds=round(seconds, 2),
+        tokens_per_second=round(tokens / max(seconds, 1e-9), 1),
+        train_loss_first=loss_log[0][1],
+        train_loss_last=loss_log[-1][1],
+    )
+    metrics.update(_save(model, out, model_dir, loss_log))
+    write_json(out / "metrics.json", metrics)
+    if val is not None:
+        print(
+            f"sft: validation loss {metrics['eval_loss_before']:.3f} -> {metrics['eval_loss_after']:.3f} "
+            f"(perplexity {metrics['eval_ppl_before']:.1f} -> {metrics['eval_ppl_after']:.1f}); "
+            f"adapter -> {metrics['adapter']}"
+        )
+    return metrics
+
+
+def load_sft_model(config: SFTConfig, device: torch.device):
+    """The base model (8-bit), prepared for adapter training, with a fresh LoRA adapter; its
+    tokenizer (right padding) and folder."""
+    model_dir = resolve_model(config.model)
+    tokenizer = load_tokenizer(model_dir, padding_side="right")
+    model = load_model(model_dir, load_in_8bit=config.load_in_8bit, dtype=config.dtype, device=device)
+    prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    check_context(model, config.block_size, "block_size", f"use --block-size {context_window(model)} or less")
+    add_lora(model, config.lora)
+    return model, tokenizer, model_dir
+
+
+def train_lm(model, blocks: torch.Tensor, config: SFTConfig, device, loss_log: list) -> float:
+    """AdamW on the trainable weights over shuffled blocks (N, L): warm-up + linear decay, gradient
+    accumulation and clipping. Appends (step, loss) to `loss_log` as it goes (so an interrupted run
+    keeps it); returns the seconds taken."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, config.max_steps))
-    generator = torch.Generator().manual_seed(config.seed)
-    micro = config.batch_size // config.grad_accum_steps
-    order, cursor = torch.randperm(len(train), generator=generator), 0
-    loss_log: list[tuple[int, float]] = []
+    batches = cycle_batches(len(blocks), config.batch_size // config.grad_accum_steps, config.seed)
     model.train()
     start = time.perf_counter()
     bar = tqdm(range(1, config.max_steps + 1), desc="sft", unit="step", dynamic_ncols=True)
-    try:
+    with bar:
         for step in bar:
             step_loss = 0.0
             for _ in range(config.grad_accum_steps):
-                if cursor + micro > len(order):  # a new epoch over the blocks
-                    order, cursor = torch.randperm(len(train), generator=generator), 0
-                idx = order[cursor : cursor + micro]
-                cursor += micro
-                batch = train[idx].to(device)  # (B, L)
+                batch = blocks[next(batches)].to(device)  # (B, L)
                 loss = model(input_ids=batch, labels=batch, use_cache=False).loss
                 (loss / config.grad_accum_steps).backward()
                 step_loss += loss.item() / config.grad_accum_steps
@@ -271,35 +247,18 @@ def run_sft(config: SFTConfig) -> dict:
                 bar.set_postfix(
                     loss=f"{sum(recent) / len(recent):.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}"
                 )
-    except KeyboardInterrupt:
-        bar.close()
-        _save(model, out, model_dir, loss_log)
-        print(f"sft: interrupted at step {len(loss_log)}; adapter saved to {out / 'adapter'}")
-        raise
-    bar.close()
-    seconds = time.perf_counter() - start
+    return time.perf_counter() - start
 
-    # 5. Validation loss after; save the adapter, the loss log and the metrics.
-    if val is not None:
-        metrics["eval_loss_after"] = evaluate_lm(model, val, config.eval_batch_size, device)
-        metrics["eval_ppl_after"] = _perplexity(metrics["eval_loss_after"])
-    tokens = config.max_steps * config.batch_size * config.block_size
-    metrics.update(
-        steps=config.max_steps,
-        train_seconds=round(seconds, 2),
-        tokens_per_second=round(tokens / max(seconds, 1e-9), 1),
-        train_loss_first=loss_log[0][1],
-        train_loss_last=loss_log[-1][1],
-    )
-    metrics.update(_save(model, out, model_dir, loss_log))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    if val is not None:
-        print(
-            f"sft: validation loss {metrics['eval_loss_before']:.3f} -> {metrics['eval_loss_after']:.3f} "
-            f"(perplexity {metrics['eval_ppl_before']:.1f} -> {metrics['eval_ppl_after']:.1f}); "
-            f"adapter -> {metrics['adapter']}"
-        )
-    return metrics
+
+def _available(device: str) -> torch.device:
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} asked for, but torch sees no CUDA GPU: use --device cpu")
+    return torch.device(device)
+
+
+def _eval_metrics(model, val: torch.Tensor, config: SFTConfig, device, when: str) -> dict:
+    loss = evaluate_lm(model, val, config.eval_batch_size, device)
+    return {f"eval_loss_{when}": loss, f"eval_ppl_{when}": _perplexity(loss)}
 
 
 def _save(model, out: Path, base_model: str, loss_log) -> dict:

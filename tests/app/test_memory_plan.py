@@ -20,9 +20,9 @@ from minippo.app.memory_plan import (
     format_plan,
     model_shape,
     plan_memory,
-    tensor_footprint_bytes,
 )
 from minippo.lora import LoRAConfig, add_lora
+from minippo.quant import model_footprint_bytes, quantize_model
 
 TOL = 0.15
 TARGETS = {  # the planner's target sets, as module names of each architecture
@@ -116,13 +116,11 @@ def test_weight_bytes_match_the_footprint(hidden, vocab, dtype):
         {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     )
     predicted = plan_for(model, dtype=dtype).parts["weights"]
-    assert close(predicted, tensor_footprint_bytes(model))
+    assert close(predicted, model_footprint_bytes(model))
 
 
 @pytest.mark.parametrize("hidden, vocab", [(128, 1000), (256, 2000), (384, 4000)])
 def test_int8_weight_bytes_match_the_footprint(hidden, vocab):
-    from minippo.quant import model_footprint_bytes, quantize_model
-
     model = quantize_model(build("gpt_neox", hidden=hidden, vocab=vocab))  # rest stays fp32
     predicted = plan_for(model, dtype="int8", compute_dtype="fp32").parts["weights"]
     assert close(predicted, model_footprint_bytes(model))

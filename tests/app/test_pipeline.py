@@ -245,7 +245,7 @@ def test_bad_input_gives_a_message_not_a_traceback(tmp_path, capsys, tiny_model_
     assert "context window" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["ppo", "--steps", "0"])
-    assert "steps must be >= 1" in capsys.readouterr().err
+    assert "steps must be a positive integer" in capsys.readouterr().err
 
 
 def test_every_subcommand_has_help(capsys):

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from minippo import load_adapter
+from minippo import LoRAConfig, load_adapter
 from minippo.app.sft import SFTConfig, lr_lambda, review_blocks, run_sft
 from minippo.quant import load_model
 
@@ -13,10 +13,7 @@ def _config(tiny_model_dir, imdb_dir, tmp_path, **overrides):
         data_dir=str(imdb_dir),
         output_dir=str(tmp_path / "sft"),
         load_in_8bit=True,
-        lora_r=4,
-        lora_alpha=8,
-        lora_dropout=0.0,
-        lora_target_modules="all-linear",
+        lora=LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"),
         block_size=32,
         batch_size=8,
         max_steps=20,
@@ -65,7 +62,7 @@ def test_sft_float_base_with_grad_accumulation(tiny_model_dir, imdb_dir, tmp_pat
             grad_accum_steps=2,
             max_steps=4,
             num_eval_blocks=0,
-            lora_target_modules=None,
+            lora=LoRAConfig(r=4, alpha=8),
         )
     )
     assert "eval_loss_before" not in m and m["steps"] == 4
@@ -95,7 +92,6 @@ def test_lr_schedule_warmup_then_linear_decay():
         ("grad_accum_steps", 3, "must divide"),
         ("learning_rate", 0.0, "learning_rate"),
         ("dtype", "int8", "unknown dtype"),
-        ("lora_dropout", 1.0, "dropout"),
         ("device", "gpu", "not a device"),
         ("max_steps", 0, "max_steps"),
     ],
