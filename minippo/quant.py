@@ -51,6 +51,8 @@ _DTYPES = {
 
 
 QUANT_TYPES = ("nf4", "fp4")  # bitsandbytes' 4-bit data types
+# Named base precisions (the application's --quant) and the `load_model` arguments each stands for.
+QUANT_MODES = {"none": {}, "8bit": {"load_in_8bit": True}, "4bit": {"load_in_4bit": True}}
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -209,6 +211,13 @@ def default_compute_dtype(device: torch.device | str = "cpu") -> torch.dtype:
 
 def _resolve_compute_dtype(compute_dtype, device) -> torch.dtype:
     return default_compute_dtype(device) if compute_dtype in (None, "auto") else resolve_dtype(compute_dtype)
+
+
+def quant_load_kwargs(quant: str) -> dict:
+    """ "none" / "8bit" / "4bit" -> the `load_model` keyword arguments it stands for."""
+    if quant not in QUANT_MODES:
+        raise ValueError(f"quant must be one of {sorted(QUANT_MODES)}, got {quant!r}")
+    return dict(QUANT_MODES[quant])
 
 
 def _check_quant_args(bits: int, quant_type: str) -> None:

@@ -18,7 +18,7 @@ from ..adapter_files import load_adapter
 from ..fileio import atomic_directory
 from ..lora import LoRAConfig, add_lora, disable_adapters, merge_lora
 from ..ppo import PPOConfig, PPOTrainer
-from ..quant import load_model, resolve_dtype
+from ..quant import load_model, quant_load_kwargs, resolve_dtype
 from .data import load_imdb, make_prompts
 from .model_folders import DEFAULT_MODEL, load_tokenizer, resolve_model
 from .report import MetricsLog, markdown_table, write_json
@@ -160,7 +160,10 @@ class PPORunConfig:
     steps: int = 40
     """PPO steps (each: batch_size prompts -> generate -> score -> step)."""
     load_in_8bit: bool = True
-    """Load the starting model's Linear layers in 8-bit (frozen)."""
+    """Load the starting model's Linear layers in 8-bit (frozen); False: --quant none."""
+    quant: str = "8bit"
+    """Starting model's Linear layers (frozen): "8bit" (LLM.int8(), the blog's), "4bit" (NF4, QLoRA) or
+    "none"."""
     dtype: str = "float32"
     """dtype of the model's float parameters (embeddings, norms, LM head)."""
     prompt_min_tokens: int = 2
@@ -183,6 +186,10 @@ class PPORunConfig:
     """PPO settings (trl names)."""
 
     def __post_init__(self):
+        if not self.load_in_8bit and self.quant == "8bit":  # the older spelling of --quant none
+            self.quant = "none"
+        quant_load_kwargs(self.quant)
+        self.load_in_8bit = self.quant == "8bit"
         if self.reward_kind not in ("logit", "prob"):
             raise ValueError(f"reward_kind must be 'logit' or 'prob', got {self.reward_kind!r}")
         if self.steps < 1:
@@ -253,11 +260,11 @@ def _cycle_prompts(prompts: list[torch.Tensor], batch_size: int, seed: int):
 
 
 def build_trainer(config: PPORunConfig):
-    """Load the starting model (8-bit), add a fresh adapter, and make the trainer."""
+    """Load the starting model (8-bit, 4-bit or float: `quant`), add a fresh adapter, and make the trainer."""
     model_dir = resolve_model(config.model)
     tokenizer = load_tokenizer(model_dir)
     device = config.ppo.device or "cpu"
-    model = load_model(model_dir, load_in_8bit=config.load_in_8bit, dtype=config.dtype, device=device)
+    model = load_model(model_dir, **quant_load_kwargs(config.quant), dtype=config.dtype, device=device)
     add_lora(model, config.lora)
     trainer = PPOTrainer(config.ppo, model, tokenizer)
     return trainer, tokenizer, model_dir

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..adapter_files import save_adapter
 from ..fileio import write_json
 from ..lora import LoRAConfig, add_lora, count_parameters
-from ..quant import load_model, prepare_model_for_kbit_training, resolve_dtype
+from ..quant import load_model, prepare_model_for_kbit_training, quant_load_kwargs, resolve_dtype
 from .data import clean_review, load_imdb, pack_blocks
 from .model_folders import DEFAULT_MODEL, load_tokenizer, resolve_model
 
@@ -44,7 +44,11 @@ class SFTConfig:
     output_dir: str = "runs/sft"
     """Where the adapter (output_dir/adapter), loss log and metrics are written."""
     load_in_8bit: bool = True
-    """Load the base model's Linear layers in 8-bit (bitsandbytes LLM.int8()), as the blog."""
+    """Load the base model's Linear layers in 8-bit (bitsandbytes LLM.int8()), as the blog; False: quant
+    "none"."""
+    quant: str = "8bit"
+    """Base model's Linear layers: "8bit" (LLM.int8(), the blog's), "4bit" (NF4 + double quant, QLoRA) or
+    "none"."""
     dtype: str = "float32"
     """dtype of the base weights that are not int8; 8-bit training upcasts them to float32."""
     device: str = "cpu"
@@ -88,6 +92,10 @@ class SFTConfig:
     """Show the running loss on the progress bar every this many steps."""
 
     def __post_init__(self):
+        if not self.load_in_8bit and self.quant == "8bit":  # the older spelling of --quant none
+            self.quant = "none"
+        quant_load_kwargs(self.quant)
+        self.load_in_8bit = self.quant == "8bit"
         positive = (
             "block_size",
             "max_steps",
@@ -202,8 +210,8 @@ def run_sft(config: SFTConfig) -> dict:
     # 1. Model: base (8-bit) + LoRA, tokenizer with a pad token distinct from EOS.
     model_dir = resolve_model(config.model)
     tokenizer = load_tokenizer(model_dir, padding_side="right")
-    model = load_model(model_dir, load_in_8bit=config.load_in_8bit, dtype=config.dtype, device=device)
-    if config.load_in_8bit:
+    model = load_model(model_dir, **quant_load_kwargs(config.quant), dtype=config.dtype, device=device)
+    if config.quant != "none":
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
     elif config.gradient_checkpointing:
         model.enable_input_require_grads()
