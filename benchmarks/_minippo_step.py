@@ -8,7 +8,8 @@
 Spec.dtype: "float32" (the peer's work exactly), "bfloat16" (autocast matmuls; weights, logits,
 values and Adam stay float32), "bf16-weights" (the frozen base stored in bf16, LM head included, so
 autocast casts no weights; adapters, value head and Adam stay float32) or "int8" (bitsandbytes
-Linear8bitLt base layers, float32 compute).
+Linear8bitLt base layers, float32 compute) or "nf4" (bitsandbytes Linear4bit NF4 base layers with
+double-quantised scales, QLoRA, float32 compute).
 """
 
 import logging
@@ -31,10 +32,10 @@ def build_trainer(spec: Spec, info: dict):
     from minippo.ppo import PPOConfig, PPOTrainer
     from minippo.quant import load_model, prepare_model_for_kbit_training
 
-    int8 = spec.dtype == "int8"
+    int8, nf4 = spec.dtype == "int8", spec.dtype == "nf4"
     weights = torch.bfloat16 if spec.dtype == "bf16-weights" else torch.float32
-    model = load_model(spec.model_dir, load_in_8bit=int8, dtype=weights, device=spec.device)
-    if int8:
+    model = load_model(spec.model_dir, load_in_8bit=int8, load_in_4bit=nf4, dtype=weights, device=spec.device)
+    if int8 or nf4:
         prepare_model_for_kbit_training(model)
     add_lora(
         model,

@@ -1,14 +1,16 @@
-"""Memory, measured: bytes per parameter of the weights (fp32 / bf16 / int8) at several sizes, and
+"""Memory, measured: bytes per parameter of the weights (fp32 / bf16 / int8 / nf4) at several sizes, and
 the cost of the PPO reference model (adapters switched off vs a second frozen copy).
 
     .venv/bin/python benchmarks/memory.py            # writes its section of benchmarks/RESULTS.md
     .venv/bin/python benchmarks/memory.py --quick    # two small sizes, no SmolLM2
+    .venv/bin/python benchmarks/memory.py --weights-only  # the weights table alone, its own section
 
 1. Weights: random GPT-NeoX models built from a config (and SmolLM2-135M, the embedded model),
    footprint = bytes of parameters + buffers (+ the int8 layers' fp32 row scales), counted by
    `minippo.quant.model_footprint_bytes`; next to it the planner's prediction (`minippo.app.memory_plan`).
    int8 = bitsandbytes `Linear8bitLt` for every Linear except the LM head; the embedding, norms and
-   LM head stay in fp32, as minippo trains them (`prepare_model_for_kbit_training`).
+   LM head stay in fp32, as minippo trains them (`prepare_model_for_kbit_training`).  nf4 = bitsandbytes
+   `Linear4bit` (NF4, double-quantised block scales: QLoRA) for the same layers.
 2. Reference model: in a fresh process each, (a) a LoRA policy whose reference log-probs come from
    the same model under `disable_adapters`, (b) the same policy plus a frozen deep copy of the base
    as the reference. Reported: weight footprint, process peak RSS after a policy forward and a
@@ -34,6 +36,8 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 BEGIN, END = "<!-- memory:begin -->", "<!-- memory:end -->"
+WEIGHTS_BEGIN, WEIGHTS_END = "<!-- memory:weights:begin -->", "<!-- memory:weights:end -->"
+DTYPES = ("fp32", "bf16", "int8", "nf4")
 MiB = 2**20
 
 # GPT-NeoX sizes for the bytes/param table (random weights).
@@ -96,11 +100,11 @@ def weights_table(names: list[str]) -> list[dict]:
         cfg.save_pretrained(config_dir)  # the planner reads the shapes from config.json
         plan_kw = dict(model=config_dir, reserve_gib=0)
         row = dict(model=name, params=n_params, linear=n_linear)
-        for dtype in ("fp32", "bf16", "int8"):
+        for dtype in DTYPES:
             m = copy.deepcopy(model)  # fp32
-            if dtype == "int8":
-                quantize_model(m)  # the rest stays fp32
-                plan = plan_memory(PlanConfig(dtype="int8", compute_dtype="fp32", **plan_kw))
+            if dtype in ("int8", "nf4"):
+                quantize_model(m, bits=8 if dtype == "int8" else 4)  # the rest stays fp32
+                plan = plan_memory(PlanConfig(dtype=dtype, compute_dtype="fp32", **plan_kw))
             else:
                 m.to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
                 plan = plan_memory(PlanConfig(dtype=dtype, **plan_kw))
@@ -108,7 +112,8 @@ def weights_table(names: list[str]) -> list[dict]:
             row[f"plan_{dtype}"] = plan.parts["weights"]
             del m
         # bytes per parameter of the linear layers alone under int8: (total - non-linear fp32) / linear
-        row["int8_linear_bpp"] = (row["int8"] - 4 * (n_params - n_linear)) / n_linear
+        for dtype in ("int8", "nf4"):
+            row[f"{dtype}_linear_bpp"] = (row[dtype] - 4 * (n_params - n_linear)) / n_linear
         rows.append(row)
         shutil.rmtree(config_dir, ignore_errors=True)
         del model
@@ -176,38 +181,53 @@ def reference_table(names: list[str], dtypes: list[str]) -> list[dict]:
 # ---------------------------------------------------------------------------------------- report
 
 
-def report(weights: list[dict], refs: list[dict]) -> str:
+def header(title: str, begin: str) -> list[str]:
     import datetime
     import platform
 
     import bitsandbytes
     import transformers
 
-    lines = [
-        BEGIN,
-        "## Memory",
+    return [
+        begin,
+        f"## {title}",
         "",
         f"- date: {datetime.datetime.now():%Y-%m-%d %H:%M}; {platform.machine()}, {os.cpu_count()} cores; "
         f"torch {torch.__version__}, transformers {transformers.__version__}, bitsandbytes {bitsandbytes.__version__}",
         "",
+    ]
+
+
+def weights_report(weights: list[dict]) -> list[str]:
+    lines = [
         "### Bytes per parameter of the weights (parameters + buffers, measured; planner in brackets)",
         "",
         "int8: every Linear but the LM head is a bitsandbytes `Linear8bitLt` (int8 + one fp32 scale per "
-        "row); embedding, norms and LM head stay fp32, as minippo trains them. 'int8 linear' is the "
-        "bytes per parameter of the quantised layers alone.",
+        "row); nf4: the same layers as `Linear4bit` (NF4 codes, double-quantised block scales of 64); "
+        "embedding, norms and LM head stay fp32, as minippo trains them. 'linear' is the bytes per "
+        "parameter of the quantised layers alone; 'plan' is the planner's error on the nf4 total.",
         "",
-        "| model | params | of which Linear | fp32 MiB | bf16 MiB | int8 MiB | fp32 B/param | bf16 B/param "
-        "| int8 B/param | int8 linear B/param |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | params | of which Linear | "
+        + " | ".join(f"{d} MiB" for d in DTYPES)
+        + " | fp32 B/param | bf16 B/param | int8 B/param | nf4 B/param | int8 linear B/param "
+        "| nf4 linear B/param | nf4 plan error |",
+        "|---|---:|---:|" + "---:|" * (len(DTYPES) + 7),
     ]
     for r in weights:
         n = r["params"]
-        cells = [f"{r[d] / MiB:.1f} ({r['plan_' + d] / MiB:.1f})" for d in ("fp32", "bf16", "int8")]
+        cells = [f"{r[d] / MiB:.1f} ({r['plan_' + d] / MiB:.1f})" for d in DTYPES]
+        per_param = [f"{r[d] / n:.3f}" for d in DTYPES]
+        error = (r["plan_nf4"] - r["nf4"]) / r["nf4"] * 100
         lines.append(
             f"| {r['model']} | {n / 1e6:.1f}M | {r['linear'] / 1e6:.1f}M | "
-            + " | ".join(cells)
-            + f" | {r['fp32'] / n:.3f} | {r['bf16'] / n:.3f} | {r['int8'] / n:.3f} | {r['int8_linear_bpp']:.3f} |"
+            + " | ".join(cells + per_param)
+            + f" | {r['int8_linear_bpp']:.3f} | {r['nf4_linear_bpp']:.3f} | {error:+.2f}% |"
         )
+    return lines
+
+
+def report(weights: list[dict], refs: list[dict]) -> str:
+    lines = header("Memory", BEGIN) + weights_report(weights)
     lines += [
         "",
         "### The reference model: adapters switched off vs a second frozen copy (measured)",
@@ -237,6 +257,7 @@ def report(weights: list[dict], refs: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--weights-only", action="store_true", help="the weights table alone, in its own section")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = p.parse_args(argv)
@@ -255,11 +276,17 @@ def main(argv=None) -> int:
         names = ["neox-7m", "neox-30m", "neox-100m", "neox-350m", "smollm2-135m"]
         ref_names, ref_dtypes = ["neox-100m", "smollm2-135m"], ["fp32", "int8"]
     weights = weights_table(names)
+    from ppo_step import write_section
+
+    if args.weights_only:
+        text = "\n".join(header("Memory: the weights in fp32 / bf16 / int8 / nf4", WEIGHTS_BEGIN))
+        text += "\n" + "\n".join(weights_report(weights) + ["", WEIGHTS_END])
+        print(text)
+        write_section(text, WEIGHTS_BEGIN, WEIGHTS_END, Path(args.out))
+        return 0
     refs = reference_table(ref_names, ref_dtypes)
     text = report(weights, refs)
     print(text)
-    from ppo_step import write_section
-
     write_section(text, BEGIN, END, Path(args.out))
     return 0
 

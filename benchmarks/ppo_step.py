@@ -352,7 +352,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="smallest model, 1 round, 1 timed step, float32 only")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {list(MODELS)}")
     p.add_argument(
-        "--variants", default="float32,bfloat16", help="minippo dtypes: float32,bfloat16,bf16-weights,int8"
+        "--variants",
+        default="float32,bfloat16",
+        help="minippo dtypes: float32,bfloat16,bf16-weights,int8,nf4",
     )
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds (a process per side per round)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per process")

@@ -1,4 +1,4 @@
-"""LoRA adapters on Linear, GPT-2 Conv1D and bitsandbytes int8 layers: the layer and its injection.
+"""LoRA adapters on Linear, GPT-2 Conv1D and bitsandbytes int8 / 4-bit layers: the layer and its injection.
 
 A LoRA layer adds a trainable low-rank update to a frozen layer W (out, in):
 
@@ -6,7 +6,7 @@ A LoRA layer adds a trainable low-rank update to a frozen layer W (out, in):
 
 with scaling = alpha / r (alpha / sqrt(r) with rsLoRA), A Kaiming-uniform and B zero at init, so
 an adapted model starts out equal to its base.  The layer only *calls* the base layer, never reads
-its weight, so the base may be int8 (`Linear8bitLt`).
+its weight, so the base may be int8 (`Linear8bitLt`) or 4-bit NF4/FP4 (`Linear4bit`, QLoRA).
 Ref: Hu et al. 2021, LoRA, arXiv:2106.09685, eq. 3; Kalajdzievski 2023, rsLoRA, arXiv:2312.03732.
 
 The API (minLoRA-style verbs): `add_lora`, `disable_adapters`, `lora_state_dict`, `merge_lora`.
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .quant import dequantize_8bit, keep_8bit_layers_in_eval, resolve_dtype
+from .quant import dequantize_4bit, dequantize_8bit, pin_kbit_layers, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def _normalise_targets(targets):
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    """nn.Linear (Linear8bitLt included) or transformers' Conv1D: the layers LoRA can wrap."""
+    """nn.Linear (Linear8bitLt and Linear4bit included) or transformers' Conv1D: the layers LoRA can wrap."""
     return isinstance(module, (nn.Linear, Conv1D))
 
 
@@ -139,8 +139,9 @@ def layer_dims(module: nn.Module) -> tuple[int, int]:
 class LoRALayer(nn.Module):
     """y = base(x) + dropout(x) @ A.T @ B.T * scaling, for x (..., in), y (..., out).
 
-    `base_layer` is an nn.Linear, a GPT-2 Conv1D or a bitsandbytes Linear8bitLt, only ever
-    called.  `lora_A` (in -> r) and `lora_B` (r -> out) are bias-free nn.Linear in fp32, so state
+    `base_layer` is an nn.Linear, a GPT-2 Conv1D or a bitsandbytes Linear8bitLt / Linear4bit, only
+    ever called (a 4-bit weight is packed two codes a byte: reading it would be meaningless).
+    `lora_A` (in -> r) and `lora_B` (r -> out) are bias-free nn.Linear in fp32, so state
     dict keys read `<path>.lora_A.weight` (A: (r, in)), `<path>.lora_B.weight` (B: (out, r)), as
     peft's.  The adapter runs in fp32 (the input is cast to A's dtype) and its output is cast to
     the base output's dtype, which is the input dtype for a base in that dtype.  With `disabled`
@@ -160,7 +161,8 @@ class LoRALayer(nn.Module):
         super().__init__()
         if not is_linear_like(base_layer):
             raise TypeError(
-                f"LoRALayer wraps nn.Linear, Conv1D or Linear8bitLt, not {type(base_layer).__name__}"
+                "LoRALayer wraps nn.Linear, Conv1D, Linear8bitLt or Linear4bit, "
+                f"not {type(base_layer).__name__}"
             )
         in_features, out_features = layer_dims(base_layer)
         if r > min(in_features, out_features):
@@ -296,10 +298,10 @@ def add_lora(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
     """Wrap the target layers of `model` in `LoRALayer`s and freeze everything else, in place.
 
     Every parameter that is not a LoRA A/B matrix gets requires_grad=False (a value head on a
-    wrapper passed here too: unfreeze it afterwards).  Frozen 8-bit base layers are pinned in eval
-    mode (`keep_8bit_layers_in_eval`).  The resolved config is kept as `model.lora_config` for
-    `save_adapter`.  Returns `model`; see `count_parameters` for the trainable/total counts
-    (also logged).
+    wrapper passed here too: unfreeze it afterwards).  Frozen k-bit base layers are pinned
+    (`pin_kbit_layers`: 8-bit in eval mode, 4-bit unpacked).  The resolved config is kept as
+    `model.lora_config` for `save_adapter`.  Returns `model`; see `count_parameters` for the
+    trainable/total counts (also logged).
     """
     config = config or LoRAConfig()
     if any(True for _ in lora_layers(model)):
@@ -320,7 +322,7 @@ def add_lora(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
         layer = LoRALayer(module, config.r, config.alpha, config.dropout, config.use_rslora, config.init)
         layer.train(module.training)
         model.set_submodule(name, layer)
-    keep_8bit_layers_in_eval(model)
+    pin_kbit_layers(model)
     resolved = resolve_target_modules(model, config)
     if resolved == "all-linear":  # saved as the names it expanded to, as peft does
         resolved = sorted({n.rsplit(".", 1)[-1] for n, _ in found})
@@ -370,9 +372,11 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _float_weight(layer: nn.Module) -> torch.Tensor:
-    """The layer's weight as fp32 (out, in): dequantised for int8, transposed for Conv1D."""
+    """The layer's weight as fp32 (out, in): dequantised for int8 and 4-bit, transposed for Conv1D."""
     if isinstance(layer, bnb.nn.Linear8bitLt):
         return dequantize_8bit(layer)
+    if isinstance(layer, bnb.nn.Linear4bit):
+        return dequantize_4bit(layer)
     if isinstance(layer, Conv1D):
         return layer.weight.detach().float().t()
     return layer.weight.detach().float()
@@ -415,9 +419,13 @@ def merge_lora(model: nn.Module, dtype: torch.dtype | str = torch.float32) -> nn
 
     In place: each LoRALayer becomes an nn.Linear (a Conv1D where the base was or came from one,
     so GPT-2 folders load in plain transformers) holding W' in `dtype`; int8 bases are dequantised
-    first (W = CB * SCB / 127), and every remaining `Linear8bitLt` is replaced by a dequantised
-    layer too.  All floating parameters are cast to `dtype` and transformers' quantisation markers
-    are removed, so `model.save_pretrained(dir)` loads with bare `AutoModelForCausalLM`.
+    first (W = CB * SCB / 127), 4-bit ones by bitsandbytes' own NF4/FP4 dequantisation (code book
+    value x block scale), and every remaining `Linear8bitLt` / `Linear4bit` is replaced by a
+    dequantised layer too.  The base's weight quantisation error is kept, not undone: a merged 4-bit
+    model computes the adapted one's function up to float rounding (its layers dequantise the same
+    weight at every matmul); a merged 8-bit one differs by the int8 activation quantisation.
+    All floating parameters are cast to `dtype` and transformers' quantisation markers are removed,
+    so `model.save_pretrained(dir)` loads with bare `AutoModelForCausalLM`.
     Merging is always this explicit call (never a side effect of `.eval()`).
     """
     dtype = resolve_dtype(dtype)
@@ -427,8 +435,8 @@ def merge_lora(model: nn.Module, dtype: torch.dtype | str = torch.float32) -> nn
             weight = _float_weight(base) + layer.delta_weight().to(base.weight.device)  # (out, in)
             model.set_submodule(name, _plain_layer(base, weight, dtype))
         for name, module in list(model.named_modules()):
-            if isinstance(module, bnb.nn.Linear8bitLt):
-                model.set_submodule(name, _plain_layer(module, dequantize_8bit(module), dtype))
+            if isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)):
+                model.set_submodule(name, _plain_layer(module, _float_weight(module), dtype))
     _strip_quantization(model)
     for p in model.parameters():
         if p.is_floating_point():

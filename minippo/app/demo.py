@@ -22,6 +22,7 @@ from ..checks import POSITIVE_INT, check, check_device, check_fields, optional
 from ..fileio import write_text
 from ..lora import LoRAConfig
 from ..ppo import PPOConfig
+from ..quant import quant_load_kwargs
 from .model_folders import DEFAULT_MODEL, resolve_model
 from .pipeline import MergeConfig, PPORunConfig, run_merge, run_ppo
 from .report import MetricsLog, markdown_table, plot_lines, write_json
@@ -122,8 +123,11 @@ class DemoConfig:
     """Override the preset's PPO steps."""
     seed: int = 0
     """Seed of every stage."""
+    quant: str = "8bit"
+    """Base model's Linear layers in SFT and PPO: "8bit" (the blog's), "4bit" (NF4, QLoRA) or "none"."""
 
     def __post_init__(self):
+        quant_load_kwargs(self.quant)
         check(
             self, self.preset in PRESETS, f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}"
         )
@@ -140,6 +144,7 @@ def demo_stage_configs(config: DemoConfig, model_dir: str) -> dict:
         data_dir=config.data_dir,
         output_dir=str(run / "sft"),
         device=config.device,
+        quant=config.quant,
         seed=config.seed,
         lora=dataclasses.replace(SFTConfig().lora, **preset["lora"]),
     )
@@ -152,6 +157,7 @@ def demo_stage_configs(config: DemoConfig, model_dir: str) -> dict:
         data_dir=config.data_dir,
         reward=config.reward or str(run / "reward"),
         output_dir=str(run / "ppo"),
+        quant=config.quant,
         lora=LoRAConfig(**preset["lora"]),
         ppo=ppo_config,
     )
@@ -281,7 +287,7 @@ def render_report(config: DemoConfig, summary: dict) -> str:
         ]
     if "eval_loss_before" in sft:
         lines += [
-            f"**Step 1, SFT** ({sft['steps']} steps, 8-bit base + LoRA): validation loss "
+            f"**Step 1, SFT** ({sft['steps']} steps, {config.quant} base + LoRA): validation loss "
             f"{sft['eval_loss_before']:.3f} -> {sft['eval_loss_after']:.3f} (perplexity "
             f"{sft['eval_ppl_before']:.1f} -> {sft['eval_ppl_after']:.1f}). ![sft loss](sft_loss.png)",
             "",

@@ -4,7 +4,8 @@
 holds, part by part, and `format_plan` prints them as a table:
 
     weights          frozen base model: linear weights in the weight dtype (int8 keeps one fp32
-                     scale per output row), embeddings / norms / lm_head in the compute dtype
+                     scale per output row; nf4 packs two weights a byte with one scale per block
+                     of 64, see `nf4_bytes`), embeddings / norms / lm_head in the compute dtype
     LoRA parameters  r * (in + out) per adapted linear layer, fp32
     value head       Linear(H, 1), fp32
     gradients        one fp32 gradient per trainable parameter
@@ -15,7 +16,9 @@ holds, part by part, and `format_plan` prints them as a table:
 This is the blog's arithmetic (Ref: "Fine-tuning 20B LLMs with RLHF on a 24GB consumer GPU",
 Hugging Face blog, 2023): 20B parameters in bf16 are ~40 GB and do not fit 24 GB; in 8-bit they
 are ~20 GB, and with adapters (a few MB of trainable parameters, so gradients and Adam state are
-tiny) the step fits.
+tiny) the step fits.  In 4-bit NF4 (QLoRA, Dettmers et al. 2023, arXiv:2305.14314) they are
+~10.3 GB, and the largest model that fits grows again (`--quant 4bit`, and with no --params:
+`largest_fitting`).
 
 Activations (the only part that is not a plain count) per token and per transformer block, in
 elements of the compute dtype, counted from what autograd saves when the base weights are frozen
@@ -56,6 +59,9 @@ from ..checks import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, check, check_fiel
 
 GiB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
+WEIGHT_DTYPES = (*DTYPE_BYTES, "nf4")  # nf4 (or fp4, the same size): see nf4_bytes
+QUANT_DTYPES = {"none": "bf16", "8bit": "int8", "4bit": "nf4"}  # --quant -> weight dtype
+NF4_BLOCK, NF4_SCALE_BLOCK = 64, 256  # weights per absmax; absmaxes per fp32 scale (double quant)
 TARGETS = ("qkv", "attention", "all-linear")
 OPTIMIZERS = {"adam": 2, "adamw": 2, "sgd": 0}  # fp32 states per trainable parameter
 LOGIT_COPIES = 4  # fp32 (B, L, V) tensors alive at the peak: logits, log-softmax, 2 gradients
@@ -115,7 +121,11 @@ class PlanConfig:
     reserve_gib: float = 1.0
     """Memory the runtime keeps for itself (CUDA context, allocator slack), GiB; 0 on a CPU."""
     dtype: str = "int8"
-    """Weight dtype of the frozen base model: fp32, bf16, fp16 or int8 (LLM.int8 linear layers)."""
+    """Weight dtype of the frozen base model: fp32, bf16, fp16, int8 (LLM.int8) or nf4 (QLoRA's 4-bit)."""
+    quant: str = ""
+    """Base precision by name, overriding --dtype: none (bf16), 8bit (int8) or 4bit (nf4); empty: --dtype."""
+    double_quant: bool = True
+    """nf4 only: the block scales stored in 8-bit (QLoRA's double quantisation) rather than fp32."""
     compute_dtype: str = ""
     """Dtype of activations and of the weights int8 leaves alone; empty: the weight dtype, fp16 for int8."""
     lora_r: int = 16
@@ -132,7 +142,10 @@ class PlanConfig:
     """Optimiser: adam / adamw (two fp32 states per trainable parameter) or sgd (none)."""
 
     def __post_init__(self):
-        check_fields(self, one_of(*DTYPE_BYTES), "dtype")
+        if self.quant:
+            check_fields(self, one_of(*QUANT_DTYPES), "quant")
+            self.dtype = QUANT_DTYPES[self.quant]
+        check_fields(self, one_of(*WEIGHT_DTYPES), "dtype")
         check_fields(self, one_of("", "fp32", "bf16", "fp16"), "compute_dtype")
         check_fields(self, one_of(*TARGETS), "lora_targets")
         check_fields(self, one_of(*OPTIMIZERS), "optimizer")
@@ -142,16 +155,16 @@ class PlanConfig:
         check_fields(self, POSITIVE, "gpu_gib")
         check(
             self,
-            self.lora_r > 0 or self.dtype != "int8",
-            "int8 weights cannot be trained directly: set lora_r > 0, or a float "
+            self.lora_r > 0 or self.dtype not in ("int8", "nf4"),
+            f"{self.dtype} weights cannot be trained directly: set lora_r > 0, or a float "
             "dtype (fp32/bf16/fp16) for full fine-tuning",
         )
-        check(
-            self,
-            self.params > 0 or bool(self.model) or bool(self.hidden_size and self.num_layers),
-            "say how big the model is: --params (e.g. 20e9), --model (a folder "
-            "with config.json, or gpt-neox-20b), or --hidden-size and --num-layers",
-        )
+
+    @property
+    def sized(self) -> bool:
+        """Whether the model's size is given (--params, --model or --hidden-size + --num-layers);
+        without it `minippo plan` answers "what is the largest model that fits?"."""
+        return self.params > 0 or bool(self.model) or bool(self.hidden_size and self.num_layers)
 
 
 @dataclass
@@ -235,6 +248,11 @@ def model_shape(config: PlanConfig) -> ModelShape:
                 f"{sorted(KNOWN_MODELS)}; or give --hidden-size/--num-layers"
             )
     else:
+        if not config.sized:
+            raise ValueError(
+                "say how big the model is: --params (e.g. 20e9), --model (a folder "
+                "with config.json, or gpt-neox-20b), or --hidden-size and --num-layers"
+            )
         layers, H = config.num_layers, config.hidden_size
         source = "the given sizes"
         if not (layers and H):
@@ -272,7 +290,25 @@ class Plan:
 
 
 def _compute_dtype(config: PlanConfig) -> str:
-    return config.compute_dtype or ("fp16" if config.dtype == "int8" else config.dtype)
+    """The given compute dtype, else: fp16 for int8 (the blog's), bf16 for nf4 (QLoRA's), the weight dtype."""
+    return config.compute_dtype or {"int8": "fp16", "nf4": "bf16"}.get(config.dtype, config.dtype)
+
+
+def nf4_bytes(n: int, double_quant: bool = True) -> int:
+    """Bytes of one n-weight 4-bit layer as bitsandbytes stores it: n/2 bytes of codes, one absmax
+    per block of 64 (8-bit with double quantisation, then per 256 absmaxes an fp32 scale, plus an
+    fp32 offset and the 256-value fp32 code book of the 8-bit absmaxes; fp32 without), and the
+    16-value fp32 code book.  Per weight: 0.5 + 1/64 + 4/16384 = 0.516 bytes (4.127 bits) with
+    double quantisation, 0.5625 (4.5 bits) without.
+    Ref: Dettmers et al. 2023, QLoRA, arXiv:2305.14314, sec. 3 (double quantisation: 32/64 = 0.5
+    bits of scales per weight become 8/64 + 32/(64 * 256) = 0.127 bits).
+    """
+    blocks = math.ceil(n / NF4_BLOCK)
+    if double_quant:
+        scales = blocks + 4 * math.ceil(blocks / NF4_SCALE_BLOCK) + 4 + 256 * 4
+    else:
+        scales = 4 * blocks
+    return math.ceil(n / 2) + scales + 16 * 4
 
 
 def activation_bytes(config: PlanConfig, shape: ModelShape) -> int:
@@ -308,9 +344,10 @@ def plan_memory(config: PlanConfig) -> Plan:
         ("fp32 weights + LoRA", dict(dtype="fp32", lora_r=r)),
         ("bf16 weights + LoRA", dict(dtype="bf16", lora_r=r)),
         ("int8 weights + LoRA", dict(dtype="int8", lora_r=r)),
+        ("nf4 weights + LoRA (QLoRA)", dict(dtype="nf4", lora_r=r)),
         ("bf16 full fine-tuning", dict(dtype="bf16", lora_r=0)),
     ]:
-        other = _plan_parts(replace(config, compute_dtype="", **change))
+        other = _plan_parts(replace(config, compute_dtype="", quant="", **change))
         plan.alternatives.append((label, other.total, other.fits))
     return plan
 
@@ -325,7 +362,18 @@ def _plan_parts(config: PlanConfig) -> Plan:
     how: dict[str, str] = {}
 
     # 1. Frozen weights: linear layers in the weight dtype, the rest in the compute dtype.
-    if config.dtype == "int8":
+    if config.dtype == "nf4":
+        per_layer = [nf4_bytes(i * o, config.double_quant) for i, o in shape.linears().values()]
+        exact = shape.layers * sum(per_layer)  # the shape's own linear weights, packed
+        shape_linear = shape.count()[0]
+        packed = exact if linear == shape_linear else int(exact * linear / max(shape_linear, 1))
+        parts["weights"] = packed + other * DTYPE_BYTES[compute]
+        how["weights"] = (
+            f"{_n(linear)} linear x {packed / max(linear, 1):.3f} B (nf4"
+            + (" + double-quantised" if config.double_quant else " + fp32")
+            + f" block scales) + {_n(other)} x {DTYPE_BYTES[compute]} B ({compute})"
+        )
+    elif config.dtype == "int8":
         rows = shape.layers * sum(o for _, o in shape.linears().values())
         parts["weights"] = linear + 4 * rows + other * DTYPE_BYTES[compute]
         how["weights"] = (
@@ -408,8 +456,68 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def run_plan(config: PlanConfig) -> Plan:
-    """`minippo plan`: print the plan; returns it."""
+# How `minippo sft` and `minippo ppo` run a step by default, for "the largest model that fits":
+# SFT runs without gradient checkpointing unless asked (SFTConfig.gradient_checkpointing); the PPO
+# trainer checkpoints its k-bit models (on by default for 8-bit and 4-bit bases) and not float ones.
+TRAINER_CHECKPOINTING = {
+    "sft": {"none": False, "8bit": False, "4bit": False},
+    "ppo": {"none": False, "8bit": True, "4bit": True},
+}
+
+
+def largest_fitting(config: PlanConfig, quant: str, step: str) -> Plan:
+    """The plan of the largest model (GPT-NeoX aspect, sizes inferred from the parameter count) whose
+    `step` ("sft" or "ppo") fits `config.gpu_gib` with a `quant` base, checkpointing as that trainer
+    runs it; bisection on the parameter count to 0.5%.  A plan with params 0 when nothing fits."""
+    checkpointing = TRAINER_CHECKPOINTING[step][quant]
+
+    def plan(n: float) -> Plan:
+        sized = replace(config, params=n, quant=quant, gradient_checkpointing=checkpointing)
+        return _plan_parts(replace(sized, dtype=QUANT_DTYPES[quant], quant=""))
+
+    lo, hi = 1e6, 1e13
+    if not plan(lo).fits:
+        return replace(plan(lo), params=0, fits=False)
+    while hi / lo > 1.005:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if plan(mid).fits else (lo, mid)
+    return plan(lo)
+
+
+def format_largest(config: PlanConfig) -> str:
+    """The largest model that fits, per base precision and per training step, as a markdown table."""
+    lines = [
+        f"Largest model that fits {config.gpu_gib:g} GiB (reserve {config.reserve_gib:g} GiB; LoRA r="
+        f"{config.lora_r} on {config.lora_targets}, B={config.batch_size} x L={config.seq_len}, "
+        f"{config.optimizer}; GPT-NeoX shapes inferred from the parameter count)",
+        "",
+        "| base | SFT step: params | weights GiB | PPO step: params | weights GiB |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for quant, label in (("none", "none (bf16)"), ("8bit", "8bit (int8)"), ("4bit", "4bit (nf4)")):
+        cells = []
+        for step in ("sft", "ppo"):
+            plan = largest_fitting(config, quant, step)
+            cells += [
+                _n(plan.params) if plan.params else "nothing fits",
+                f"{plan.parts['weights'] / GiB:.1f}",
+            ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "checkpointing as the trainers run it: SFT "
+        + ", ".join(f"{q} {'on' if c else 'off'}" for q, c in TRAINER_CHECKPOINTING["sft"].items())
+        + "; PPO "
+        + ", ".join(f"{q} {'on' if c else 'off'}" for q, c in TRAINER_CHECKPOINTING["ppo"].items()),
+    ]
+    return "\n".join(lines)
+
+
+def run_plan(config: PlanConfig) -> Plan | None:
+    """`minippo plan`: print the plan (or, with no model size given, the largest model that fits)."""
+    if not config.sized:
+        print(format_largest(config))
+        return None
     plan = plan_memory(config)
     print(format_plan(plan))
     return plan

@@ -20,7 +20,7 @@ from ..checks import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, check, check_devi
 from ..fileio import atomic_directory
 from ..lora import LoRAConfig, add_lora, disable_adapters, merge_lora
 from ..ppo import PPOConfig, PPOTrainer
-from ..quant import load_model, resolve_dtype
+from ..quant import load_model, quant_load_kwargs, resolve_dtype
 from .data import cycle_batches, load_imdb, make_prompts
 from .model_folders import DEFAULT_MODEL, check_context, load_tokenizer, resolve_model
 from .report import MetricsLog, distinct_n, markdown_table, write_json
@@ -162,7 +162,10 @@ class PPORunConfig:
     steps: int = 40
     """PPO steps (each: batch_size prompts -> generate -> score -> step)."""
     load_in_8bit: bool = True
-    """Load the starting model's Linear layers in 8-bit (frozen)."""
+    """Load the starting model's Linear layers in 8-bit (frozen); False: --quant none."""
+    quant: str = "8bit"
+    """Starting model's Linear layers (frozen): "8bit" (LLM.int8(), the blog's), "4bit" (NF4, QLoRA) or
+    "none"."""
     dtype: str = "float32"
     """dtype of the model's float parameters (embeddings, norms, LM head)."""
     prompt_min_tokens: int = 2
@@ -185,6 +188,10 @@ class PPORunConfig:
     """PPO settings (flags with trl's names: --learning-rate, --batch-size, ...)."""
 
     def __post_init__(self):
+        if not self.load_in_8bit and self.quant == "8bit":  # the older spelling of --quant none
+            self.quant = "none"
+        quant_load_kwargs(self.quant)
+        self.load_in_8bit = self.quant == "8bit"
         check_fields(self, one_of("logit", "prob"), "reward_kind")
         check_fields(self, POSITIVE_INT, "steps", "prompt_min_tokens")
         check_fields(self, NON_NEGATIVE_INT, "save_every", "eval_prompts", "log_samples")
@@ -248,11 +255,11 @@ def evaluate_policy(
 
 
 def build_trainer(config: PPORunConfig):
-    """Load the starting model (8-bit), add a fresh adapter, and make the trainer."""
+    """Load the starting model (8-bit, 4-bit or float: `quant`), add a fresh adapter, and make the trainer."""
     model_dir = resolve_model(config.model)
     tokenizer = load_tokenizer(model_dir)
     device = config.ppo.device or "cpu"
-    model = load_model(model_dir, load_in_8bit=config.load_in_8bit, dtype=config.dtype, device=device)
+    model = load_model(model_dir, **quant_load_kwargs(config.quant), dtype=config.dtype, device=device)
     add_lora(model, config.lora)
     trainer = PPOTrainer(config.ppo, model, tokenizer)
     return trainer, tokenizer, model_dir

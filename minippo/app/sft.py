@@ -27,7 +27,7 @@ from ..adapter_files import save_adapter
 from ..checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check, check_device, check_fields
 from ..fileio import write_json
 from ..lora import LoRAConfig, add_lora, count_parameters
-from ..quant import load_model, prepare_model_for_kbit_training, resolve_dtype
+from ..quant import load_model, prepare_model_for_kbit_training, quant_load_kwargs, resolve_dtype
 from .data import clean_review, cycle_batches, load_imdb, pack_blocks
 from .model_folders import DEFAULT_MODEL, check_context, context_window, load_tokenizer, resolve_model
 
@@ -44,7 +44,11 @@ class SFTConfig:
     output_dir: str = "runs/sft"
     """Where the adapter (output_dir/adapter), loss log and metrics are written."""
     load_in_8bit: bool = True
-    """Load the base model's Linear layers in 8-bit (bitsandbytes LLM.int8()), as the blog."""
+    """Load the base model's Linear layers in 8-bit (bitsandbytes LLM.int8()), as the blog; False: quant
+    "none"."""
+    quant: str = "8bit"
+    """Base model's Linear layers: "8bit" (LLM.int8(), the blog's), "4bit" (NF4 + double quant, QLoRA) or
+    "none"."""
     dtype: str = "float32"
     """dtype of the base weights that are not int8; training upcasts them to float32."""
     device: str = "cpu"
@@ -81,6 +85,10 @@ class SFTConfig:
     """Show the running loss on the progress bar every this many steps."""
 
     def __post_init__(self):
+        if not self.load_in_8bit and self.quant == "8bit":  # the older spelling of --quant none
+            self.quant = "none"
+        quant_load_kwargs(self.quant)
+        self.load_in_8bit = self.quant == "8bit"
         positive = "max_steps", "batch_size", "grad_accum_steps", "num_train_texts", "eval_batch_size"
         check_fields(self, POSITIVE_INT, *positive, "log_every")
         check_fields(self, (lambda v: v >= 2, "at least 2"), "block_size")
@@ -210,7 +218,7 @@ def load_sft_model(config: SFTConfig, device: torch.device):
     tokenizer (right padding) and folder."""
     model_dir = resolve_model(config.model)
     tokenizer = load_tokenizer(model_dir, padding_side="right")
-    model = load_model(model_dir, load_in_8bit=config.load_in_8bit, dtype=config.dtype, device=device)
+    model = load_model(model_dir, **quant_load_kwargs(config.quant), dtype=config.dtype, device=device)
     prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
     check_context(model, config.block_size, "block_size", f"use --block-size {context_window(model)} or less")
     add_lora(model, config.lora)

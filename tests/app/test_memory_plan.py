@@ -8,17 +8,21 @@ Each prediction must be within 15% of its measurement.
 
 import json
 import tempfile
+from dataclasses import replace
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
 
 from minippo.app.memory_plan import (
+    TRAINER_CHECKPOINTING,
     GiB,
     PlanConfig,
     TensorMemoryTracker,
     format_plan,
+    largest_fitting,
     model_shape,
+    nf4_bytes,
     plan_memory,
 )
 from minippo.lora import LoRAConfig, add_lora
@@ -97,7 +101,8 @@ def test_known_and_folder_shapes(tmp_path):
     [
         (dict(params=1e9, dtype="int4"), "dtype"),
         (dict(params=1e9, lora_r=0), "cannot be trained"),
-        (dict(), "how big"),
+        (dict(params=1e9, quant="4bit", lora_r=0), "nf4 weights cannot be trained"),
+        (dict(quant="3bit"), "quant must be one of"),
         (dict(params=1e9, lora_targets="mlp"), "lora_targets"),
     ],
 )
@@ -124,6 +129,98 @@ def test_int8_weight_bytes_match_the_footprint(hidden, vocab):
     model = quantize_model(build("gpt_neox", hidden=hidden, vocab=vocab))  # rest stays fp32
     predicted = plan_for(model, dtype="int8", compute_dtype="fp32").parts["weights"]
     assert close(predicted, model_footprint_bytes(model))
+
+
+@pytest.mark.parametrize("hidden, vocab", [(128, 1000), (256, 2000), (384, 4000)])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_weight_bytes_match_the_footprint(hidden, vocab, double_quant):
+    """4-bit NF4 layers (bitsandbytes Linear4bit), the rest fp32: the planner within 1%."""
+    from minippo.quant import model_footprint_bytes, quantize_model
+
+    model = quantize_model(build("gpt_neox", hidden=hidden, vocab=vocab), bits=4, double_quant=double_quant)
+    plan = plan_for(model, quant="4bit", double_quant=double_quant, compute_dtype="fp32")
+    assert close(plan.parts["weights"], model_footprint_bytes(model), tol=0.01)
+
+
+def test_nf4_bytes_follow_qloras_arithmetic():
+    """QLoRA (arXiv:2305.14314, sec. 3): 4-bit codes plus block scales of 32/64 = 0.5 bits a weight,
+    which double quantisation brings to 8/64 + 32/(64 * 256) = 0.127 bits."""
+    n = 4096 * 11008  # one LLaMA-7B MLP matrix
+    assert 8 * nf4_bytes(n) / n == pytest.approx(4 + 0.127, abs=0.001)
+    assert 8 * nf4_bytes(n, double_quant=False) / n == pytest.approx(4.5, abs=0.001)
+
+
+LLAMA = {  # LLaMA-1 shapes (Touvron et al. 2023, arXiv:2302.13971, table 2; vocabulary 32000)
+    "33b": dict(hidden_size=6656, num_layers=60, intermediate_size=17920),
+    "65b": dict(hidden_size=8192, num_layers=80, intermediate_size=22016),
+}
+
+
+@pytest.mark.parametrize("size, published_gb", [("65b", 41), ("33b", 21)])
+def test_reproduces_qloras_published_footprints(size, published_gb):
+    """QLoRA (Dettmers et al. 2023, arXiv:2305.14314), Table 6, memory column: Guanaco 65B 41 GB and
+    Guanaco 33B 21 GB (LLaMA in 4-bit NF4 with LoRA r=64 on every linear layer). The planner's
+    weights + adapters for the same setup must be within 15% (it predicts 37.7 and 19.3 GB)."""
+    config = PlanConfig(
+        quant="4bit", arch="llama", vocab_size=32000, lora_r=64, lora_targets="all-linear", **LLAMA[size]
+    )
+    plan = plan_memory(config)
+    assert plan.params == pytest.approx(float(size[:-1]) * 1e9, rel=0.05)
+    predicted = plan.parts["weights"] + plan.parts["LoRA parameters"]
+    assert close(predicted, published_gb * 1e9)
+
+
+def test_65b_finetunes_on_one_48gb_gpu_in_4bit_only():
+    """QLoRA's abstract: "finetune a 65B parameter model on a single 48GB GPU", with Guanaco's setup
+    (LoRA r=64 on all linear layers, sequence length 512, gradient checkpointing), mini-batch 1, and
+    paged optimisers that move Adam's state to CPU memory when the GPU runs short (sec. 3): planned
+    without the optimiser state on the GPU (--optimizer sgd) it fits; with Adam's 6.4 GB on the GPU
+    it does not quite (the paper: "some models do not quite fit ... paged optimizers provide enough
+    memory"); an 8-bit base does not fit either way."""
+    setup = dict(arch="llama", vocab_size=32000, lora_r=64, lora_targets="all-linear", batch_size=1)
+    setup.update(seq_len=512, gpu_gib=48e9 / GiB, **LLAMA["65b"])
+    assert plan_memory(PlanConfig(quant="4bit", optimizer="sgd", **setup)).fits
+    adam = plan_memory(PlanConfig(quant="4bit", **setup))
+    assert not adam.fits and adam.total < 1.1 * adam.budget
+    assert not plan_memory(PlanConfig(quant="8bit", optimizer="sgd", **setup)).fits
+
+
+def test_largest_model_that_fits_24_gib():
+    """With no size given, `minippo plan` answers "what is the largest model that fits?" for each
+    base precision and both training steps; the issue's claim: a ~40B base in 4-bit on 24 GB."""
+    config = PlanConfig(gpu_gib=24)
+    assert not config.sized
+    with pytest.raises(ValueError, match="how big"):
+        plan_memory(config)
+    largest = {
+        (q, s): largest_fitting(config, q, s) for q in ("none", "8bit", "4bit") for s in ("sft", "ppo")
+    }
+    for (quant, step), plan in largest.items():
+        assert plan.fits and plan.total > 0.98 * plan.budget  # at the edge: it uses the GPU
+        checkpointing = TRAINER_CHECKPOINTING[step][quant]
+        bigger = replace(config, params=1.02 * plan.params, quant=quant, gradient_checkpointing=checkpointing)
+        assert not plan_memory(bigger).fits
+    for step in ("sft", "ppo"):
+        assert largest["none", step].params < largest["8bit", step].params < largest["4bit", step].params
+    assert largest["8bit", "ppo"].params > 20e9  # the blog: 20B in 8-bit on 24 GB
+    assert largest["4bit", "ppo"].params > 35e9
+
+
+def test_trainer_checkpointing_table_follows_the_trainers():
+    from minippo.app.sft import SFTConfig
+
+    assert set(TRAINER_CHECKPOINTING["sft"].values()) == {SFTConfig().gradient_checkpointing}
+
+
+def test_plan_command_without_params_prints_the_largest_models(capsys):
+    from minippo.app.cli import main
+
+    assert main(["plan", "--gpu-gib", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "Largest model that fits 24 GiB" in out
+    assert all(f"| {row}" in out for row in ("none (bf16)", "8bit (int8)", "4bit (nf4)"))
+    assert main(["plan", "--params", "20e9", "--quant", "4bit"]) == 0
+    assert "nf4" in capsys.readouterr().out
 
 
 def measure_forward_backward(model, batch, seq_len, checkpointing):
