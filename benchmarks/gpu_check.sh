@@ -4,11 +4,14 @@
 # step benchmark on the GPU, in under 10 minutes, writing everything to ONE file.
 #
 # The machine's image is expected to have python3 with torch (CUDA), transformers, peft, pytest,
-# safetensors, but NOT bitsandbytes: its wheel is carried in .whl/ and installed to /tmp/site.
+# safetensors, but NOT bitsandbytes nor datasets: their wheels (bitsandbytes, datasets, dill,
+# multiprocess) are carried in .whl/ and installed to /tmp/site. The CUDA pipeline tests read IMDB
+# from $MINIPPO_IMDB_DIR (a few hundred rows per split are enough).
 #
 # Prepare here (once, on a machine that reaches PyPI; .whl/ is git-ignored):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 -d .whl bitsandbytes==0.50.2
+#     --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 -d .whl bitsandbytes==0.50.2 \
+#     datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
 # Run there (the device tool; results come back from $OUT):
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
 # or on any CUDA machine:   bash benchmarks/gpu_check.sh [result-file]
@@ -43,8 +46,8 @@ fenced() {  # fenced <seconds> <title> <command...>: run with a time limit, outp
 
 echo "# minippo GPU check, $(date -u '+%Y-%m-%d %H:%M UTC')" > "$RESULT"
 
-# 1. bitsandbytes from the carried wheel, unless the image already has it.
-if ! "$PY" -c "import bitsandbytes" 2>/dev/null; then
+# 1. bitsandbytes and datasets from the carried wheels, unless the image already has them.
+if ! "$PY" -c "import bitsandbytes, datasets" 2>/dev/null; then
   if ls .whl/bitsandbytes-*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
       >> "$RESULT" 2>&1 || status=1

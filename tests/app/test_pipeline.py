@@ -296,3 +296,45 @@ def test_interrupted_ppo_run_keeps_its_last_checkpoint_loadable(
     model = load_model(tiny_model_dir)
     load_adapter(model, checkpoint)
     assert not list(tmp_path.glob("ppo/.checkpoint.tmp-*"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("quant", ["8bit", "4bit"])
+def test_the_three_steps_on_cuda(tmp_path, imdb_dir, quant):
+    """sft -> merge -> ppo with --device cuda on a tiny model: the k-bit base through bitsandbytes'
+    CUDA kernels, LoRA, the reference switch and the trainer on the GPU, end to end."""
+    from tiny import save_tiny_model
+
+    model, data = save_tiny_model(tmp_path / "tiny", "llama"), ["--data-dir", str(imdb_dir)]
+    cuda, small = ["--device", "cuda", "--quant", quant], ["--lora-r", "4"]
+    reward = [
+        "reward",
+        *data,
+        "--output-dir",
+        str(tmp_path / "reward"),
+        "--num-train",
+        "300",
+        "--num-eval",
+        "100",
+    ]
+    assert main(reward) == 0
+    sft = ["sft", *data, "--model", model, "--output-dir", str(tmp_path / "sft"), "--max-steps", "2"]
+    sft += ["--batch-size", "2", "--block-size", "32", "--num-train-texts", "20", "--num-eval-blocks", "2"]
+    assert main([*sft, *cuda, *small]) == 0
+    merge = ["merge", *data, "--base-model", model, "--adapter", str(tmp_path / "sft" / "adapter")]
+    assert main([*merge, "--output-dir", str(tmp_path / "merged"), "--device", "cuda"]) == 0
+    ppo = ["ppo", *data, "--model", str(tmp_path / "merged"), "--reward", str(tmp_path / "reward")]
+    ppo += [
+        "--output-dir",
+        str(tmp_path / "ppo"),
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--mini-batch-size",
+        "2",
+    ]
+    ppo += ["--eval-prompts", "4", "--min-new-tokens", "3", "--max-new-tokens", "5"]
+    assert main([*ppo, *cuda, *small]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["objective/kl"])) for r in rows)
