@@ -30,10 +30,12 @@ def build_trainer(spec: Spec, info: dict):
     """The model (float or 8-bit) with LoRA, and a PPOTrainer with the spec's settings."""
     from minippo.lora import LoRAConfig, add_lora
     from minippo.ppo import PPOConfig, PPOTrainer
-    from minippo.quant import load_model, prepare_model_for_kbit_training
+    from minippo.quant import auto_compute_dtype, load_model, prepare_model_for_kbit_training
 
     int8, nf4 = spec.dtype == "int8", spec.dtype == "nf4"
-    weights = torch.bfloat16 if spec.dtype == "bf16-weights" else torch.float32
+    # "auto": the compute dtype compute_dtype="auto" picks here, and the frozen base stored in it
+    auto = auto_compute_dtype(spec.device) if spec.dtype == "auto" else None
+    weights = torch.bfloat16 if spec.dtype == "bf16-weights" or auto == torch.bfloat16 else torch.float32
     model = load_model(spec.model_dir, load_in_8bit=int8, load_in_4bit=nf4, dtype=weights, device=spec.device)
     if int8 or nf4:
         prepare_model_for_kbit_training(model)
@@ -52,7 +54,11 @@ def build_trainer(spec: Spec, info: dict):
         min_new_tokens=spec.new_tokens,
         max_new_tokens=spec.new_tokens,
         stop_at_eos=False,
-        compute_dtype="bfloat16" if spec.dtype in ("bfloat16", "bf16-weights") else "float32",
+        compute_dtype="auto"
+        if auto
+        else "bfloat16"
+        if spec.dtype in ("bfloat16", "bf16-weights")
+        else "float32",
         device=spec.device,
     )
     ids = SimpleNamespace(pad_token_id=info["pad_token_id"], eos_token_id=info["eos_token_id"])

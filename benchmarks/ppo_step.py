@@ -251,6 +251,25 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> str:
+    """The CPU flags that decide the compute path (bf16 / int8 kernels), and torch's own report."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        flags = []
+    have = [f for f in wanted if f in flags] or ["(none of " + ", ".join(wanted) + ")"]
+    return f"{' '.join(have)}; torch capability {torch.backends.cpu.get_cpu_capability()}"
+
+
+def auto_choice(device: str) -> str:
+    """What compute_dtype="auto" picks here for a float model and for an 8-bit one."""
+    from minippo.quant import auto_compute_dtype
+
+    float_model = str(auto_compute_dtype(device)).removeprefix("torch.")
+    return f"float model {float_model}, 8-bit model {'float32' if device == 'cpu' else float_model}"
+
+
 # -------------------------------------------------------------------------------------- report
 
 
@@ -353,8 +372,9 @@ def main(argv=None) -> int:
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {list(MODELS)}")
     p.add_argument(
         "--variants",
-        default="float32,bfloat16",
-        help="minippo dtypes: float32,bfloat16,bf16-weights,int8,nf4",
+        default="float32,auto",
+        help="minippo dtypes: float32,auto (compute_dtype auto, base stored in what it picks),bfloat16,"
+        "bf16-weights,int8,nf4",
     )
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds (a process per side per round)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per process")
@@ -396,7 +416,8 @@ def main(argv=None) -> int:
     meta = dict(
         date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         rounds=args.rounds,
-        machine=f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()}",
+        machine=f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()}; flags {cpu_flags()}; "
+        f"compute_dtype auto -> {auto_choice(args.device)}",
         device=args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         versions=versions(),
         models={},
