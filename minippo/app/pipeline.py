@@ -6,8 +6,10 @@ from the dataclasses, and `minippo.app.demo` chains the steps into one run folde
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +17,9 @@ from pathlib import Path
 import torch
 
 from ..adapter_files import load_adapter
-from ..fileio import atomic_directory
+from ..fileio import atomic_directory, atomic_write
 from ..lora import LoRAConfig, add_lora, disable_adapters, merge_lora
-from ..ppo import PPOConfig, PPOTrainer
+from ..ppo import PPOConfig, PPOTrainer, check_config
 from ..quant import load_model, resolve_dtype
 from .data import load_imdb, make_prompts
 from .model_folders import DEFAULT_MODEL, load_tokenizer, resolve_model
@@ -175,6 +177,9 @@ class PPORunConfig:
     """Sampling seed of the before/after evaluation (same prompts, same seed)."""
     log_samples: int = 2
     """Print this many sample reviews every save_every steps."""
+    resume: bool = False
+    """Continue the run in output_dir from its checkpoint/ exactly (RNG, optimiser, scheduler, prompt
+    position), appending to metrics.jsonl; without a checkpoint, start from step 0."""
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(r=16, alpha=32, dropout=0.0))
     """LoRA settings of the new adapter."""
     ppo: PPOConfig = field(
@@ -214,13 +219,14 @@ def evaluate_samples(
     trainer: PPOTrainer, tokenizer, prompts: list[torch.Tensor], seed: int, adapters: bool = True, reward=None
 ) -> dict:
     """Sample one response per prompt (fixed seed) with the adapters on or off; optionally score
-    the reviews (prompt + response) with the reward's P(positive)."""
-    torch.manual_seed(seed)
-    if adapters:
-        responses = trainer.generate(prompts)
-    else:
-        with disable_adapters(trainer.policy.model):
+    the reviews (prompt + response) with the reward's P(positive). The sampling seeds torch's global
+    generator inside `own_rng`: the training stream is left where it was."""
+    with own_rng(seed):
+        if adapters:
             responses = trainer.generate(prompts)
+        else:
+            with disable_adapters(trainer.policy.model):
+                responses = trainer.generate(prompts)
     q, r = _decode_pairs(tokenizer, prompts, responses)
     probs = reward.probability([a + b for a, b in zip(q, r)]).float().tolist() if reward else None
     return {"prompts": q, "responses": r, "probs": probs, "response_ids": responses}
@@ -243,6 +249,15 @@ def evaluate_policy(
     }
 
 
+@contextlib.contextmanager
+def own_rng(seed: int):
+    """Run the block on torch's generators seeded with `seed`, then put back their earlier states."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 def _cycle_prompts(prompts: list[torch.Tensor], batch_size: int, seed: int):
     """Endless shuffled batches of prompts (reshuffled each pass)."""
     gen = torch.Generator().manual_seed(seed)
@@ -258,9 +273,37 @@ def build_trainer(config: PPORunConfig):
     tokenizer = load_tokenizer(model_dir)
     device = config.ppo.device or "cpu"
     model = load_model(model_dir, load_in_8bit=config.load_in_8bit, dtype=config.dtype, device=device)
+    torch.manual_seed(config.ppo.seed)  # the adapters' A matrices follow --seed
     add_lora(model, config.lora)
     trainer = PPOTrainer(config.ppo, model, tokenizer)
     return trainer, tokenizer, model_dir
+
+
+# PPORunConfig fields a run may be resumed under with another value (the PPO settings: RESUMABLE_CHANGES).
+# With another `steps` the prompt pool differs in size: a valid continuation, not a bit-identical run.
+RESUMABLE_RUN_CHANGES = (
+    "resume",
+    "steps",
+    "save_every",
+    "log_samples",
+    "eval_prompts",
+    "eval_seed",
+    "data_dir",
+    "ppo",
+)
+
+
+def resume_metrics(trainer: PPOTrainer, checkpoint: Path, log: MetricsLog) -> int:
+    """Load the checkpoint into the trainer and cut metrics.jsonl back to its step (rows written after
+    the checkpoint would otherwise come twice); returns the step to continue from."""
+    trainer.load(checkpoint)
+    lines = log.path.read_text().splitlines(keepends=True) if log.path.exists() else []
+    keep = [
+        line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= trainer.current_step
+    ]
+    atomic_write(log.path, lambda tmp: Path(tmp).write_text("".join(keep)))  # a torn last line goes too
+    print(f"ppo: resuming {checkpoint} at step {trainer.current_step}")
+    return trainer.current_step
 
 
 def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
@@ -269,10 +312,15 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / "checkpoint"
+    resume = config.resume and (checkpoint / "trainer_state.json").exists()
+    if resume and (out / "config.json").exists():  # the run's settings must match (PPOTrainer.load
+        # checks the PPO settings)
+        saved = json.loads((out / "config.json").read_text())
+        check_config(saved, dataclasses.asdict(config), RESUMABLE_RUN_CHANGES, f"the run in {out}")
     write_json(out / "config.json", dataclasses.asdict(config))
     trainer, tokenizer, model_dir = build_trainer(config)
     reward = load_reward(config.reward, kind=config.reward_kind, device=trainer.device)
-    score = reward.logit if config.reward_kind == "logit" else reward.probability
 
     # Prompts: train reviews for training, test reviews for the held-out evaluation.
     n_train = max(config.steps * config.ppo.batch_size, 4 * config.ppo.batch_size)
@@ -315,10 +363,11 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
         )
 
     log = MetricsLog(out / "metrics.jsonl")
-    if log.path.exists():
+    start = resume_metrics(trainer, checkpoint, log) if resume else 0
+    if not resume and log.path.exists():
         log.path.unlink()  # a fresh run; checkpoints below are replaced atomically
-    batches = _cycle_prompts(prompts, config.ppo.batch_size, config.ppo.seed)
-    bar = tqdm(range(config.steps), desc="ppo", disable=not progress, dynamic_ncols=True)
+    batches = itertools.islice(_cycle_prompts(prompts, config.ppo.batch_size, config.ppo.seed), start, None)
+    bar = tqdm(range(start, config.steps), desc="ppo", disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
     for step in bar:
         # 1. prompts -> responses (sampled from the current policy)
@@ -330,8 +379,7 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
         q_text, r_text = _decode_pairs(tokenizer, queries, responses)
         full = [q + r for q, r in zip(q_text, r_text)]
         t = time.perf_counter()
-        scores = score(full)
-        probs = scores.sigmoid() if config.reward_kind == "logit" and hasattr(reward, "logit") else scores
+        scores, probs = reward.scores_and_probabilities(full)
         t_score = time.perf_counter() - t
         # 3. one PPO step
         stats = trainer.step(queries, responses, scores)
@@ -352,7 +400,7 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
             beta=f"{stats['objective/kl_coef']:.3f}",
         )
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
-            trainer.save(out / "checkpoint")
+            trainer.save(checkpoint)
             for q, r in list(zip(q_text, r_text))[: config.log_samples]:
                 bar.write(f"  step {step + 1}: {q!r} -> {r!r}")
     trainer.save(out / "adapter")

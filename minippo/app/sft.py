@@ -7,7 +7,8 @@ Reviews are cleaned (`<br />` removed), tokenised, joined with EOS separators an
 of `block_size` tokens (`pack_blocks`); the LoRA adapter is trained with AdamW on the next-token
 loss, linear warm-up then linear decay (as the blog's HF Trainer). Validation loss and perplexity
 are measured before and after; the adapter (peft layout), the loss log and the metrics are written
-to `output_dir`. Ctrl-C saves the adapter reached so far before stopping.
+to `output_dir`. Ctrl-C saves the adapter reached so far before stopping; a checkpoint every
+`save_every` steps lets `resume` continue a run exactly (even after a crash or a SIGKILL).
 
 Shapes: B batch of blocks, L = block_size.
 """
@@ -24,9 +25,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..adapter_files import save_adapter
-from ..fileio import write_json
+from ..adapter_files import load_adapter, save_adapter
+from ..fileio import atomic_directory, write_json
 from ..lora import LoRAConfig, add_lora, count_parameters
+from ..ppo import check_config, rng_state, set_rng_state
 from ..quant import load_model, prepare_model_for_kbit_training, resolve_dtype
 from .data import clean_review, load_imdb, pack_blocks
 from .model_folders import DEFAULT_MODEL, load_tokenizer, resolve_model
@@ -82,10 +84,15 @@ class SFTConfig:
     """Blocks per forward pass during evaluation."""
     seed: int = 0
     """Seed for data shuffling, LoRA initialisation and dropout."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, ~30% slower."""
+    gradient_checkpointing: bool | None = None
+    """Recompute activations in the backward pass: less memory, ~30% slower; None: on for 8-bit."""
     log_every: int = 10
     """Show the running loss on the progress bar every this many steps."""
+    save_every: int = 50
+    """Write output_dir/checkpoint (adapter, optimiser, scheduler, RNG, data position) every this many
+    steps (0: never)."""
+    resume: bool = False
+    """Continue from output_dir/checkpoint exactly; without a checkpoint, start from step 0."""
 
     def __post_init__(self):
         positive = (
@@ -101,7 +108,7 @@ class SFTConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"SFTConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "num_eval_blocks", "weight_decay", "max_grad_norm"):
+        for name in ("warmup_steps", "num_eval_blocks", "weight_decay", "max_grad_norm", "save_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SFTConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.block_size < 2:
@@ -196,16 +203,19 @@ def run_sft(config: SFTConfig) -> dict:
         )
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sft_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    write_json(out / "sft_config.json", dataclasses.asdict(config))
     torch.manual_seed(config.seed)
 
     # 1. Model: base (8-bit) + LoRA, tokenizer with a pad token distinct from EOS.
     model_dir = resolve_model(config.model)
     tokenizer = load_tokenizer(model_dir, padding_side="right")
     model = load_model(model_dir, load_in_8bit=config.load_in_8bit, dtype=config.dtype, device=device)
+    checkpointing = (
+        config.load_in_8bit if config.gradient_checkpointing is None else config.gradient_checkpointing
+    )
     if config.load_in_8bit:
-        prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
-    elif config.gradient_checkpointing:
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    elif checkpointing:
         model.enable_input_require_grads()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     context = getattr(model.config, "max_position_embeddings", None) or getattr(
@@ -245,9 +255,13 @@ def run_sft(config: SFTConfig) -> dict:
     micro = config.batch_size // config.grad_accum_steps
     order, cursor = torch.randperm(len(train), generator=generator), 0
     loss_log: list[tuple[int, float]] = []
+    checkpoint = out / "checkpoint"
+    if config.resume and (checkpoint / "trainer_state.json").exists():
+        order, cursor, loss_log = load_checkpoint(checkpoint, config, model, optimizer, scheduler, generator)
+        print(f"sft: resuming {checkpoint} at step {len(loss_log)}")
     model.train()
     start = time.perf_counter()
-    bar = tqdm(range(1, config.max_steps + 1), desc="sft", unit="step", dynamic_ncols=True)
+    bar = tqdm(range(len(loss_log) + 1, config.max_steps + 1), desc="sft", unit="step", dynamic_ncols=True)
     try:
         for step in bar:
             step_loss = 0.0
@@ -266,6 +280,10 @@ def run_sft(config: SFTConfig) -> dict:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             loss_log.append((step, step_loss))
+            if config.save_every and step % config.save_every == 0:
+                save_checkpoint(
+                    checkpoint, config, model, optimizer, scheduler, generator, order, cursor, loss_log
+                )
             if step % config.log_every == 0 or step == config.max_steps:
                 recent = [l for _, l in loss_log[-config.log_every :]]
                 bar.set_postfix(
@@ -292,7 +310,7 @@ def run_sft(config: SFTConfig) -> dict:
         train_loss_last=loss_log[-1][1],
     )
     metrics.update(_save(model, out, model_dir, loss_log))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(out / "metrics.json", metrics)
     if val is not None:
         print(
             f"sft: validation loss {metrics['eval_loss_before']:.3f} -> {metrics['eval_loss_after']:.3f} "
@@ -300,6 +318,44 @@ def run_sft(config: SFTConfig) -> dict:
             f"adapter -> {metrics['adapter']}"
         )
     return metrics
+
+
+# SFTConfig fields a run may be resumed under with another value (the new one applies).
+RESUMABLE_CHANGES = (
+    "resume",
+    "save_every",
+    "log_every",
+    "max_steps",
+    "num_eval_blocks",
+    "eval_batch_size",
+    "data_dir",
+)
+
+
+def save_checkpoint(folder: Path, config, model, optimizer, scheduler, generator, order, cursor, loss_log):
+    """Everything `load_checkpoint` needs to continue exactly, written crash-safe (`atomic_directory`)."""
+    with atomic_directory(folder) as tmp:
+        save_adapter(model, tmp)
+        torch.save(optimizer.state_dict(), Path(tmp) / "optimizer.pt")
+        torch.save(scheduler.state_dict(), Path(tmp) / "scheduler.pt")
+        data = {"generator": generator.get_state(), "order": order, "cursor": cursor}
+        torch.save({**rng_state(), **data}, Path(tmp) / "rng_state.pt")
+        state = {"step": len(loss_log), "loss_log": loss_log, "config": dataclasses.asdict(config)}
+        write_json(Path(tmp) / "trainer_state.json", state)
+
+
+def load_checkpoint(folder: Path, config, model, optimizer, scheduler, generator):
+    """Restore what `save_checkpoint` wrote (refusing another config); returns (order, cursor, loss_log)."""
+    state = json.loads((folder / "trainer_state.json").read_text())
+    check_config(state["config"], dataclasses.asdict(config), RESUMABLE_CHANGES, f"SFT checkpoint {folder}")
+    load_adapter(model, folder)
+    load = lambda name: torch.load(folder / name, map_location="cpu", weights_only=True)  # noqa: E731
+    optimizer.load_state_dict(load("optimizer.pt"))
+    scheduler.load_state_dict(load("scheduler.pt"))
+    rng = load("rng_state.pt")
+    set_rng_state(rng)
+    generator.set_state(rng["generator"])
+    return rng["order"], rng["cursor"], [tuple(row) for row in state["loss_log"]]
 
 
 def _save(model, out: Path, base_model: str, loss_log) -> dict:
