@@ -130,7 +130,7 @@ class PPOConfig:
     device: str | None = None
     """device to train on, e.g. "cuda" (None: wherever the model's parameters are)."""
     gradient_checkpointing: bool | None = None
-    """recompute each decoder layer's activations in the backward pass (less memory, ~30% more compute);
+    """recompute each decoder layer's activations in the backward pass (less memory, more compute);
     None: on for 8-bit models (as the blog), off otherwise."""
 
     def __post_init__(self):
