@@ -58,6 +58,8 @@ PRESETS: dict[str, dict] = {
         ),
         "lora": dict(r=16, alpha=32),
         "reward": dict(),
+        # Off on a CPU, where memory is plenty and recomputing costs time (measured in the README).
+        "gradient_checkpointing": False,
     },
     "long": {
         "sft": dict(max_steps=200, batch_size=8, block_size=128, learning_rate=2e-4, num_train_texts=2000),
@@ -120,6 +122,11 @@ class DemoConfig:
     """Override the preset's PPO steps."""
     seed: int = 0
     """Seed of every stage."""
+    gradient_checkpointing: bool | None = None
+    """Recompute activations in SFT and PPO backward passes; None: the preset's choice (off for cpu),
+    else on for the 8-bit models."""
+    resume: bool = False
+    """Continue the SFT and PPO stages from their checkpoints exactly (reward and merge run again)."""
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -133,6 +140,8 @@ class DemoConfig:
 def demo_stage_configs(config: DemoConfig, model_dir: str) -> dict:
     """The resolved configs of every stage (preset + overrides), all pointing into the run folder."""
     run, preset = Path(config.output_dir), PRESETS[config.preset]
+    checkpointing = config.gradient_checkpointing
+    checkpointing = preset.get("gradient_checkpointing") if checkpointing is None else checkpointing
     sft = dict(
         preset["sft"],
         model=model_dir,
@@ -142,10 +151,16 @@ def demo_stage_configs(config: DemoConfig, model_dir: str) -> dict:
         seed=config.seed,
         lora_r=preset["lora"]["r"],
         lora_alpha=preset["lora"]["alpha"],
+        gradient_checkpointing=checkpointing,
+        resume=config.resume,
     )
     if config.sft_steps:
         sft["max_steps"] = config.sft_steps
-    ppo_config = PPOConfig(**dict(preset["ppo_config"], seed=config.seed, device=config.device))
+    ppo_config = PPOConfig(
+        **dict(
+            preset["ppo_config"], seed=config.seed, device=config.device, gradient_checkpointing=checkpointing
+        )
+    )
     ppo = dict(
         preset["ppo"],
         model=str(run / "merged"),
@@ -154,6 +169,7 @@ def demo_stage_configs(config: DemoConfig, model_dir: str) -> dict:
         output_dir=str(run / "ppo"),
         lora=LoRAConfig(**preset["lora"]),
         ppo=ppo_config,
+        resume=config.resume,
     )
     if config.ppo_steps:
         ppo["steps"] = config.ppo_steps
