@@ -440,3 +440,19 @@ def test_interrupted_save_keeps_the_previous_adapter(tokenizer, batch, tmp_path,
     assert sorted(os.listdir(tmp_path / "a")) == ["adapter_config.json", "adapter_model.safetensors"]
     fresh = load_adapter(tiny_model("llama", len(tokenizer)), tmp_path / "a")
     assert torch.equal(logits(fresh, batch), expected)
+
+
+def test_adapter_math_runs_in_fp32_under_bf16_autocast():
+    from minippo.lora import LoRALayer
+
+    torch.manual_seed(0)
+    layer = LoRALayer(torch.nn.Linear(16, 8), r=4, alpha=8)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    dtypes = []
+    layer.lora_B.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    x = torch.randn(3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        delta = layer(x) - layer.base_layer(x)
+    assert dtypes == [torch.float32]
+    exact = x @ layer.delta_weight().T
+    assert (delta.float() - exact).abs().max() < 0.05  # only the bf16 output cast rounds
