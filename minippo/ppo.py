@@ -661,29 +661,45 @@ class PPOTrainer:
         one (times the scheduler's factor at the restored step), not the one saved with the optimiser.
         """
         directory = os.fspath(directory)
-        with open(os.path.join(directory, TRAINER_STATE)) as f:
-            state = json.load(f)
+        with _readable(directory):
+            with open(os.path.join(directory, TRAINER_STATE)) as f:
+                state = json.load(f)
         check_config(state["config"], dataclasses.asdict(self.config), RESUMABLE_CHANGES, "PPO checkpoint")
         if (self.lr_scheduler is None) == os.path.exists(os.path.join(directory, SCHEDULER_STATE)):
             raise ValueError(
                 f"{directory} was saved {'with' if self.lr_scheduler is None else 'without'} an LR "
                 "scheduler and this trainer has the other: make the trainer as the run that saved it"
             )
-        self.policy.load_pretrained(directory)
         configured = [g.get("initial_lr", g["lr"]) for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(_load_torch(directory, OPTIMIZER_STATE, self.device))
+        with _readable(directory):
+            self.policy.load_pretrained(directory)
+            self.optimizer.load_state_dict(_load_torch(directory, OPTIMIZER_STATE, self.device))
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.load_state_dict(_load_torch(directory, SCHEDULER_STATE))
+            rng = _load_torch(directory, RNG_STATE)
         if self.lr_scheduler is not None:
-            self.lr_scheduler.load_state_dict(_load_torch(directory, SCHEDULER_STATE))
             self.lr_scheduler.base_lrs = configured
         for group, lr in zip(
             self.optimizer.param_groups, configured
         ):  # the saved schedule factor, on the configured rate
             group["lr"] = group["lr"] * lr / group.get("initial_lr", group["lr"])
             group.update({"initial_lr": lr} if "initial_lr" in group else {})
-        set_rng_state(_load_torch(directory, RNG_STATE))
+        set_rng_state(rng)
         self.kl_ctl.value = float(state["kl_coef"])
         self.score_moments.load_state_dict(state["score_moments"])
         self.current_step = int(state["step"])
+
+
+@contextlib.contextmanager
+def _readable(directory: str):
+    """Turn any failure to read a checkpoint's files into one ValueError that names the folder."""
+    try:
+        yield
+    except Exception as err:
+        raise ValueError(
+            f"checkpoint {directory} is incomplete, corrupt or not from this model ({type(err).__name__}: "
+            f"{str(err)[:300]}); resume from another checkpoint, or start again"
+        ) from err
 
 
 def _load_torch(directory: str, name: str, device: torch.device | str = "cpu"):

@@ -690,3 +690,55 @@ def test_response_logprobs_give_the_kl_that_step_penalises(tokenizer):
     kl = ((logp - ref) * mask).sum(1).mean()
     assert kl.abs() > 0
     assert stats["objective/kl"] != 0.0
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "adapter_model.safetensors",
+        "value_head.safetensors",
+        "optimizer.pt",
+        "rng_state.pt",
+        "trainer_state.json",
+    ],
+)
+@pytest.mark.parametrize("fault", ["truncated", "missing"])
+def test_load_refuses_a_damaged_checkpoint_with_a_message(tmp_path, tokenizer, name, fault):
+    trainer = PPOTrainer(small_config(), lora_model("llama", tokenizer), tokenizer)
+    trainer.save(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / name
+    if fault == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match="is incomplete, corrupt or not from this model"):
+        PPOTrainer(small_config(), lora_model("llama", tokenizer), tokenizer).load(tmp_path / "ckpt")
+
+
+def test_load_refuses_weights_of_the_wrong_shape(tmp_path, tokenizer):
+    from safetensors.torch import load_file, save_file
+
+    trainer = PPOTrainer(small_config(), lora_model("llama", tokenizer), tokenizer)
+    trainer.save(tmp_path / "ckpt")
+    path = str(tmp_path / "ckpt" / "value_head.safetensors")
+    save_file({k: torch.zeros(3, *v.shape[1:]) for k, v in load_file(path).items()}, path)
+    with pytest.raises(ValueError, match="(?s)corrupt or not from this model.*size mismatch"):
+        PPOTrainer(small_config(), lora_model("llama", tokenizer), tokenizer).load(tmp_path / "ckpt")
+
+
+def test_a_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, tokenizer, monkeypatch):
+    import errno
+
+    trainer, queries, responses = make_trainer("llama", tokenizer)
+    trainer.save(tmp_path / "ckpt")
+    saved = (tmp_path / "ckpt" / "adapter_model.safetensors").read_bytes()
+    trainer.step(queries, responses, torch.randn(8))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.save(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "adapter_model.safetensors").read_bytes() == saved
+    assert os.listdir(tmp_path) == ["ckpt"]
