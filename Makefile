@@ -7,8 +7,9 @@ VENV        ?= .venv
 TORCH       ?= torch==2.13.0
 # Extra pip arguments for the torch install, e.g. --index-url https://download.pytorch.org/whl/cu124
 TORCH_INDEX ?=
-# Where the IMDB parquet files live; empty means "load stanfordnlp/imdb from the hub".
-IMDB_DIR    ?= ../shared/data/imdb
+# Where the IMDB parquet files live; empty means "load stanfordnlp/imdb from the hub". The default is
+# the sibling folder ../shared/data/imdb where it holds the files, else empty (a plain clone: the hub).
+IMDB_DIR    ?= $(if $(wildcard ../shared/data/imdb/train.parquet),../shared/data/imdb,)
 DEMO_ARGS   ?=
 TEST_ARGS   ?=
 

@@ -83,8 +83,9 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
 
     x, mask (B, T) -> (B, T); masked-out positions are set to 0. The variance is the unbiased
     ``masked_var``, and 1e-8 is added before the square root.
-    ``shift_mean=False`` keeps the mean (only scales): used to whiten rewards without shifting them, so
-    a constant reward per token keeps its sign (Huang et al., detail "reward whitening").
+    ``shift_mean=False`` adds the mean back: ``(x - mean) / std + mean``, as trl's ``whiten``. The batch
+    keeps its mean (the deviations from it are scaled to unit variance; it is not ``x / std``): used
+    to whiten rewards without shifting them (Huang et al., detail "reward whitening").
 
     Ref: OpenAI lm-human-preferences ``whiten``; Schulman et al. 2017 normalise advantages per batch.
     """

@@ -143,9 +143,9 @@ class LoRALayer(nn.Module):
     ever called (a 4-bit weight is packed two codes a byte: reading it would be meaningless).
     `lora_A` (in -> r) and `lora_B` (r -> out) are bias-free nn.Linear in fp32, so state
     dict keys read `<path>.lora_A.weight` (A: (r, in)), `<path>.lora_B.weight` (B: (out, r)), as
-    peft's.  The adapter runs in fp32 (the input is cast to A's dtype) and its output is cast to
-    the base output's dtype, which is the input dtype for a base in that dtype.  With `disabled`
-    True the layer is exactly its base layer.
+    peft's.  The adapter runs in fp32, under bf16 autocast too (autocast is off inside; the input is
+    cast to A's dtype), and its output is cast to the base output's dtype, which is the input dtype
+    for a base in that dtype.  With `disabled` True the layer is exactly its base layer.
     Ref: Hu et al. 2021, arXiv:2106.09685, eq. 3.
     """
 
@@ -193,8 +193,9 @@ class LoRALayer(nn.Module):
         out = self.base_layer(x)  # (..., out)
         if self.disabled:
             return out
-        x_a = self.lora_dropout(x.to(self.lora_A.weight.dtype))  # (..., in), fp32
-        delta = self.lora_B(self.lora_A(x_a)) * self.scaling  # (..., r) -> (..., out)
+        with torch.autocast(x.device.type, enabled=False):  # fp32 even under bf16 autocast
+            x_a = self.lora_dropout(x.to(self.lora_A.weight.dtype))  # (..., in), fp32
+            delta = self.lora_B(self.lora_A(x_a)) * self.scaling  # (..., r) -> (..., out)
         return out + delta.to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:

@@ -17,12 +17,14 @@ lengths, never from comparing token ids with the pad id, so the pad id may equal
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 
 from .adapter_files import load_adapter, save_adapter
@@ -147,6 +149,13 @@ class PolicyWithValueHead(nn.Module):
     logits would put ~0.03-nat noise on every log-probability, and PPO divides probabilities); a
     model loaded in bf16 (``load_model(..., dtype="bfloat16")``) computes bf16 logits, upcast to
     float32. On CPU, loading in bf16 is the fastest setting measured (no per-forward weight casts).
+    What some heads do after ``lm_head`` is done too (Cohere's ``logit_scale``, Granite's
+    ``logits_scaling``, Gemma2's ``final_logit_softcapping``), and a probe batch checks at wrap time that
+    the logits are the model's own (`check_logits`): PPO must sample and train the model's distribution.
+
+    ``gradient_checkpointing = True`` recomputes each decoder layer's activations in the backward pass
+    (``torch.utils.checkpoint``, non-reentrant) whenever gradients are on, whatever ``.training`` says:
+    transformers' own checkpointing only acts in train mode, and PPO runs in eval mode (dropout off).
     """
 
     def __init__(
@@ -154,13 +163,20 @@ class PolicyWithValueHead(nn.Module):
     ):
         super().__init__()
         self.model = model
-        hidden_size = model.config.get_text_config().hidden_size
+        config = model.config.get_text_config()
         if value_head is None:
-            value_head = ValueHead(hidden_size, dropout=value_head_dropout)
+            value_head = ValueHead(config.hidden_size, dropout=value_head_dropout)
         self.value_head = value_head.to(self.device)
         # transformers 5 names the KV cache argument `cache`, 4.x `past_key_values`.
         params = inspect.signature(self.backbone.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        # logits = softcap(lm_head(h) * logit_scale / logits_scaling), as those models' forwards
+        self._logit_scale = (getattr(config, "logit_scale", None) or 1.0) / (
+            getattr(config, "logits_scaling", None) or 1.0
+        )
+        self._softcap = getattr(config, "final_logit_softcapping", None)
+        self._checkpointing = False
+        self.check_logits()
 
     @property
     def backbone(self) -> nn.Module:
@@ -176,13 +192,64 @@ class PolicyWithValueHead(nn.Module):
         return next(self.model.parameters()).device
 
     def logits_from_hidden(self, hidden: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """(B, T, H) hidden states -> (B, T, V) float32 logits divided by ``temperature``."""
+        """(B, T, H) hidden states -> (B, T, V) float32 logits, as the model's forward computes them,
+        divided by ``temperature``."""
         weight = self.lm_head.weight
         with torch.autocast(hidden.device.type, enabled=False):
             dtype = weight.dtype if weight.is_floating_point() else hidden.dtype
             # contiguous: a strided (sliced) 3-D input sends nn.Linear down a bmm path ~1.6x slower
             logits = self.lm_head(hidden.to(dtype).contiguous()).float()  # (B, T, V)
+        if self._logit_scale != 1.0:
+            logits = logits * self._logit_scale
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits if temperature == 1.0 else logits / temperature
+
+    @torch.no_grad()
+    def check_logits(self, rtol: float = 1e-2) -> None:
+        """Raise a ValueError unless this policy's logits equal ``model(ids).logits`` on a probe batch
+        (up to ``rtol`` of their largest magnitude: bf16 models round differently)."""
+        vocab = self.lm_head.weight.shape[0]
+        ids = (torch.arange(16, device=self.device) * 7919 % vocab).view(2, 8)  # (2, 8)
+        mask = torch.ones_like(ids)
+        training = self.model.training
+        self.model.eval()
+        try:
+            theirs = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+            ours, _ = self(ids, mask, with_values=False)  # (2, 8, V)
+        finally:
+            self.model.train(training)
+        error, scale = (ours - theirs).abs().max().item(), theirs.abs().max().item()
+        if not error <= rtol * scale + 1e-5:
+            raise ValueError(
+                f"{type(self.model).__name__}'s logits differ from what minippo computes from its hidden "
+                f"states (max |diff| {error:.3g}, max |logit| {scale:.3g}): its forward post-processes the "
+                "logits in a way minippo does not know, and PPO would train another distribution than the "
+                "model's. Use a model whose logits are lm_head(hidden), or extend logits_from_hidden."
+            )
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self._checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        layers = self.decoder_layers()
+        if on and layers is None:
+            raise ValueError(
+                f"gradient checkpointing: no decoder layers found in {type(self.model).__name__}"
+            )
+        for layer in layers or []:
+            layer.__dict__.pop("forward", None)  # back to the class's forward
+            if on:
+                layer.forward = functools.partial(_checkpointed, layer.forward)
+        self._checkpointing = bool(on)
+
+    def decoder_layers(self) -> nn.ModuleList | None:
+        """The backbone's list of decoder layers (the ModuleList of num_hidden_layers blocks)."""
+        n = self.model.config.get_text_config().num_hidden_layers
+        lists = (m for m in self.backbone.modules() if isinstance(m, nn.ModuleList) and len(m) == n)
+        return next(lists, None)
 
     def forward(
         self,
@@ -331,6 +398,13 @@ class PolicyWithValueHead(nn.Module):
         """Load an adapter and value head written by `save_pretrained` (in place)."""
         load_adapter(self.model, directory)
         load_value_head(self.value_head, directory)
+
+
+def _checkpointed(forward, *args, **kwargs):
+    """A decoder layer's forward under ``torch.utils.checkpoint`` when gradients are on (else plain)."""
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 @contextlib.contextmanager

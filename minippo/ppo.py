@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import os
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,13 +53,18 @@ from .core import (
 from .fileio import atomic_directory
 from .lora import disable_adapters, lora_layers
 from .policy import PolicyWithValueHead, left_pad, maybe_autocast, right_pad
-from .quant import resolve_compute_dtype
+from .quant import is_4bit, is_8bit, resolve_compute_dtype
 from .rollout import RolloutBuffer
 
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.pt"
+SCHEDULER_STATE = "scheduler.pt"
+RNG_STATE = "rng_state.pt"
+# PPOConfig fields a checkpoint may be resumed under with another value (the new one applies);
+# any other difference is refused by `PPOTrainer.load`.
+RESUMABLE_CHANGES = ("learning_rate", "device", "generation_batch_size")
 
 
 @dataclass
@@ -133,6 +139,9 @@ class PPOConfig:
     weights, logits, values and Adam stay as they are). float16 is refused: it needs loss scaling."""
     device: str | None = None
     """device to train on, e.g. "cuda" (None: wherever the model's parameters are)."""
+    gradient_checkpointing: bool | None = None
+    """recompute each decoder layer's activations in the backward pass (less memory, more compute);
+    None: on for 8-bit and 4-bit models (as the blog), off otherwise."""
 
     def __post_init__(self):
         check_fields(
@@ -219,6 +228,11 @@ class PPOTrainer:
         ):
             policy.to(wanted)  # an 8-bit model should rather be loaded on its device (load_model(device=...))
         self.policy = policy.eval()
+        checkpointing = config.gradient_checkpointing
+        kbit = is_8bit(policy.model) or is_4bit(policy.model)
+        policy.gradient_checkpointing = kbit if checkpointing is None else checkpointing
+        if any(not isinstance(layer.lora_dropout, nn.Identity) for _, layer in lora_layers(policy.model)):
+            logger.warning("LoRA dropout is ignored in PPO: the policy runs in eval mode (ratio 1 at first)")
         self.device = policy.device
         self.compute_dtype = resolve_compute_dtype(config.compute_dtype, self.device, policy.model)
         policy.value_head.requires_grad_(True)
@@ -579,7 +593,9 @@ class PPOTrainer:
     # -- checkpoints ----------------------------------------------------------------------------
 
     def save(self, directory: str | os.PathLike) -> str:
-        """Write a checkpoint: adapter (peft layout), ``value_head.safetensors``, optimiser and trainer state.
+        """Write a checkpoint from which `load` continues exactly: adapter (peft layout),
+        ``value_head.safetensors``, optimiser, LR scheduler, RNG states and trainer state (step, KL
+        coefficient, score moments, config).
 
         Everything is written into a temporary folder beside ``directory``, which then replaces it by
         renames: an interrupted save leaves the previous checkpoint intact (at worst, for the instant
@@ -588,6 +604,9 @@ class PPOTrainer:
         with atomic_directory(directory) as tmp:
             self.policy.save_pretrained(tmp)
             torch.save(self.optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_STATE))
+            if self.lr_scheduler is not None:
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(tmp, SCHEDULER_STATE))
+            torch.save(rng_state(), os.path.join(tmp, RNG_STATE))
             state = {
                 "step": self.current_step,
                 "kl_coef": self.kl_ctl.value,
@@ -599,19 +618,94 @@ class PPOTrainer:
         return os.path.abspath(os.fspath(directory))
 
     def load(self, directory: str | os.PathLike) -> None:
-        """Restore a checkpoint written by `save` (adapter, value head, optimiser, KL coefficient, step)."""
+        """Restore a checkpoint written by `save`, so that training continues exactly as if it had not
+        stopped: adapter, value head, optimiser, LR scheduler, RNG states (torch CPU and CUDA, Python's
+        ``random``), KL coefficient, score moments and step.
+
+        The checkpoint's config must equal this trainer's, except for the fields in
+        `RESUMABLE_CHANGES`, where this trainer's value applies (a warning lists them); any other
+        difference raises a ValueError that lists them. The learning rate is this trainer's configured
+        one (times the scheduler's factor at the restored step), not the one saved with the optimiser.
+        """
         directory = os.fspath(directory)
-        with open(os.path.join(directory, TRAINER_STATE)) as f:
-            state = json.load(f)
-        self.policy.load_pretrained(directory)
-        optimizer_state = torch.load(
-            os.path.join(directory, OPTIMIZER_STATE), map_location=self.device, weights_only=True
-        )
-        self.optimizer.load_state_dict(optimizer_state)
+        with _readable(directory):
+            with open(os.path.join(directory, TRAINER_STATE)) as f:
+                state = json.load(f)
+        check_config(state["config"], dataclasses.asdict(self.config), RESUMABLE_CHANGES, "PPO checkpoint")
+        if (self.lr_scheduler is None) == os.path.exists(os.path.join(directory, SCHEDULER_STATE)):
+            raise ValueError(
+                f"{directory} was saved {'with' if self.lr_scheduler is None else 'without'} an LR "
+                "scheduler and this trainer has the other: make the trainer as the run that saved it"
+            )
+        configured = [g.get("initial_lr", g["lr"]) for g in self.optimizer.param_groups]
+        with _readable(directory):
+            self.policy.load_pretrained(directory)
+            self.optimizer.load_state_dict(_load_torch(directory, OPTIMIZER_STATE, self.device))
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.load_state_dict(_load_torch(directory, SCHEDULER_STATE))
+            rng = _load_torch(directory, RNG_STATE)
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.base_lrs = configured
+        for group, lr in zip(
+            self.optimizer.param_groups, configured
+        ):  # the saved schedule factor, on the configured rate
+            group["lr"] = group["lr"] * lr / group.get("initial_lr", group["lr"])
+            group.update({"initial_lr": lr} if "initial_lr" in group else {})
+        set_rng_state(rng)
         self.kl_ctl.value = float(state["kl_coef"])
-        if "score_moments" in state:
-            self.score_moments.load_state_dict(state["score_moments"])
+        self.score_moments.load_state_dict(state["score_moments"])
         self.current_step = int(state["step"])
+
+
+@contextlib.contextmanager
+def _readable(directory: str):
+    """Turn any failure to read a checkpoint's files into one ValueError that names the folder."""
+    try:
+        yield
+    except Exception as err:
+        raise ValueError(
+            f"checkpoint {directory} is incomplete, corrupt or not from this model ({type(err).__name__}: "
+            f"{str(err)[:300]}); resume from another checkpoint, or start again"
+        ) from err
+
+
+def _load_torch(directory: str, name: str, device: torch.device | str = "cpu"):
+    return torch.load(os.path.join(directory, name), map_location=device, weights_only=True)
+
+
+def rng_state() -> dict:
+    """The states of torch's CPU and CUDA generators and of Python's ``random``."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` returned (the CUDA states only where CUDA is available)."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_config(saved: dict, current: dict, allowed: Sequence[str], what: str) -> None:
+    """Compare a checkpoint's config with the current one (both as ``dataclasses.asdict``): raise a
+    ValueError listing the differing fields not in ``allowed``; warn about those in it."""
+    current = json.loads(json.dumps(current))  # tuples -> lists, as the saved JSON has them
+    diffs = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+    lines = [f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in diffs.items()]
+    refused = [line for line, k in zip(lines, diffs) if k not in allowed]
+    if refused:
+        raise ValueError(
+            f"{what} was saved with another config; resuming would not continue that run:\n  "
+            + "\n  ".join(refused)
+            + f"\nUse the checkpoint's values (only {', '.join(allowed)} may change)."
+        )
+    if lines:
+        logger.warning(
+            "%s: resuming with changed settings (the new values apply): %s", what, "; ".join(lines)
+        )
 
 
 @contextlib.contextmanager

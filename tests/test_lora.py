@@ -260,3 +260,19 @@ def test_merge_of_a_transformers_8bit_model_saves_a_plain_model(tiny_model_dir, 
     assert "quantization_config" not in json.load(open(tmp_path / "merged" / "config.json"))
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert torch.equal(logits(plain, batch), logits(merged, batch))
+
+
+def test_adapter_math_runs_in_fp32_under_bf16_autocast():
+    from minippo.lora import LoRALayer
+
+    torch.manual_seed(0)
+    layer = LoRALayer(torch.nn.Linear(16, 8), r=4, alpha=8)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    dtypes = []
+    layer.lora_B.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    x = torch.randn(3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        delta = layer(x) - layer.base_layer(x)
+    assert dtypes == [torch.float32]
+    exact = x @ layer.delta_weight().T
+    assert (delta.float() - exact).abs().max() < 0.05  # only the bf16 output cast rounds

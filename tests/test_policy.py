@@ -257,3 +257,114 @@ def test_policy_save_and_load_pretrained(tmp_path, arch, tokenizer):
     with torch.no_grad(), disable_adapters(fresh.model):
         base, _ = fresh(ids, torch.ones_like(ids))
     assert not torch.allclose(base, b)
+
+
+# -- logits: the model's own ------------------------------------------------------------------
+
+
+def post_processing_model(kind):
+    """A tiny Gemma2 / Granite / Cohere (heads that change the logits after lm_head), with large head
+    weights so that the post-processing matters (Gemma2's softcap at 30 bites)."""
+    from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, GraniteConfig
+
+    common = dict(
+        vocab_size=384,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    config = {
+        "gemma2": lambda: Gemma2Config(head_dim=8, final_logit_softcapping=30.0, **common),
+        "granite": lambda: GraniteConfig(logits_scaling=8.0, **common),
+        "cohere": lambda: CohereConfig(logit_scale=0.0625, **common),
+    }[kind]()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(200.0)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "granite", "cohere"])
+def test_policy_logits_are_the_model_logits(kind, tokenizer):
+    model = add_lora(post_processing_model(kind), LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    policy = PolicyWithValueHead(model)  # the wrap-time probe passes
+    ids = torch.randint(3, 384, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # a left-padded row
+    with torch.no_grad():
+        theirs = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+        ours, _ = policy(ids, mask)
+    scale = theirs.abs().max()
+    assert scale > 1.0  # the post-processing is not negligible here
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=1e-5 * scale.item())
+    if kind == "gemma2":
+        assert ours.abs().max() <= 30.0  # softcapped, as transformers' logits
+
+
+def test_wrap_refuses_a_model_whose_logits_it_cannot_reproduce(tokenizer):
+    """A head that post-processes its logits in a way minippo does not know (a forward hook halving
+    them, standing in for an unknown architecture's scaling): wrapping refuses, naming the problem."""
+
+    def halve(module, args, output):
+        output.logits = output.logits / 2
+        return output
+
+    model = add_lora(tiny_model("llama", vocab_size=len(tokenizer)), LoRAConfig(r=4))
+    model.register_forward_hook(halve)
+    with pytest.raises(ValueError, match="logits differ"):
+        PolicyWithValueHead(model)
+
+
+# -- gradient checkpointing -------------------------------------------------------------------
+
+
+def count_checkpoints(monkeypatch):
+    calls = {"n": 0}
+    real = torch.utils.checkpoint.checkpoint
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    return calls
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_gradient_checkpointing_in_eval_mode_gives_the_same_gradients(arch, tokenizer, monkeypatch, int8):
+    calls = count_checkpoints(monkeypatch)
+    grads = []
+    for on in (False, True):
+        model = tiny_model(arch, vocab_size=len(tokenizer))
+        if int8:
+            quantize_model(model)
+        policy = PolicyWithValueHead(add_lora(model, LoRAConfig(r=4, target_modules="all-linear"))).eval()
+        policy.gradient_checkpointing = on
+        ids = torch.randint(3, len(tokenizer), (3, 12))
+        mask = torch.ones_like(ids)
+        mask[1, :4] = 0
+        torch.manual_seed(0)
+        for p in policy.parameters():  # non-zero B, so every adapter gets a gradient
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.1)
+        logits, values = policy(ids, mask, response_length=5)
+        (logprobs_from_logits(logits, ids[:, -5:]).sum() + values.pow(2).sum()).backward()
+        grads.append({n: p.grad for n, p in policy.named_parameters() if p.requires_grad})
+        if on:
+            n_layers = len(policy.decoder_layers())
+            assert calls["n"] == n_layers  # every decoder layer, though in eval mode
+            with torch.no_grad():
+                policy(ids, mask)  # no gradients: nothing to checkpoint
+            assert calls["n"] == n_layers
+        else:
+            assert calls["n"] == 0
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-6, atol=1e-7, msg=name)

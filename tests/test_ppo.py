@@ -464,23 +464,132 @@ def test_save_and_load(tmp_path, arch, tokenizer):
         "adapter_model.safetensors",
         "value_head.safetensors",
         "optimizer.pt",
+        "rng_state.pt",
         "trainer_state.json",
     }
+    saved = adapter_snapshot(trainer)
+    exp_avg = lambda t: [s["exp_avg"] for s in t.optimizer.state_dict()["state"].values()]
+    saved_exp_avg = [t.clone() for t in exp_avg(trainer)]
+    # the saved trainer goes on; the RNG state is in the checkpoint, so no re-seeding by hand below
+    a = trainer.step(queries, trainer.generate(queries), torch.ones(8))
     fresh = PPOTrainer(small_config(target=0.01), lora_model(arch, tokenizer), tokenizer)
     with torch.no_grad():
         for p in fresh.trainable:
             p.normal_()  # load must overwrite every trainable tensor
     fresh.load(path)
+    assert_same(saved, adapter_snapshot(fresh))
+    assert fresh.kl_ctl.value != 0.2 and fresh.current_step == 1
+    assert all(torch.equal(a, b) for a, b in zip(saved_exp_avg, exp_avg(fresh)))
+    b = fresh.step(queries, fresh.generate(queries), torch.ones(8))  # continues identically
+    assert a["ppo/loss/total"] == b["ppo/loss/total"]
     assert_same(adapter_snapshot(trainer), adapter_snapshot(fresh))
-    assert fresh.kl_ctl.value == trainer.kl_ctl.value != 0.2 and fresh.current_step == 1
-    exp_avg = lambda t: [s["exp_avg"] for s in t.optimizer.state_dict()["state"].values()]
-    assert all(torch.equal(a, b) for a, b in zip(exp_avg(trainer), exp_avg(fresh)))
-    # both continue identically
-    torch.manual_seed(5)
-    a = trainer.step(queries, responses, torch.ones(8))
-    torch.manual_seed(5)
-    b = fresh.step(queries, responses, torch.ones(8))
-    assert a["ppo/loss/total"] == pytest.approx(b["ppo/loss/total"], rel=1e-5)
+
+
+def scheduled_trainer(tokenizer, **overrides):
+    trainer = PPOTrainer(small_config(**overrides), lora_model("llama", tokenizer), tokenizer)
+    factor = lambda step: 1.0 / (1 + step)
+    trainer.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, factor)
+    return trainer
+
+
+def run_steps(trainer, tokenizer, n):
+    """n steps of generate -> score (every 8th token id earns a point) -> step."""
+    queries = encode(tokenizer, trainer.config.batch_size)
+    for _ in range(n):
+        responses = trainer.generate(queries)
+        trainer.step(queries, responses, [float((r % 8 == 0).sum()) for r in responses])
+
+
+def test_resume_continues_exactly(tmp_path, tokenizer):
+    """4 steps straight == 2 steps, save, a new trainer (fresh model, freshly seeded), load, 2 steps:
+    same adapters, value head, optimiser moments, learning rate and samples, bit for bit."""
+    straight = scheduled_trainer(tokenizer)
+    run_steps(straight, tokenizer, 4)
+    first = scheduled_trainer(tokenizer)
+    run_steps(first, tokenizer, 2)
+    first.save(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "scheduler.pt").exists()
+    run_steps(first, tokenizer, 1)  # the RNG moves on after the save; load must put it back
+    resumed = scheduled_trainer(tokenizer)
+    resumed.load(tmp_path / "ckpt")
+    run_steps(resumed, tokenizer, 2)
+    assert resumed.current_step == 4 and resumed.lr_scheduler.last_epoch == 4
+    assert_same(adapter_snapshot(straight), adapter_snapshot(resumed))
+    exp_avg_sq = lambda t: [s["exp_avg_sq"] for s in t.optimizer.state_dict()["state"].values()]
+    assert all(torch.equal(a, b) for a, b in zip(exp_avg_sq(straight), exp_avg_sq(resumed)))
+    assert resumed.optimizer.param_groups[0]["lr"] == straight.optimizer.param_groups[0]["lr"]
+
+
+def test_load_keeps_the_configured_learning_rate(tmp_path, tokenizer, caplog):
+    trainer = PPOTrainer(small_config(learning_rate=1.41e-5), lora_model("llama", tokenizer), tokenizer)
+    trainer.save(tmp_path / "plain")
+    faster = PPOTrainer(small_config(learning_rate=1e-3), lora_model("llama", tokenizer), tokenizer)
+    with caplog.at_level(logging.WARNING, logger="minippo.ppo"):
+        faster.load(tmp_path / "plain")
+    assert faster.optimizer.param_groups[0]["lr"] == 1e-3  # not the saved 1.41e-5
+    assert "learning_rate: 1.41e-05 in the checkpoint, 0.001 now" in caplog.text
+    # with a scheduler: the configured rate times the schedule's factor at the restored step
+    scheduled = scheduled_trainer(tokenizer, learning_rate=1.41e-5)
+    run_steps(scheduled, tokenizer, 3)
+    scheduled.save(tmp_path / "scheduled")
+    faster = scheduled_trainer(tokenizer, learning_rate=1e-3)
+    faster.load(tmp_path / "scheduled")
+    assert faster.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 / 4)
+    faster.lr_scheduler.step()
+    assert faster.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 / 5)
+
+
+def test_load_refuses_a_checkpoint_from_another_config(tmp_path, tokenizer):
+    trainer = PPOTrainer(small_config(), lora_model("llama", tokenizer), tokenizer)
+    trainer.save(tmp_path / "ckpt")
+    other = PPOTrainer(small_config(cliprange=0.3, seed=1), lora_model("llama", tokenizer), tokenizer)
+    with pytest.raises(ValueError, match=r"(?s)cliprange: 0.2 in the checkpoint, 0.3 now.*seed: 0") as err:
+        other.load(tmp_path / "ckpt")
+    assert "learning_rate" in str(err.value)  # says what may change
+    scheduled = scheduled_trainer(tokenizer)
+    with pytest.raises(ValueError, match="without an LR scheduler"):
+        scheduled.load(tmp_path / "ckpt")
+
+
+def test_gradient_checkpointing_in_a_ppo_step(tokenizer, monkeypatch):
+    """On: every decoder layer is checkpointed in the PPO epochs (in eval mode), the first ratio is
+    still exactly 1, and the update equals the one without checkpointing."""
+    calls = {"n": 0}
+    real = torch.utils.checkpoint.checkpoint
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    snapshots = []
+    for on in (False, True):
+        trainer, queries, responses = make_trainer("llama", tokenizer, gradient_checkpointing=on)
+        assert trainer.policy.gradient_checkpointing is on and not trainer.policy.training
+        seen = capture(trainer)
+        before = calls["n"]
+        trainer.step(queries, responses, torch.arange(8.0))
+        micro_steps = len(seen.minibatches) * trainer.config.gradient_accumulation_steps
+        assert calls["n"] - before == (2 * micro_steps if on else 0)  # 2 decoder layers
+        assert seen.minibatches[0]["policy/ratio"].item() == 1.0
+        snapshots.append(adapter_snapshot(trainer))
+    for name in snapshots[0]:
+        torch.testing.assert_close(snapshots[1][name], snapshots[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_gradient_checkpointing_default_follows_8bit(tokenizer):
+    assert not PPOTrainer(
+        small_config(), lora_model("llama", tokenizer), tokenizer
+    ).policy.gradient_checkpointing
+    int8 = PPOTrainer(small_config(), lora_model("llama", tokenizer, int8=True), tokenizer)
+    assert int8.policy.gradient_checkpointing
+
+
+def test_lora_dropout_is_warned_about(tokenizer, caplog):
+    model = add_lora(tiny_model("llama", vocab_size=len(tokenizer)), LoRAConfig(r=4, dropout=0.1))
+    with caplog.at_level(logging.WARNING, logger="minippo.ppo"):
+        PPOTrainer(small_config(), model, tokenizer)
+    assert caplog.text.count("LoRA dropout is ignored") == 1
 
 
 def test_save_is_atomic(tmp_path, tokenizer, monkeypatch):
@@ -608,3 +717,55 @@ def test_score_normalisation_learns_a_sparse_small_reward(tokenizer):
     start = sum(raw[:3]) / 3
     assert sum(normalised[-5:]) / 5 > start + 0.3, normalised
     assert sum(raw[-5:]) / 5 < start + 0.1, raw
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "adapter_model.safetensors",
+        "value_head.safetensors",
+        "optimizer.pt",
+        "rng_state.pt",
+        "trainer_state.json",
+    ],
+)
+@pytest.mark.parametrize("fault", ["truncated", "missing"])
+def test_load_refuses_a_damaged_checkpoint_with_a_message(tmp_path, tokenizer, name, fault):
+    trainer = PPOTrainer(small_config(), lora_model("llama", tokenizer), tokenizer)
+    trainer.save(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / name
+    if fault == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match="is incomplete, corrupt or not from this model"):
+        PPOTrainer(small_config(), lora_model("llama", tokenizer), tokenizer).load(tmp_path / "ckpt")
+
+
+def test_load_refuses_weights_of_the_wrong_shape(tmp_path, tokenizer):
+    from safetensors.torch import load_file, save_file
+
+    trainer = PPOTrainer(small_config(), lora_model("llama", tokenizer), tokenizer)
+    trainer.save(tmp_path / "ckpt")
+    path = str(tmp_path / "ckpt" / "value_head.safetensors")
+    save_file({k: torch.zeros(3, *v.shape[1:]) for k, v in load_file(path).items()}, path)
+    with pytest.raises(ValueError, match="(?s)corrupt or not from this model.*size mismatch"):
+        PPOTrainer(small_config(), lora_model("llama", tokenizer), tokenizer).load(tmp_path / "ckpt")
+
+
+def test_a_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, tokenizer, monkeypatch):
+    import errno
+
+    trainer, queries, responses = make_trainer("llama", tokenizer)
+    trainer.save(tmp_path / "ckpt")
+    saved = (tmp_path / "ckpt" / "adapter_model.safetensors").read_bytes()
+    trainer.step(queries, responses, torch.randn(8))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.save(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "adapter_model.safetensors").read_bytes() == saved
+    assert os.listdir(tmp_path) == ["ckpt"]

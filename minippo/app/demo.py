@@ -61,6 +61,8 @@ PRESETS: dict[str, dict] = {
         ),
         "lora": dict(r=16, alpha=32),
         "reward": dict(),
+        # Off on a CPU, where memory is plenty and recomputing costs time (measured in the README).
+        "gradient_checkpointing": False,
     },
     "long": {
         "sft": dict(max_steps=200, batch_size=8, block_size=128, learning_rate=2e-4, num_train_texts=2000),
@@ -125,6 +127,11 @@ class DemoConfig:
     """Seed of every stage."""
     quant: str = "8bit"
     """Base model's Linear layers in SFT and PPO: "8bit" (the blog's), "4bit" (NF4, QLoRA) or "none"."""
+    gradient_checkpointing: bool | None = None
+    """Recompute activations in SFT and PPO backward passes; None: the preset's choice (off for cpu),
+    else on for the 8-bit models."""
+    resume: bool = False
+    """Continue the SFT and PPO stages from their checkpoints exactly (reward and merge run again)."""
 
     def __post_init__(self):
         quant_load_kwargs(self.quant)
@@ -138,6 +145,8 @@ class DemoConfig:
 def demo_stage_configs(config: DemoConfig, model_dir: str) -> dict:
     """The resolved configs of every stage (preset + overrides), all pointing into the run folder."""
     run, preset = Path(config.output_dir), PRESETS[config.preset]
+    checkpointing = config.gradient_checkpointing
+    checkpointing = preset.get("gradient_checkpointing") if checkpointing is None else checkpointing
     sft = dict(
         preset["sft"],
         model=model_dir,
@@ -147,10 +156,16 @@ def demo_stage_configs(config: DemoConfig, model_dir: str) -> dict:
         quant=config.quant,
         seed=config.seed,
         lora=dataclasses.replace(SFTConfig().lora, **preset["lora"]),
+        gradient_checkpointing=checkpointing,
+        resume=config.resume,
     )
     if config.sft_steps:
         sft["max_steps"] = config.sft_steps
-    ppo_config = PPOConfig(**dict(preset["ppo_config"], seed=config.seed, device=config.device))
+    ppo_config = PPOConfig(
+        **dict(
+            preset["ppo_config"], seed=config.seed, device=config.device, gradient_checkpointing=checkpointing
+        )
+    )
     ppo = dict(
         preset["ppo"],
         model=str(run / "merged"),
@@ -160,6 +175,7 @@ def demo_stage_configs(config: DemoConfig, model_dir: str) -> dict:
         quant=config.quant,
         lora=LoRAConfig(**preset["lora"]),
         ppo=ppo_config,
+        resume=config.resume,
     )
     if config.ppo_steps:
         ppo["steps"] = config.ppo_steps

@@ -65,11 +65,13 @@ NF4_BLOCK, NF4_SCALE_BLOCK = 64, 256  # weights per absmax; absmaxes per fp32 sc
 TARGETS = ("qkv", "attention", "all-linear")
 OPTIMIZERS = {"adam": 2, "adamw": 2, "sgd": 0}  # fp32 states per trainable parameter
 LOGIT_COPIES = 4  # fp32 (B, L, V) tensors alive at the peak: logits, log-softmax, 2 gradients
+PPO_LOGIT_COPIES = 4  # fp32 (B, T, V) in minippo's PPO loss, measured (logits, exp, softmax, gradient)
 
 # Activation elements per token per block: (c_H, c_I) for c_H * H + c_I * I (see the docstring).
 ACTIVATION_COEFFS = {"gpt_neox": (5.3, 1.0), "llama": (6.5, 3.0), "gpt2": (8.5, 3.9)}
 LORA_ACTIVATION_PER_INPUT = 2.0  # per adapted linear, per token: 2 * d_in elements
 RECOMPUTE_FACTOR = 1.5  # checkpointing: a rebuilt block's tensors + its gradients in flight
+PPO_RECOMPUTE_FACTOR = {"llama": 1.2}  # measured: fewer in flight in eval mode (no dropout masks)
 
 # Shapes of a few well-known models (their config.json values), so `--model gpt-neox-20b` works offline.
 KNOWN_MODELS = {
@@ -136,6 +138,9 @@ class PlanConfig:
     """Sequences in one forward + backward (the PPO mini-batch)."""
     seq_len: int = 256
     """Tokens per sequence, prompt + response (L = P + T)."""
+    response_len: int = 0
+    """T: plan minippo's PPO micro-step (eval mode, LM head and log-probs over the T response positions
+    only); 0: a causal-LM loss over all L positions (SFT, with LoRA dropout)."""
     gradient_checkpointing: bool = True
     """Keep only each block's input and recompute the rest in the backward pass."""
     optimizer: str = "adam"
@@ -317,18 +322,29 @@ def activation_bytes(config: PlanConfig, shape: ModelShape) -> int:
     act = DTYPE_BYTES[_compute_dtype(config)]
     c_h, c_i = ACTIVATION_COEFFS[shape.arch]
     per_block = c_h * shape.hidden + c_i * shape.inner  # elements per token
-    if config.lora_r:
-        per_block += LORA_ACTIVATION_PER_INPUT * sum(
+    ppo = config.response_len > 0
+    if config.lora_r:  # PPO runs in eval mode: no dropout output or mask, only the adapters' input
+        per_block += (1.0 if ppo else LORA_ACTIVATION_PER_INPUT) * sum(
             i for i, _ in shape.adapted(config.lora_targets).values()
         )
     else:  # full fine-tuning: every linear saves its input for the weight gradient
         per_block += sum(i for i, _ in shape.linears().values())
     logits = LOGIT_COPIES * 4 * shape.vocab + (act if act != 4 else 0) * shape.vocab  # per token
+    held = 4 * shape.vocab  # the fp32 logits the caller holds through the backward, per token
+    if ppo:  # per token of L: logits at the T response positions only
+        logits = (
+            (PPO_LOGIT_COPIES * 4 + (act if act != 4 else 0))
+            * shape.vocab
+            * config.response_len
+            / config.seq_len
+        )
+        held = held * config.response_len / config.seq_len
     if config.gradient_checkpointing:
         # Block inputs stay; the logits' gradient buffers are freed before the backward reaches
         # the blocks, where one block's activations are rebuilt at a time, with about half as
         # much again of gradients in flight (beside the logits the caller still holds).
-        rebuilt = RECOMPUTE_FACTOR * per_block * act + 4 * shape.vocab
+        factor = PPO_RECOMPUTE_FACTOR.get(shape.arch, RECOMPUTE_FACTOR) if ppo else RECOMPUTE_FACTOR
+        rebuilt = factor * per_block * act + held
         peak = shape.layers * shape.hidden * act + max(logits, rebuilt)
     else:  # every block's saved tensors and the logits' buffers at the start of the backward
         peak = shape.layers * per_block * act + logits
@@ -460,7 +476,7 @@ def format_plan(plan: Plan) -> str:
 # SFT runs without gradient checkpointing unless asked (SFTConfig.gradient_checkpointing); the PPO
 # trainer checkpoints its k-bit models (on by default for 8-bit and 4-bit bases) and not float ones.
 TRAINER_CHECKPOINTING = {
-    "sft": {"none": False, "8bit": False, "4bit": False},
+    "sft": {"none": False, "8bit": True, "4bit": True},
     "ppo": {"none": False, "8bit": True, "4bit": True},
 }
 

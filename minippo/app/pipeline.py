@@ -6,7 +6,9 @@ from the dataclasses, and `minippo.app.demo` chains the steps into one run folde
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +19,9 @@ import tyro
 
 from ..adapter_files import load_adapter
 from ..checks import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, check, check_device, check_fields, one_of
-from ..fileio import atomic_directory
+from ..fileio import atomic_directory, atomic_write
 from ..lora import LoRAConfig, add_lora, disable_adapters, merge_lora
-from ..ppo import PPOConfig, PPOTrainer
+from ..ppo import PPOConfig, PPOTrainer, check_config
 from ..quant import load_model, quant_load_kwargs, resolve_dtype
 from .data import cycle_batches, load_imdb, make_prompts
 from .model_folders import DEFAULT_MODEL, check_context, load_tokenizer, resolve_model
@@ -180,6 +182,9 @@ class PPORunConfig:
     """Sampling seed of the before/after evaluation (same prompts, same seed)."""
     log_samples: int = 2
     """Print this many sample reviews every save_every steps."""
+    resume: bool = False
+    """Continue the run in output_dir from its checkpoint/ exactly (RNG, optimiser, scheduler, prompt
+    position), appending to metrics.jsonl; without a checkpoint, start from step 0."""
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(r=16, alpha=32, dropout=0.0))
     """LoRA settings of the new adapter."""
     ppo: Annotated[PPOConfig, tyro.conf.OmitArgPrefixes] = field(
@@ -221,13 +226,14 @@ def evaluate_samples(
     trainer: PPOTrainer, tokenizer, prompts: list[torch.Tensor], seed: int, adapters: bool = True, reward=None
 ) -> dict:
     """Sample one response per prompt (fixed seed) with the adapters on or off; optionally score
-    the reviews (prompt + response) with the reward's P(positive)."""
-    torch.manual_seed(seed)
-    if adapters:
-        responses = trainer.generate(prompts)
-    else:
-        with disable_adapters(trainer.policy.model):
+    the reviews (prompt + response) with the reward's P(positive). The sampling seeds torch's global
+    generator inside `own_rng`: the training stream is left where it was."""
+    with own_rng(seed):
+        if adapters:
             responses = trainer.generate(prompts)
+        else:
+            with disable_adapters(trainer.policy.model):
+                responses = trainer.generate(prompts)
     q, r = _decode_pairs(tokenizer, prompts, responses)
     probs = reward.probability([a + b for a, b in zip(q, r)]).float().tolist() if reward else None
     return {"prompts": q, "responses": r, "probs": probs, "response_ids": responses}
@@ -254,23 +260,65 @@ def evaluate_policy(
     }
 
 
+@contextlib.contextmanager
+def own_rng(seed: int):
+    """Run the block on torch's generators seeded with `seed`, then put back their earlier states."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 def build_trainer(config: PPORunConfig):
     """Load the starting model (8-bit, 4-bit or float: `quant`), add a fresh adapter, and make the trainer."""
     model_dir = resolve_model(config.model)
     tokenizer = load_tokenizer(model_dir)
     device = config.ppo.device or "cpu"
     model = load_model(model_dir, **quant_load_kwargs(config.quant), dtype=config.dtype, device=device)
+    torch.manual_seed(config.ppo.seed)  # the adapters' A matrices follow --seed
     add_lora(model, config.lora)
     trainer = PPOTrainer(config.ppo, model, tokenizer)
     return trainer, tokenizer, model_dir
+
+
+# PPORunConfig fields a run may be resumed under with another value (the PPO settings: RESUMABLE_CHANGES).
+# With another `steps` the prompt pool differs in size: a valid continuation, not a bit-identical run.
+RESUMABLE_RUN_CHANGES = (
+    "resume",
+    "steps",
+    "save_every",
+    "log_samples",
+    "eval_prompts",
+    "eval_seed",
+    "data_dir",
+    "ppo",
+)
+
+
+def resume_metrics(trainer: PPOTrainer, checkpoint: Path, log: MetricsLog) -> int:
+    """Load the checkpoint into the trainer and cut metrics.jsonl back to its step (rows written after
+    the checkpoint would otherwise come twice); returns the step to continue from."""
+    trainer.load(checkpoint)
+    lines = log.path.read_text().splitlines(keepends=True) if log.path.exists() else []
+    keep = [
+        line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= trainer.current_step
+    ]
+    atomic_write(log.path, lambda tmp: Path(tmp).write_text("".join(keep)))  # a torn last line goes too
+    print(f"ppo: resuming {checkpoint} at step {trainer.current_step}")
+    return trainer.current_step
 
 
 def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
     """`minippo ppo`: prompts -> generate -> score -> step, `steps` times; logs, checkpoints, evaluation."""
     from tqdm.auto import tqdm
 
-    out = Path(config.output_dir)
+    out, checkpoint = Path(config.output_dir), Path(config.output_dir) / "checkpoint"
     out.mkdir(parents=True, exist_ok=True)
+    resume = config.resume and (checkpoint / "trainer_state.json").exists()
+    if resume and (out / "config.json").exists():  # the run's settings must match (PPOTrainer.load
+        # checks the PPO settings)
+        saved = json.loads((out / "config.json").read_text())
+        check_config(saved, dataclasses.asdict(config), RESUMABLE_RUN_CHANGES, f"the run in {out}")
     write_json(out / "config.json", dataclasses.asdict(config))
     trainer, tokenizer, model_dir = build_trainer(config)
     reward = load_reward(config.reward, kind=config.reward_kind, device=trainer.device)
@@ -283,13 +331,17 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
         print(f"ppo: before training, held-out reviews score P(positive) {before['reward_prob_mean']:.3f}")
 
     log = MetricsLog(out / "metrics.jsonl")
-    log.path.unlink(missing_ok=True)  # a fresh run; checkpoints below are replaced atomically
+    start = resume_metrics(trainer, checkpoint, log) if resume else 0
+    if not resume:
+        log.path.unlink(missing_ok=True)  # a fresh run; checkpoints below are replaced atomically
     batches = cycle_batches(len(prompts), config.ppo.batch_size, config.ppo.seed)
-    bar = tqdm(range(1, config.steps + 1), desc="ppo", disable=not progress, dynamic_ncols=True)
+    for _ in range(start):  # the prompt position: the batches the checkpoint's steps consumed
+        next(batches)
+    bar = tqdm(range(start + 1, config.steps + 1), desc="ppo", disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
     for step in bar:
         queries = [prompts[i] for i in next(batches)]
-        stats, samples = ppo_step(trainer, tokenizer, reward, config.reward_kind, queries)
+        stats, samples = ppo_step(trainer, tokenizer, reward, queries)
         stats.update({"step": step, "time/elapsed": time.perf_counter() - t0})
         log.write(stats)
         bar.set_postfix(
@@ -299,7 +351,7 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
             beta=f"{stats['objective/kl_coef']:.3f}",
         )
         if config.save_every and step % config.save_every == 0 and step < config.steps:
-            trainer.save(out / "checkpoint")
+            trainer.save(checkpoint)
             for q, r in samples[: config.log_samples]:
                 bar.write(f"  step {step}: {q!r} -> {r!r}")
     trainer.save(out / "adapter")
@@ -334,7 +386,7 @@ def ppo_prompts(config: PPORunConfig, tokenizer) -> tuple[list[torch.Tensor], li
     return prompts, make_prompts(test_texts, tokenizer, **cut, seed=seed, limit=n_test)[0]
 
 
-def ppo_step(trainer: PPOTrainer, tokenizer, reward, reward_kind: str, queries) -> tuple[dict, list]:
+def ppo_step(trainer: PPOTrainer, tokenizer, reward, queries) -> tuple[dict, list]:
     """One step of the loop: 1. sample responses, 2. score the whole reviews (prompt + response),
     3. one PPO step. Returns the stats (with timings and the mean P(positive)) and the
     (prompt, response) texts."""
@@ -344,8 +396,7 @@ def ppo_step(trainer: PPOTrainer, tokenizer, reward, reward_kind: str, queries) 
     q_text, r_text = _decode_pairs(tokenizer, queries, responses)
     t = time.perf_counter()
     full = [q + r for q, r in zip(q_text, r_text)]
-    scores = reward.logit(full) if reward_kind == "logit" else reward.probability(full)
-    probs = scores.sigmoid() if reward_kind == "logit" else scores
+    scores, probs = reward.scores_and_probabilities(full)
     t_score = time.perf_counter() - t
     stats = trainer.step(queries, responses, scores)
     stats.update({"time/generate": t_gen, "time/score": t_score})

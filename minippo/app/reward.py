@@ -55,6 +55,20 @@ class _Scorer:
         """Scores (B,) float32: P(positive) for kind "prob", the positive logit for "logit"."""
         return self.probability(texts) if self.kind == "prob" else self.logit(texts)
 
+    def scores_and_probabilities(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the scores `__call__` gives, P(positive)), both (B,) float32, from one pass over the texts."""
+        logits = self.class_logits(texts)
+        probs = self._probability(logits)
+        return (probs if self.kind == "prob" else self._logit(logits)), probs
+
+    def logit(self, texts: Sequence[str]) -> torch.Tensor:
+        """The positive class's logit (TF-IDF: the log-odds), (B,) float32."""
+        return self._logit(self.class_logits(texts))
+
+    def probability(self, texts: Sequence[str]) -> torch.Tensor:
+        """P(positive), (B,) float32."""
+        return self._probability(self.class_logits(texts))
+
     def accuracy(self, texts: Sequence[str], labels: Sequence[int]) -> float:
         """Fraction of texts where P(positive) > 0.5 matches the label (1 = positive)."""
         pred = self.probability(texts) > 0.5
@@ -203,13 +217,17 @@ class TfidfSentiment(_Scorer):
         w = w / np.where(norm > 0, norm, 1.0)[r]
         return np.bincount(r, weights=w * self.coef[c], minlength=len(texts)) + self.intercept  # (B,)
 
-    def logit(self, texts: Sequence[str]) -> torch.Tensor:
-        """log P(positive) / P(negative), (B,) float32."""
-        return torch.from_numpy(self.decision_function(texts)).float()
+    def class_logits(self, texts: Sequence[str]) -> torch.Tensor:
+        """log P(positive) / P(negative), (B,) float64."""
+        return torch.from_numpy(self.decision_function(texts))
 
-    def probability(self, texts: Sequence[str]) -> torch.Tensor:
-        """P(positive), (B,) float32."""
-        return torch.sigmoid(torch.from_numpy(self.decision_function(texts))).float()
+    @staticmethod
+    def _logit(logits: torch.Tensor) -> torch.Tensor:
+        return logits.float()
+
+    @staticmethod
+    def _probability(logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits).float()
 
     # -- files: JSON + safetensors only, so loading cannot run code --
 
@@ -332,7 +350,7 @@ class HFSentiment(_Scorer):
         self._inputs = set(inspect.signature(self.model.forward).parameters)
 
     @torch.no_grad()
-    def _logits(self, texts: Sequence[str]) -> torch.Tensor:
+    def class_logits(self, texts: Sequence[str]) -> torch.Tensor:
         """Classifier logits (B, num_labels) float32 on CPU, `batch_size` texts at a time."""
         if isinstance(texts, str):
             raise TypeError("pass a list of texts, not a single string")
@@ -349,13 +367,12 @@ class HFSentiment(_Scorer):
             out.append(self.model(**enc).logits.float().cpu())
         return torch.cat(out) if out else torch.zeros(0, self.num_labels)
 
-    def logit(self, texts: Sequence[str]) -> torch.Tensor:
+    def _logit(self, logits: torch.Tensor) -> torch.Tensor:
         """The positive class's raw logit, (B,) float32."""
-        return self._logits(texts)[:, self.positive_index]
+        return logits[:, self.positive_index]
 
-    def probability(self, texts: Sequence[str]) -> torch.Tensor:
-        """P(positive), (B,) float32."""
-        logits = self._logits(texts)
+    def _probability(self, logits: torch.Tensor) -> torch.Tensor:
+        """P(positive): the softmax over the classes (not the sigmoid of the positive logit)."""
         if self.num_labels == 1:
             return torch.sigmoid(logits[:, 0])
         return logits.softmax(-1)[:, self.positive_index]

@@ -15,6 +15,7 @@ Shapes: B batch of blocks, L = block_size.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -23,10 +24,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..adapter_files import save_adapter
+from ..adapter_files import load_adapter, save_adapter
 from ..checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check, check_device, check_fields
-from ..fileio import write_json
+from ..fileio import atomic_directory, write_json
 from ..lora import LoRAConfig, add_lora, count_parameters
+from ..ppo import check_config, rng_state, set_rng_state
 from ..quant import load_model, prepare_model_for_kbit_training, quant_load_kwargs, resolve_dtype
 from .data import clean_review, cycle_batches, load_imdb, pack_blocks
 from .model_folders import DEFAULT_MODEL, check_context, context_window, load_tokenizer, resolve_model
@@ -79,10 +81,14 @@ class SFTConfig:
     """Blocks per forward pass during evaluation."""
     seed: int = 0
     """Seed for data shuffling, LoRA initialisation and dropout."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, more compute."""
+    gradient_checkpointing: bool | None = None
+    """Recompute activations in the backward pass: less memory, more compute; None: on for a k-bit base."""
     log_every: int = 10
     """Show the running loss on the progress bar every this many steps."""
+    save_every: int = 50
+    """Write output_dir/checkpoint (adapter, optimiser, scheduler, RNG) every this many steps (0: never)."""
+    resume: bool = False
+    """Continue from output_dir/checkpoint exactly; without a checkpoint, start from step 0."""
 
     def __post_init__(self):
         if not self.load_in_8bit and self.quant == "8bit":  # the older spelling of --quant none
@@ -93,6 +99,7 @@ class SFTConfig:
         check_fields(self, POSITIVE_INT, *positive, "log_every")
         check_fields(self, (lambda v: v >= 2, "at least 2"), "block_size")
         check_fields(self, NON_NEGATIVE, "warmup_steps", "num_eval_blocks", "weight_decay", "max_grad_norm")
+        check_fields(self, NON_NEGATIVE, "save_every")
         check_fields(self, POSITIVE, "learning_rate")
         check(
             self,
@@ -185,7 +192,7 @@ def run_sft(config: SFTConfig) -> dict:
     # 4. Train; Ctrl-C saves the adapter reached so far.
     loss_log: list[tuple[int, float]] = []
     try:
-        seconds = train_lm(model, train, config, device, loss_log)
+        seconds = train_lm(model, train, config, device, loss_log, out / "checkpoint")
     except KeyboardInterrupt:
         _save(model, out, model_dir, loss_log)
         print(f"sft: interrupted at step {len(loss_log)}; adapter saved to {out / 'adapter'}")
@@ -219,23 +226,33 @@ def load_sft_model(config: SFTConfig, device: torch.device):
     model_dir = resolve_model(config.model)
     tokenizer = load_tokenizer(model_dir, padding_side="right")
     model = load_model(model_dir, **quant_load_kwargs(config.quant), dtype=config.dtype, device=device)
-    prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    checkpointing = config.gradient_checkpointing
+    checkpointing = config.quant != "none" if checkpointing is None else checkpointing
+    prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     check_context(model, config.block_size, "block_size", f"use --block-size {context_window(model)} or less")
     add_lora(model, config.lora)
     return model, tokenizer, model_dir
 
 
-def train_lm(model, blocks: torch.Tensor, config: SFTConfig, device, loss_log: list) -> float:
+def train_lm(
+    model, blocks: torch.Tensor, config: SFTConfig, device, loss_log: list, checkpoint: Path
+) -> float:
     """AdamW on the trainable weights over shuffled blocks (N, L): warm-up + linear decay, gradient
     accumulation and clipping. Appends (step, loss) to `loss_log` as it goes (so an interrupted run
-    keeps it); returns the seconds taken."""
+    keeps it), writes `checkpoint` every save_every steps and, with `config.resume`, continues from it
+    exactly (the batch stream is replayed up to the checkpoint's step); returns the seconds taken."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, config.max_steps))
     batches = cycle_batches(len(blocks), config.batch_size // config.grad_accum_steps, config.seed)
+    if config.resume and (checkpoint / "trainer_state.json").exists():
+        loss_log[:] = load_checkpoint(checkpoint, config, model, optimizer, scheduler)
+        for _ in range(len(loss_log) * config.grad_accum_steps):
+            next(batches)
+        print(f"sft: resuming {checkpoint} at step {len(loss_log)}")
     model.train()
     start = time.perf_counter()
-    bar = tqdm(range(1, config.max_steps + 1), desc="sft", unit="step", dynamic_ncols=True)
+    bar = tqdm(range(len(loss_log) + 1, config.max_steps + 1), desc="sft", unit="step", dynamic_ncols=True)
     with bar:
         for step in bar:
             step_loss = 0.0
@@ -250,12 +267,42 @@ def train_lm(model, blocks: torch.Tensor, config: SFTConfig, device, loss_log: l
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             loss_log.append((step, step_loss))
+            if config.save_every and step % config.save_every == 0:
+                save_checkpoint(checkpoint, config, model, optimizer, scheduler, loss_log)
             if step % config.log_every == 0 or step == config.max_steps:
                 recent = [l for _, l in loss_log[-config.log_every :]]
                 bar.set_postfix(
                     loss=f"{sum(recent) / len(recent):.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}"
                 )
     return time.perf_counter() - start
+
+
+# SFTConfig fields a run may be resumed under with another value (the new one applies).
+RESUMABLE_CHANGES = ("resume", "save_every", "log_every", "max_steps", "num_eval_blocks", "eval_batch_size")
+RESUMABLE_CHANGES += ("data_dir",)
+
+
+def save_checkpoint(folder: Path, config, model, optimizer, scheduler, loss_log) -> None:
+    """Everything `load_checkpoint` needs to continue exactly, written crash-safe (`atomic_directory`)."""
+    with atomic_directory(folder) as tmp:
+        save_adapter(model, tmp)
+        torch.save(optimizer.state_dict(), Path(tmp) / "optimizer.pt")
+        torch.save(scheduler.state_dict(), Path(tmp) / "scheduler.pt")
+        torch.save(rng_state(), Path(tmp) / "rng_state.pt")
+        state = {"step": len(loss_log), "loss_log": loss_log, "config": dataclasses.asdict(config)}
+        write_json(Path(tmp) / "trainer_state.json", state)
+
+
+def load_checkpoint(folder: Path, config, model, optimizer, scheduler) -> list:
+    """Restore what `save_checkpoint` wrote (refusing another config); returns the loss log."""
+    state = json.loads((folder / "trainer_state.json").read_text())
+    check_config(state["config"], dataclasses.asdict(config), RESUMABLE_CHANGES, f"SFT checkpoint {folder}")
+    load_adapter(model, folder)
+    load = lambda name: torch.load(folder / name, map_location="cpu", weights_only=True)  # noqa: E731
+    optimizer.load_state_dict(load("optimizer.pt"))
+    scheduler.load_state_dict(load("scheduler.pt"))
+    set_rng_state(load("rng_state.pt"))
+    return [tuple(row) for row in state["loss_log"]]
 
 
 def _available(device: str) -> torch.device:

@@ -42,3 +42,16 @@ def test_presets_resolve_into_valid_stage_configs(tmp_path):
 def test_unknown_preset_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         DemoConfig(preset="huge")
+
+
+def test_demo_passes_resume_and_gradient_checkpointing_to_its_stages(tmp_path):
+    cpu = demo_stage_configs(DemoConfig(preset="cpu", output_dir=str(tmp_path)), "some-model")
+    assert cpu["sft"].gradient_checkpointing is False and cpu["ppo"].ppo.gradient_checkpointing is False
+    assert not cpu["sft"].resume and not cpu["ppo"].resume
+    config = DemoConfig(preset="smoke", output_dir=str(tmp_path), resume=True)
+    smoke = demo_stage_configs(config, "some-model")
+    assert smoke["sft"].resume and smoke["ppo"].resume
+    assert smoke["ppo"].ppo.gradient_checkpointing is None  # auto: on for the 8-bit model
+    config = DemoConfig(preset="cpu", output_dir=str(tmp_path), gradient_checkpointing=True)
+    forced = demo_stage_configs(config, "some-model")
+    assert forced["sft"].gradient_checkpointing and forced["ppo"].ppo.gradient_checkpointing

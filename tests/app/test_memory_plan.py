@@ -208,9 +208,13 @@ def test_largest_model_that_fits_24_gib():
 
 
 def test_trainer_checkpointing_table_follows_the_trainers():
+    from minippo import PPOConfig
     from minippo.app.sft import SFTConfig
 
-    assert set(TRAINER_CHECKPOINTING["sft"].values()) == {SFTConfig().gradient_checkpointing}
+    # both trainers' default (None) checkpoints a k-bit base and not a float one
+    assert SFTConfig().gradient_checkpointing is None and PPOConfig().gradient_checkpointing is None
+    for step in ("sft", "ppo"):
+        assert TRAINER_CHECKPOINTING[step] == {"none": False, "8bit": True, "4bit": True}
 
 
 def test_plan_command_without_params_prints_the_largest_models(capsys):
@@ -347,3 +351,59 @@ def test_cuda_int8_weights_match_the_plan():
     measured = torch.cuda.memory_allocated() - before
     predicted = plan_for(model, dtype="int8", compute_dtype="fp16").parts["weights"]
     assert close(predicted, measured), (predicted, measured)
+
+
+# ------------------------------------------------------------------- the PPO optimisation micro-step
+
+
+def measure_ppo_micro_step(model, batch, prompt_len, response_len, checkpointing):
+    """Peak bytes of new tensors in one of PPOTrainer's optimisation micro-steps (forward with the LM
+    head over the response positions, clipped losses, backward), as `PPOTrainer.step` runs it."""
+    from minippo.ppo import PPOConfig, PPOTrainer
+
+    config = PPOConfig(batch_size=batch, mini_batch_size=batch, gradient_checkpointing=checkpointing)
+    trainer = PPOTrainer(config, model)
+    vocab = model.config.vocab_size
+    queries = [torch.randint(3, vocab, (prompt_len - i,)) for i in range(batch)]  # left padding
+    responses = [torch.randint(3, vocab, (response_len,)) for _ in range(batch)]
+    rollout = trainer._padded_batch(queries, responses)
+    rollout.old_logprobs, rollout.values, _ = trainer._forward_no_grad(rollout)
+    rollout.advantages, rollout.returns = torch.randn(2, batch, response_len)
+    with TensorMemoryTracker() as mem:
+        trainer._clipped_loss_backward(rollout)
+    return mem.peak
+
+
+@pytest.mark.parametrize(
+    "arch, hidden, vocab, targets",
+    [
+        ("gpt_neox", 128, 2000, "qkv"),
+        ("gpt_neox", 256, 2000, "attention"),
+        ("llama", 256, 2000, "qkv"),
+        ("llama", 384, 500, "attention"),  # block-heavy
+        ("llama", 128, 8000, "qkv"),  # logits-heavy
+    ],
+)
+def test_ppo_micro_step_peak_matches_the_plan_in_both_modes(arch, hidden, vocab, targets):
+    batch, prompt_len, response_len = 4, 48, 16
+    peaks = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = build(arch, hidden=hidden, layers=3, vocab=vocab)
+        add_lora(model, LoRAConfig(r=16, alpha=32, target_modules=TARGETS[arch][targets]))
+        peaks[checkpointing] = measured = measure_ppo_micro_step(
+            model, batch, prompt_len, response_len, checkpointing
+        )
+        plan = plan_for(
+            model,
+            dtype="fp32",
+            lora_r=16,
+            lora_targets=targets,
+            batch_size=batch,
+            seq_len=prompt_len + response_len,
+            response_len=response_len,
+            gradient_checkpointing=checkpointing,
+        )
+        predicted = plan.parts["activations"] + plan.parts["gradients"]
+        assert close(predicted, measured), (checkpointing, predicted, measured)
+    assert peaks[True] < 0.75 * peaks[False]  # checkpointing does lower the PPO step's peak
