@@ -29,6 +29,8 @@ NON_NEGATIVE_INT: Rule = (lambda v: _integer(v) and v >= 0, "an integer >= 0")
 POSITIVE: Rule = (lambda v: _number(v) and v > 0, "a positive number")
 NON_NEGATIVE: Rule = (lambda v: _number(v) and v >= 0, "a number >= 0")
 UNIT_INTERVAL: Rule = (lambda v: _number(v) and 0 <= v <= 1, "in [0, 1]")
+FRACTION: Rule = (lambda v: _number(v) and 0 <= v < 1, "in [0, 1)")  # e.g. dropout
+BOOL: Rule = (lambda v: isinstance(v, bool), "True or False")
 
 
 def optional(rule: Rule) -> Rule:

@@ -75,8 +75,7 @@ def resolve_compute_dtype(
     return auto_compute_dtype(device, model) if name == "auto" else resolve_dtype(name)
 
 
-# ---------------------------------------------------------------------------------------------
-# Inspecting k-bit layers
+# -- inspecting k-bit layers -------------------------------------------------------------------
 
 
 def is_8bit(module: nn.Module) -> bool:
@@ -155,8 +154,7 @@ def model_footprint_bytes(model: nn.Module) -> int:
     return sum(sizes.values())
 
 
-# ---------------------------------------------------------------------------------------------
-# Quantising
+# -- quantising --------------------------------------------------------------------------------
 
 
 def check_4bit_support(device: torch.device | str = "cpu") -> None:
@@ -259,8 +257,7 @@ def _kbit_layer(module, device, bits, threshold, quant_type, double_quant, compu
     return layer.to(device)
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading
+# -- loading -----------------------------------------------------------------------------------
 
 
 def load_model(
@@ -325,8 +322,7 @@ def load_model(
     return model.to(device).eval()
 
 
-# ---------------------------------------------------------------------------------------------
-# Preparing for training
+# -- preparing for training --------------------------------------------------------------------
 
 
 class _EvalPinnedLinear8bitLt(bnb.nn.Linear8bitLt):
