@@ -116,6 +116,11 @@ def layer_dims(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
+def from_conv1d(module: nn.Module) -> bool:
+    """A GPT-2 Conv1D, or a k-bit layer quantised from one (`source_cls`, as transformers marks it)."""
+    return isinstance(module, Conv1D) or issubclass(getattr(module, "source_cls", nn.Linear), Conv1D)
+
+
 class LoRALayer(nn.Module):
     """y = base(x) + dropout(x) @ A.T @ B.T * scaling, for x (..., in), y (..., out).
 
@@ -317,7 +322,7 @@ def _float_weight(layer: nn.Module) -> torch.Tensor:
 def _plain_layer(layer: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> nn.Module:
     """An nn.Linear (or a Conv1D where the original layer was one) holding weight (out, in)."""
     out_features, in_features = weight.shape
-    if isinstance(layer, Conv1D) or issubclass(getattr(layer, "source_cls", nn.Linear), Conv1D):
+    if from_conv1d(layer):
         new, weight = Conv1D(out_features, in_features), weight.t()  # Conv1D: weight (in, out), a bias
     else:
         new = nn.Linear(in_features, out_features, bias=layer.bias is not None, device="meta")
