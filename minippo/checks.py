@@ -1,5 +1,5 @@
-"""Config validation, one way: each config's `__post_init__` calls `check_fields` once per rule and
-`check` once per condition between fields, and every message names the config and the value.
+"""Config validation, one way: `__post_init__` calls `check_fields` once per rule and `check` once per
+condition between fields; every message names the config and the value.
 
     check_fields(self, POSITIVE_INT, "batch_size", "ppo_epochs")  # PPOConfig.batch_size must be ...
     check(self, self.batch_size % self.mini_batch_size == 0, "mini_batch_size must divide batch_size")
