@@ -1,9 +1,8 @@
 """Adapter files in peft's layout: `save_adapter` and `load_adapter`.
 
-An adapter folder holds `adapter_config.json` (peft's LoraConfig fields) and
-`adapter_model.safetensors` with keys `base_model.model.<module path>.lora_A.weight` and
-`.lora_B.weight`, so `peft.PeftModel.from_pretrained` loads ours and `load_adapter` loads peft's.
-Kept apart from the LoRA layer itself, as peft keeps its `save_and_load.py`.
+An adapter folder holds `adapter_config.json` (peft's LoraConfig fields) and `adapter_model.safetensors`
+with keys `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`, so peft loads ours and
+`load_adapter` loads peft's.  Kept apart from the LoRA layer, as peft keeps its `save_and_load.py`.
 """
 
 from __future__ import annotations
@@ -11,11 +10,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from .fileio import atomic_write, write_json
 from .lora import (
@@ -24,6 +23,7 @@ from .lora import (
     _unwrap,
     add_lora,
     find_targets,
+    from_conv1d,
     layer_dims,
     lora_layers,
     lora_state_dict,
@@ -46,19 +46,10 @@ def adapter_config_dict(model: nn.Module, base_model_name_or_path: str | None = 
     if not layers:
         raise ValueError("the model has no LoRA layers: call add_lora (or load_adapter) first")
     first = layers[0]
-    config = getattr(lm, "lora_config", None) or getattr(model, "lora_config", None)
-    if config is not None:
-        targets, init = config.target_modules, config.init
-        dropout = config.dropout
-    else:
-        targets = sorted({n.rsplit(".", 1)[-1] for n, _ in lora_layers(lm)})
-        init = "default"
-        dropout = getattr(first.lora_dropout, "p", 0.0)
-    conv1d = _model_type(lm) == "gpt2" or any(
-        isinstance(l.base_layer, Conv1D) or issubclass(getattr(l.base_layer, "source_cls", nn.Linear), Conv1D)
-        for l in layers
-    )
-    alpha = first.alpha
+    config = getattr(lm, "lora_config", None) or getattr(model, "lora_config", None)  # None: layers by hand
+    targets = config.target_modules if config else sorted({n.rsplit(".", 1)[-1] for n, _ in lora_layers(lm)})
+    dropout = config.dropout if config else getattr(first.lora_dropout, "p", 0.0)
+    gaussian = config is not None and config.init == "gaussian"
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -66,15 +57,15 @@ def adapter_config_dict(model: nn.Module, base_model_name_or_path: str | None = 
         "revision": None,
         "inference_mode": True,
         "r": first.r,
-        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "lora_alpha": int(first.alpha) if float(first.alpha).is_integer() else first.alpha,
         "lora_dropout": dropout,
         "target_modules": targets,
-        "fan_in_fan_out": conv1d,
+        "fan_in_fan_out": _model_type(lm) == "gpt2" or any(from_conv1d(layer.base_layer) for layer in layers),
         "bias": "none",
         "use_rslora": first.use_rslora,
         "use_dora": False,
         "modules_to_save": None,
-        "init_lora_weights": "gaussian" if init == "gaussian" else True,
+        "init_lora_weights": "gaussian" if gaussian else True,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},
@@ -82,27 +73,16 @@ def adapter_config_dict(model: nn.Module, base_model_name_or_path: str | None = 
     }
 
 
-def save_adapter(
-    model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None
-) -> str:
-    """Write `adapter_config.json` + `adapter_model.safetensors` (peft's layout) to `directory`.
-
-    Keys are `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`, paths relative to
-    the language model (a wrapper with `.pretrained_model` is unwrapped).  Each file is written to a
-    temp file and renamed into place, so an interrupted save never leaves a corrupt adapter.
-    Returns the directory.
-    """
+def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None):
+    """Write `adapter_config.json` and `adapter_model.safetensors` (peft's layout, keys relative to the
+    language model inside a wrapper) to `directory`, each file atomically.  Returns the directory."""
     lm = _unwrap(model)
     config = adapter_config_dict(model, base_model_name_or_path)
-    tensors = {
-        PEFT_PREFIX + key: value.detach().to("cpu").contiguous() for key, value in lora_state_dict(lm).items()
-    }
+    tensors = {PEFT_PREFIX + key: value.to("cpu").contiguous() for key, value in lora_state_dict(lm).items()}
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    atomic_write(
-        os.path.join(directory, ADAPTER_WEIGHTS),
-        lambda path: save_file(tensors, path, metadata={"format": "pt"}),
-    )
+    weights = os.path.join(directory, ADAPTER_WEIGHTS)
+    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     write_json(os.path.join(directory, ADAPTER_CONFIG), config, sort_keys=True)
     return directory
 
@@ -111,15 +91,8 @@ def _config_from_peft(cfg: dict, where: str) -> LoRAConfig:
     """A LoRAConfig from an adapter_config.json dict; ValueError for features we do not support."""
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{where}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    unsupported = {
-        "bias": cfg.get("bias", "none") != "none",
-        "use_dora": bool(cfg.get("use_dora")),
-        "modules_to_save": bool(cfg.get("modules_to_save")),
-        "rank_pattern": bool(cfg.get("rank_pattern")),
-        "alpha_pattern": bool(cfg.get("alpha_pattern")),
-        "layers_to_transform": cfg.get("layers_to_transform") is not None,
-    }
-    bad = [k for k, v in unsupported.items() if v]
+    bad = [k for k in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern") if cfg.get(k)]
+    bad += [k for k, off in (("bias", "none"), ("layers_to_transform", None)) if cfg.get(k, off) != off]
     if bad:
         raise ValueError(f"{where}: adapter uses {bad}, which minippo's LoRA does not support")
     init = cfg.get("init_lora_weights", True)
@@ -133,31 +106,28 @@ def _config_from_peft(cfg: dict, where: str) -> LoRAConfig:
     )
 
 
-def _same_model_name(a: str, b: str) -> bool:
-    """Hub id vs local folder of the same model compare equal by their last path component."""
-    return os.path.basename(a.rstrip("/\\")) == os.path.basename(b.rstrip("/\\"))
-
-
 def load_adapter(model: nn.Module, directory: str | os.PathLike, check_base: bool = True) -> nn.Module:
     """Load a LoRA adapter saved by `save_adapter` or by peft into `model`, in place; returns it.
 
-    A model without LoRA layers gets them first (`add_lora` with the file's config); a model with
-    LoRA layers must match the file's rank and scaling.  Raises ValueError, naming what differs,
-    when the adapter's base model name differs from the model's (`check_base=False` skips this
-    check), or when keys are missing or unexpected, or shapes differ; nothing is changed then.
+    A model without LoRA layers gets them first (`add_lora` with the file's config); one with LoRA
+    layers must match the file's rank and scaling.  Raises ValueError, naming what differs, and
+    changes nothing when the base model's name differs (unless `check_base=False`), or keys or
+    shapes do not match.
     """
     directory = os.fspath(directory)
     lm = _unwrap(model)
     cfg, config, tensors = read_adapter(directory)
-    _check_base(cfg.get("base_model_name_or_path"), _base_name(lm), directory, check_base)  # 1. same base?
+    saved, ours = cfg.get("base_model_name_or_path"), _base_name(lm)
+    if check_base:  # 1. same base?
+        _check_base(saved, ours, directory)
     expected = _expected_shapes(lm, config, directory)  # 2. the shapes this model needs
-    _check_tensors(tensors, expected, directory, cfg.get("base_model_name_or_path"), _base_name(lm))  # 3.
+    _check_tensors(tensors, expected, directory, saved, ours)  # 3. the file fits them
     if not dict(lora_layers(lm)):  # 4. load
         add_lora(lm, config)
     layers = dict(lora_layers(lm))
     with torch.no_grad():
         for key, value in tensors.items():
-            path, which = key.rsplit(".", 2)[0], key.rsplit(".", 2)[1]
+            path, which, _ = key.rsplit(".", 2)
             param = getattr(layers[path], which).weight
             param.copy_(value.to(device=param.device, dtype=param.dtype))
     return model
@@ -178,20 +148,16 @@ def read_adapter(directory: str) -> tuple[dict, LoRAConfig, dict[str, torch.Tens
         raise ValueError(f"adapter in {directory} is corrupt or truncated ({err}); save it again") from None
     config = _config_from_peft(cfg, config_path)
     tensors = {}
-    for key, value in raw.items():
-        key = (
-            key.removeprefix(PEFT_PREFIX)
-            .replace(".lora_A.default.", ".lora_A.")
-            .replace(".lora_B.default.", ".lora_B.")
-        )
-        tensors[key] = value
+    for key, value in raw.items():  # peft's in-memory names carry the adapter name: "lora_A.default"
+        tensors[re.sub(r"\.(lora_[AB])\.default\.", r".\1.", key.removeprefix(PEFT_PREFIX))] = value
     return cfg, config, tensors
 
 
-def _check_base(saved_base: str | None, ours: str | None, directory: str, check: bool) -> None:
-    if check and saved_base and ours and not _same_model_name(saved_base, ours):
+def _check_base(saved: str | None, ours: str | None, directory: str) -> None:
+    """A hub id and a local folder of the same model match by their last path component."""
+    if saved and ours and os.path.basename(saved.rstrip("/\\")) != os.path.basename(ours.rstrip("/\\")):
         raise ValueError(
-            f"adapter in {directory} was trained on base model {saved_base!r}, but this model is "
+            f"adapter in {directory} was trained on base model {saved!r}, but this model is "
             f"{ours!r}; pass check_base=False to load it anyway"
         )
 
@@ -220,11 +186,8 @@ def _check_tensors(tensors: dict, expected: dict, directory: str, saved_base, ou
     """ValueError listing missing and unexpected keys, shape and dtype mismatches."""
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    wrong = [
-        (k, tuple(tensors[k].shape), expected[k])
-        for k in expected
-        if k in tensors and tuple(tensors[k].shape) != expected[k]
-    ]
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    wrong = [(k, shapes[k], want) for k, want in expected.items() if k in shapes and shapes[k] != want]
     not_float = sorted(k for k, v in tensors.items() if not v.is_floating_point())
     if missing or unexpected or wrong or not_float:
         lines = [f"adapter in {directory} does not fit this model (base {saved_base!r} vs {ours!r}):"]

@@ -1,5 +1,5 @@
-"""Config validation, one way: each config's `__post_init__` calls `check_fields` once per rule and
-`check` once per condition between fields, and every message names the config and the value.
+"""Config validation, one way: `__post_init__` calls `check_fields` once per rule and `check` once per
+condition between fields; every message names the config and the value.
 
     check_fields(self, POSITIVE_INT, "batch_size", "ppo_epochs")  # PPOConfig.batch_size must be ...
     check(self, self.batch_size % self.mini_batch_size == 0, "mini_batch_size must divide batch_size")
@@ -29,6 +29,8 @@ NON_NEGATIVE_INT: Rule = (lambda v: _integer(v) and v >= 0, "an integer >= 0")
 POSITIVE: Rule = (lambda v: _number(v) and v > 0, "a positive number")
 NON_NEGATIVE: Rule = (lambda v: _number(v) and v >= 0, "a number >= 0")
 UNIT_INTERVAL: Rule = (lambda v: _number(v) and 0 <= v <= 1, "in [0, 1]")
+FRACTION: Rule = (lambda v: _number(v) and 0 <= v < 1, "in [0, 1)")  # e.g. dropout
+BOOL: Rule = (lambda v: isinstance(v, bool), "True or False")
 
 
 def optional(rule: Rule) -> Rule:

@@ -1,11 +1,9 @@
 """The PPO math, as pure functions: tensors in, tensors out, no hidden state.
 
-Every function here is small, documented with its shapes and a paper reference, and tested on its own
-(tests/test_core.py). The trainer (ppo.py) is a sequence of calls to these functions;
-docs/ppo_step.md walks through one PPO step line by line.
-
-Shapes: B batch, T response length (positions that predict response tokens), V vocabulary.
-Masks are float or bool tensors of the same shape as the values they mask; 1 marks a real token.
+Each function is documented with its shapes and a paper reference and tested on its own
+(tests/test_core.py); the trainer (ppo.py) is a sequence of calls to them (docs/ppo_step.md).
+Shapes: B batch, T response length, V vocabulary.  Masks (float or bool) have the shape of the
+values they mask; 1 marks a real token.
 
 Refs:
     Schulman et al. 2017, "Proximal Policy Optimization Algorithms", arXiv:1707.06347.
@@ -20,30 +18,25 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 KL_ESTIMATORS = ("k1", "kl", "abs", "mse", "k3")
 
 # -- log-probabilities and entropy ------------------------------------------------------------
 
 
-def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Log-probability of each label under the softmax of its logits.
+def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
+    """Log-probability of each label under the softmax of its logits: (B, T, V), (B, T) -> (B, T).
 
-    logits (B, T, V), labels (B, T) int64 -> (B, T), in the logits' dtype.
-
-    Computed as ``logits[label] - logsumexp(logits)`` instead of ``log_softmax(logits).gather``: the
-    result is the same, but no second (B, T, V) tensor is kept for the backward pass (logsumexp saves
-    only its input, which autograd already holds, and its (B, T) output).
+    ``logits[label] - logsumexp(logits)`` equals ``log_softmax(logits).gather`` but keeps no second
+    (B, T, V) tensor for the backward pass.
     """
     label_logits = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (B, T)
     return label_logits - torch.logsumexp(logits, dim=-1)  # (B, T)
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the softmax distribution at each position.
-
-    logits (B, T, V) -> (B, T): ``H = logsumexp(z) - sum_v softmax(z)_v * z_v``.
-    """
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of the softmax at each position, (B, T, V) -> (B, T): logsumexp(z) - sum softmax(z) * z."""
     probs = torch.softmax(logits, dim=-1)  # (B, T, V)
     return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
 
@@ -51,25 +44,18 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 # -- masked statistics --------------------------------------------------------------------------
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of ``x`` over the positions where ``mask`` is 1 (all of them, or along ``dim``).
-
-    x, mask (B, T) (or any matching shape) -> a scalar, or x with ``dim`` reduced.
-    An all-zero mask gives NaN, as ``torch.mean`` of an empty tensor does.
-    """
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``x`` where ``mask`` is 1, over everything or along ``dim`` (an all-zero mask gives NaN,
+    as ``torch.mean`` of an empty tensor does)."""
     mask = mask.to(x.dtype)
     if dim is None:
         return (x * mask).sum() / mask.sum()
     return (x * mask).sum(dim) / mask.sum(dim)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance of ``x`` over the positions where ``mask`` is 1; a scalar.
-
-    The choice of estimator is explicit: ``unbiased=True`` (the default, as in trl and OpenAI's
-    lm-human-preferences) applies Bessel's correction n / (n - 1) to the biased (population) variance.
-    With a single masked element the correction is undefined; then the biased variance (0) is returned.
-    """
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of ``x`` where ``mask`` is 1; a scalar.  ``unbiased=True`` (as trl and lm-human-preferences)
+    applies Bessel's correction n / (n - 1), skipped for a single element (variance 0)."""
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)  # biased: divides by n
     if unbiased:
@@ -78,15 +64,11 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Normalise ``x`` to unit variance (and zero mean) using only the masked positions.
-
-    x, mask (B, T) -> (B, T); masked-out positions are set to 0. The variance is the unbiased
-    ``masked_var``, and 1e-8 is added before the square root.
-    ``shift_mean=False`` adds the mean back: ``(x - mean) / std + mean``, as trl's ``whiten``. The batch
-    keeps its mean (the deviations from it are scaled to unit variance; it is not ``x / std``): used
-    to whiten rewards without shifting them (Huang et al., detail "reward whitening").
-
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """Normalise ``x`` (B, T) to unit variance and zero mean over the masked positions (unbiased
+    ``masked_var`` + 1e-8); masked-out positions become 0.  ``shift_mean=False`` adds the mean back,
+    ``(x - mean) / std + mean`` as trl's ``whiten``: rewards whitened without shifting them (Huang et
+    al., detail "reward whitening").
     Ref: OpenAI lm-human-preferences ``whiten``; Schulman et al. 2017 normalise advantages per batch.
     """
     mean, var = masked_mean(x, mask), masked_var(x, mask)
@@ -100,19 +82,14 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
 
 
 def compute_gae(
-    values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over the response tokens.
+    values: Tensor, rewards: Tensor, mask: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation: values, rewards, mask (B, T) -> (advantages, returns), (B, T).
 
-    values, rewards, mask (B, T) -> (advantages, returns), both (B, T), with
-    ``delta_t = r_t + gamma * V_{t+1} - V_t`` and ``A_t = delta_t + gamma * lam * A_{t+1}``,
-    ``returns = advantages + values`` (the value targets).
-
-    The episode ends at the last real token: a position whose mask is 0 neither receives value
-    (its advantage and return are 0) nor passes any on (V_{t+1} and A_{t+1} count as 0 when position
-    t+1 is masked), so right padding after a response changes nothing. Computed in float32 or wider.
-
-    Ref: Schulman et al. 2016 (arXiv:1506.02438), eq. 16; loop as in trl and CleanRL.
+    ``delta_t = r_t + gamma * V_{t+1} - V_t``, ``A_t = delta_t + gamma * lam * A_{t+1}``, returns =
+    advantages + values (the value targets).  A masked position neither receives value (A and return
+    0) nor passes any on (V_{t+1} and A_{t+1} count as 0), so right padding changes nothing.
+    Computed in float32 or wider.  Ref: Schulman et al. 2016 (arXiv:1506.02438), eq. 16.
     """
     dtype = torch.promote_types(values.dtype, torch.float32)
     values, rewards, mask = values.to(dtype), rewards.to(dtype), mask.to(dtype)
@@ -132,7 +109,7 @@ def compute_gae(
 # -- KL penalty and rewards ---------------------------------------------------------------------
 
 
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
     """Per-token estimate of KL(policy || reference) from the sampled tokens' log-probabilities.
 
     logprobs, ref_logprobs (B, T) -> (B, T). With ``d = logp - ref`` (tokens sampled from the policy):
@@ -158,21 +135,18 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
 
 
 def kl_penalized_rewards(
-    scores: torch.Tensor,
-    logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    mask: torch.Tensor,
-    kl_coef: float | torch.Tensor,
+    scores: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    kl_coef: float | Tensor,
     estimator: str = "k1",
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[Tensor, Tensor]:
     """Per-token rewards: a KL penalty at every response token plus the score at the last one.
 
     scores (B,), logprobs, ref_logprobs, mask (B, T) -> (rewards, kl), both (B, T):
-    ``kl = kl_penalty(logprobs, ref_logprobs, estimator) * mask``,
-    ``rewards = -kl_coef * kl``, and ``rewards[i, last_i] += scores[i]`` where ``last_i`` is the last
-    position with mask 1 in row i. ``kl`` is returned so that the KL that is logged is the KL that is
-    penalised.
-
+    ``kl = kl_penalty(...) * mask``, ``rewards = -kl_coef * kl`` plus ``scores[i]`` at row i's last
+    real token.  ``kl`` is returned so that the KL logged is the KL penalised.
     Ref: Ziegler et al. 2019 (arXiv:1909.08593), section 2.2: R(x, y) = r(x, y) - beta * log(pi / rho).
     """
     mask = mask.to(logprobs.dtype)
@@ -189,24 +163,14 @@ def kl_penalized_rewards(
 
 
 def policy_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_range: float,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO's clipped surrogate objective, as a loss to minimise.
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clipped surrogate objective, as a loss: logprobs (with grad), old_logprobs, advantages,
+    mask (B, T) -> (loss, stats), ``loss = masked_mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))``
+    with ``ratio = exp(logp - old)``.  A token on the clipped branch has zero gradient.
 
-    logprobs (new, with grad), old_logprobs, advantages, mask (B, T) -> (loss, stats):
-    ``ratio = exp(logp - old)``,
-    ``loss = masked_mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))``.
-    Where the clipped branch is the larger one (the ratio has left [1-eps, 1+eps] in the direction the
-    advantage rewards) the token's gradient is zero.
-
-    Stats (detached scalars): ``clipfrac`` (share of tokens on the clipped branch), ``approxkl``
-    (``0.5 * mean((logp - old)^2)``), ``policykl`` (``mean(old - logp)``), ``ratio`` (mean ratio),
-    ``advantages_mean``.
-
+    Stats (detached scalars): ``clipfrac``, ``approxkl`` (``0.5 * mean((logp - old)^2)``), ``policykl``
+    (``mean(old - logp)``), ``ratio`` (mean), ``advantages_mean``.
     Ref: Schulman et al. 2017 (arXiv:1707.06347), eq. 7.
     """
     log_ratio = logprobs - old_logprobs  # (B, T)
@@ -226,22 +190,15 @@ def policy_loss(
 
 
 def value_loss(
-    values: torch.Tensor,
-    old_values: torch.Tensor,
-    returns: torch.Tensor,
-    mask: torch.Tensor,
-    clip_range_value: float,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped value loss: ``0.5 * masked_mean(max((V - R)^2, (V_clip - R)^2))``.
-
-    values (new, with grad), old_values, returns, mask (B, T) -> (loss, stats), with
-    ``V_clip = old + clip(V - old, -eps_v, eps_v)``.
-    Stats (detached scalars): ``clipfrac`` (share of tokens on the clipped branch), ``error``
-    (``mean((V - R)^2)``), ``vpred`` (mean V), ``var_explained`` (``1 - var(R - V) / var(R)``).
-
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range_value: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss ``0.5 * masked_mean(max((V - R)^2, (V_clip - R)^2))``, with
+    ``V_clip = old + clip(V - old, -eps_v, eps_v)``: values (with grad), old_values, returns, mask (B, T)
+    -> (loss, stats).  Stats (detached): ``clipfrac``, ``error`` (``mean((V - R)^2)``), ``vpred``,
+    ``var_explained`` (``1 - var(R - V) / var(R)``).
     Ref: Schulman et al. 2017 / OpenAI baselines ppo2.
-    Note: value clipping is not in the paper; it is in OpenAI's baselines and lm-human-preferences and
-    in trl, and is kept here for parity (Huang et al. discuss it as an implementation detail).
+    Note: value clipping is not in the paper; it is in OpenAI's baselines, lm-human-preferences and
+    trl, and is kept for parity (Huang et al. discuss it as an implementation detail).
     """
     clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
     unclipped_loss = (values - returns).square()  # (B, T)
@@ -269,9 +226,7 @@ class AdaptiveKLController:
     """
 
     def __init__(self, init_kl_coef: float, target: float, horizon: float):
-        self.value = float(init_kl_coef)
-        self.target = float(target)
-        self.horizon = float(horizon)
+        self.value, self.target, self.horizon = float(init_kl_coef), float(target), float(horizon)
 
     def update(self, current_kl: float, n_steps: int) -> None:
         error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
@@ -289,17 +244,16 @@ class FixedKLController:
 
 
 class RunningMoments:
-    """Running mean and standard deviation of a stream of scalars (batches merged by Chan et al.'s
-    parallel update, so the result equals the moments of everything seen).
+    """Running mean and std of a stream of scalars, equal to the moments of everything seen.
 
-    ``update(x)`` adds a (B,) batch and returns the new (mean, std) as floats; std is unbiased
-    (Bessel) and at least ``eps``. Ref: Chan, Golub, LeVeque 1979 (pairwise variance update).
+    ``update(x)`` adds a (B,) batch and returns the new (mean, std) as floats; std is unbiased (Bessel)
+    and at least ``eps``.  Ref: Chan, Golub, LeVeque 1979 (pairwise variance update).
     """
 
     def __init__(self, eps: float = 1e-8):
         self.mean, self.var, self.count, self.eps = 0.0, 1.0, 0, eps
 
-    def update(self, x: torch.Tensor) -> tuple[float, float]:
+    def update(self, x: Tensor) -> tuple[float, float]:
         n = x.numel()
         batch_mean = x.float().mean().item()
         batch_m2 = ((x.float() - batch_mean) ** 2).sum().item()  # sum of squared deviations

@@ -1,8 +1,6 @@
-"""Crash-safe writes: a file or a whole folder appears complete or not at all; a log line is on
-disk once `append_line` returns. Every file minippo writes goes through here.
-
-Both write into a temporary sibling first and then rename it into place (a rename within one
-filesystem is atomic), so an interrupt or a crash mid-write leaves the previous version intact.
+"""Crash-safe writes, through which every file minippo writes goes: a file or folder is written to a
+temporary sibling and renamed into place (atomic within one filesystem), so a crash mid-write leaves
+the previous version intact; a log line is on disk once `append_line` returns.
 """
 
 from __future__ import annotations
@@ -54,12 +52,9 @@ def append_line(path: str | os.PathLike, line: str) -> None:
 
 @contextlib.contextmanager
 def atomic_directory(directory: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary folder beside `directory`; on success it replaces `directory`.
-
-    The old folder is first renamed aside, then the new one renamed into place, then the old one
-    deleted: an interrupted write leaves the previous folder intact (at worst, for the instant
-    between the two renames, under `.<name>.old-*`). On an exception the temporary folder is removed.
-    """
+    """Yield a temporary folder beside `directory` that replaces it on success (removed on an exception).
+    The old folder is renamed aside, the new one into place, then the old one deleted: an interrupt
+    leaves the previous folder intact (for the instant between the renames, under `.<name>.old-*`)."""
     directory = os.path.abspath(os.fspath(directory))
     parent, name = os.path.split(directory)
     os.makedirs(parent, exist_ok=True)

@@ -1,16 +1,16 @@
-"""LoRA adapters on Linear, GPT-2 Conv1D and bitsandbytes int8 / 4-bit layers: the layer and its injection.
+"""LoRA adapters on Linear, GPT-2 Conv1D and bitsandbytes 8-bit / 4-bit layers: the layer and its injection.
 
 A LoRA layer adds a trainable low-rank update to a frozen layer W (out, in):
 
     y = base(x) + dropout(x) @ A.T @ B.T * scaling,   A: (r, in), B: (out, r)
 
-with scaling = alpha / r (alpha / sqrt(r) with rsLoRA), A Kaiming-uniform and B zero at init, so
-an adapted model starts out equal to its base.  The layer only *calls* the base layer, never reads
-its weight, so the base may be int8 (`Linear8bitLt`) or 4-bit NF4/FP4 (`Linear4bit`, QLoRA).
+with scaling = alpha / r (alpha / sqrt(r) with rsLoRA), A Kaiming-uniform and B zero at init, so an
+adapted model starts out equal to its base.  The layer only *calls* the base, never reads its weight,
+so the base may be int8 (`Linear8bitLt`) or 4-bit (`Linear4bit`, QLoRA).
 Ref: Hu et al. 2021, LoRA, arXiv:2106.09685, eq. 3; Kalajdzievski 2023, rsLoRA, arXiv:2312.03732.
 
-The API (minLoRA-style verbs): `add_lora`, `disable_adapters`, `lora_state_dict`, `merge_lora`.
-Adapter files (peft's layout: `save_adapter`, `load_adapter`) are in `minippo.adapter_files`.
+The API (minLoRA-style verbs): `add_lora`, `disable_adapters`, `lora_state_dict`, `merge_lora`;
+adapter files (peft's layout) are in `minippo.adapter_files`.
 """
 
 from __future__ import annotations
@@ -28,26 +28,18 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .checks import BOOL, FRACTION, POSITIVE, POSITIVE_INT, check_fields, one_of
 from .quant import dequantize_4bit, dequantize_8bit, pin_kbit_layers, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
+_QV = ("q_proj", "v_proj")
 # Default targets per `config.model_type` (the attention projections, as peft's defaults).
 DEFAULT_TARGETS = {
-    "gpt_neox": ["query_key_value"],
-    "falcon": ["query_key_value"],
-    "bloom": ["query_key_value"],
-    "gpt2": ["c_attn"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "mixtral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "phi3": ["qkv_proj"],
-    "opt": ["q_proj", "v_proj"],
-    "gptj": ["q_proj", "v_proj"],
+    **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "opt", "gptj"), _QV),
+    **dict.fromkeys(("gpt_neox", "falcon", "bloom"), ("query_key_value",)),
+    "gpt2": ("c_attn",),
+    "phi3": ("qkv_proj",),
 }
 INITS = ("default", "gaussian")
 _PLAIN_NAMES = re.compile(r"[\w.]+(\s*,\s*[\w.]+)*")
@@ -64,25 +56,18 @@ class LoRAConfig:
     dropout: float = 0.0
     """dropout probability on the adapter's input (the frozen base path never sees it)."""
     target_modules: list[str] | str | None = None
-    """module names (suffix match, e.g. "q_proj,v_proj"), a regex on the full module path, "all-linear", or
-    None for the architecture's default."""
+    """names (suffix match: "q_proj,v_proj"), a regex on the full path, "all-linear", or None (default)."""
     use_rslora: bool = False
     """rank-stabilised scaling alpha / sqrt(r) instead of alpha / r (arXiv:2312.03732)."""
     init: str = "default"
-    """initial A: "default" (Kaiming-uniform, a=sqrt(5), as nn.Linear) or "gaussian" (std 1/r); B is always
-    zero."""
+    """initial A: "default" (Kaiming-uniform, a=sqrt(5), as nn.Linear) or "gaussian" (std 1/r); B is zero."""
 
     def __post_init__(self):
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"LoRAConfig.r must be a positive integer, got {self.r!r}")
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or self.alpha <= 0:
-            raise ValueError(f"LoRAConfig.alpha must be a positive number, got {self.alpha!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in INITS:
-            raise ValueError(f"LoRAConfig.init must be one of {INITS}, got {self.init!r}")
-        if not isinstance(self.use_rslora, bool):
-            raise ValueError(f"LoRAConfig.use_rslora must be True or False, got {self.use_rslora!r}")
+        check_fields(self, POSITIVE_INT, "r")
+        check_fields(self, POSITIVE, "alpha")
+        check_fields(self, FRACTION, "dropout")
+        check_fields(self, one_of(*INITS), "init")
+        check_fields(self, BOOL, "use_rslora")
         self.target_modules = _normalise_targets(self.target_modules)
 
     @property
@@ -98,30 +83,25 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
 
 def _normalise_targets(targets):
     """None | "all-linear" | regex string | names ("a,b" or a list) -> None | str | list[str]."""
-    if targets is None:
-        return None
+    if targets is None or targets == "all-linear":
+        return targets
+    if isinstance(targets, str) and _PLAIN_NAMES.fullmatch(targets.strip()):  # plain names, not a regex
+        targets = [t.strip() for t in targets.split(",")]
     if isinstance(targets, str):
-        if targets == "all-linear":
-            return targets
-        if _PLAIN_NAMES.fullmatch(targets.strip()):  # plain names, not a regex
-            return [t.strip() for t in targets.split(",")]
         try:
             re.compile(targets)
         except re.error as err:
             raise ValueError(f"LoRAConfig.target_modules {targets!r} is not a valid regex: {err}") from None
         return targets
-    if isinstance(targets, (list, tuple, set)):
-        names = sorted(targets) if isinstance(targets, set) else list(targets)
-        if not names or not all(isinstance(t, str) and t for t in names):
-            raise ValueError(f"LoRAConfig.target_modules must be non-empty names, got {targets!r}")
-        return names
-    raise ValueError(
-        f"LoRAConfig.target_modules must be None, a list of names, a regex or 'all-linear', got {targets!r}"
-    )
+    names = isinstance(targets, (list, tuple, set)) and all(isinstance(t, str) and t for t in targets)
+    if not names or not targets:
+        raise ValueError(
+            f"LoRAConfig.target_modules must be None, names, a regex or 'all-linear', got {targets!r}"
+        )
+    return sorted(targets) if isinstance(targets, set) else list(targets)
 
 
-# ---------------------------------------------------------------------------------------------
-# The layer
+# -- the layer ---------------------------------------------------------------------------------
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -136,40 +116,30 @@ def layer_dims(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
+def from_conv1d(module: nn.Module) -> bool:
+    """A GPT-2 Conv1D, or a k-bit layer quantised from one (`source_cls`, as transformers marks it)."""
+    return isinstance(module, Conv1D) or issubclass(getattr(module, "source_cls", nn.Linear), Conv1D)
+
+
 class LoRALayer(nn.Module):
     """y = base(x) + dropout(x) @ A.T @ B.T * scaling, for x (..., in), y (..., out).
 
-    `base_layer` is an nn.Linear, a GPT-2 Conv1D or a bitsandbytes Linear8bitLt / Linear4bit, only
-    ever called (a 4-bit weight is packed two codes a byte: reading it would be meaningless).
-    `lora_A` (in -> r) and `lora_B` (r -> out) are bias-free nn.Linear in fp32, so state
-    dict keys read `<path>.lora_A.weight` (A: (r, in)), `<path>.lora_B.weight` (B: (out, r)), as
-    peft's.  The adapter runs in fp32, under bf16 autocast too (autocast is off inside; the input is
-    cast to A's dtype), and its output is cast to the base output's dtype, which is the input dtype
-    for a base in that dtype.  With `disabled` True the layer is exactly its base layer.
-    Ref: Hu et al. 2021, arXiv:2106.09685, eq. 3.
+    `base_layer` (nn.Linear, Conv1D, Linear8bitLt or Linear4bit) is only ever called.  `lora_A` (in -> r)
+    and `lora_B` (r -> out) are bias-free fp32 nn.Linear, so state dict keys read `<path>.lora_A.weight`
+    (A: (r, in)) and `<path>.lora_B.weight` (B: (out, r)), as peft's.  The adapter runs in fp32, under
+    bf16 autocast too (autocast is off inside), and its output is cast to the base output's dtype;
+    `disabled` makes the layer its base.  Ref: Hu et al. 2021, eq. 3.
     """
 
     def __init__(
-        self,
-        base_layer: nn.Module,
-        r: int,
-        alpha: float,
-        dropout: float = 0.0,
-        use_rslora: bool = False,
-        init: str = "default",
+        self, base_layer: nn.Module, r: int, alpha: float, dropout=0.0, use_rslora=False, init="default"
     ):
         super().__init__()
         if not is_linear_like(base_layer):
-            raise TypeError(
-                "LoRALayer wraps nn.Linear, Conv1D, Linear8bitLt or Linear4bit, "
-                f"not {type(base_layer).__name__}"
-            )
+            raise TypeError(f"LoRA wraps nn.Linear, Conv1D, k-bit Linear; not {type(base_layer).__name__}")
         in_features, out_features = layer_dims(base_layer)
         if r > min(in_features, out_features):
-            raise ValueError(
-                f"LoRA rank r={r} exceeds min(in, out) = min({in_features}, {out_features}) of this "
-                f"layer; choose r <= {min(in_features, out_features)}"
-            )
+            raise ValueError(f"LoRA rank r={r} exceeds min(in, out) = {min(in_features, out_features)} here")
         device = base_layer.weight.device
         self.base_layer = base_layer
         self.in_features, self.out_features = in_features, out_features
@@ -212,9 +182,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
     if isinstance(model, PreTrainedModel):
         return model
-    inner = getattr(model, "pretrained_model", None)
-    if isinstance(inner, nn.Module):
-        return inner
+    if isinstance(getattr(model, "pretrained_model", None), nn.Module):
+        return model.pretrained_model
     children = [m for m in model.children() if isinstance(m, PreTrainedModel)]
     return children[0] if len(children) == 1 else model
 
@@ -226,37 +195,23 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
             yield name, module
 
 
-# ---------------------------------------------------------------------------------------------
-# Adding adapters
+# -- adding adapters ---------------------------------------------------------------------------
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts (elements; an int8 weight counts as many as a float one)."""
-    seen, trainable, total = set(), 0, 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
-    return trainable, total
+    params = list(model.parameters())  # each shared parameter once
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def _model_type(model: nn.Module) -> str | None:
-    config = getattr(_unwrap(model), "config", None)
-    return getattr(config, "model_type", None)
+    return getattr(getattr(_unwrap(model), "config", None), "model_type", None)
 
 
 def _linear_like_names(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(path, module) of the Linear-like modules of `model`, outside existing LoRA layers."""
-    inside_lora = set()
-    for name, _ in lora_layers(model):
-        inside_lora.update(f"{name}.{sub}" for sub in ("base_layer", "lora_A", "lora_B"))
-    return [
-        (name, m)
-        for name, m in model.named_modules()
-        if is_linear_like(m) and name and name not in inside_lora
-    ]
+    inside = {f"{n}.{sub}" for n, _ in lora_layers(model) for sub in ("base_layer", "lora_A", "lora_B")}
+    return [(n, m) for n, m in model.named_modules() if is_linear_like(m) and n and n not in inside]
 
 
 def resolve_target_modules(model: nn.Module, config: LoRAConfig):
@@ -298,17 +253,13 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Mod
 def add_lora(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
     """Wrap the target layers of `model` in `LoRALayer`s and freeze everything else, in place.
 
-    Every parameter that is not a LoRA A/B matrix gets requires_grad=False (a value head on a
-    wrapper passed here too: unfreeze it afterwards).  Frozen k-bit base layers are pinned
-    (`pin_kbit_layers`: 8-bit in eval mode, 4-bit unpacked).  The resolved config is kept as
-    `model.lora_config` for `save_adapter`.  Returns `model`; see `count_parameters` for the
-    trainable/total counts (also logged).
+    Every parameter but the LoRA matrices is frozen (a value head on a wrapper passed here too:
+    unfreeze it afterwards) and the k-bit layers are pinned (`pin_kbit_layers`).  The resolved
+    config is kept as `model.lora_config` for `save_adapter`.  Returns `model`.
     """
     config = config or LoRAConfig()
-    if any(True for _ in lora_layers(model)):
-        raise ValueError(
-            "the model already has LoRA layers; add_lora once per model (merge_lora first to stack)"
-        )
+    if next(lora_layers(model), None) is not None:
+        raise ValueError("the model already has LoRA layers: add_lora once per model (merge_lora to stack)")
     found = find_targets(model, config)
     too_small = [(n, layer_dims(m)) for n, m in found if config.r > min(layer_dims(m))]
     if too_small:
@@ -329,38 +280,27 @@ def add_lora(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
         resolved = sorted({n.rsplit(".", 1)[-1] for n, _ in found})
     model.lora_config = dataclasses.replace(config, target_modules=resolved)
     trainable, total = count_parameters(model)
-    logger.info(
-        "add_lora: %d layers, r=%d; trainable params %d / %d (%.3f%%)",
-        len(found),
-        config.r,
-        trainable,
-        total,
-        100.0 * trainable / max(total, 1),
-    )
+    msg = "add_lora: %d layers, r=%d; trainable params %d / %d (%.3f%%)"
+    logger.info(msg, len(found), config.r, trainable, total, 100.0 * trainable / max(total, 1))
     return model
 
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
-    """Context manager under which every LoRA layer of `model` is its base layer exactly.
-
-    Restores each layer's previous flag on exit, also on an exception; nests (an inner exit keeps
-    the outer block's adapters disabled).  Does not change train/eval mode.
-    """
-    layers = [layer for _, layer in lora_layers(model)]
-    previous = [layer.disabled for layer in layers]
-    for layer in layers:
+    """Context manager under which every LoRA layer of `model` is its base layer exactly.  Restores
+    each layer's flag on exit (also on an exception), so it nests; train/eval mode is untouched."""
+    previous = {layer: layer.disabled for _, layer in lora_layers(model)}
+    for layer in previous:
         layer.disabled = True
     try:
         yield model
     finally:
-        for layer, flag in zip(layers, previous):
+        for layer, flag in previous.items():
             layer.disabled = flag
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{"<path>.lora_A.weight": A (r, in), "<path>.lora_B.weight": B (out, r)} for every LoRA layer
-    (detached)."""
+    """{"<path>.lora_A.weight": A (r, in), "<path>.lora_B.weight": B (out, r)}, detached, for every layer."""
     out = {}
     for name, layer in lora_layers(model):
         out[f"{name}.lora_A.weight"] = layer.lora_A.weight.detach()
@@ -368,8 +308,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Merging
+# -- merging -----------------------------------------------------------------------------------
 
 
 def _float_weight(layer: nn.Module) -> torch.Tensor:
@@ -378,36 +317,30 @@ def _float_weight(layer: nn.Module) -> torch.Tensor:
         return dequantize_8bit(layer)
     if isinstance(layer, bnb.nn.Linear4bit):
         return dequantize_4bit(layer)
-    if isinstance(layer, Conv1D):
-        return layer.weight.detach().float().t()
-    return layer.weight.detach().float()
+    weight = layer.weight.detach().float()
+    return weight.t() if isinstance(layer, Conv1D) else weight
 
 
 def _plain_layer(layer: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> nn.Module:
     """An nn.Linear (or a Conv1D where the original layer was one) holding weight (out, in)."""
     out_features, in_features = weight.shape
-    bias = None if layer.bias is None else layer.bias.detach().to(dtype)
-    as_conv1d = isinstance(layer, Conv1D) or issubclass(getattr(layer, "source_cls", nn.Linear), Conv1D)
-    if as_conv1d:
-        new = Conv1D(out_features, in_features).to(weight.device)
-        new.weight = nn.Parameter(weight.t().contiguous().to(dtype), requires_grad=False)  # (in, out)
-        new.bias = nn.Parameter(
-            bias.clone() if bias is not None else torch.zeros_like(new.bias, dtype=dtype), requires_grad=False
-        )
+    if from_conv1d(layer):
+        new, weight = Conv1D(out_features, in_features), weight.t()  # Conv1D: weight (in, out), a bias
     else:
-        new = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
-        new.weight = nn.Parameter(weight.to(dtype).contiguous(), requires_grad=False)
-        if bias is not None:
-            new.bias = nn.Parameter(bias.clone(), requires_grad=False)
+        new = nn.Linear(in_features, out_features, bias=layer.bias is not None, device="meta")
+    new.weight = nn.Parameter(weight.contiguous().to(dtype), requires_grad=False)
+    if new.bias is not None:
+        bias = torch.zeros(out_features) if layer.bias is None else layer.bias.detach().clone()
+        new.bias = nn.Parameter(bias.to(weight.device, dtype), requires_grad=False)
     return new.train(layer.training)
 
 
-def _strip_quantization(model: nn.Module) -> None:
-    """Remove transformers' 8-bit markers so `save_pretrained` writes a plain float model."""
+def _strip_markers(model: nn.Module) -> None:
+    """Remove transformers' k-bit markers and our `lora_config`: `save_pretrained` writes a float model."""
     for target in {id(m): m for m in (model, _unwrap(model))}.values():
-        for attr in ("quantization_method", "is_loaded_in_8bit", "is_loaded_in_4bit", "_weight_conversions"):
-            if attr in vars(target):
-                delattr(target, attr)
+        markers = "quantization_method is_loaded_in_8bit is_loaded_in_4bit _weight_conversions lora_config"
+        for attr in markers.split():
+            vars(target).pop(attr, None)
         if getattr(target, "hf_quantizer", None) is not None:
             target.hf_quantizer = None
         config = getattr(target, "config", None)
@@ -418,16 +351,11 @@ def _strip_quantization(model: nn.Module) -> None:
 def merge_lora(model: nn.Module, dtype: torch.dtype | str = torch.float32) -> nn.Module:
     """Fold every adapter into its base weight, W' = W + scaling * B @ A, and return a plain model.
 
-    In place: each LoRALayer becomes an nn.Linear (a Conv1D where the base was or came from one,
-    so GPT-2 folders load in plain transformers) holding W' in `dtype`; int8 bases are dequantised
-    first (W = CB * SCB / 127), 4-bit ones by bitsandbytes' own NF4/FP4 dequantisation (code book
-    value x block scale), and every remaining `Linear8bitLt` / `Linear4bit` is replaced by a
-    dequantised layer too.  The base's weight quantisation error is kept, not undone: a merged 4-bit
-    model computes the adapted one's function up to float rounding (its layers dequantise the same
-    weight at every matmul); a merged 8-bit one differs by the int8 activation quantisation.
-    All floating parameters are cast to `dtype` and transformers' quantisation markers are removed,
-    so `model.save_pretrained(dir)` loads with bare `AutoModelForCausalLM`.
-    Merging is always this explicit call (never a side effect of `.eval()`).
+    In place: each LoRALayer becomes an nn.Linear (a Conv1D where the base was or came from one)
+    holding W' in `dtype`, and every other k-bit layer is dequantised too.  The base's quantisation
+    error is kept: a merged 4-bit model computes the adapted one's function up to float rounding, a
+    merged 8-bit one without int8 activation quantisation.  Transformers' k-bit markers are removed,
+    so `save_pretrained` writes a plain float model.  Merging is only ever this explicit call.
     """
     dtype = resolve_dtype(dtype)
     with torch.no_grad():
@@ -438,7 +366,7 @@ def merge_lora(model: nn.Module, dtype: torch.dtype | str = torch.float32) -> nn
         for name, module in list(model.named_modules()):
             if isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)):
                 model.set_submodule(name, _plain_layer(module, _float_weight(module), dtype))
-    _strip_quantization(model)
+    _strip_markers(model)
     for p in model.parameters():
         if p.is_floating_point():
             p.data = p.data.to(dtype)
@@ -448,7 +376,4 @@ def merge_lora(model: nn.Module, dtype: torch.dtype | str = torch.float32) -> nn
     config = getattr(lm, "config", None)
     if config is not None:
         setattr(config, "dtype" if hasattr(config, "dtype") else "torch_dtype", dtype)
-    for target in (model, lm):
-        if "lora_config" in vars(target):
-            del target.lora_config
     return model

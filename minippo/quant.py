@@ -1,30 +1,16 @@
 """k-bit loading (bitsandbytes LLM.int8() and 4-bit NF4 / FP4) and k-bit training preparation.
 
-A frozen base model whose Linear layers are bitsandbytes `Linear8bitLt` holds about one byte per
-weight: each weight row is stored as int8 with one fp32 absmax scale per row (SCB), and at matmul
-time the activations are quantised per row too, except the columns holding outliers above
-`threshold`, which run in fp16.  Ref: Dettmers et al. 2022, LLM.int8(), arXiv:2208.07339, sec. 3.
+An 8-bit layer (`Linear8bitLt`) stores each weight row as int8 with one fp32 absmax scale (SCB) and
+quantises the activations per row too, except outlier columns above `threshold`, which run in fp16.
+Ref: Dettmers et al. 2022, LLM.int8(), arXiv:2208.07339, sec. 3.
+A 4-bit layer (`Linear4bit`) stores each block of 64 weights as 4-bit codes (NF4: normal quantiles;
+FP4: a 4-bit float) and one absmax scale, itself 8-bit with double quantisation, and dequantises
+the weight to its compute dtype at matmul time.  Ref: Dettmers et al. 2023, QLoRA, arXiv:2305.14314.
 
-A 4-bit base (QLoRA) uses bitsandbytes `Linear4bit`: each block of 64 weights is stored as 4-bit
-codes (NF4: the quantiles of a normal distribution; FP4: a 4-bit float) with one absmax scale per
-block; with double quantisation those scales are themselves stored in 8-bit, in blocks of 256 with
-one fp32 scale each: 0.5 + 1/64 + 4/(64*256) = 0.516 bytes per weight instead of 0.5 + 4/64 = 0.5625.
-At matmul time the weight is dequantised to the compute dtype, block by block.
-Ref: Dettmers et al. 2023, QLoRA, arXiv:2305.14314, sec. 3 (NF4, double quantisation).
-
-Two ways to get there:
-
-- `load_model(name, load_in_8bit=True)` or `load_model(name, load_in_4bit=True)`: transformers'
-  `BitsAndBytesConfig` path where it works, else a float load followed by `quantize_model`;
-- `quantize_model(model, bits=8)` / `quantize_model(model, bits=4)`: replace the `nn.Linear` (and
-  GPT-2 `Conv1D`) modules of a model already in memory, in place.
-
-Then `prepare_model_for_kbit_training` freezes everything and pins the k-bit layers
-(`pin_kbit_layers`) to one function on every device: the 8-bit layers in eval mode (bitsandbytes'
-*train* mode on CPU dequantises the weight and runs a float matmul, whereas its eval mode runs the
-real int8 path with the outlier threshold that CUDA runs), and the 4-bit layers unpacked
-(bitsandbytes repacks a 4-bit weight for its AVX512-BF16 CPU kernel at the first no-grad eval
-forward, rounding the block scales to bf16 and leaving a path without gradients to the input).
+`load_model(..., load_in_8bit=True / load_in_4bit=True)` or `quantize_model(model, bits=8 / 4)` get
+there; then `prepare_model_for_kbit_training` freezes everything and pins the k-bit layers to one
+function on every device (`pin_kbit_layers`): 8-bit in eval mode (bitsandbytes' CPU *train* mode
+runs a float matmul), 4-bit unpacked (its CPU repacking rounds the scales and drops input grads).
 """
 
 from __future__ import annotations
@@ -39,20 +25,14 @@ from transformers.pytorch_utils import Conv1D
 logger = logging.getLogger(__name__)
 
 _DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
+    **dict.fromkeys(("float32", "fp32", "float"), torch.float32),
+    **dict.fromkeys(("bfloat16", "bf16"), torch.bfloat16),
+    **dict.fromkeys(("float16", "fp16", "half"), torch.float16),
 }
-
-
 QUANT_TYPES = ("nf4", "fp4")  # bitsandbytes' 4-bit data types
 # Named base precisions (the application's --quant) and the `load_model` arguments each stands for.
 QUANT_MODES = {"none": {}, "8bit": {"load_in_8bit": True}, "4bit": {"load_in_4bit": True}}
+_LOGGED_AUTO: set = set()
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -70,29 +50,22 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 def auto_compute_dtype(device: torch.device | str, model: nn.Module | None = None) -> torch.dtype:
     """The faster matmul dtype on ``device``, from torch's own capability report.
 
-    CUDA: bfloat16 where the GPU supports it, else float32. CPU: bfloat16 only where the CPU runs it
-    natively (AVX512_BF16 or AMX tiles); without them bf16 matmuls are emulated and several times
-    slower than float32. A model with 8-bit layers on a CPU always gets float32: under autocast
-    bitsandbytes' CPU int8 path does its element-wise work in float16, which CPUs run slowly.
+    bfloat16 on a CUDA GPU that supports it and on a CPU that runs it natively (AVX512_BF16 or AMX;
+    elsewhere bf16 is emulated, slower than float32); else float32.  A model with 8-bit layers on a
+    CPU gets float32: under autocast bitsandbytes' CPU int8 path works in float16, slow on CPUs.
     """
     device = torch.device(device)
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    elif device.type == "cpu":
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        int8 = model is not None and is_8bit(model)
-        dtype = torch.bfloat16 if native and not int8 else torch.float32
-    else:
-        dtype = torch.float32
+    dtype = torch.float32
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        dtype = torch.bfloat16
+    elif device.type == "cpu" and not (model is not None and is_8bit(model)):
+        if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+            dtype = torch.bfloat16
     if (device.type, dtype) not in _LOGGED_AUTO:
         _LOGGED_AUTO.add((device.type, dtype))
-        logger.info(
-            "compute_dtype auto -> %s on %s (%s)", dtype, device, torch.backends.cpu.get_cpu_capability()
-        )
+        cpu = torch.backends.cpu.get_cpu_capability()
+        logger.info("compute_dtype auto -> %s on %s (%s)", dtype, device, cpu)
     return dtype
-
-
-_LOGGED_AUTO: set = set()
 
 
 def resolve_compute_dtype(
@@ -102,8 +75,7 @@ def resolve_compute_dtype(
     return auto_compute_dtype(device, model) if name == "auto" else resolve_dtype(name)
 
 
-# ---------------------------------------------------------------------------------------------
-# Inspecting 8-bit layers
+# -- inspecting k-bit layers -------------------------------------------------------------------
 
 
 def is_8bit(module: nn.Module) -> bool:
@@ -111,15 +83,16 @@ def is_8bit(module: nn.Module) -> bool:
     return any(isinstance(m, bnb.nn.Linear8bitLt) for m in module.modules())
 
 
-def _int8_weight_and_scales(layer: bnb.nn.Linear8bitLt):
-    """(CB, SCB) of a quantised layer: int8 weight (out, in) and fp32 row scales (out,).
+def is_4bit(module: nn.Module) -> bool:
+    """True when `module` is, or contains, a bitsandbytes `Linear4bit` layer (NF4 or FP4)."""
+    return any(isinstance(m, bnb.nn.Linear4bit) for m in module.modules())
 
-    bitsandbytes keeps them on `layer.weight.CB/SCB` after quantisation and moves them to
-    `layer.state.CB/SCB` at the first forward (setting `weight.SCB` to None); read either.
-    """
+
+def _int8_weight_and_scales(layer: bnb.nn.Linear8bitLt):
+    """(CB, SCB): int8 weight (out, in) and fp32 row scales (out,).  bitsandbytes keeps them on
+    `layer.weight` after quantisation and moves them to `layer.state` at the first forward."""
     weight = layer.weight
-    CB = getattr(weight, "CB", None)
-    SCB = getattr(weight, "SCB", None)
+    CB, SCB = getattr(weight, "CB", None), getattr(weight, "SCB", None)
     if CB is None or SCB is None:
         CB, SCB = layer.state.CB, layer.state.SCB
     if CB is None and weight.dtype == torch.int8:
@@ -127,33 +100,9 @@ def _int8_weight_and_scales(layer: bnb.nn.Linear8bitLt):
     return CB, SCB
 
 
-def dequantize_8bit(layer: bnb.nn.Linear8bitLt) -> torch.Tensor:
-    """The float weight (out, in), fp32, of a `Linear8bitLt`: CB * SCB / 127 row by row.
-
-    A layer not quantised yet (float weight, before `.to(device)`) returns its weight in fp32.
-    """
-    CB, SCB = _int8_weight_and_scales(layer)
-    if CB is None or layer.weight.dtype != torch.int8:
-        if layer.weight.dtype == torch.int8:
-            raise ValueError("this Linear8bitLt holds int8 data but no row scales (SCB)")
-        return layer.weight.detach().float()
-    if SCB is None:
-        raise ValueError("this Linear8bitLt holds int8 data but no row scales (SCB)")
-    return bnb.functional.int8_vectorwise_dequant(CB, SCB).float()  # (out, in)
-
-
-# ---------------------------------------------------------------------------------------------
-# Inspecting 4-bit layers
-
-
-def is_4bit(module: nn.Module) -> bool:
-    """True when `module` is, or contains, a bitsandbytes `Linear4bit` layer (NF4 or FP4)."""
-    return any(isinstance(m, bnb.nn.Linear4bit) for m in module.modules())
-
-
 def _quant_state_tensors(layer: bnb.nn.Linear4bit) -> list[torch.Tensor]:
-    """The tensors a 4-bit weight keeps outside its parameter: block scales (8-bit with double
-    quantisation), the 16-value code book, and the second level's scales, offset and code book."""
+    """What a 4-bit weight keeps outside its parameter: block scales, code book, and with double
+    quantisation the second level's scales, offset and code book."""
     state = layer.weight.quant_state
     if state is None:
         return []
@@ -163,14 +112,21 @@ def _quant_state_tensors(layer: bnb.nn.Linear4bit) -> list[torch.Tensor]:
     return [t for t in tensors if isinstance(t, torch.Tensor)]
 
 
-def dequantize_4bit(layer: bnb.nn.Linear4bit) -> torch.Tensor:
-    """The float weight (out, in), fp32, of a `Linear4bit`, by bitsandbytes' own dequantisation
-    (`bnb.functional.dequantize_4bit`: code[q] * block absmax, block by block).
+def dequantize_8bit(layer: bnb.nn.Linear8bitLt) -> torch.Tensor:
+    """The fp32 weight (out, in) of a `Linear8bitLt`: CB * SCB / 127 row by row (a layer not
+    quantised yet, before `.to(device)`, returns its float weight)."""
+    if layer.weight.dtype != torch.int8:
+        return layer.weight.detach().float()
+    CB, SCB = _int8_weight_and_scales(layer)
+    if SCB is None:
+        raise ValueError("this Linear8bitLt holds int8 data but no row scales (SCB)")
+    return bnb.functional.int8_vectorwise_dequant(CB, SCB).float()  # (out, in)
 
-    A layer not quantised yet (float weight, before `.to(device)`) returns its weight in fp32.
-    """
-    weight = layer.weight
-    state = weight.quant_state
+
+def dequantize_4bit(layer: bnb.nn.Linear4bit) -> torch.Tensor:
+    """The fp32 weight (out, in) of a `Linear4bit` by bitsandbytes' dequantisation (code[q] * block
+    absmax); a layer not quantised yet returns its float weight."""
+    weight, state = layer.weight, layer.weight.quant_state
     if not getattr(weight, "bnb_quantized", False) or state is None:
         return weight.detach().float()
     if getattr(state, "packing_format_for_cpu", False):
@@ -183,40 +139,27 @@ def dequantize_4bit(layer: bnb.nn.Linear4bit) -> torch.Tensor:
 
 
 def model_footprint_bytes(model: nn.Module) -> int:
-    """Bytes held by the model's parameters and buffers, each tensor counted once (tied weights
-    share storage), plus what bitsandbytes keeps outside the parameters: the fp32 row scales of
-    `Linear8bitLt` and the quantisation state (block scales, code books) of `Linear4bit`."""
-    seen: set[tuple] = set()
-    total = 0
-
-    def add(t: torch.Tensor | None) -> None:
-        nonlocal total
-        if t is None or t.device.type == "meta":
-            return
-        key = (t.device, t.data_ptr(), t.numel(), t.dtype)
-        if key in seen:
-            return
-        seen.add(key)
-        total += t.numel() * t.element_size()
-
-    for t in model.parameters():
-        add(t)
-    for t in model.buffers():
-        add(t)
+    """Bytes of the model's parameters and buffers, each storage counted once (tied weights), plus
+    what bitsandbytes keeps outside them: 8-bit row scales and 4-bit quantisation state."""
+    tensors = [*model.parameters(), *model.buffers()]
     for m in model.modules():
         if isinstance(m, bnb.nn.Linear8bitLt):
-            add(_int8_weight_and_scales(m)[1])
-        if isinstance(m, bnb.nn.Linear4bit):
-            for t in _quant_state_tensors(m):
-                add(t)
-    return total
+            tensors.append(_int8_weight_and_scales(m)[1])
+        elif isinstance(m, bnb.nn.Linear4bit):
+            tensors += _quant_state_tensors(m)
+    sizes = {}
+    for t in tensors:
+        if t is not None and t.device.type != "meta":
+            sizes[(t.device, t.data_ptr(), t.numel(), t.dtype)] = t.numel() * t.element_size()
+    return sum(sizes.values())
+
+
+# -- quantising --------------------------------------------------------------------------------
 
 
 def check_4bit_support(device: torch.device | str = "cpu") -> None:
-    """Raise a ValueError naming the fix when this bitsandbytes cannot run 4-bit layers on `device`.
-
-    Probes by quantising and dequantising one block, which is what `Linear4bit` needs there.
-    """
+    """Raise a ValueError naming the fix when this bitsandbytes cannot run 4-bit layers on `device`
+    (probed by quantising and dequantising one block)."""
     device = torch.device(device)
     fix = (
         "upgrade bitsandbytes (0.48 and later run 4-bit on a CPU; CUDA GPUs for longer), use "
@@ -226,8 +169,7 @@ def check_4bit_support(device: torch.device | str = "cpu") -> None:
         raise ValueError(f"bitsandbytes {bnb.__version__} has no Linear4bit: {fix}")
     try:
         probe = torch.linspace(-1, 1, 64, device=device)
-        packed, state = bnb.functional.quantize_4bit(probe, quant_type="nf4")
-        bnb.functional.dequantize_4bit(packed, state)
+        bnb.functional.dequantize_4bit(*bnb.functional.quantize_4bit(probe, quant_type="nf4"))
     except Exception as err:  # noqa: BLE001 - any failure means: no 4-bit here
         raise ValueError(
             f"bitsandbytes {bnb.__version__} cannot run 4-bit (NF4/FP4) layers on device {device.type!r} "
@@ -242,25 +184,16 @@ def quant_load_kwargs(quant: str) -> dict:
     return dict(QUANT_MODES[quant])
 
 
-def _check_quant_args(bits: int, quant_type: str) -> None:
+def _check_quant_args(bits: int, quant_type: str, device: torch.device, compute_dtype):
+    """ValueError for bad arguments or no 4-bit support on `device`; returns the compute dtype."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 8 (LLM.int8) or 4 (NF4/FP4, QLoRA), got {bits!r}")
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Quantising
-
-
-def _name_matches(name: str, keys) -> bool:
-    """`name` equals one of `keys` or ends with "." + key (module-path suffix match)."""
-    return any(name == k or name.endswith("." + k) for k in keys)
-
-
-def _tied_to_embedding(model: nn.Module) -> set[int]:
-    """ids of parameters shared with an nn.Embedding (e.g. a tied lm_head): never quantised."""
-    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    if bits == 4:
+        check_4bit_support(device)
+        return resolve_compute_dtype(compute_dtype or "auto", device)
+    return compute_dtype
 
 
 def quantize_model(
@@ -274,118 +207,57 @@ def quantize_model(
     double_quant: bool = True,
     compute_dtype: torch.dtype | str = "auto",
 ) -> nn.Module:
-    """Replace every `nn.Linear` and transformers `Conv1D` of `model` by a frozen int8
-    `bnb.nn.Linear8bitLt(has_fp16_weights=False, threshold=threshold)` (bits=8), or by a frozen
-    `bnb.nn.Linear4bit(quant_type=quant_type, compress_statistics=double_quant)` (bits=4), in place.
+    """Replace every `nn.Linear` and GPT-2 `Conv1D` of `model` by a frozen bitsandbytes layer, in
+    place: `Linear8bitLt` with outlier `threshold` (bits=8), or `Linear4bit` with `quant_type` and
+    `double_quant` scales, dequantised to `compute_dtype` at matmul time (bits=4; "auto":
+    `auto_compute_dtype`).  Returns `model`.
 
-    4-bit layers dequantise to `compute_dtype` at matmul time ("auto": `auto_compute_dtype`) and
-    return the input's dtype; `threshold` applies to 8-bit only.
-
-    GPT-2's `Conv1D` stores its weight as (in, out); it is transposed to the (out, in) layout of
-    `Linear8bitLt` and the new layer remembers `source_cls = Conv1D` (as transformers does) so that
-    `merge_lora` can write a `Conv1D` back.  Skipped: modules whose path ends with a name in
-    `skip_modules`, weights tied to an embedding, and LoRA adapter matrices (quantise *before*
-    adding LoRA).  The weights are quantised by the new layer's `.to(device)`; `device` defaults to
-    the device the model's weights are on.  Returns `model`.
-
-    Ref: Dettmers et al. 2022, LLM.int8(), arXiv:2208.07339; Dettmers et al. 2023, QLoRA,
-    arXiv:2305.14314.
+    A Conv1D weight (in, out) is transposed to (out, in) and the new layer remembers
+    `source_cls = Conv1D` (as transformers does), so `merge_lora` can write a Conv1D back.  Skipped:
+    paths ending with a name in `skip_modules`, weights tied to an embedding, and LoRA matrices
+    (quantise *before* adding LoRA).  `device` defaults to the device of the model's weights.
+    Ref: Dettmers et al. 2022, arXiv:2208.07339; Dettmers et al. 2023, arXiv:2305.14314.
     """
-    _check_quant_args(bits, quant_type)
-    if device is None:
-        first = next(model.parameters(), None)
-        device = first.device if first is not None else torch.device("cpu")
-    device = torch.device(device)
-    if bits == 4:
-        check_4bit_support(device)
-        compute_dtype = resolve_compute_dtype(compute_dtype or "auto", device)
-    tied = _tied_to_embedding(model)
+    first = next(model.parameters(), None)
+    device = torch.device(device or (first.device if first is not None else "cpu"))
+    compute_dtype = _check_quant_args(bits, quant_type, device, compute_dtype)
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}  # e.g. a tied lm_head
     targets = []
-    for name, module in model.named_modules():
-        if type(module) is not nn.Linear and not isinstance(module, Conv1D):
-            continue
-        parts = name.split(".")
-        if _name_matches(name, skip_modules) or "lora_A" in parts or "lora_B" in parts:
-            continue
-        if id(module.weight) in tied:
-            continue
-        targets.append((name, module))
+    for name, m in model.named_modules():
+        linear = type(m) is nn.Linear or isinstance(m, Conv1D)
+        skip = any(name == k or name.endswith("." + k) for k in skip_modules)
+        lora = {"lora_A", "lora_B"} & set(name.split("."))
+        if linear and not skip and not lora and id(m.weight) not in tied:
+            targets.append((name, m))
+    options = (bits, threshold, quant_type, double_quant, compute_dtype)
     for name, module in targets:
-        if bits == 4:
-            layer = _to_linear4bit(module, device, quant_type, double_quant, compute_dtype)
-        else:
-            layer = _to_linear8bit(module, threshold, device)
-        model.set_submodule(name, layer)
+        model.set_submodule(name, _kbit_layer(module, device, *options))
     if not targets:
         logger.warning("quantize_model: no nn.Linear / Conv1D module to quantise")
     return keep_4bit_layers_unpacked(model)
 
 
-def _to_linear8bit(module: nn.Module, threshold: float, device: torch.device) -> bnb.nn.Linear8bitLt:
-    """A quantised Linear8bitLt computing the same map as an nn.Linear or Conv1D."""
-    weight = module.weight.detach()
+def _kbit_layer(module, device, bits, threshold, quant_type, double_quant, compute_dtype) -> nn.Module:
+    """A frozen Linear8bitLt / Linear4bit computing (up to rounding) the map of an nn.Linear or Conv1D."""
+    weight = module.weight.detach().to("cpu")
     if isinstance(module, Conv1D):
         weight = weight.t()  # (in, out) -> (out, in)
-    out_features, in_features = weight.shape
-    layer = bnb.nn.Linear8bitLt(
-        in_features,
-        out_features,
-        bias=module.bias is not None,
-        has_fp16_weights=False,
-        threshold=threshold,
-        device="meta",
-    )
-    # Int8Params quantises on .to(device) only when its float data sits on the CPU.
-    layer.weight = bnb.nn.Int8Params(
-        weight.to("cpu").contiguous(), requires_grad=False, has_fp16_weights=False
-    )
+    dims = (weight.shape[1], weight.shape[0], module.bias is not None)
+    # Both weight classes quantise float CPU data on .to(device) (4-bit: blocks of 64 of the flat weight).
+    if bits == 8:
+        layer = bnb.nn.Linear8bitLt(*dims, has_fp16_weights=False, threshold=threshold, device="meta")
+        layer.weight = bnb.nn.Int8Params(weight.contiguous(), requires_grad=False, has_fp16_weights=False)
+    else:
+        kw = {"compress_statistics": double_quant, "quant_type": quant_type}
+        layer = bnb.nn.Linear4bit(*dims, compute_dtype=compute_dtype, device="meta", **kw)
+        layer.weight = bnb.nn.Params4bit(weight.contiguous(), requires_grad=False, module=layer, **kw)
     if module.bias is not None:
         layer.bias = nn.Parameter(module.bias.detach().to("cpu").clone(), requires_grad=False)
     layer.source_cls = type(module)
     return layer.to(device)
 
 
-def _to_linear4bit(
-    module: nn.Module, device: torch.device, quant_type: str, double_quant: bool, compute_dtype: torch.dtype
-) -> bnb.nn.Linear4bit:
-    """A quantised Linear4bit computing (up to NF4/FP4 rounding) the map of an nn.Linear or Conv1D."""
-    weight = module.weight.detach()
-    if isinstance(module, Conv1D):
-        weight = weight.t()  # (in, out) -> (out, in)
-    out_features, in_features = weight.shape
-    layer = bnb.nn.Linear4bit(
-        in_features,
-        out_features,
-        bias=module.bias is not None,
-        compute_dtype=compute_dtype,
-        compress_statistics=double_quant,
-        quant_type=quant_type,
-        device="meta",
-    )
-    # Params4bit quantises on its first .to(device) (blocks of 64 along the flattened (out, in) weight).
-    layer.weight = bnb.nn.Params4bit(
-        weight.to("cpu").contiguous(),
-        requires_grad=False,
-        compress_statistics=double_quant,
-        quant_type=quant_type,
-        module=layer,
-    )
-    if module.bias is not None:
-        layer.bias = nn.Parameter(module.bias.detach().to("cpu").clone(), requires_grad=False)
-    layer.source_cls = type(module)
-    return layer.to(device)
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
-
-
-def _from_pretrained_dtype_kw() -> str:
-    """transformers >= 4.56 calls the argument `dtype`; older versions `torch_dtype`."""
-    import transformers
-    from packaging.version import Version
-
-    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+# -- loading -----------------------------------------------------------------------------------
 
 
 def load_model(
@@ -403,44 +275,39 @@ def load_model(
 ) -> nn.Module:
     """Load a Hugging Face causal LM, optionally with its Linear layers in 8-bit or 4-bit, in eval mode.
 
-    Float parameters (and the non-quantised ones of a k-bit model: embeddings, norms, lm_head)
-    get `dtype` (torch dtype or "float32" / "bfloat16" / "float16"; fp16 is ~10x slower than bf16
-    on CPU).  `load_in_8bit`: LLM.int8() layers with outlier `threshold`.  `load_in_4bit`: QLoRA's
-    `quant_type` ("nf4" or "fp4") with `double_quant` scales, dequantised to `compute_dtype` at
-    matmul time ("auto": fp32 on a CPU, bf16 on a CUDA GPU that has it).  Either way transformers'
-    `BitsAndBytesConfig` path is tried first; if it fails on this machine (no accelerate,
-    unsupported device, ...) or leaves no k-bit layer, the model is loaded in float and
-    `quantize_model` converts it.  Extra keyword arguments go to `AutoModelForCausalLM.from_pretrained`.
+    Float parameters (all, or a k-bit model's embeddings, norms and lm_head) get `dtype` (a torch
+    dtype or "float32" / "bf16" / ...).  The k-bit options are `quantize_model`'s.  transformers'
+    `BitsAndBytesConfig` path is tried first; if it fails on this machine (no accelerate, unsupported
+    device, ...) or leaves no k-bit layer, a float load is quantised by `quantize_model`.  Extra
+    keyword arguments go to `AutoModelForCausalLM.from_pretrained`.
     """
-    from transformers import AutoModelForCausalLM
+    import transformers
+    from packaging.version import Version
 
     if load_in_8bit and load_in_4bit:
         raise ValueError("load_in_8bit and load_in_4bit are exclusive: choose one (or neither, for float)")
     bits = 4 if load_in_4bit else 8 if load_in_8bit else 0
-    dtype = resolve_dtype(dtype)
     device = torch.device(device)
-    kwargs = {_from_pretrained_dtype_kw(): dtype, **from_pretrained_kwargs}
+    # transformers >= 4.56 calls the argument `dtype`; older versions `torch_dtype`.
+    dtype_kw = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    kwargs = {dtype_kw: resolve_dtype(dtype), **from_pretrained_kwargs}
     if bits == 4:
-        _check_quant_args(bits, quant_type)
-        check_4bit_support(device)
-        compute_dtype = resolve_compute_dtype(compute_dtype or "auto", device)
+        compute_dtype = _check_quant_args(bits, quant_type, device, compute_dtype)
     if bits:
         try:
-            from transformers import BitsAndBytesConfig
-
             if bits == 4:
-                bnb_config = BitsAndBytesConfig(
+                bnb_config = transformers.BitsAndBytesConfig(
                     load_in_4bit=True,
                     bnb_4bit_quant_type=quant_type,
                     bnb_4bit_use_double_quant=double_quant,
                     bnb_4bit_compute_dtype=compute_dtype,
                 )
             else:
-                bnb_config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=threshold)
+                bnb_config = transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=threshold)
             target = str(device)  # device_map wants "cpu" or a CUDA index
             if device.type == "cuda":
                 target = device.index if device.index is not None else torch.cuda.current_device()
-            model = AutoModelForCausalLM.from_pretrained(
+            model = transformers.AutoModelForCausalLM.from_pretrained(
                 name_or_path, quantization_config=bnb_config, device_map={"": target}, **kwargs
             )
             if (is_4bit if bits == 4 else is_8bit)(model):
@@ -448,54 +315,39 @@ def load_model(
             logger.warning("transformers' %d-bit load left no %d-bit layer; quantising ourselves", bits, bits)
         except Exception as err:  # noqa: BLE001 - any failure here has a working fallback
             logger.warning("transformers' %d-bit load failed (%s); quantising ourselves", bits, err)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     if bits:
-        quantize_model(
-            model,
-            threshold=threshold,
-            device=device,
-            bits=bits,
-            quant_type=quant_type,
-            double_quant=double_quant,
-            compute_dtype=compute_dtype,
-        )
+        options = {"quant_type": quant_type, "double_quant": double_quant, "compute_dtype": compute_dtype}
+        quantize_model(model, threshold=threshold, device=device, bits=bits, **options)
     return model.to(device).eval()
 
 
-# ---------------------------------------------------------------------------------------------
-# Preparing for training
+# -- preparing for training --------------------------------------------------------------------
 
 
 class _EvalPinnedLinear8bitLt(bnb.nn.Linear8bitLt):
-    """A frozen Linear8bitLt that stays in eval mode: `train()` is a no-op for it.
-
-    Swapped in as the instance's class by `keep_8bit_layers_in_eval`; still an `isinstance` of
-    `Linear8bitLt`, so bitsandbytes, transformers and peft treat it as one.
-    """
+    """A frozen Linear8bitLt whose `train()` keeps eval mode; still an `isinstance` of Linear8bitLt,
+    so bitsandbytes, transformers and peft treat it as one (`keep_8bit_layers_in_eval` swaps it in)."""
 
     def train(self, mode: bool = True):
         return super().train(False)
 
 
 def keep_8bit_layers_in_eval(model: nn.Module) -> nn.Module:
-    """Pin every `Linear8bitLt` of `model` in eval mode for good (`model.train()` leaves them in
-    eval), so CPU runs the same int8 matmul with outlier threshold as CUDA does.  In place."""
+    """Pin every `Linear8bitLt` of `model` in eval mode for good, so a CPU runs the int8 matmul with
+    outlier threshold that CUDA runs.  In place."""
     for module in model.modules():
+        if type(module) is bnb.nn.Linear8bitLt:
+            module.__class__ = _EvalPinnedLinear8bitLt
         if isinstance(module, bnb.nn.Linear8bitLt):
-            if type(module) is bnb.nn.Linear8bitLt:
-                module.__class__ = _EvalPinnedLinear8bitLt
             module.train(False)
     return model
 
 
 def keep_4bit_layers_unpacked(model: nn.Module) -> nn.Module:
-    """Keep every `Linear4bit` of `model` on bitsandbytes' portable 4-bit path, in place.
-
-    On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a faster kernel at the first
-    eval forward without gradients: it rounds the block scales to bf16 (a different function from
-    the one training then sees) and the repacked path passes no gradient to the input.  Rollouts,
-    the reference policy and training steps must see one function, so minippo turns that off.
-    """
+    """Keep every `Linear4bit` of `model` on bitsandbytes' portable path, in place.  Its AVX512-BF16
+    CPU repacking (at the first no-grad eval forward) would round the block scales to bf16 and pass no
+    gradient to the input: rollouts, reference and training must see one function."""
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
@@ -517,21 +369,15 @@ def prepare_model_for_kbit_training(
 ) -> nn.Module:
     """Make a (possibly 8-bit or 4-bit) causal LM ready for adapter training, in place; returns it.
 
-    1. freeze every parameter;
-    2. cast the floating parameters (norms, embeddings, biases, lm_head; not the packed k-bit
-       weights) to fp32;
-    3. upcast the logits to fp32 (a forward hook on the output embeddings);
-    4. make the input embeddings' output require grad, so re-entrant gradient checkpointing
-       (which needs an input that requires grad) still reaches the adapters;
-    5. optionally enable gradient checkpointing (`use_reentrant` True or False);
-    6. pin the k-bit layers (`pin_kbit_layers`): 8-bit in eval mode, 4-bit unpacked.
-
+    1. freeze every parameter; 2. cast the floating ones (norms, embeddings, biases, lm_head; not
+    packed k-bit weights) to fp32; 3. upcast the logits to fp32 (a hook on the output embeddings);
+    4. make the input embeddings' output require grad, so re-entrant gradient checkpointing still
+    reaches the adapters; 5. optionally enable gradient checkpointing; 6. `pin_kbit_layers`.
     Note: as peft's `prepare_model_for_kbit_training`; the blog-era `prepare_model_for_int8_training`
     cast only the layer norms.
     """
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in model.parameters():
         if p.dtype in (torch.float16, torch.bfloat16) and not isinstance(p, bnb.nn.Params4bit):
             p.data = p.data.float()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

@@ -1,9 +1,8 @@
 """The rollout buffer: one PPO batch of samples and everything computed about them.
 
-`RolloutBuffer` is a plain dataclass of tensors with the batch on dim 0; `minibatches` yields
-shuffled `RolloutBuffer`s of a given size (each trimmed of all-padding columns), which the trainer
-turns into PPO updates (and, split again without shuffling, into gradient-accumulation micro-batches).
-The trainer fills the buffer in stages: first the tokens (the other fields None), then everything else.
+`RolloutBuffer` is a dataclass of tensors, batch on dim 0, filled in stages by the trainer (tokens
+first, the other fields None); `minibatches` yields shuffled buffers of a given size, each trimmed of
+all-padding columns, for the PPO updates (and, split again, for gradient-accumulation micro-batches).
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch import Generator, Tensor
 
 
 @dataclass
@@ -28,31 +28,30 @@ class RolloutBuffer:
     rewards (B, T): per-token rewards (KL penalty, plus the score at the last token).
     advantages (B, T): GAE advantages (whitened); returns (B, T): value targets.
 
-    Each PPO epoch visits the samples in a random order (`epoch_order`), drawn once per epoch and
-    kept. The trainer draws the first epoch's order *before* the rollout forward, and runs that
-    forward on the same micro-batches: the first minibatch then recomputes bit for bit the numbers of
-    the rollout (ratio exactly 1), whatever the kernels do with a batch's composition and padding.
+    Each PPO epoch visits the samples in a random order (`epoch_order`), drawn once and kept.  The
+    trainer draws the first epoch's order *before* the rollout forward and runs that forward on the
+    same micro-batches, so the first minibatch recomputes the rollout's numbers bit for bit (ratio 1).
     """
 
-    query_ids: torch.Tensor
-    query_mask: torch.Tensor
-    response_ids: torch.Tensor
-    response_mask: torch.Tensor
-    old_logprobs: torch.Tensor | None = None
-    ref_logprobs: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-    scores: torch.Tensor | None = None
-    rewards: torch.Tensor | None = None
-    advantages: torch.Tensor | None = None
-    returns: torch.Tensor | None = None
+    query_ids: Tensor
+    query_mask: Tensor
+    response_ids: Tensor
+    response_mask: Tensor
+    old_logprobs: Tensor | None = None
+    ref_logprobs: Tensor | None = None
+    values: Tensor | None = None
+    scores: Tensor | None = None
+    rewards: Tensor | None = None
+    advantages: Tensor | None = None
+    returns: Tensor | None = None
 
     def __post_init__(self):
-        self._epoch_orders: list[torch.Tensor] = []  # not a field: select() makes fresh buffers
+        self._epoch_orders: list[Tensor] = []  # not a field: select() makes fresh buffers
 
     def __len__(self) -> int:
         return self.query_ids.shape[0]
 
-    def epoch_order(self, epoch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def epoch_order(self, epoch: int, generator: Generator | None = None) -> Tensor:
         """The (B,) sample order of PPO epoch ``epoch``: a random permutation drawn on first use, kept."""
         while len(self._epoch_orders) <= epoch:
             order = torch.randperm(len(self), generator=generator)
@@ -65,16 +64,16 @@ class RolloutBuffer:
             yield from self.minibatches(size, order=self.epoch_order(epoch))
 
     @property
-    def input_ids(self) -> torch.Tensor:
+    def input_ids(self) -> Tensor:
         """(B, L) queries then responses: [pad.., query | response, ..pad]."""
         return torch.cat([self.query_ids, self.response_ids], dim=1)
 
     @property
-    def attention_mask(self) -> torch.Tensor:
+    def attention_mask(self) -> Tensor:
         """(B, L) 1 on the real query and response tokens."""
         return torch.cat([self.query_mask, self.response_mask.to(self.query_mask.dtype)], dim=1)
 
-    def select(self, index: torch.Tensor) -> RolloutBuffer:
+    def select(self, index: Tensor) -> RolloutBuffer:
         """The samples at ``index`` (1-D), with columns that are padding in all of them removed
         (leading query columns, trailing response columns), so a minibatch of short samples costs less."""
         picked = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -84,20 +83,14 @@ class RolloutBuffer:
         p0 = int(query_cols[0]) if len(query_cols) else 0
         t1 = int(response_cols[-1]) + 1 if len(response_cols) else picked["response_mask"].shape[1]
         for name, value in picked.items():
-            if value is None:
-                continue
-            if name.startswith("query_"):
+            if value is not None and name.startswith("query_"):
                 picked[name] = value[:, p0:]
-            elif value.dim() == 2:  # every (B, T) field
+            elif value is not None and value.dim() == 2:  # every (B, T) field
                 picked[name] = value[:, :t1]
         return RolloutBuffer(**picked)
 
     def minibatches(
-        self,
-        size: int,
-        shuffle: bool = True,
-        generator: torch.Generator | None = None,
-        order: torch.Tensor | None = None,
+        self, size: int, shuffle: bool = True, generator: Generator | None = None, order: Tensor | None = None
     ) -> Iterator[RolloutBuffer]:
         """Yield ``len(self) // size`` buffers of ``size`` samples each: in a random order if ``shuffle``
         (a fresh permutation per call; ``generator`` makes it reproducible), in the given ``order``
