@@ -78,17 +78,18 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, moments=None) -> torch.Tensor:
     """Normalise ``x`` to unit variance (and zero mean) using only the masked positions.
 
     x, mask (B, T) -> (B, T); masked-out positions are set to 0. The variance is the unbiased
-    ``masked_var``, and 1e-8 is added before the square root.
+    ``masked_var``, and 1e-8 is added before the square root; ``moments`` = (mean, var) replaces
+    both (e.g. over all processes: `minippo.distributed.masked_moments`).
     ``shift_mean=False`` keeps the mean (only scales): used to whiten rewards without shifting them, so
     a constant reward per token keeps its sign (Huang et al., detail "reward whitening").
 
     Ref: OpenAI lm-human-preferences ``whiten``; Schulman et al. 2017 normalise advantages per batch.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean, var = moments if moments is not None else (masked_mean(x, mask), masked_var(x, mask))
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
