@@ -5,6 +5,7 @@ A multi-process test runs this file as torchrun's script: ``python -m torch.dist
 port); the ``__main__`` block at the end calls the worker function named WORKER on every rank.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tiny import tiny_model, tiny_tokenizer
 
 from minippo.lora import LoRAConfig, add_lora
@@ -121,6 +123,57 @@ def test_ppo_two_processes_equal_one(tmp_path, monkeypatch):
 def ppo_steps_fixed_order(out_dir: str) -> None:
     RolloutBuffer.epoch_order = fixed_epoch_order
     ppo_steps(out_dir)
+
+
+# -- SFT: 1 process x 4 blocks == 2 processes x 2 -------------------------------------------------------
+
+
+def sft_run(out_dir: str, model_dir: str, data_dir: str) -> None:
+    """Two SFT steps of 4 blocks (LoRA dropout off), written to out_dir/sft-<world size>."""
+    from minippo.app.sft import SFTConfig, run_sft
+
+    torch.set_num_threads(1)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    config = SFTConfig(
+        model=model_dir,
+        data_dir=data_dir,
+        output_dir=str(Path(out_dir) / f"sft-{world}"),
+        load_in_8bit=False,
+        lora_r=4,
+        lora_dropout=0.0,
+        lora_target_modules="all-linear",
+        block_size=32,
+        batch_size=4,
+        max_steps=2,
+        learning_rate=1e-3,
+        warmup_steps=0,
+        num_train_texts=20,
+        num_eval_blocks=6,
+        eval_batch_size=2,
+    )
+    run_sft(config)
+
+
+def test_sft_two_processes_equal_one(tmp_path, tiny_model_dir, imdb_dir):
+    """2 processes x 2 blocks give the adapter, losses and validation loss of 1 process x 4 blocks.
+
+    Orders: both runs draw the same block order (same seed); each step's 4 blocks are split 2 + 2.
+    Every block has block_size tokens, so averaging the processes' gradients is the global mean's."""
+    run = torchrun(2, "sft_run", str(tmp_path), tiny_model_dir, str(imdb_dir))
+    assert run.returncode == 0, run.stderr[-3000:]
+    sft_run(str(tmp_path), tiny_model_dir, str(imdb_dir))
+    one, two = tmp_path / "sft-1", tmp_path / "sft-2"
+    a = load_file(one / "adapter" / "adapter_model.safetensors")
+    b = load_file(two / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"SFT: max |adapter difference| 1 vs 2 processes: {diff:.2e}")
+    assert diff < 1e-5
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    assert m2["eval_loss_after"] == pytest.approx(m1["eval_loss_after"], rel=1e-5)
+    assert m2["eval_loss_before"] == pytest.approx(m1["eval_loss_before"], rel=1e-5)
+    losses = [[loss for _, loss in json.loads((d / "loss_log.json").read_text())] for d in (one, two)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..adapter_files import save_adapter
 from ..fileio import write_json
 from ..lora import LoRAConfig, add_lora, count_parameters
@@ -63,7 +64,8 @@ class SFTConfig:
     max_steps: int = 200
     """Optimizer steps."""
     batch_size: int = 8
-    """Blocks per optimizer step (split into batch_size / grad_accum_steps per forward)."""
+    """Blocks per optimizer step over all processes (each of N takes batch_size / N, split into
+    grad_accum_steps forwards)."""
     grad_accum_steps: int = 1
     """Forward/backward passes per optimizer step; must divide batch_size."""
     learning_rate: float = 2e-4
@@ -157,9 +159,11 @@ def eval_blocks(tokenizer, config: SFTConfig) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_lm(model, blocks: torch.Tensor, batch_size: int, device) -> float:
-    """Mean next-token cross-entropy (nats per token) of `model` over blocks (N, L)."""
+    """Mean next-token cross-entropy (nats per token) of `model` over blocks (N, L); with several
+    processes each takes every N-th block and the sums are all-reduced."""
     was_training = model.training
     model.eval()
+    blocks = blocks[distributed.rank() :: distributed.world_size()]
     total, count = 0.0, 0
     for i in range(0, len(blocks), batch_size):
         batch = blocks[i : i + batch_size].to(device)  # (B, L)
@@ -167,7 +171,8 @@ def evaluate_lm(model, blocks: torch.Tensor, batch_size: int, device) -> float:
         n = batch.numel() - batch.shape[0]  # predicted tokens: L - 1 per block
         total, count = total + loss.item() * n, count + n
     model.train(was_training)
-    return total / max(count, 1)
+    total, count = distributed.all_reduce(torch.tensor([total, count], dtype=torch.float64, device=device))
+    return (total / count.clamp(min=1)).item()
 
 
 def lr_lambda(warmup_steps: int, max_steps: int):
@@ -194,9 +199,17 @@ def run_sft(config: SFTConfig) -> dict:
         raise RuntimeError(
             f"device {config.device!r} asked for, but torch sees no CUDA GPU: use --device cpu"
         )
+    distributed.init_from_env()  # data parallel under torchrun: each process takes a share of each batch
+    rank, world = distributed.rank(), distributed.world_size()
+    if config.batch_size % (world * config.grad_accum_steps):
+        raise ValueError(
+            f"SFTConfig.batch_size ({config.batch_size}) must be divisible by the {world} processes x "
+            f"grad_accum_steps ({config.grad_accum_steps})"
+        )
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sft_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    if rank == 0:  # rank 0 alone writes files
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sft_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     torch.manual_seed(config.seed)
 
     # 1. Model: base (8-bit) + LoRA, tokenizer with a pad token distinct from EOS.
@@ -239,27 +252,30 @@ def run_sft(config: SFTConfig) -> dict:
 
     # 4. Train: AdamW on the LoRA weights, warm-up + linear decay, gradient clipping.
     params = [p for p in model.parameters() if p.requires_grad]
+    distributed.broadcast_parameters(params)  # every process starts from rank 0's adapter
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, config.max_steps))
     generator = torch.Generator().manual_seed(config.seed)
-    micro = config.batch_size // config.grad_accum_steps
+    micro = config.batch_size // config.grad_accum_steps // world  # blocks per forward on this process
     order, cursor = torch.randperm(len(train), generator=generator), 0
     loss_log: list[tuple[int, float]] = []
     model.train()
     start = time.perf_counter()
-    bar = tqdm(range(1, config.max_steps + 1), desc="sft", unit="step", dynamic_ncols=True)
+    bar = tqdm(range(1, config.max_steps + 1), desc="sft", unit="step", dynamic_ncols=True, disable=rank > 0)
     try:
         for step in bar:
-            step_loss = 0.0
+            step_loss = torch.zeros((), device=device)
             for _ in range(config.grad_accum_steps):
-                if cursor + micro > len(order):  # a new epoch over the blocks
+                if cursor + micro * world > len(order):  # a new epoch over the blocks
                     order, cursor = torch.randperm(len(train), generator=generator), 0
-                idx = order[cursor : cursor + micro]
-                cursor += micro
+                idx = order[cursor : cursor + micro * world][rank * micro : (rank + 1) * micro]  # my share
+                cursor += micro * world
                 batch = train[idx].to(device)  # (B, L)
                 loss = model(input_ids=batch, labels=batch, use_cache=False).loss
                 (loss / config.grad_accum_steps).backward()
-                step_loss += loss.item() / config.grad_accum_steps
+                step_loss += loss.detach() / config.grad_accum_steps
+            distributed.all_reduce_grads(params, "mean")  # before clipping: clip the global gradient
+            step_loss = distributed.all_reduce(step_loss, "mean").item()
             if config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
@@ -273,7 +289,8 @@ def run_sft(config: SFTConfig) -> dict:
                 )
     except KeyboardInterrupt:
         bar.close()
-        _save(model, out, model_dir, loss_log)
+        if rank == 0:
+            _save(model, out, model_dir, loss_log)
         print(f"sft: interrupted at step {len(loss_log)}; adapter saved to {out / 'adapter'}")
         raise
     bar.close()
@@ -291,9 +308,11 @@ def run_sft(config: SFTConfig) -> dict:
         train_loss_first=loss_log[0][1],
         train_loss_last=loss_log[-1][1],
     )
-    metrics.update(_save(model, out, model_dir, loss_log))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    if val is not None:
+    if rank == 0:
+        metrics.update(_save(model, out, model_dir, loss_log))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    distributed.barrier()  # the others wait until the adapter is written
+    if val is not None and rank == 0:
         print(
             f"sft: validation loss {metrics['eval_loss_before']:.3f} -> {metrics['eval_loss_after']:.3f} "
             f"(perplexity {metrics['eval_ppl_before']:.1f} -> {metrics['eval_ppl_after']:.1f}); "
