@@ -7,6 +7,7 @@ port); the ``__main__`` block at the end calls the worker function named WORKER 
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from tiny import tiny_model, tiny_tokenizer
 
+from minippo import distributed
 from minippo.lora import LoRAConfig, add_lora
 from minippo.ppo import PPOConfig, PPOTrainer
 from minippo.rollout import RolloutBuffer
@@ -174,6 +176,49 @@ def test_sft_two_processes_equal_one(tmp_path, tiny_model_dir, imdb_dir):
     assert m2["eval_loss_before"] == pytest.approx(m1["eval_loss_before"], rel=1e-5)
     losses = [[loss for _, loss in json.loads((d / "loss_log.json").read_text())] for d in (one, two)]
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+# -- failures end the run, never hang ------------------------------------------------------------------
+
+
+def bad_input_on_rank1(out_dir: str) -> None:
+    """Rank 1 passes a token id outside the vocabulary to step(); rank 0 passes good input."""
+    torch.set_num_threads(1)
+    tokenizer = tiny_tokenizer()
+    model = add_lora(tiny_model("llama", vocab_size=len(tokenizer)), LoRAConfig(r=2))
+    trainer = PPOTrainer(PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=1), model, tokenizer)
+    queries, responses, scores = ppo_samples(tokenizer)
+    if trainer.rank == 1:
+        responses = [torch.tensor([1, 2, 10**6])] + responses[1:]
+    trainer.step(queries[:2], responses[:2], scores[:2])
+
+
+def test_one_rank_raising_fails_the_whole_run_with_its_message(tmp_path):
+    """torchrun ends the group when one rank exits non-zero: rank 0, left waiting in a collective, is
+    stopped too. (The subprocess timeout only guards the test suite against a hang.)"""
+    run = torchrun(2, "bad_input_on_rank1", str(tmp_path), timeout=240)
+    assert run.returncode != 0
+    assert "[rank1]: ValueError: response 0 has token ids outside [0, 384)" in run.stderr
+    assert re.search(r"Root Cause.*?rank\s*: 1 ", run.stderr, re.S)  # torchrun's report names rank 1
+
+
+def stalled_peer(out_dir: str) -> None:
+    """Rank 1 is alive but never joins rank 0's all-reduce."""
+    import time
+
+    distributed.init_from_env()
+    if distributed.rank() == 1:
+        time.sleep(600)
+    distributed.all_reduce(torch.ones(1))
+
+
+def test_process_group_timeout_fails_a_rank_left_waiting(tmp_path):
+    """MINIPPO_DIST_TIMEOUT bounds every collective: rank 0 fails instead of waiting for a stalled
+    peer, and torchrun then ends the peer. (The subprocess timeout only guards against a hang.)"""
+    run = torchrun(2, "stalled_peer", str(tmp_path), env={"MINIPPO_DIST_TIMEOUT": "5"}, timeout=240)
+    assert run.returncode != 0
+    assert re.search(r"Root Cause.*?rank\s*: 0 ", run.stderr, re.S), run.stderr[-3000:]
+    assert re.search(r"\[rank0\]:.*(timed out|timeout)", run.stderr, re.I), run.stderr[-3000:]
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..adapter_files import load_adapter
 from ..fileio import atomic_directory
 from ..lora import LoRAConfig, add_lora, disable_adapters, merge_lora
@@ -259,18 +260,30 @@ def build_trainer(config: PPORunConfig):
     device = config.ppo.device or "cpu"
     model = load_model(model_dir, load_in_8bit=config.load_in_8bit, dtype=config.dtype, device=device)
     add_lora(model, config.lora)
-    trainer = PPOTrainer(config.ppo, model, tokenizer)
+    ppo = config.ppo
+    if ppo.log_with == "tensorboard" and ppo.logging_dir is None:  # event files in the run folder
+        ppo = dataclasses.replace(ppo, logging_dir=str(Path(config.output_dir) / "tensorboard"))
+    trainer = PPOTrainer(ppo, model, tokenizer)
     return trainer, tokenizer, model_dir
 
 
 def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
-    """`minippo ppo`: prompts -> generate -> score -> step, `steps` times; logs, checkpoints, evaluation."""
+    """`minippo ppo`: prompts -> generate -> score -> step, `steps` times; logs, checkpoints, evaluation.
+
+    Under torchrun each process generates and scores its share of every batch; rank 0 alone evaluates
+    and writes files while the others wait at a barrier."""
     from tqdm.auto import tqdm
 
+    distributed.init_from_env()
+    main = distributed.rank() == 0
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", dataclasses.asdict(config))
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", dataclasses.asdict(config))
     trainer, tokenizer, model_dir = build_trainer(config)
+    share = slice(
+        trainer.rank * trainer.batch_size_per_rank, (trainer.rank + 1) * trainer.batch_size_per_rank
+    )
     reward = load_reward(config.reward, kind=config.reward_kind, device=trainer.device)
     score = reward.logit if config.reward_kind == "logit" else reward.probability
 
@@ -305,7 +318,7 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
         )
 
     result = {"model": model_dir, "output_dir": str(out)}
-    if eval_prompts:
+    if eval_prompts and main:
         result["before"] = evaluate_policy(
             trainer, tokenizer, reward, eval_prompts, config.eval_seed, adapters=False
         )
@@ -314,15 +327,16 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
             f"{result['before']['reward_prob_mean']:.3f}"
         )
 
+    distributed.barrier()
     log = MetricsLog(out / "metrics.jsonl")
-    if log.path.exists():
+    if main and log.path.exists():
         log.path.unlink()  # a fresh run; checkpoints below are replaced atomically
     batches = _cycle_prompts(prompts, config.ppo.batch_size, config.ppo.seed)
-    bar = tqdm(range(config.steps), desc="ppo", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(config.steps), desc="ppo", disable=not (progress and main), dynamic_ncols=True)
     t0 = time.perf_counter()
     for step in bar:
         # 1. prompts -> responses (sampled from the current policy)
-        queries = next(batches)
+        queries = next(batches)[share]  # every process draws the same global batch and takes its share
         t = time.perf_counter()
         responses = trainer.generate(queries)
         t_gen = time.perf_counter() - t
@@ -341,22 +355,26 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
                 "time/generate": t_gen,
                 "time/score": t_score,
                 "time/elapsed": time.perf_counter() - t0,
-                "env/reward_prob_mean": probs.float().mean().item(),
+                "env/reward_prob_mean": distributed.all_reduce(probs.float().mean(), "mean").item(),
             }
         )
-        log.write(stats)
+        if main:
+            log.write(stats)
         bar.set_postfix(
             reward=f"{stats['env/reward_mean']:.2f}",
             pos=f"{stats['env/reward_prob_mean']:.2f}",
             kl=f"{stats['objective/kl']:.2f}",
             beta=f"{stats['objective/kl_coef']:.3f}",
         )
-        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
+        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps and main:
             trainer.save(out / "checkpoint")
             for q, r in list(zip(q_text, r_text))[: config.log_samples]:
                 bar.write(f"  step {step + 1}: {q!r} -> {r!r}")
-    trainer.save(out / "adapter")
     result["train_seconds"] = time.perf_counter() - t0
+    if not main:
+        distributed.barrier()  # rank 0 saves and evaluates
+        return result
+    trainer.save(out / "adapter")
     if eval_prompts:
         result["after"] = evaluate_policy(trainer, tokenizer, reward, eval_prompts, config.eval_seed)
         print(
@@ -365,6 +383,9 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
             f"KL to the starting model {result['after']['kl_mean']:.2f} nats/review"
         )
     write_json(out / "result.json", result)
+    if trainer.tracker is not None:
+        trainer.tracker.close()
+    distributed.barrier()
     return result
 
 
