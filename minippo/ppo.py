@@ -683,6 +683,7 @@ class PPOTrainer:
                 "step": self.current_step,
                 "kl_coef": self.kl_ctl.value,
                 "score_moments": self.score_moments.state_dict(),
+                "world_size": self.world_size,
                 "config": dataclasses.asdict(self.config),
             }
             with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
@@ -694,6 +695,11 @@ class PPOTrainer:
         directory = os.fspath(directory)
         with open(os.path.join(directory, TRAINER_STATE)) as f:
             state = json.load(f)
+        if state.get("world_size", 1) != self.world_size:
+            raise ValueError(
+                f"{directory} was saved by {state['world_size']} processes, and {self.world_size} load it: "
+                "resume with the same number (each one's share of the batch and seed depend on it)"
+            )
         self.policy.load_pretrained(directory)
         optimizer_state = torch.load(
             os.path.join(directory, OPTIMIZER_STATE), map_location=self.device, weights_only=True

@@ -178,6 +178,20 @@ def test_sft_two_processes_equal_one(tmp_path, tiny_model_dir, imdb_dir):
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
+def test_resume_needs_the_same_number_of_processes(tmp_path, tokenizer):
+    """A checkpoint records how many processes wrote it; loading it with another number is an error."""
+    model = add_lora(tiny_model("llama", vocab_size=len(tokenizer)), LoRAConfig(r=2))
+    trainer = PPOTrainer(PPOConfig(batch_size=4, mini_batch_size=2), model, tokenizer)
+    trainer.save(tmp_path / "ckpt")
+    state_file = tmp_path / "ckpt" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["world_size"] == 1
+    trainer.load(tmp_path / "ckpt")  # the same number: fine
+    state_file.write_text(json.dumps({**state, "world_size": 2}))
+    with pytest.raises(ValueError, match="saved by 2 processes, and 1 load it: resume with the same number"):
+        trainer.load(tmp_path / "ckpt")
+
+
 # -- failures end the run, never hang ------------------------------------------------------------------
 
 
