@@ -1,11 +1,9 @@
 """Data parallelism on `torch.distributed`: one process per device, each with its own 8-bit model copy,
-launched by ``torchrun`` (or ``accelerate launch``, which sets the same environment).
+launched by ``torchrun`` (or ``accelerate launch``). Every helper is a no-op with one process.
 
-Every helper is a no-op with one process, so the trainer runs one code path: no process group, no
-overhead. The group is joined from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...) with
-backend nccl on CUDA, gloo on CPU (override: ``MINIPPO_DIST_BACKEND``, or call
-``torch.distributed.init_process_group`` yourself first) and a timeout (``MINIPPO_DIST_TIMEOUT``
-seconds, default 1800), so that a rank left waiting for a dead peer fails instead of hanging.
+The group is joined from torchrun's environment (RANK, WORLD_SIZE, ...) with backend nccl on CUDA,
+gloo on CPU (``MINIPPO_DIST_BACKEND`` overrides; or call ``init_process_group`` yourself first) and a
+timeout (``MINIPPO_DIST_TIMEOUT`` s, default 1800): a rank left waiting for a dead peer fails.
 """
 
 from __future__ import annotations
@@ -41,8 +39,7 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def barrier() -> None:
-    """Wait for every rank (e.g. while rank 0 writes files)."""
+def barrier() -> None:  # wait for every rank (e.g. while rank 0 writes files)
     if world_size() > 1:
         dist.barrier()
 
@@ -89,6 +86,5 @@ def all_reduce_grads(params: list[torch.Tensor], op: str = "mean") -> None:
 
 def broadcast_parameters(params: list[torch.Tensor]) -> None:
     """Copy rank 0's values of ``params`` to every rank (identical adapters to start from)."""
-    if world_size() > 1:
-        for p in params:
-            dist.broadcast(p.data, src=0)
+    for p in params if world_size() > 1 else []:
+        dist.broadcast(p.data, src=0)
