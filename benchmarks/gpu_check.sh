@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: on a machine with a CUDA GPU, run the CUDA-marked tests (8-bit through the real
 # CUDA kernels, LoRA, the planner against torch.cuda.max_memory_allocated, ...) and minippo's PPO
-# step benchmark on the GPU, in under 10 minutes, writing everything to ONE file.
+# step benchmark on the GPU (and, with 2+ GPUs, the data-parallel step), in under 10 minutes, writing
+# everything to ONE file.
 #
 # The machine's image is expected to have python3 with torch (CUDA), transformers, peft, pytest,
 # safetensors, but NOT bitsandbytes nor datasets: their wheels (bitsandbytes, datasets, dill,
@@ -72,6 +73,15 @@ fenced 240 "pytest -m cuda" "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider -
 fenced 300 "PPO step on the GPU (minippo only)" "$PY" benchmarks/ppo_step.py --no-peer --device cuda \
   --models neox-7m,neox-100m --variants float32,bfloat16,int8 --steps 3 --warmup 1 --out /tmp/gpu_step.md
 fenced 30 "minippo plan --params 20e9 --gpu-gib 24" "$PY" -c "from minippo.app.memory_plan import PlanConfig, run_plan; run_plan(PlanConfig(params=20e9, gpu_gib=24))"
+
+# 5. Data parallel on 2 GPUs (nccl), where the machine has them: the CPU-proved tests' launch path,
+#    then the PPO step throughput of 1 GPU against 2 GPUs (8-bit base on each).
+if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ]; then
+  fenced 180 "2 GPUs: torchrun PPO step throughput, 1 GPU vs 2 GPUs" "$PY" benchmarks/data_parallel.py \
+    --device cuda --rounds 1 --steps 3
+else
+  section "2 GPUs"; echo "skipped: $(nvidia-smi -L 2>/dev/null | wc -l) GPU(s) on this machine" >> "$RESULT"
+fi
 
 echo >> "$RESULT"
 echo "total: $(( $(date +%s) - START )) s; status $status" >> "$RESULT"

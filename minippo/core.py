@@ -64,14 +64,15 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, moments=None) -> Tensor:
     """Normalise ``x`` (B, T) to unit variance and zero mean over the masked positions (unbiased
-    ``masked_var`` + 1e-8); masked-out positions become 0.  ``shift_mean=False`` adds the mean back,
-    ``(x - mean) / std + mean`` as trl's ``whiten``: rewards whitened without shifting them (Huang et
-    al., detail "reward whitening").
+    ``masked_var`` + 1e-8, or ``moments`` = (mean, var) given, e.g. over all processes:
+    `minippo.distributed.masked_moments`); masked-out positions become 0.  ``shift_mean=False`` adds
+    the mean back, ``(x - mean) / std + mean`` as trl's ``whiten``: rewards whitened without shifting
+    them (Huang et al., detail "reward whitening").
     Ref: OpenAI lm-human-preferences ``whiten``; Schulman et al. 2017 normalise advantages per batch.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean, var = moments if moments is not None else (masked_mean(x, mask), masked_var(x, mask))
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from . import distributed
 from .checks import (
     NON_NEGATIVE,
     POSITIVE,
@@ -44,8 +45,6 @@ from .core import (
     entropy_from_logits,
     kl_penalized_rewards,
     logprobs_from_logits,
-    masked_mean,
-    masked_var,
     masked_whiten,
     policy_loss,
     value_loss,
@@ -55,6 +54,7 @@ from .lora import disable_adapters, lora_layers
 from .policy import PolicyWithValueHead, left_pad, maybe_autocast, right_pad
 from .quant import is_4bit, is_8bit, resolve_compute_dtype
 from .rollout import RolloutBuffer
+from .tracking import TRACKERS, Tracker, check_installed
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,14 @@ SCHEDULER_STATE = "scheduler.pt"
 RNG_STATE = "rng_state.pt"
 # PPOConfig fields a checkpoint may be resumed under with another value (the new one applies);
 # any other difference is refused by `PPOTrainer.load`.
-RESUMABLE_CHANGES = ("learning_rate", "device", "generation_batch_size")
+RESUMABLE_CHANGES = (
+    "learning_rate",
+    "device",
+    "generation_batch_size",
+    "log_with",
+    "tracker_project_name",
+    "logging_dir",
+)
 
 
 @dataclass
@@ -74,9 +81,11 @@ class PPOConfig:
     learning_rate: float = 1.41e-5
     """Adam(W) learning rate for the LoRA adapters and the value head (trl's examples: 1.41e-5)."""
     batch_size: int = 256
-    """samples per PPO step: step() takes exactly this many (query, response, score) triples."""
+    """samples per PPO step over all processes: with N processes (torchrun), each one's step() takes
+    batch_size / N (query, response, score) triples; with one, exactly batch_size."""
     mini_batch_size: int = 16
-    """samples per optimiser update; must divide batch_size (trl 0.4 default 1; its 20B example 16)."""
+    """samples per optimiser update over all processes, each taking mini_batch_size / N; must divide
+    batch_size (trl 0.4 default 1; its 20B example 16). trl counts it per process instead."""
     gradient_accumulation_steps: int = 1
     """split each minibatch into this many micro-batches (saves memory; the update is unchanged)."""
     ppo_epochs: int = 4
@@ -142,6 +151,12 @@ class PPOConfig:
     gradient_checkpointing: bool | None = None
     """recompute each decoder layer's activations in the backward pass (less memory, more compute);
     None: on for 8-bit and 4-bit models (as the blog), off otherwise."""
+    log_with: str | None = None
+    """also send each step's stats (from rank 0) to "tensorboard", "wandb" or "trackio" (trl's name)."""
+    tracker_project_name: str = "minippo"
+    """wandb / trackio project of log_with (trl's name)."""
+    logging_dir: str | None = None
+    """TensorBoard's event-file folder (None: SummaryWriter's default, runs/<date>_<host>)."""
 
     def __post_init__(self):
         check_fields(
@@ -186,6 +201,7 @@ class PPOConfig:
             "auto, float32 or bfloat16 (float16 would need loss scaling, which minippo does not do)",
         )
         check_fields(self, matmul_dtype, "compute_dtype")
+        check_fields(self, optional(one_of(*TRACKERS)), "log_with")
         check_device(self)
 
     @property
@@ -216,6 +232,9 @@ class PPOTrainer:
         lr_scheduler=None,
     ):
         self.config = config
+        distributed.init_from_env()  # a no-op unless launched by torchrun with WORLD_SIZE > 1
+        self.world_size, self.rank = distributed.world_size(), distributed.rank()
+        self.batch_size_per_rank, self.micro_batch_size = self._split_batch(config, self.world_size)
         policy = model if isinstance(model, PolicyWithValueHead) else PolicyWithValueHead(model)
         if not any(True for _ in lora_layers(policy.model)):
             raise ValueError(
@@ -237,6 +256,7 @@ class PPOTrainer:
         self.compute_dtype = resolve_compute_dtype(config.compute_dtype, self.device, policy.model)
         policy.value_head.requires_grad_(True)
         self.trainable = [p for p in policy.parameters() if p.requires_grad]
+        distributed.broadcast_parameters(self.trainable)  # every rank starts from rank 0's adapters
         self.optimizer = optimizer or torch.optim.AdamW(
             self.trainable, lr=config.learning_rate, weight_decay=config.weight_decay
         )
@@ -250,7 +270,25 @@ class PPOTrainer:
         self.vocab_size = policy.lm_head.out_features if hasattr(policy.lm_head, "out_features") else None
         self.score_moments = RunningMoments()
         self.current_step = 0
-        torch.manual_seed(config.seed)
+        if config.log_with:
+            check_installed(config.log_with)  # on every rank: the same error everywhere
+        self.tracker = None  # rank 0 logs the (global) stats
+        if config.log_with and self.rank == 0:
+            name, project, folder = config.log_with, config.tracker_project_name, config.logging_dir
+            self.tracker = Tracker(name, project, folder, dataclasses.asdict(config))
+        torch.manual_seed(config.seed + self.rank)  # rank r samples with seed + r
+
+    @staticmethod
+    def _split_batch(config: PPOConfig, world_size: int) -> tuple[int, int]:
+        """(samples per process per step, samples per micro-batch) with ``world_size`` processes."""
+        n, accumulation = world_size, config.gradient_accumulation_steps
+        if config.batch_size % n or config.mini_batch_size % (n * accumulation):
+            raise ValueError(
+                f"PPOConfig: with {n} processes, batch_size ({config.batch_size}) must be divisible by {n} "
+                f"and mini_batch_size ({config.mini_batch_size}) by {n} x gradient_accumulation_steps "
+                f"({accumulation}): each process takes an equal share of both"
+            )
+        return config.batch_size // n, config.mini_batch_size // (n * accumulation)
 
     @staticmethod
     def _special_ids(tokenizer, model_config) -> tuple[int, int | None]:
@@ -338,20 +376,22 @@ class PPOTrainer:
                 batch.rewards, kl = kl_penalized_rewards(
                     batch.scores, batch.old_logprobs, batch.ref_logprobs, mask, kl_coef, config.kl_penalty
                 )
-                if config.whiten_rewards:
-                    batch.rewards = masked_whiten(batch.rewards, mask, shift_mean=False)
+                if config.whiten_rewards:  # with the statistics of all processes' rewards
+                    moments = distributed.masked_moments(batch.rewards, mask)
+                    batch.rewards = masked_whiten(batch.rewards, mask, shift_mean=False, moments=moments)
 
             with timed(timing, "compute_advantages"):
-                # 5. Advantages (GAE) and value targets; advantages whitened over the batch.
+                # 5. Advantages (GAE) and value targets; advantages whitened over the (global) batch.
                 advantages, batch.returns = compute_gae(
                     batch.values, batch.rewards, mask, config.gamma, config.lam
                 )
-                batch.advantages = masked_whiten(advantages, mask)
+                moments = distributed.masked_moments(advantages, mask)
+                batch.advantages = masked_whiten(advantages, mask, moments=moments)
 
             with timed(timing, "optimize_step"):
                 # 6. ppo_epochs passes over shuffled minibatches, one clipped update each.
                 records, outcomes = [], []
-                for minibatch in batch.epochs(config.ppo_epochs, config.mini_batch_size):
+                for minibatch in batch.epochs(config.ppo_epochs, config.mini_batch_size // self.world_size):
                     stats = self._clipped_loss_backward(minibatch)  # gradients left in .grad
                     records.append(stats)
                     outcomes.append(self._apply_update(stats))  # "update", "skip" or "stop"
@@ -360,8 +400,8 @@ class PPOTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
 
             # 7. Once per step, as trl: the KL controller, with the KL that was penalised (mean
-            #    per-sequence sum), and the learning-rate scheduler.
-            self.kl_ctl.update(kl.sum(1).mean().item(), len(batch))
+            #    per-sequence sum over all processes), and the learning-rate scheduler.
+            self.kl_ctl.update(distributed.all_reduce(kl.sum(1).mean(), "mean").item(), config.batch_size)
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step()
             self.current_step += 1
@@ -369,6 +409,8 @@ class PPOTrainer:
         # 8. Statistics.
         stats = self._step_stats(batch, raw_scores, kl, kl_coef, token_entropy, records, outcomes)
         stats.update(timing)
+        if self.tracker is not None:
+            self.tracker.log(stats, self.current_step)
         return stats
 
     def _padded_batch(
@@ -414,16 +456,17 @@ class PPOTrainer:
                 scores = torch.tensor([float(s) for s in scores], dtype=torch.float32)
             except (TypeError, ValueError):
                 raise ValueError("scores must be a 1-D tensor or a list of numbers, one per sample") from None
-        B = self.config.batch_size
+        B = self.batch_size_per_rank
         if not len(queries) == len(responses) == len(scores):
             raise ValueError(
                 f"got {len(queries)} queries, {len(responses)} responses and {len(scores)} scores; "
                 "step() needs one of each per sample"
             )
         if len(queries) != B:
+            share = f" / {self.world_size} processes = {B}" if self.world_size > 1 else ""
             raise ValueError(
-                f"step() got {len(queries)} samples but PPOConfig.batch_size is {B}; pass exactly "
-                "batch_size samples (or set batch_size to match)"
+                f"step() got {len(queries)} samples but PPOConfig.batch_size is {self.config.batch_size}"
+                f"{share}; pass exactly that many samples (or set batch_size to match)"
             )
         for kind, seqs in (("query", queries), ("response", responses)):
             for i, s in enumerate(seqs):
@@ -454,7 +497,7 @@ class PPOTrainer:
         config = self.config
         scores = scores * config.score_scale
         if config.use_score_scaling:
-            mean, std = self.score_moments.update(scores)
+            mean, std = self.score_moments.update(distributed.all_gather(scores))  # every process's scores
             scores = (scores - mean) / std if config.use_score_norm else scores / std
         if config.score_clip is not None:
             scores = scores.clamp(-config.score_clip, config.score_clip)
@@ -468,7 +511,7 @@ class PPOTrainer:
         B, T = batch.response_ids.shape
         order = batch.epoch_order(0) if order is None else order
         logprobs, values, entropy = (torch.zeros(B, T, device=self.device) for _ in range(3))
-        for index in order.split(self.config.micro_batch_size):
+        for index in order.split(self.micro_batch_size):
             micro = batch.select(index)  # trimmed of all-padding columns
             t = micro.response_ids.shape[1]
             with self._autocast():
@@ -493,20 +536,26 @@ class PPOTrainer:
 
         Returns "update"; "skip" for a non-finite loss or gradient norm, or a mean ratio above
         ``ratio_threshold`` (a loss spike, trl PR #488); "stop" when ``early_stopping`` is on and the
-        policy KL exceeds 1.5 * ``target_kl`` (the rest of the step's epochs are dropped).
+        policy KL exceeds 1.5 * ``target_kl`` (the rest of the step's epochs are dropped). The stats are
+        already global; the decision is reduced too (max), so every process takes the same branch.
         """
-        config = self.config
-        if config.early_stopping and stats["policy/policykl"].item() > 1.5 * config.target_kl:
-            return "stop"
-        problem = None
+        config, problem = self.config, None
+        stop = config.early_stopping and stats["policy/policykl"].item() > 1.5 * config.target_kl
         if not (torch.isfinite(stats["loss/total"]) and torch.isfinite(stats["grad_norm"])):
             problem = "non-finite loss or gradient norm"
         elif stats["policy/ratio"].item() > config.ratio_threshold:
             problem = (
                 f"mean ratio {stats['policy/ratio'].item():.3g} > ratio_threshold {config.ratio_threshold:g}"
             )
-        if problem:
-            logger.warning("PPO: %s; skipping this update, adapters unchanged", problem)
+        flags = distributed.all_reduce(
+            torch.tensor([int(stop), int(problem is not None)], device=self.device), "max"
+        )
+        if flags[0]:
+            return "stop"
+        if flags[1]:
+            logger.warning(
+                "PPO: %s; skipping this update, adapters unchanged", problem or "a guard on another process"
+            )
             self.optimizer.zero_grad(set_to_none=True)
             return "skip"
         self.optimizer.step()
@@ -518,13 +567,14 @@ class PPOTrainer:
         gradients left in .grad (clipped to max_grad_norm, not stepped). Returns the detached stats.
 
         Each micro-batch's loss is a masked mean over its own tokens; weighting it by its share of the
-        minibatch's tokens makes the accumulated gradient that of the masked mean over the whole
-        minibatch, whatever gradient_accumulation_steps is.
+        minibatch's tokens (over all processes) and summing the gradients and stats over processes makes
+        them those of the masked mean over the whole minibatch, whatever gradient_accumulation_steps and
+        the number of processes are.
         """
         config = self.config
-        n_tokens = minibatch.response_mask.sum()
+        n_tokens = distributed.all_reduce(minibatch.response_mask.sum())
         totals: dict[str, torch.Tensor] = {}
-        for micro in minibatch.minibatches(config.micro_batch_size, shuffle=False):
+        for micro in minibatch.minibatches(self.micro_batch_size, shuffle=False):
             weight = micro.response_mask.sum() / n_tokens
             with self._autocast():
                 logits, vpred = self.policy(
@@ -551,6 +601,8 @@ class PPOTrainer:
             }
             for k, v in micro_stats.items():
                 totals[k] = totals.get(k, 0.0) + v.detach() * weight
+        distributed.all_reduce_grads(self.trainable, "sum")  # before clipping: clip the global gradient
+        totals = dict(zip(totals, distributed.all_reduce(torch.stack(list(totals.values())))))
         max_norm = config.max_grad_norm if config.max_grad_norm is not None else float("inf")
         totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
         return totals
@@ -563,8 +615,13 @@ class PPOTrainer:
         Two entropies, as trl logs them: ``objective/entropy`` is the sampled responses' negative
         log-probability summed over each response (a one-sample estimate, nats per sequence);
         ``ppo/policy/entropy`` is the exact entropy of the policy's distribution, nats per token.
+        Over several processes every stat is global: per-token ones from all-reduced masked sums, the
+        others (per-sample means over equal shares) as the mean of the processes' values.
         """
         mask = buffer.response_mask
+        raw_scores = distributed.all_gather(raw_scores.to(self.device))
+        returns_mean, returns_var = distributed.masked_moments(buffer.returns, mask)
+        values_mean, values_var = distributed.masked_moments(buffer.values, mask)
         stats = {
             "objective/kl": kl.sum(1).mean(),
             "objective/kl_coef": kl_coef,
@@ -574,11 +631,11 @@ class PPOTrainer:
             "ppo/mean_non_score_reward": (-kl_coef * kl).sum(1).mean(),
             "ppo/mean_scores": raw_scores.mean(),
             "ppo/learning_rate": self.optimizer.param_groups[0]["lr"],
-            "ppo/policy/entropy": masked_mean(token_entropy, mask),  # per token, exact
-            "ppo/returns/mean": masked_mean(buffer.returns, mask),
-            "ppo/returns/var": masked_var(buffer.returns, mask),
-            "ppo/val/mean": masked_mean(buffer.values, mask),
-            "ppo/val/var": masked_var(buffer.values, mask),
+            "ppo/policy/entropy": distributed.masked_moments(token_entropy, mask)[0],  # per token, exact
+            "ppo/returns/mean": returns_mean,
+            "ppo/returns/var": returns_var,
+            "ppo/val/mean": values_mean,
+            "ppo/val/var": values_var,
             "ppo/updates": outcomes.count("update"),
             "ppo/skipped_updates": outcomes.count("skip"),
             "ppo/early_stopped": float("stop" in outcomes),
@@ -588,7 +645,10 @@ class PPOTrainer:
         }
         for k in records[0]:  # per-minibatch records: mean over the step's minibatches
             stats[f"ppo/{k}"] = torch.stack([r[k] for r in records]).mean()
-        return {k: float(v) for k, v in stats.items()}
+        values = distributed.all_reduce(
+            torch.tensor([float(v) for v in stats.values()], dtype=torch.float64, device=self.device), "mean"
+        )
+        return dict(zip(stats, values.tolist()))
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -612,6 +672,7 @@ class PPOTrainer:
                 "kl_coef": self.kl_ctl.value,
                 "score_moments": self.score_moments.state_dict(),
                 "config": dataclasses.asdict(self.config),
+                "world_size": self.world_size,
             }
             with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
                 json.dump(state, f, indent=2)
@@ -631,6 +692,11 @@ class PPOTrainer:
         with _readable(directory):
             with open(os.path.join(directory, TRAINER_STATE)) as f:
                 state = json.load(f)
+        if state.get("world_size", 1) != self.world_size:
+            raise ValueError(
+                f"{directory} was saved by {state['world_size']} processes, and {self.world_size} load it: "
+                "resume with the same number (each one's share of the batch and seed depend on it)"
+            )
         check_config(state["config"], dataclasses.asdict(self.config), RESUMABLE_CHANGES, "PPO checkpoint")
         if (self.lr_scheduler is None) == os.path.exists(os.path.join(directory, SCHEDULER_STATE)):
             raise ValueError(
@@ -652,6 +718,8 @@ class PPOTrainer:
             group["lr"] = group["lr"] * lr / group.get("initial_lr", group["lr"])
             group.update({"initial_lr": lr} if "initial_lr" in group else {})
         set_rng_state(rng)
+        if self.rank:  # the checkpoint holds rank 0's generators: the others draw their own again
+            torch.manual_seed(self.config.seed + self.rank + 7919 * int(state["step"]))
         self.kl_ctl.value = float(state["kl_coef"])
         self.score_moments.load_state_dict(state["score_moments"])
         self.current_step = int(state["step"])

@@ -7,7 +7,18 @@ from pathlib import Path
 import minippo
 
 CORE = Path(minippo.__file__).parent
-READING_ORDER = ["fileio", "checks", "core", "quant", "lora", "adapter_files", "policy", "rollout", "ppo"]
+READING_ORDER = [
+    "fileio",
+    "checks",
+    "core",
+    "distributed",
+    "quant",
+    "lora",
+    "adapter_files",
+    "policy",
+    "rollout",
+]
+READING_ORDER += ["tracking", "ppo"]
 
 
 def minippo_imports(path: Path) -> set[str]:

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import distributed
 from ..checks import POSITIVE_INT, check, check_device, check_fields, optional
 from ..fileio import write_text
 from ..lora import LoRAConfig
@@ -202,14 +203,25 @@ def demo_stage_configs(config: DemoConfig, model_dir: str) -> dict:
 
 
 def run_demo(config: DemoConfig) -> dict:
-    """Run every stage into `config.output_dir`; returns the summary written to summary.json."""
+    """Run every stage into `config.output_dir`; returns the summary written to summary.json.
+
+    Under torchrun, sft and ppo run data parallel; rank 0 alone converts the model, trains the reward,
+    merges and writes the report, while the others wait at a barrier (then find its files)."""
+    distributed.init_from_env()
+    main = distributed.rank() == 0
     run = Path(config.output_dir)
-    run.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
+    if not main:
+        distributed.barrier()  # until rank 0 has converted the model
     model_dir = resolve_model(config.model)  # converts the embedded GGUF once, then reuses it
+    if main:
+        distributed.barrier()
     seconds["model"] = time.perf_counter() - t
     stages = demo_stage_configs(config, model_dir)
+    if not main:
+        return _run_sft_ppo_on_other_rank(stages)
+    run.mkdir(parents=True, exist_ok=True)
     write_json(
         run / "config.json",
         {"demo": dataclasses.asdict(config), **{k: dataclasses.asdict(v) for k, v in stages.items()}},
@@ -226,6 +238,8 @@ def run_demo(config: DemoConfig) -> dict:
         t = time.perf_counter()
         summary[name] = run_stage(stages[name])
         seconds[name] = time.perf_counter() - t
+        if name == "merge":
+            distributed.barrier()  # the merged model is on disk for the other ranks' ppo
     summary["seconds"] = seconds
     summary["total_seconds"] = sum(seconds.values())
 
@@ -243,6 +257,13 @@ def run_demo(config: DemoConfig) -> dict:
             f"{summary['total_seconds'] / 60:.1f} min; report: {run / 'report.md'}"
         )
     return summary
+
+
+def _run_sft_ppo_on_other_rank(stages: dict) -> dict:
+    """A rank other than 0: its share of sft and ppo, waiting for rank 0's merge in between."""
+    sft = run_sft(stages["sft"])
+    distributed.barrier()
+    return {"sft": sft, "ppo": run_ppo(stages["ppo"])}
 
 
 def _brief_ppo(result: dict) -> dict:

@@ -464,6 +464,9 @@ def format_plan(plan: Plan) -> str:
         "",
         f"fits in {c.gpu_gib:g} GiB: "
         + (f"yes ({room:.1f} GiB to spare)" if plan.fits else f"NO ({-room:.1f} GiB short)"),
+        f"data parallel on N GPUs (torchrun): {plan.total / GiB:.2f} GiB per GPU; the weights (one "
+        f"{c.dtype} copy per GPU), adapters, gradients and optimiser state are replicated, only the batch "
+        "is split: --batch-size is then each GPU's micro-batch (mini_batch_size / N / grad. accumulation)",
     ]
     if plan.alternatives:
         lines += ["", "| same step with | total GiB | total GB | fits |", "|---|---:|---:|---|"]

@@ -17,6 +17,7 @@ from typing import Annotated
 import torch
 import tyro
 
+from .. import distributed
 from ..adapter_files import load_adapter
 from ..checks import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, check, check_device, check_fields, one_of
 from ..fileio import atomic_directory, atomic_write
@@ -277,7 +278,10 @@ def build_trainer(config: PPORunConfig):
     model = load_model(model_dir, **quant_load_kwargs(config.quant), dtype=config.dtype, device=device)
     torch.manual_seed(config.ppo.seed)  # the adapters' A matrices follow --seed
     add_lora(model, config.lora)
-    trainer = PPOTrainer(config.ppo, model, tokenizer)
+    ppo = config.ppo
+    if ppo.log_with == "tensorboard" and ppo.logging_dir is None:  # event files in the run folder
+        ppo = dataclasses.replace(ppo, logging_dir=str(Path(config.output_dir) / "tensorboard"))
+    trainer = PPOTrainer(ppo, model, tokenizer)
     return trainer, tokenizer, model_dir
 
 
@@ -295,10 +299,12 @@ RESUMABLE_RUN_CHANGES = (
 )
 
 
-def resume_metrics(trainer: PPOTrainer, checkpoint: Path, log: MetricsLog) -> int:
+def resume_metrics(trainer: PPOTrainer, checkpoint: Path, log: MetricsLog | None) -> int:
     """Load the checkpoint into the trainer and cut metrics.jsonl back to its step (rows written after
     the checkpoint would otherwise come twice); returns the step to continue from."""
     trainer.load(checkpoint)
+    if log is None:  # not rank 0: only rank 0 writes metrics.jsonl
+        return trainer.current_step
     lines = log.path.read_text().splitlines(keepends=True) if log.path.exists() else []
     keep = [
         line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= trainer.current_step
@@ -309,53 +315,70 @@ def resume_metrics(trainer: PPOTrainer, checkpoint: Path, log: MetricsLog) -> in
 
 
 def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
-    """`minippo ppo`: prompts -> generate -> score -> step, `steps` times; logs, checkpoints, evaluation."""
+    """`minippo ppo`: prompts -> generate -> score -> step, `steps` times; logs, checkpoints, evaluation.
+
+    Under torchrun each process generates and scores its share of every batch; rank 0 alone evaluates
+    and writes files while the others wait at a barrier."""
     from tqdm.auto import tqdm
 
+    distributed.init_from_env()
+    main = distributed.rank() == 0
     out, checkpoint = Path(config.output_dir), Path(config.output_dir) / "checkpoint"
-    out.mkdir(parents=True, exist_ok=True)
     resume = config.resume and (checkpoint / "trainer_state.json").exists()
     if resume and (out / "config.json").exists():  # the run's settings must match (PPOTrainer.load
         # checks the PPO settings)
         saved = json.loads((out / "config.json").read_text())
         check_config(saved, dataclasses.asdict(config), RESUMABLE_RUN_CHANGES, f"the run in {out}")
-    write_json(out / "config.json", dataclasses.asdict(config))
+    distributed.barrier()  # every process has read the old config before rank 0 rewrites it
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", dataclasses.asdict(config))
     trainer, tokenizer, model_dir = build_trainer(config)
+    share = slice(
+        trainer.rank * trainer.batch_size_per_rank, (trainer.rank + 1) * trainer.batch_size_per_rank
+    )
     reward = load_reward(config.reward, kind=config.reward_kind, device=trainer.device)
     prompts, eval_prompts = ppo_prompts(config, tokenizer)
 
     result = {"model": model_dir, "output_dir": str(out)}
-    if eval_prompts:
+    if eval_prompts and main:
         before = evaluate_policy(trainer, tokenizer, reward, eval_prompts, config.eval_seed, adapters=False)
         result["before"] = before
         print(f"ppo: before training, held-out reviews score P(positive) {before['reward_prob_mean']:.3f}")
 
+    distributed.barrier()
     log = MetricsLog(out / "metrics.jsonl")
-    start = resume_metrics(trainer, checkpoint, log) if resume else 0
-    if not resume:
+    start = resume_metrics(trainer, checkpoint, log if main else None) if resume else 0
+    if not resume and main:
         log.path.unlink(missing_ok=True)  # a fresh run; checkpoints below are replaced atomically
     batches = cycle_batches(len(prompts), config.ppo.batch_size, config.ppo.seed)
     for _ in range(start):  # the prompt position: the batches the checkpoint's steps consumed
         next(batches)
-    bar = tqdm(range(start + 1, config.steps + 1), desc="ppo", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        range(start + 1, config.steps + 1), desc="ppo", disable=not (progress and main), dynamic_ncols=True
+    )
     t0 = time.perf_counter()
     for step in bar:
-        queries = [prompts[i] for i in next(batches)]
+        queries = [prompts[i] for i in next(batches)][share]  # every process takes its share of the batch
         stats, samples = ppo_step(trainer, tokenizer, reward, queries)
         stats.update({"step": step, "time/elapsed": time.perf_counter() - t0})
-        log.write(stats)
+        if main:
+            log.write(stats)
         bar.set_postfix(
             reward=f"{stats['env/reward_mean']:.2f}",
             pos=f"{stats['env/reward_prob_mean']:.2f}",
             kl=f"{stats['objective/kl']:.2f}",
             beta=f"{stats['objective/kl_coef']:.3f}",
         )
-        if config.save_every and step % config.save_every == 0 and step < config.steps:
+        if config.save_every and step % config.save_every == 0 and step < config.steps and main:
             trainer.save(checkpoint)
             for q, r in samples[: config.log_samples]:
                 bar.write(f"  step {step}: {q!r} -> {r!r}")
-    trainer.save(out / "adapter")
     result["train_seconds"] = time.perf_counter() - t0
+    if not main:
+        distributed.barrier()  # rank 0 saves and evaluates
+        return result
+    trainer.save(out / "adapter")
     if eval_prompts:
         after = result["after"] = evaluate_policy(trainer, tokenizer, reward, eval_prompts, config.eval_seed)
         print(
@@ -364,6 +387,9 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
             f"KL to the starting model {after['kl_mean']:.2f} nats/review"
         )
     write_json(out / "result.json", result)
+    if trainer.tracker is not None:
+        trainer.tracker.close()
+    distributed.barrier()
     return result
 
 
@@ -400,7 +426,7 @@ def ppo_step(trainer: PPOTrainer, tokenizer, reward, queries) -> tuple[dict, lis
     t_score = time.perf_counter() - t
     stats = trainer.step(queries, responses, scores)
     stats.update({"time/generate": t_gen, "time/score": t_score})
-    stats["env/reward_prob_mean"] = probs.float().mean().item()
+    stats["env/reward_prob_mean"] = distributed.all_reduce(probs.float().mean(), "mean").item()
     stats["env/distinct_1"], stats["env/distinct_2"] = distinct_n(responses, 1), distinct_n(responses, 2)
     return stats, list(zip(q_text, r_text))
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..adapter_files import load_adapter, save_adapter
 from ..checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check, check_device, check_fields
 from ..fileio import atomic_directory, write_json
@@ -136,9 +137,11 @@ def eval_blocks(tokenizer, config: SFTConfig) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_lm(model, blocks: torch.Tensor, batch_size: int, device) -> float:
-    """Mean next-token cross-entropy (nats per token) of `model` over blocks (N, L)."""
+    """Mean next-token cross-entropy (nats per token) of `model` over blocks (N, L); with several
+    processes each takes every N-th block and the sums are all-reduced."""
     was_training = model.training
     model.eval()
+    blocks = blocks[distributed.rank() :: distributed.world_size()]
     total, count = 0.0, 0
     for i in range(0, len(blocks), batch_size):
         batch = blocks[i : i + batch_size].to(device)  # (B, L)
@@ -146,7 +149,8 @@ def evaluate_lm(model, blocks: torch.Tensor, batch_size: int, device) -> float:
         n = batch.numel() - batch.shape[0]  # predicted tokens: L - 1 per block
         total, count = total + loss.item() * n, count + n
     model.train(was_training)
-    return total / max(count, 1)
+    total, count = distributed.all_reduce(torch.tensor([total, count], dtype=torch.float64, device=device))
+    return (total / count.clamp(min=1)).item()
 
 
 def lr_lambda(warmup_steps: int, max_steps: int):
@@ -169,9 +173,17 @@ def run_sft(config: SFTConfig) -> dict:
     `output_dir/metrics.json`; the adapter goes to `output_dir/adapter`, the (step, loss) log to
     `output_dir/loss_log.json`)."""
     device = _available(config.device)
+    distributed.init_from_env()  # data parallel under torchrun: each process takes a share of each batch
+    rank, world = distributed.rank(), distributed.world_size()
+    if config.batch_size % (world * config.grad_accum_steps):
+        raise ValueError(
+            f"SFTConfig.batch_size ({config.batch_size}) must be divisible by the {world} processes x "
+            f"grad_accum_steps ({config.grad_accum_steps})"
+        )
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "sft_config.json", dataclasses.asdict(config))
+    if rank == 0:  # rank 0 alone writes files
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "sft_config.json", dataclasses.asdict(config))
     torch.manual_seed(config.seed)
 
     # 1. Model: base (8-bit) + LoRA, tokenizer with a pad token distinct from EOS.
@@ -194,7 +206,8 @@ def run_sft(config: SFTConfig) -> dict:
     try:
         seconds = train_lm(model, train, config, device, loss_log, out / "checkpoint")
     except KeyboardInterrupt:
-        _save(model, out, model_dir, loss_log)
+        if rank == 0:
+            _save(model, out, model_dir, loss_log)
         print(f"sft: interrupted at step {len(loss_log)}; adapter saved to {out / 'adapter'}")
         raise
 
@@ -209,9 +222,11 @@ def run_sft(config: SFTConfig) -> dict:
         train_loss_first=loss_log[0][1],
         train_loss_last=loss_log[-1][1],
     )
-    metrics.update(_save(model, out, model_dir, loss_log))
-    write_json(out / "metrics.json", metrics)
-    if val is not None:
+    if rank == 0:
+        metrics.update(_save(model, out, model_dir, loss_log))
+        write_json(out / "metrics.json", metrics)
+    distributed.barrier()  # the others wait until the adapter is written
+    if val is not None and rank == 0:
         print(
             f"sft: validation loss {metrics['eval_loss_before']:.3f} -> {metrics['eval_loss_after']:.3f} "
             f"(perplexity {metrics['eval_ppl_before']:.1f} -> {metrics['eval_ppl_after']:.1f}); "
@@ -242,9 +257,12 @@ def train_lm(
     keeps it), writes `checkpoint` every save_every steps and, with `config.resume`, continues from it
     exactly (the batch stream is replayed up to the checkpoint's step); returns the seconds taken."""
     params = [p for p in model.parameters() if p.requires_grad]
+    distributed.broadcast_parameters(params)  # every process starts from rank 0's adapter
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, config.max_steps))
-    batches = cycle_batches(len(blocks), config.batch_size // config.grad_accum_steps, config.seed)
+    rank, world = distributed.rank(), distributed.world_size()
+    micro = config.batch_size // config.grad_accum_steps // world  # blocks per forward on this process
+    batches = cycle_batches(len(blocks), micro * world, config.seed)  # the same global stream everywhere
     if config.resume and (checkpoint / "trainer_state.json").exists():
         loss_log[:] = load_checkpoint(checkpoint, config, model, optimizer, scheduler)
         for _ in range(len(loss_log) * config.grad_accum_steps):
@@ -252,22 +270,27 @@ def train_lm(
         print(f"sft: resuming {checkpoint} at step {len(loss_log)}")
     model.train()
     start = time.perf_counter()
-    bar = tqdm(range(len(loss_log) + 1, config.max_steps + 1), desc="sft", unit="step", dynamic_ncols=True)
+    steps = range(len(loss_log) + 1, config.max_steps + 1)
+    bar = tqdm(steps, desc="sft", unit="step", dynamic_ncols=True, disable=rank > 0)
     with bar:
         for step in bar:
-            step_loss = 0.0
+            step_loss = torch.zeros((), device=device)
             for _ in range(config.grad_accum_steps):
-                batch = blocks[next(batches)].to(device)  # (B, L)
+                batch = blocks[next(batches)[rank * micro : (rank + 1) * micro]].to(
+                    device
+                )  # (B, L), my share
                 loss = model(input_ids=batch, labels=batch, use_cache=False).loss
                 (loss / config.grad_accum_steps).backward()
-                step_loss += loss.item() / config.grad_accum_steps
+                step_loss += loss.detach() / config.grad_accum_steps
+            distributed.all_reduce_grads(params, "mean")  # before clipping: clip the global gradient
+            step_loss = distributed.all_reduce(step_loss, "mean").item()
             if config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             loss_log.append((step, step_loss))
-            if config.save_every and step % config.save_every == 0:
+            if config.save_every and step % config.save_every == 0 and rank == 0:
                 save_checkpoint(checkpoint, config, model, optimizer, scheduler, loss_log)
             if step % config.log_every == 0 or step == config.max_steps:
                 recent = [l for _, l in loss_log[-config.log_every :]]

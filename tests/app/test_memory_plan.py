@@ -84,6 +84,7 @@ def test_20b_in_bf16_does_not_fit_24gb_but_int8_with_adapters_does():
     )
     text = format_plan(int8)
     assert "fits in 24 GiB: yes" in text and "| bf16 weights + LoRA |" in text
+    assert f"data parallel on N GPUs (torchrun): {int8.total / GiB:.2f} GiB per GPU" in text
 
 
 def test_known_and_folder_shapes(tmp_path):

@@ -1,0 +1,90 @@
+"""Data parallelism on `torch.distributed`: one process per device, each with its own 8-bit model copy,
+launched by ``torchrun`` (or ``accelerate launch``). Every helper is a no-op with one process.
+
+The group is joined from torchrun's environment (RANK, WORLD_SIZE, ...) with backend nccl on CUDA,
+gloo on CPU (``MINIPPO_DIST_BACKEND`` overrides; or call ``init_process_group`` yourself first) and a
+timeout (``MINIPPO_DIST_TIMEOUT`` s, default 1800): a rank left waiting for a dead peer fails.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from .core import masked_mean, masked_var
+
+
+def init_from_env() -> bool:
+    """Join the process group that the launcher describes when WORLD_SIZE > 1; True if distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    backend = os.environ.get("MINIPPO_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = datetime.timedelta(seconds=float(os.environ.get("MINIPPO_DIST_TIMEOUT", "1800")))
+    dist.init_process_group(backend, timeout=timeout)
+    return True
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def barrier() -> None:  # wait for every rank (e.g. while rank 0 writes files)
+    if world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """A reduced copy of ``x`` over all ranks: op "sum", "mean" or "max"; ``x`` itself is left alone."""
+    if world_size() == 1:
+        return x
+    y = x.detach().clone()
+    dist.all_reduce(y, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return y / world_size() if op == "mean" else y
+
+
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """(n, ...) on each rank -> (world_size * n, ...), rank 0's rows first (equal n on every rank)."""
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased variance of ``x`` over the masked positions of all ranks (two passes, as
+    `core.masked_var`); pass them to `core.masked_whiten` to whiten with global statistics."""
+    if world_size() == 1:
+        return masked_mean(x, mask), masked_var(x, mask)
+    mask = mask.to(x.dtype)
+    total, count = all_reduce(torch.stack([(x * mask).sum(), mask.sum()]))
+    mean = total / count
+    squares = all_reduce(((x - mean) ** 2 * mask).sum())
+    return mean, squares / (count - 1).clamp(min=1)
+
+
+def all_reduce_grads(params: list[torch.Tensor], op: str = "mean") -> None:
+    """Sum or average the gradients of ``params`` over ranks in one flat all-reduce (None counts as 0)."""
+    if world_size() == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = all_reduce(torch.cat([g.reshape(-1) for g in grads]), op)
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p).to(p.dtype)
+
+
+def broadcast_parameters(params: list[torch.Tensor]) -> None:
+    """Copy rank 0's values of ``params`` to every rank (identical adapters to start from)."""
+    for p in params if world_size() > 1 else []:
+        dist.broadcast(p.data, src=0)
