@@ -326,20 +326,35 @@ def load_model(
 
 
 class _EvalPinnedLinear8bitLt(bnb.nn.Linear8bitLt):
-    """A frozen Linear8bitLt whose `train()` keeps eval mode; still an `isinstance` of Linear8bitLt,
-    so bitsandbytes, transformers and peft treat it as one (`keep_8bit_layers_in_eval` swaps it in)."""
+    """A frozen Linear8bitLt whose `train()` keeps the mode it was pinned to (`int8_path`); still an
+    `isinstance` of Linear8bitLt, so bitsandbytes, transformers and peft treat it as one."""
+
+    int8_path = True
 
     def train(self, mode: bool = True):
-        return super().train(False)
+        return super().train(not self.int8_path)
 
 
-def keep_8bit_layers_in_eval(model: nn.Module) -> nn.Module:
-    """Pin every `Linear8bitLt` of `model` in eval mode for good, so a CPU runs the int8 matmul with
-    outlier threshold that CUDA runs.  In place."""
+def int8_matmul_is_native(device: torch.device | str) -> bool:
+    """Whether ``device`` multiplies int8 matrices natively: CUDA, or a CPU with VNNI or AMX (torch's
+    capability report). Without them torch's CPU int8 GEMM is emulated, far slower than float32."""
+    device = torch.device(device)
+    return device.type != "cpu" or torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def keep_8bit_layers_in_eval(model: nn.Module, int8_path: bool | None = None) -> nn.Module:
+    """Pin every `Linear8bitLt` of `model` to one function for good, whatever `model.train()` says.
+
+    ``int8_path=True``: eval mode, the int8 matmul with outlier threshold that CUDA runs.  ``False``:
+    bitsandbytes' CPU train-mode path, which dequantises the int8 weight (one layer at a time) and runs
+    a float matmul: the weights stay int8 in memory, the activations are not quantised.  ``None``
+    (default): the int8 path where `int8_matmul_is_native`, else the dequantising one.  In place."""
     for module in model.modules():
         if type(module) is bnb.nn.Linear8bitLt:
             module.__class__ = _EvalPinnedLinear8bitLt
-        if isinstance(module, bnb.nn.Linear8bitLt):
+        if isinstance(module, _EvalPinnedLinear8bitLt):
+            native = int8_matmul_is_native(module.weight.device) if int8_path is None else int8_path
+            module.int8_path = native
             module.train(False)
     return model
 

@@ -105,7 +105,7 @@ def test_footprint_counts_tied_weights_once(tokenizer):
 
 def test_8bit_layers_stay_in_eval_mode(model, batch):
     quantize_model(model)
-    keep_8bit_layers_in_eval(model)
+    keep_8bit_layers_in_eval(model, int8_path=True)
     model.train()
     assert model.training
     assert all(not m.training for m in int8_layers(model).values())
@@ -116,10 +116,28 @@ def test_8bit_layers_stay_in_eval_mode(model, batch):
 def test_pinned_eval_keeps_int8_path_in_train_mode(tokenizer, batch):
     """Llama has no dropout: with the 8-bit layers pinned, train-mode logits == eval-mode logits."""
     model = quantize_model(tiny_model("llama", len(tokenizer)))
-    keep_8bit_layers_in_eval(model)
+    keep_8bit_layers_in_eval(model, int8_path=True)
     eval_logits = logits(model, batch)
     model.train()
     assert torch.equal(logits(model, batch), eval_logits)
+
+
+def test_8bit_path_follows_the_cpu(tokenizer, batch, monkeypatch):
+    """The int8 GEMM where the CPU has VNNI/AMX; else the dequantising float matmul, whose logits are
+    at least as close to fp32 (no activation quantisation), in train and eval mode alike."""
+    fp32, errors = logits(tiny_model("llama", len(tokenizer)), batch), {}
+    for native in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda native=native: native)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        model = keep_8bit_layers_in_eval(quantize_model(tiny_model("llama", len(tokenizer))))
+        layers = int8_layers(model).values()
+        assert all(m.int8_path == native and m.training == (not native) for m in layers)
+        eval_logits = logits(model, batch)
+        model.train()
+        assert torch.equal(logits(model, batch), eval_logits)  # pinned: one function in both modes
+        errors[native] = (eval_logits - fp32).abs().max()
+    assert errors[True] < 1e-2
+    assert errors[False] <= errors[True]  # the float matmul on int8 weights: no activation rounding
 
 
 def test_prepare_freezes_upcasts_and_returns_fp32_logits(tokenizer, batch):
