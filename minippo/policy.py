@@ -1,11 +1,5 @@
-"""The policy: a causal LM (LoRA-adapted, possibly 8-bit) plus a value head, and batched sampling.
-
-- `ValueHead`: Linear(H, 1) over the LM's last hidden state, in float32, dropout off by default.
-- `PolicyWithValueHead`: one module whose forward gives float32 logits and values, computing the
-  LM head only over the positions that predict response tokens.
-- `PolicyWithValueHead.generate`: batched sampling with a KV cache, left-padded prompts and
-  matching `position_ids`, plain sampling (top_k 0, top_p 1) at a temperature, a response length
-  drawn per sample from a range (or fixed), optional stop at EOS.
+"""The policy: a causal LM (LoRA-adapted, possibly 8-bit) plus a value head (`PolicyWithValueHead`:
+float32 logits and values in one forward), and batched sampling with a KV cache (``generate``).
 
 Layout of a (query, response) batch, the one every forward here uses:
     input_ids (B, L) = [pad ... pad, query tokens | response tokens, pad ... pad],  L = P + T
@@ -26,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from .adapter_files import load_adapter, save_adapter
 
@@ -34,19 +29,7 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 # -- padding ------------------------------------------------------------------------------------
 
 
-def left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack 1-D token tensors into (B, P) ids and mask, padding on the left."""
-    P = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)  # (B, P)
-    mask = torch.zeros((len(seqs), P), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, P - len(s) :] = s
-            mask[i, P - len(s) :] = 1
-    return ids, mask
-
-
-def right_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def right_pad(seqs: list[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
     """Stack 1-D token tensors into (B, T) ids and mask, padding on the right."""
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (B, T)
@@ -55,6 +38,12 @@ def right_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torc
         ids[i, : len(s)] = s
         mask[i, : len(s)] = 1
     return ids, mask
+
+
+def left_pad(seqs: list[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Stack 1-D token tensors into (B, P) ids and mask, padding on the left (right_pad, mirrored)."""
+    ids, mask = right_pad([s.flip(0) for s in seqs], pad_id)
+    return ids.flip(1), mask.flip(1)  # (B, P)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -68,20 +57,18 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 class ValueHead(nn.Module):
     """A scalar value per position: Linear(H, 1) over the last hidden state, computed in float32.
 
-    Dropout is off by default (``dropout=0.0``): with dropout on, the log-probabilities taken during the
-    rollout and in the first PPO minibatch differ, and the first ratio is no longer 1 (trl issue #454).
-    The weight is zero-initialised by default (``init_std=0.0``), so every value starts at 0 and the
-    first value-loss gradients do not disturb the LM (Huang et al., "value head zero init"); pass
-    ``init_std > 0`` for a normal init instead. The bias always starts at 0.
+    Dropout is off by default: with it on, the rollout's and the first PPO minibatch's log-probabilities
+    differ and the first ratio is no longer 1 (trl issue #454). The weight starts at zero unless
+    ``init_std > 0`` (the bias always does), so every value starts at 0 and the first value-loss
+    gradients do not disturb the LM (Huang et al., "value head zero init").
     """
 
     def __init__(self, hidden_size: int, dropout: float = 0.0, init_std: float = 0.0):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
         self.summary = nn.Linear(hidden_size, 1, dtype=torch.float32)
-        nn.init.normal_(self.summary.weight, std=init_std) if init_std > 0 else nn.init.zeros_(
-            self.summary.weight
-        )
+        weight = self.summary.weight
+        nn.init.normal_(weight, std=init_std) if init_std > 0 else nn.init.zeros_(weight)
         nn.init.zeros_(self.summary.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -140,22 +127,19 @@ class Generation:
 class PolicyWithValueHead(nn.Module):
     """A causal LM (LoRA-adapted, possibly 8-bit) and a value head on its last hidden state.
 
-    ``forward`` runs the LM's backbone once and returns float32 logits and values; with
-    ``response_length=T`` only the T positions that predict the last T tokens go through the LM head
-    (a (B, T, V) tensor instead of (B, L, V)). Reference log-probabilities come from the same module
-    with its adapters disabled (``minippo.lora.disable_adapters(policy.model)``): no second model.
+    ``forward`` runs the backbone once and returns float32 logits and values; with ``response_length=T``
+    only the T positions that predict the last T tokens go through the LM head ((B, T, V), not (B, L, V)).
+    Reference log-probabilities come from the same module with its adapters disabled: no second model.
 
-    The LM head runs in its weights' dtype even under autocast: float32 for a float32 model (bf16
-    logits would put ~0.03-nat noise on every log-probability, and PPO divides probabilities); a
-    model loaded in bf16 (``load_model(..., dtype="bfloat16")``) computes bf16 logits, upcast to
-    float32. On CPU, loading in bf16 is the fastest setting measured (no per-forward weight casts).
-    What some heads do after ``lm_head`` is done too (Cohere's ``logit_scale``, Granite's
-    ``logits_scaling``, Gemma2's ``final_logit_softcapping``), and a probe batch checks at wrap time that
-    the logits are the model's own (`check_logits`): PPO must sample and train the model's distribution.
+    The LM head runs in its weights' dtype even under autocast: float32 for a float32 model (bf16 logits
+    would put noise on every log-probability, and PPO divides probabilities); a bf16-loaded model gives
+    bf16 logits, upcast. Cohere's ``logit_scale``, Granite's ``logits_scaling`` and Gemma2's
+    ``final_logit_softcapping`` are applied too, and `check_logits` checks at wrap time that the logits
+    are the model's own: PPO must sample and train the model's distribution.
 
-    ``gradient_checkpointing = True`` recomputes each decoder layer's activations in the backward pass
-    (``torch.utils.checkpoint``, non-reentrant) whenever gradients are on, whatever ``.training`` says:
-    transformers' own checkpointing only acts in train mode, and PPO runs in eval mode (dropout off).
+    ``gradient_checkpointing = True`` recomputes each decoder layer in the backward pass (non-reentrant
+    ``torch.utils.checkpoint``) whenever gradients are on: transformers' own checkpointing acts only in
+    train mode, and PPO runs in eval mode (dropout off).
     """
 
     def __init__(
@@ -171,9 +155,8 @@ class PolicyWithValueHead(nn.Module):
         params = inspect.signature(self.backbone.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         # logits = softcap(lm_head(h) * logit_scale / logits_scaling), as those models' forwards
-        self._logit_scale = (getattr(config, "logit_scale", None) or 1.0) / (
-            getattr(config, "logits_scaling", None) or 1.0
-        )
+        scale, divisor = getattr(config, "logit_scale", None), getattr(config, "logits_scaling", None)
+        self._logit_scale = (scale or 1.0) / (divisor or 1.0)
         self._softcap = getattr(config, "final_logit_softcapping", None)
         self._checkpointing = False
         self.check_logits()
@@ -222,10 +205,9 @@ class PolicyWithValueHead(nn.Module):
         error, scale = (ours - theirs).abs().max().item(), theirs.abs().max().item()
         if not error <= rtol * scale + 1e-5:
             raise ValueError(
-                f"{type(self.model).__name__}'s logits differ from what minippo computes from its hidden "
-                f"states (max |diff| {error:.3g}, max |logit| {scale:.3g}): its forward post-processes the "
-                "logits in a way minippo does not know, and PPO would train another distribution than the "
-                "model's. Use a model whose logits are lm_head(hidden), or extend logits_from_hidden."
+                f"{type(self.model).__name__}'s logits differ from minippo's (max |diff| {error:.3g}, max "
+                f"|logit| {scale:.3g}): its forward post-processes them in a way minippo does not know, so "
+                "PPO would train another distribution. Use a model whose logits are lm_head(hidden)."
             )
 
     @property
@@ -292,15 +274,12 @@ class PolicyWithValueHead(nn.Module):
         stop_at_eos: bool = False,
         batch_size: int | None = None,
     ) -> Generation:
-        """Sample one response per query (1-D token tensors), batched, with a KV cache.
+        """Sample one response per query (1-D token tensors), ``batch_size`` at once, with a KV cache.
 
-        Each response's length is drawn uniformly from ``[min_new_tokens, max_new_tokens]`` (both
-        inclusive; equal values give fixed-length sampling). Tokens are drawn from
-        ``softmax(logits / temperature)`` over the whole vocabulary (top_k 0, top_p 1): PPO's
-        log-probabilities are those of this distribution, which top-k/top-p truncation would break.
-        With ``stop_at_eos`` a response ends at (and includes) its first EOS. ``batch_size`` caps how
-        many queries are sampled at once (default: all). Randomness comes from torch's global generator
-        (seed it with ``torch.manual_seed``). Returns a `Generation` on the CPU.
+        Lengths are drawn uniformly from ``[min_new_tokens, max_new_tokens]`` (inclusive), tokens from
+        ``softmax(logits / temperature)`` over the whole vocabulary (top_k 0, top_p 1: PPO's log-probs
+        are those of this distribution). With ``stop_at_eos`` a response ends at (and includes) its first
+        EOS. Uses torch's global generator. Returns a `Generation` on the CPU.
         """
         if not queries:
             raise ValueError("generate() needs at least one query")
@@ -313,17 +292,9 @@ class PolicyWithValueHead(nn.Module):
         if stop_at_eos and eos_token_id is None:
             raise ValueError("stop_at_eos=True needs an eos_token_id")
         lengths = torch.randint(min_new_tokens, max_new_tokens + 1, (len(queries),))
-        batch_size = batch_size or len(queries)
-        parts = [
-            self._sample(
-                queries[i : i + batch_size],
-                lengths[i : i + batch_size],
-                pad_token_id,
-                eos_token_id if stop_at_eos else None,
-                temperature,
-            )
-            for i in range(0, len(queries), batch_size)
-        ]
+        n, eos = batch_size or len(queries), eos_token_id if stop_at_eos else None
+        chunks = [(queries[i : i + n], lengths[i : i + n]) for i in range(0, len(queries), n)]
+        parts = [self._sample(q, k, pad_token_id, eos, temperature) for q, k in chunks]
         if len(parts) == 1:
             return parts[0]
         # re-pad the chunks to common widths

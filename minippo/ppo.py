@@ -19,12 +19,12 @@ import os
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch import Tensor
 
-from . import distributed
+from . import core, distributed
 from .checks import (
     NON_NEGATIVE,
     POSITIVE,
@@ -36,20 +36,7 @@ from .checks import (
     one_of,
     optional,
 )
-from .core import (
-    KL_ESTIMATORS,
-    AdaptiveKLController,
-    FixedKLController,
-    RunningMoments,
-    compute_gae,
-    entropy_from_logits,
-    kl_penalized_rewards,
-    logprobs_from_logits,
-    masked_whiten,
-    policy_loss,
-    value_loss,
-)
-from .fileio import atomic_directory
+from .fileio import atomic_directory, write_json
 from .lora import disable_adapters, lora_layers
 from .policy import PolicyWithValueHead, left_pad, maybe_autocast, right_pad
 from .quant import is_4bit, is_8bit, resolve_compute_dtype
@@ -62,30 +49,22 @@ TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.pt"
 SCHEDULER_STATE = "scheduler.pt"
 RNG_STATE = "rng_state.pt"
-# PPOConfig fields a checkpoint may be resumed under with another value (the new one applies);
-# any other difference is refused by `PPOTrainer.load`.
-RESUMABLE_CHANGES = (
-    "learning_rate",
-    "device",
-    "generation_batch_size",
-    "log_with",
-    "tracker_project_name",
-    "logging_dir",
-)
+# PPOConfig fields that a checkpoint may be resumed under with another value (the new one applies);
+# `PPOTrainer.load` refuses any other difference.
+RESUMABLE_CHANGES = ("learning_rate", "device", "generation_batch_size", "log_with", "tracker_project_name")
+RESUMABLE_CHANGES += ("logging_dir",)
 
 
-@dataclass
+@dataclasses.dataclass
 class PPOConfig:
     """PPO settings. Names and defaults follow trl v0.4.7 (the blog era) where trl has the setting."""
 
     learning_rate: float = 1.41e-5
     """Adam(W) learning rate for the LoRA adapters and the value head (trl's examples: 1.41e-5)."""
     batch_size: int = 256
-    """samples per PPO step over all processes: with N processes (torchrun), each one's step() takes
-    batch_size / N (query, response, score) triples; with one, exactly batch_size."""
+    """samples per PPO step over all processes; each of N processes' step() takes batch_size / N."""
     mini_batch_size: int = 16
-    """samples per optimiser update over all processes, each taking mini_batch_size / N; must divide
-    batch_size (trl 0.4 default 1; its 20B example 16). trl counts it per process instead."""
+    """samples per optimiser update over all processes (trl: per process); divides batch_size."""
     gradient_accumulation_steps: int = 1
     """split each minibatch into this many micro-batches (saves memory; the update is unchanged)."""
     ppo_epochs: int = 4
@@ -143,14 +122,12 @@ class PPOConfig:
     generation_batch_size: int | None = None
     """queries sampled at once by generate() (None: all of them in one batch)."""
     compute_dtype: str = "auto"
-    """matmul dtype: "auto" (bfloat16 where the hardware runs it natively and no 8-bit layer sits on a
-    CPU, else float32: `minippo.quant.auto_compute_dtype`), "float32" or "bfloat16" (autocast; stored
-    weights, logits, values and Adam stay as they are). float16 is refused: it needs loss scaling."""
+    """matmul dtype under autocast: "auto" (`minippo.quant.auto_compute_dtype`), "float32" or "bfloat16";
+    weights, logits, values and Adam keep theirs. float16 is refused: it needs loss scaling."""
     device: str | None = None
     """device to train on, e.g. "cuda" (None: wherever the model's parameters are)."""
     gradient_checkpointing: bool | None = None
-    """recompute each decoder layer's activations in the backward pass (less memory, more compute);
-    None: on for 8-bit and 4-bit models (as the blog), off otherwise."""
+    """recompute decoder layers' activations in backward (less memory); None: on for 8/4-bit models."""
     log_with: str | None = None
     """also send each step's stats (from rank 0) to "tensorboard", "wandb" or "trackio" (trl's name)."""
     tracker_project_name: str = "minippo"
@@ -159,48 +136,28 @@ class PPOConfig:
     """TensorBoard's event-file folder (None: SummaryWriter's default, runs/<date>_<host>)."""
 
     def __post_init__(self):
-        check_fields(
-            self,
-            POSITIVE_INT,
-            "batch_size",
-            "mini_batch_size",
-            "gradient_accumulation_steps",
-            "ppo_epochs",
-            "min_new_tokens",
-            "max_new_tokens",
-        )
+        ints = "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs", "min_new_tokens"
+        check_fields(self, POSITIVE_INT, *ints, "max_new_tokens")
+        b, m, g = self.batch_size, self.mini_batch_size, self.gradient_accumulation_steps
+        check(self, b % m == 0, f"batch_size ({b}) must be divisible by mini_batch_size ({m})")
         check(
-            self,
-            self.batch_size % self.mini_batch_size == 0,
-            f"batch_size ({self.batch_size}) must be divisible by mini_batch_size ({self.mini_batch_size}); "
-            f"e.g. set mini_batch_size to a divisor of {self.batch_size}",
+            self, m % g == 0, f"mini_batch_size ({m}) must be divisible by gradient_accumulation_steps ({g})"
         )
-        check(
-            self,
-            self.mini_batch_size % self.gradient_accumulation_steps == 0,
-            f"mini_batch_size ({self.mini_batch_size}) must be divisible by gradient_accumulation_steps "
-            f"({self.gradient_accumulation_steps})",
-        )
-        check(
-            self,
-            self.min_new_tokens <= self.max_new_tokens,
-            f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens ({self.max_new_tokens})",
-        )
+        lo, hi = self.min_new_tokens, self.max_new_tokens
+        check(self, lo <= hi, f"min_new_tokens ({lo}) must be <= max_new_tokens ({hi})")
         positive = "learning_rate", "target", "horizon", "cliprange", "cliprange_value", "target_kl"
         check_fields(self, POSITIVE, *positive, "ratio_threshold", "temperature", "score_scale")
         check_fields(self, NON_NEGATIVE, "init_kl_coef", "vf_coef", "weight_decay")
         check_fields(self, UNIT_INTERVAL, "gamma", "lam")
-        check_fields(self, one_of(*KL_ESTIMATORS), "kl_penalty")
+        check_fields(self, one_of(*core.KL_ESTIMATORS), "kl_penalty")
         check_fields(self, optional(POSITIVE), "max_grad_norm", "score_clip")
         check_fields(self, optional(POSITIVE_INT), "generation_batch_size")
         check(
             self, self.use_score_scaling or not self.use_score_norm, "use_score_norm needs use_score_scaling"
         )
-        matmul_dtype = (
-            lambda d: d in ("auto", "float32", "fp32", "bfloat16", "bf16"),
-            "auto, float32 or bfloat16 (float16 would need loss scaling, which minippo does not do)",
-        )
-        check_fields(self, matmul_dtype, "compute_dtype")
+        dtypes = one_of("auto", "float32", "fp32", "bfloat16", "bf16")[0]
+        no_fp16 = "auto, float32 or bfloat16 (float16 would need loss scaling, which minippo does not do)"
+        check_fields(self, (dtypes, no_fp16), "compute_dtype")
         check_fields(self, optional(one_of(*TRACKERS)), "log_with")
         check_device(self)
 
@@ -213,23 +170,15 @@ class PPOConfig:
 class PPOTrainer:
     """Trains a policy (LoRA adapters + value head) with PPO against a reference = adapters off.
 
-    ``model``: a `PolicyWithValueHead`, or a causal LM with LoRA layers (``add_lora``) that is
-    wrapped in one (value head dropout off, zero init). ``tokenizer`` (optional) supplies the pad and
-    EOS ids; without a pad token the EOS id pads, which is harmless here because every mask is built
-    from lengths, never by comparing ids with the pad id. ``optimizer`` defaults to AdamW over the
-    trainable parameters only; ``lr_scheduler`` (optional) is stepped once per `step`, as trl does.
-
-    The policy is put in eval mode and kept there: PPO runs with dropout off, so the first minibatch
-    of every step sees exactly the rollout policy (ratio 1).
+    ``model``: a `PolicyWithValueHead`, or a causal LM with LoRA layers (``add_lora``) to wrap in one.
+    ``tokenizer`` (optional) gives the pad and EOS ids; without a pad token EOS pads (harmless: masks
+    come from lengths). ``optimizer`` defaults to AdamW over the trainable parameters; ``lr_scheduler``
+    (optional) is stepped once per `step`, as in trl. The policy stays in eval mode: PPO runs with
+    dropout off, so the first minibatch of every step sees exactly the rollout policy (ratio 1).
     """
 
     def __init__(
-        self,
-        config: PPOConfig,
-        model: PolicyWithValueHead | nn.Module,
-        tokenizer=None,
-        optimizer: torch.optim.Optimizer | None = None,
-        lr_scheduler=None,
+        self, config: PPOConfig, model: nn.Module, tokenizer=None, optimizer=None, lr_scheduler=None
     ):
         self.config = config
         distributed.init_from_env()  # a no-op unless launched by torchrun with WORLD_SIZE > 1
@@ -241,15 +190,12 @@ class PPOTrainer:
                 "the model has no LoRA layers: PPOTrainer trains adapters and takes the reference policy "
                 "from the same model with its adapters disabled; call minippo.add_lora(model) first"
             )
-        wanted = torch.device(config.device) if config.device is not None else None
-        if wanted is not None and not (
-            policy.device.type == wanted.type and wanted.index in (None, policy.device.index)
-        ):
-            policy.to(wanted)  # an 8-bit model should rather be loaded on its device (load_model(device=...))
+        want, have = torch.device(config.device or policy.device), policy.device
+        if want.type != have.type or want.index not in (None, have.index):
+            policy.to(want)  # an 8-bit model should rather be loaded on its device (load_model(device=...))
         self.policy = policy.eval()
-        checkpointing = config.gradient_checkpointing
-        kbit = is_8bit(policy.model) or is_4bit(policy.model)
-        policy.gradient_checkpointing = kbit if checkpointing is None else checkpointing
+        kbit, on = is_8bit(policy.model) or is_4bit(policy.model), config.gradient_checkpointing
+        policy.gradient_checkpointing = kbit if on is None else on
         if any(not isinstance(layer.lora_dropout, nn.Identity) for _, layer in lora_layers(policy.model)):
             logger.warning("LoRA dropout is ignored in PPO: the policy runs in eval mode (ratio 1 at first)")
         self.device = policy.device
@@ -257,18 +203,18 @@ class PPOTrainer:
         policy.value_head.requires_grad_(True)
         self.trainable = [p for p in policy.parameters() if p.requires_grad]
         distributed.broadcast_parameters(self.trainable)  # every rank starts from rank 0's adapters
-        self.optimizer = optimizer or torch.optim.AdamW(
-            self.trainable, lr=config.learning_rate, weight_decay=config.weight_decay
+        adamw = lambda: torch.optim.AdamW(
+            self.trainable, config.learning_rate, weight_decay=config.weight_decay
         )
-        self.lr_scheduler = lr_scheduler
+        self.optimizer, self.lr_scheduler = optimizer or adamw(), lr_scheduler
         self.kl_ctl = (
-            AdaptiveKLController(config.init_kl_coef, config.target, config.horizon)
+            core.AdaptiveKLController(config.init_kl_coef, config.target, config.horizon)
             if config.adap_kl_ctrl
-            else FixedKLController(config.init_kl_coef)
+            else core.FixedKLController(config.init_kl_coef)
         )
         self.pad_token_id, self.eos_token_id = self._special_ids(tokenizer, policy.model.config)
-        self.vocab_size = policy.lm_head.out_features if hasattr(policy.lm_head, "out_features") else None
-        self.score_moments = RunningMoments()
+        self.vocab_size = getattr(policy.lm_head, "out_features", None)
+        self.score_moments = core.RunningMoments()
         self.current_step = 0
         if config.log_with:
             check_installed(config.log_with)  # on every rank: the same error everywhere
@@ -309,16 +255,21 @@ class PPOTrainer:
     def _autocast(self):
         return maybe_autocast(self.device.type, self.compute_dtype)
 
+    def _forward(self, micro: RolloutBuffer, with_values: bool = True) -> tuple[Tensor, Tensor | None]:
+        """Logits (b, t, V) and values (b, t) of the policy at a micro-batch's t response positions."""
+        t = micro.response_ids.shape[
+            1
+        ]  # forward(input_ids, attention_mask, response_length, temperature, ...)
+        with self._autocast():
+            return self.policy(micro.input_ids, micro.attention_mask, t, self.config.temperature, with_values)
+
     # -- generation -----------------------------------------------------------------------------
 
-    def generate(self, queries: Sequence[torch.Tensor], return_generation: bool = False, **overrides):
-        """Sample one response per query (1-D token tensors) with the current policy.
-
-        Uses the config's temperature, min/max_new_tokens and stop_at_eos; keyword ``overrides``
-        (``min_new_tokens``, ``max_new_tokens``, ``stop_at_eos``, ``batch_size``) replace them for this
-        call (the temperature cannot be overridden: step() must score tokens with the same one).
-        Returns the responses as a list of 1-D CPU tensors, or the `Generation` (padded ids, masks and
-        sampling log-probs) with ``return_generation=True``.
+    def generate(self, queries: Sequence[Tensor], return_generation: bool = False, **overrides):
+        """Sample one response per query (1-D token tensors) with the current policy, with the config's
+        temperature, min/max_new_tokens, stop_at_eos and generation_batch_size; keyword ``overrides``
+        replace all but the temperature (step() must score tokens with the same one) for this call.
+        Returns 1-D CPU tensors, or with ``return_generation=True`` the `Generation` (padded, masks, logp).
         """
         allowed = {"min_new_tokens", "max_new_tokens", "stop_at_eos", "batch_size"}
         if set(overrides) - allowed:
@@ -326,30 +277,17 @@ class PPOTrainer:
                 f"generate() got unexpected settings {sorted(set(overrides) - allowed)}; "
                 f"allowed: {sorted(allowed)} (the temperature comes from PPOConfig)"
             )
-        settings = dict(
-            min_new_tokens=self.config.min_new_tokens,
-            max_new_tokens=self.config.max_new_tokens,
-            stop_at_eos=self.config.stop_at_eos,
-            batch_size=self.config.generation_batch_size,
-        )
-        settings.update(overrides)
+        config, keys = self.config, ("min_new_tokens", "max_new_tokens", "stop_at_eos", "temperature")
+        settings = {k: getattr(config, k) for k in keys} | {"batch_size": config.generation_batch_size}
+        settings |= dict(pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, **overrides)
         with self._autocast():
-            generation = self.policy.generate(
-                list(queries),
-                pad_token_id=self.pad_token_id,
-                eos_token_id=self.eos_token_id,
-                temperature=self.config.temperature,
-                **settings,
-            )
+            generation = self.policy.generate(list(queries), **settings)
         return generation if return_generation else generation.responses()
 
     # -- the PPO step ---------------------------------------------------------------------------
 
     def step(
-        self,
-        queries: Sequence[torch.Tensor],
-        responses: Sequence[torch.Tensor],
-        scores: Sequence[float] | torch.Tensor,
+        self, queries: Sequence[Tensor], responses: Sequence[Tensor], scores: Sequence[float] | Tensor
     ) -> dict[str, float]:
         """One PPO step on ``batch_size`` samples: lists of 1-D token tensors and one score each.
 
@@ -364,7 +302,7 @@ class PPOTrainer:
 
             with timed(timing, "forward_pass"):
                 # 2. Rollout log-probs, values and entropy: the current policy, adapters on, no grad.
-                batch.old_logprobs, batch.values, token_entropy = self._forward_no_grad(batch)
+                batch.old_logprobs, batch.values, entropy = self._forward_no_grad(batch)  # (B, T) each
                 # 3. Reference log-probs: the same model and inputs with the adapters disabled.
                 with disable_adapters(self.policy.model):
                     batch.ref_logprobs, _, _ = self._forward_no_grad(batch, with_values=False)
@@ -373,20 +311,20 @@ class PPOTrainer:
                 # 4. KL-penalised per-token rewards, the (normalised) score added at the last token.
                 batch.scores = self._normalise_scores(raw_scores.to(self.device))  # (B,)
                 kl_coef = self.kl_ctl.value
-                batch.rewards, kl = kl_penalized_rewards(
+                batch.rewards, kl = core.kl_penalized_rewards(
                     batch.scores, batch.old_logprobs, batch.ref_logprobs, mask, kl_coef, config.kl_penalty
                 )
                 if config.whiten_rewards:  # with the statistics of all processes' rewards
                     moments = distributed.masked_moments(batch.rewards, mask)
-                    batch.rewards = masked_whiten(batch.rewards, mask, shift_mean=False, moments=moments)
+                    batch.rewards = core.masked_whiten(batch.rewards, mask, shift_mean=False, moments=moments)
 
             with timed(timing, "compute_advantages"):
                 # 5. Advantages (GAE) and value targets; advantages whitened over the (global) batch.
-                advantages, batch.returns = compute_gae(
+                advantages, batch.returns = core.compute_gae(
                     batch.values, batch.rewards, mask, config.gamma, config.lam
                 )
                 moments = distributed.masked_moments(advantages, mask)
-                batch.advantages = masked_whiten(advantages, mask, moments=moments)
+                batch.advantages = core.masked_whiten(advantages, mask, moments=moments)
 
             with timed(timing, "optimize_step"):
                 # 6. ppo_epochs passes over shuffled minibatches, one clipped update each.
@@ -407,55 +345,43 @@ class PPOTrainer:
             self.current_step += 1
 
         # 8. Statistics.
-        stats = self._step_stats(batch, raw_scores, kl, kl_coef, token_entropy, records, outcomes)
+        stats = self._step_stats(batch, raw_scores, kl, kl_coef, entropy, records, outcomes)
         stats.update(timing)
         if self.tracker is not None:
             self.tracker.log(stats, self.current_step)
         return stats
 
-    def _padded_batch(
-        self, queries: Sequence[torch.Tensor], responses: Sequence[torch.Tensor]
-    ) -> RolloutBuffer:
+    def _padded_batch(self, queries: Sequence[Tensor], responses: Sequence[Tensor]) -> RolloutBuffer:
         """Queries left-padded to (B, P), responses right-padded to (B, T), on the trainer's device."""
-        query_ids, query_mask = left_pad(list(queries), self.pad_token_id)  # (B, P)
-        response_ids, response_mask = right_pad(list(responses), self.pad_token_id)  # (B, T)
-        return RolloutBuffer(
-            query_ids.to(self.device),
-            query_mask.to(self.device),
-            response_ids.to(self.device),
-            response_mask.to(self.device, torch.float32),
-        )
+        pad = self.pad_token_id
+        query_ids, query_mask = (x.to(self.device) for x in left_pad(list(queries), pad))  # (B, P)
+        response_ids, response_mask = (x.to(self.device) for x in right_pad(list(responses), pad))  # (B, T)
+        return RolloutBuffer(query_ids, query_mask, response_ids, response_mask.float())
 
     @torch.no_grad()
     def response_logprobs(
-        self, queries: Sequence[torch.Tensor], responses: Sequence[torch.Tensor], reference: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probabilities (B, T) of each response token under the policy, or with ``reference=True``
-        under the reference model (adapters off), and the response mask (B, T); 0 at padding.
-
-        The same forward as step() uses, so ``(logp - ref_logp) * mask`` summed over T is the
-        per-sequence KL sample that step() penalises (k1 estimator).
-        """
+        self, queries: Sequence[Tensor], responses: Sequence[Tensor], reference: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """Log-probabilities (B, T) of each response token under the policy (``reference=True``: adapters
+        off), 0 at padding, and the mask (B, T): step()'s forward, so ``(logp - ref_logp) * mask`` summed
+        over T is the per-sequence KL sample that step() penalises (k1 estimator)."""
         batch = self._padded_batch(queries, responses)
         order = torch.arange(len(batch), device=self.device)
-        switch = disable_adapters(self.policy.model) if reference else contextlib.nullcontext()
-        with switch:
+        with disable_adapters(self.policy.model) if reference else contextlib.nullcontext():
             logprobs, _, _ = self._forward_no_grad(batch, with_values=False, order=order)
         return logprobs, batch.response_mask
 
-    def _check_inputs(self, queries, responses, scores) -> torch.Tensor:
+    def _check_inputs(self, queries, responses, scores) -> Tensor:
         """Raise a ValueError naming the problem; return the scores as a (B,) float32 tensor."""
         if not isinstance(queries, (list, tuple)) or not isinstance(responses, (list, tuple)):
             raise ValueError(
                 "queries and responses must be lists of 1-D token tensors (as generate() returns)"
             )
-        if isinstance(scores, torch.Tensor):
-            scores = scores.detach().float().reshape(-1).cpu()
-        else:
-            try:
-                scores = torch.tensor([float(s) for s in scores], dtype=torch.float32)
-            except (TypeError, ValueError):
-                raise ValueError("scores must be a 1-D tensor or a list of numbers, one per sample") from None
+        try:
+            listed = scores if isinstance(scores, Tensor) else [float(s) for s in scores]
+            scores = torch.as_tensor(listed).detach().float().reshape(-1).cpu()
+        except (TypeError, ValueError):
+            raise ValueError("scores must be a 1-D tensor or a list of numbers, one per sample") from None
         B = self.batch_size_per_rank
         if not len(queries) == len(responses) == len(scores):
             raise ValueError(
@@ -470,11 +396,9 @@ class PPOTrainer:
             )
         for kind, seqs in (("query", queries), ("response", responses)):
             for i, s in enumerate(seqs):
-                if not isinstance(s, torch.Tensor) or s.dim() != 1 or s.is_floating_point():
-                    raise ValueError(
-                        f"{kind} {i} must be a 1-D tensor of token ids, got "
-                        f"{type(s).__name__}{tuple(getattr(s, 'shape', ()))}"
-                    )
+                if not isinstance(s, Tensor) or s.dim() != 1 or s.is_floating_point():
+                    got = f"{type(s).__name__}{tuple(getattr(s, 'shape', ()))}"
+                    raise ValueError(f"{kind} {i} must be a 1-D tensor of token ids, got {got}")
                 if len(s) == 0:
                     raise ValueError(
                         f"{kind} {i} is empty; every query and response needs at least one token"
@@ -486,14 +410,11 @@ class PPOTrainer:
             raise ValueError(f"scores must be finite; samples {bad[:5]} are {scores[bad[:5]].tolist()}")
         return scores
 
-    def _normalise_scores(self, scores: torch.Tensor) -> torch.Tensor:
-        """(B,) -> (B,): score_scale; then, optionally, running normalisation and clipping.
-
-        With ``use_score_scaling`` scores are divided by the running standard deviation of all scores
-        seen so far (this batch included), and with ``use_score_norm`` also centred on their running
-        mean, as trl's options of the same names; OpenAI's reward gain and bias do the same once, on
-        samples of the initial policy. Ref: Ziegler et al. 2019, arXiv:1909.08593, sec. 2.2.
-        """
+    def _normalise_scores(self, scores: Tensor) -> Tensor:
+        """(B,) -> (B,): score_scale, then optionally trl's use_score_scaling (divide by the running std
+        of all scores so far, this batch included), use_score_norm (also centre on the running mean) and
+        score_clip. OpenAI's reward gain and bias do the same once, on samples of the initial policy.
+        Ref: Ziegler et al. 2019, arXiv:1909.08593, sec. 2.2."""
         config = self.config
         scores = scores * config.score_scale
         if config.use_score_scaling:
@@ -514,92 +435,61 @@ class PPOTrainer:
         for index in order.split(self.micro_batch_size):
             micro = batch.select(index)  # trimmed of all-padding columns
             t = micro.response_ids.shape[1]
-            with self._autocast():
-                logits, v = self.policy(
-                    micro.input_ids,
-                    micro.attention_mask,
-                    response_length=t,
-                    temperature=self.config.temperature,
-                    with_values=with_values,
-                )  # (b, t, V)
-            logprobs[index, :t] = logprobs_from_logits(logits, micro.response_ids)
+            logits, v = self._forward(micro, with_values)  # (b, t, V), (b, t)
+            logprobs[index, :t] = core.logprobs_from_logits(logits, micro.response_ids)
             if with_values:
                 values[index, :t] = v
-                entropy[index, :t] = entropy_from_logits(logits)
+                entropy[index, :t] = core.entropy_from_logits(logits)
         mask = batch.response_mask
         if not with_values:
             return logprobs * mask, None, None
         return logprobs * mask, values * mask, entropy * mask
 
-    def _apply_update(self, stats: dict[str, torch.Tensor]) -> str:
-        """Step the optimiser on the minibatch's gradients unless a guard says otherwise.
-
-        Returns "update"; "skip" for a non-finite loss or gradient norm, or a mean ratio above
-        ``ratio_threshold`` (a loss spike, trl PR #488); "stop" when ``early_stopping`` is on and the
-        policy KL exceeds 1.5 * ``target_kl`` (the rest of the step's epochs are dropped). The stats are
-        already global; the decision is reduced too (max), so every process takes the same branch.
-        """
-        config, problem = self.config, None
+    def _apply_update(self, stats: dict[str, Tensor]) -> str:
+        """Step the optimiser on the minibatch's gradients and return "update"; or "skip" for a non-finite
+        loss or gradient norm or a mean ratio above ratio_threshold (a loss spike, trl PR #488); or "stop"
+        with early_stopping when the policy KL exceeds 1.5 * target_kl (the step's other epochs dropped).
+        The decision is reduced over processes (max), so every process takes the same branch."""
+        config, problem, ratio = self.config, None, stats["policy/ratio"].item()
         stop = config.early_stopping and stats["policy/policykl"].item() > 1.5 * config.target_kl
         if not (torch.isfinite(stats["loss/total"]) and torch.isfinite(stats["grad_norm"])):
             problem = "non-finite loss or gradient norm"
-        elif stats["policy/ratio"].item() > config.ratio_threshold:
-            problem = (
-                f"mean ratio {stats['policy/ratio'].item():.3g} > ratio_threshold {config.ratio_threshold:g}"
-            )
-        flags = distributed.all_reduce(
-            torch.tensor([int(stop), int(problem is not None)], device=self.device), "max"
-        )
-        if flags[0]:
+        elif ratio > config.ratio_threshold:
+            problem = f"mean ratio {ratio:.3g} > ratio_threshold {config.ratio_threshold:g}"
+        flags = torch.tensor([int(stop), int(problem is not None)], device=self.device)
+        stop, skip = distributed.all_reduce(flags, "max").tolist()
+        if stop:
             return "stop"
-        if flags[1]:
+        if skip:
             logger.warning(
                 "PPO: %s; skipping this update, adapters unchanged", problem or "a guard on another process"
             )
-            self.optimizer.zero_grad(set_to_none=True)
-            return "skip"
-        self.optimizer.step()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return "update"
+        return "skip" if skip else "update"
 
-    def _clipped_loss_backward(self, minibatch: RolloutBuffer) -> dict[str, torch.Tensor]:
+    def _clipped_loss_backward(self, minibatch: RolloutBuffer) -> dict[str, Tensor]:
         """Clipped policy + value loss, forward and backward over the minibatch in micro-batches;
         gradients left in .grad (clipped to max_grad_norm, not stepped). Returns the detached stats.
-
-        Each micro-batch's loss is a masked mean over its own tokens; weighting it by its share of the
-        minibatch's tokens (over all processes) and summing the gradients and stats over processes makes
-        them those of the masked mean over the whole minibatch, whatever gradient_accumulation_steps and
-        the number of processes are.
-        """
+        Each micro-batch's masked-mean loss is weighted by its share of the minibatch's tokens (over all
+        processes), so the summed gradients and stats are those of the whole minibatch's masked mean."""
         config = self.config
         n_tokens = distributed.all_reduce(minibatch.response_mask.sum())
-        totals: dict[str, torch.Tensor] = {}
+        totals: dict[str, Tensor] = {}
         for micro in minibatch.minibatches(self.micro_batch_size, shuffle=False):
-            weight = micro.response_mask.sum() / n_tokens
-            with self._autocast():
-                logits, vpred = self.policy(
-                    micro.input_ids,
-                    micro.attention_mask,
-                    response_length=micro.response_ids.shape[1],
-                    temperature=config.temperature,
-                )  # (b, T, V), (b, T)
-            logprobs = logprobs_from_logits(logits, micro.response_ids)  # (b, T)
-            pg_loss, pg_stats = policy_loss(
-                logprobs, micro.old_logprobs, micro.advantages, micro.response_mask, config.cliprange
-            )
-            vf_loss, vf_stats = value_loss(
-                vpred, micro.values, micro.returns, micro.response_mask, config.cliprange_value
-            )
+            weight, mask = micro.response_mask.sum() / n_tokens, micro.response_mask
+            logits, vpred = self._forward(micro)  # (b, T, V), (b, T)
+            logprobs = core.logprobs_from_logits(logits, micro.response_ids)  # (b, T)
+            eps, eps_v = config.cliprange, config.cliprange_value
+            pg_loss, pg_stats = core.policy_loss(logprobs, micro.old_logprobs, micro.advantages, mask, eps)
+            vf_loss, vf_stats = core.value_loss(vpred, micro.values, micro.returns, mask, eps_v)
             loss = pg_loss + config.vf_coef * vf_loss
             (loss * weight).backward()
-            micro_stats = {
-                "loss/policy": pg_loss,
-                "loss/value": vf_loss,
-                "loss/total": loss,
-                **{f"policy/{k}": v for k, v in pg_stats.items()},
-                **{f"val/{k}": v for k, v in vf_stats.items()},
-            }
-            for k, v in micro_stats.items():
+            named = {"loss/policy": pg_loss, "loss/value": vf_loss, "loss/total": loss}
+            named |= {f"policy/{k}": v for k, v in pg_stats.items()}
+            named |= {f"val/{k}": v for k, v in vf_stats.items()}
+            for k, v in named.items():
                 totals[k] = totals.get(k, 0.0) + v.detach() * weight
         distributed.all_reduce_grads(self.trainable, "sum")  # before clipping: clip the global gradient
         totals = dict(zip(totals, distributed.all_reduce(torch.stack(list(totals.values())))))
@@ -607,17 +497,10 @@ class PPOTrainer:
         totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
         return totals
 
-    def _step_stats(
-        self, buffer, raw_scores, kl, kl_coef, token_entropy, records, outcomes
-    ) -> dict[str, float]:
-        """The step's statistics as floats, named as in trl (and OpenAI's lm-human-preferences).
-
-        Two entropies, as trl logs them: ``objective/entropy`` is the sampled responses' negative
-        log-probability summed over each response (a one-sample estimate, nats per sequence);
-        ``ppo/policy/entropy`` is the exact entropy of the policy's distribution, nats per token.
-        Over several processes every stat is global: per-token ones from all-reduced masked sums, the
-        others (per-sample means over equal shares) as the mean of the processes' values.
-        """
+    def _step_stats(self, buffer, raw_scores, kl, kl_coef, entropy, records, outcomes) -> dict[str, float]:
+        """The step's statistics as floats, named as in trl (and OpenAI's lm-human-preferences), global
+        over processes. Two entropies, as trl: ``objective/entropy`` is the sampled responses' summed
+        negative log-probability (nats per sequence), ``ppo/policy/entropy`` the exact one per token."""
         mask = buffer.response_mask
         raw_scores = distributed.all_gather(raw_scores.to(self.device))
         returns_mean, returns_var = distributed.masked_moments(buffer.returns, mask)
@@ -631,7 +514,7 @@ class PPOTrainer:
             "ppo/mean_non_score_reward": (-kl_coef * kl).sum(1).mean(),
             "ppo/mean_scores": raw_scores.mean(),
             "ppo/learning_rate": self.optimizer.param_groups[0]["lr"],
-            "ppo/policy/entropy": distributed.masked_moments(token_entropy, mask)[0],  # per token, exact
+            "ppo/policy/entropy": distributed.masked_moments(entropy, mask)[0],  # per token, exact
             "ppo/returns/mean": returns_mean,
             "ppo/returns/var": returns_var,
             "ppo/val/mean": values_mean,
@@ -645,49 +528,34 @@ class PPOTrainer:
         }
         for k in records[0]:  # per-minibatch records: mean over the step's minibatches
             stats[f"ppo/{k}"] = torch.stack([r[k] for r in records]).mean()
-        values = distributed.all_reduce(
-            torch.tensor([float(v) for v in stats.values()], dtype=torch.float64, device=self.device), "mean"
-        )
-        return dict(zip(stats, values.tolist()))
+        values = torch.tensor([float(v) for v in stats.values()], dtype=torch.float64, device=self.device)
+        return dict(zip(stats, distributed.all_reduce(values, "mean").tolist()))
 
     # -- checkpoints ----------------------------------------------------------------------------
 
     def save(self, directory: str | os.PathLike) -> str:
-        """Write a checkpoint from which `load` continues exactly: adapter (peft layout),
-        ``value_head.safetensors``, optimiser, LR scheduler, RNG states and trainer state (step, KL
-        coefficient, score moments, config).
-
-        Everything is written into a temporary folder beside ``directory``, which then replaces it by
-        renames: an interrupted save leaves the previous checkpoint intact (at worst, for the instant
-        between the two renames, under ``<directory>.old-*``). Returns the directory.
-        """
+        """Write a checkpoint from which `load` continues exactly: adapter (peft layout), value head,
+        optimiser, LR scheduler, RNG states and trainer state (step, KL coefficient, score moments,
+        config). It is written beside ``directory`` and swapped in by renames (`atomic_directory`): an
+        interrupted save leaves the previous checkpoint intact. Returns the directory."""
         with atomic_directory(directory) as tmp:
             self.policy.save_pretrained(tmp)
             torch.save(self.optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_STATE))
             if self.lr_scheduler is not None:
                 torch.save(self.lr_scheduler.state_dict(), os.path.join(tmp, SCHEDULER_STATE))
             torch.save(rng_state(), os.path.join(tmp, RNG_STATE))
-            state = {
-                "step": self.current_step,
-                "kl_coef": self.kl_ctl.value,
-                "score_moments": self.score_moments.state_dict(),
-                "config": dataclasses.asdict(self.config),
-                "world_size": self.world_size,
-            }
-            with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
-                json.dump(state, f, indent=2)
+            state = dict(step=self.current_step, kl_coef=self.kl_ctl.value, world_size=self.world_size)
+            state |= dict(
+                score_moments=self.score_moments.state_dict(), config=dataclasses.asdict(self.config)
+            )
+            write_json(os.path.join(tmp, TRAINER_STATE), state)
         return os.path.abspath(os.fspath(directory))
 
     def load(self, directory: str | os.PathLike) -> None:
-        """Restore a checkpoint written by `save`, so that training continues exactly as if it had not
-        stopped: adapter, value head, optimiser, LR scheduler, RNG states (torch CPU and CUDA, Python's
-        ``random``), KL coefficient, score moments and step.
-
-        The checkpoint's config must equal this trainer's, except for the fields in
-        `RESUMABLE_CHANGES`, where this trainer's value applies (a warning lists them); any other
-        difference raises a ValueError that lists them. The learning rate is this trainer's configured
-        one (times the scheduler's factor at the restored step), not the one saved with the optimiser.
-        """
+        """Restore a checkpoint written by `save`: training continues exactly as if it had not stopped.
+        The config must equal this trainer's except in `RESUMABLE_CHANGES` (this trainer's value applies,
+        with a warning); other differences raise a ValueError listing them. The learning rate is the
+        configured one (times the scheduler's factor at the restored step), not the saved one."""
         directory = os.fspath(directory)
         with _readable(directory):
             with open(os.path.join(directory, TRAINER_STATE)) as f:
@@ -706,18 +574,14 @@ class PPOTrainer:
         configured = [g.get("initial_lr", g["lr"]) for g in self.optimizer.param_groups]
         with _readable(directory):
             self.policy.load_pretrained(directory)
-            self.optimizer.load_state_dict(_load_torch(directory, OPTIMIZER_STATE, self.device))
+            self.optimizer.load_state_dict(load_torch(directory, OPTIMIZER_STATE, self.device))
             if self.lr_scheduler is not None:
-                self.lr_scheduler.load_state_dict(_load_torch(directory, SCHEDULER_STATE))
-            rng = _load_torch(directory, RNG_STATE)
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.base_lrs = configured
-        for group, lr in zip(
-            self.optimizer.param_groups, configured
-        ):  # the saved schedule factor, on the configured rate
+                self.lr_scheduler.load_state_dict(load_torch(directory, SCHEDULER_STATE))
+                self.lr_scheduler.base_lrs = configured
+            set_rng_state(load_torch(directory, RNG_STATE))
+        for group, lr in zip(self.optimizer.param_groups, configured):  # the saved factor, configured rate
             group["lr"] = group["lr"] * lr / group.get("initial_lr", group["lr"])
             group.update({"initial_lr": lr} if "initial_lr" in group else {})
-        set_rng_state(rng)
         if self.rank:  # the checkpoint holds rank 0's generators: the others draw their own again
             torch.manual_seed(self.config.seed + self.rank + 7919 * int(state["step"]))
         self.kl_ctl.value = float(state["kl_coef"])
@@ -737,7 +601,8 @@ def _readable(directory: str):
         ) from err
 
 
-def _load_torch(directory: str, name: str, device: torch.device | str = "cpu"):
+def load_torch(directory: str | os.PathLike, name: str, device: torch.device | str = "cpu"):
+    """``torch.load`` of ``directory/name`` onto ``device``, tensors and containers only (weights_only)."""
     return torch.load(os.path.join(directory, name), map_location=device, weights_only=True)
 
 
@@ -762,9 +627,8 @@ def check_config(saved: dict, current: dict, allowed: Sequence[str], what: str) 
     ValueError listing the differing fields not in ``allowed``; warn about those in it."""
     current = json.loads(json.dumps(current))  # tuples -> lists, as the saved JSON has them
     diffs = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
-    lines = [f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in diffs.items()]
-    refused = [line for line, k in zip(lines, diffs) if k not in allowed]
-    if refused:
+    lines = {k: f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in diffs.items()}
+    if refused := [line for k, line in lines.items() if k not in allowed]:
         raise ValueError(
             f"{what} was saved with another config; resuming would not continue that run:\n  "
             + "\n  ".join(refused)
@@ -772,7 +636,7 @@ def check_config(saved: dict, current: dict, allowed: Sequence[str], what: str) 
         )
     if lines:
         logger.warning(
-            "%s: resuming with changed settings (the new values apply): %s", what, "; ".join(lines)
+            "%s: resuming with changed settings (the new values apply): %s", what, "; ".join(lines.values())
         )
 
 
