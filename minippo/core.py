@@ -1,9 +1,7 @@
-"""The PPO math, as pure functions: tensors in, tensors out, no hidden state.
-
-Each function is documented with its shapes and a paper reference and tested on its own
-(tests/test_core.py); the trainer (ppo.py) is a sequence of calls to them (docs/ppo_step.md).
-Shapes: B batch, T response length, V vocabulary.  Masks (float or bool) have the shape of the
-values they mask; 1 marks a real token.
+"""The PPO math, as pure functions: tensors in, tensors out, no hidden state, each tested on its own
+(tests/test_core.py) and called in turn by the trainer (ppo.py, docs/ppo_step.md).
+Shapes: B batch, T response length, V vocabulary. Masks (float or bool) have the shape of the values
+they mask; 1 marks a real token.
 
 Refs:
     Schulman et al. 2017, "Proximal Policy Optimization Algorithms", arXiv:1707.06347.
@@ -48,8 +46,6 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """Mean of ``x`` where ``mask`` is 1, over everything or along ``dim`` (an all-zero mask gives NaN,
     as ``torch.mean`` of an empty tensor does)."""
     mask = mask.to(x.dtype)
-    if dim is None:
-        return (x * mask).sum() / mask.sum()
     return (x * mask).sum(dim) / mask.sum(dim)
 
 
@@ -95,16 +91,14 @@ def compute_gae(
     dtype = torch.promote_types(values.dtype, torch.float32)
     values, rewards, mask = values.to(dtype), rewards.to(dtype), mask.to(dtype)
     values, rewards = values * mask, rewards * mask
-    B, T = values.shape
     advantages = torch.zeros_like(values)  # (B, T)
-    next_value = torch.zeros(B, dtype=dtype, device=values.device)  # V_{t+1}, 0 past the end
+    next_value = torch.zeros_like(values[:, 0])  # (B,) V_{t+1}, 0 past the end
     next_advantage = torch.zeros_like(next_value)  # A_{t+1}
-    for t in reversed(range(T)):
+    for t in reversed(range(values.shape[1])):
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         advantages[:, t] = (delta + gamma * lam * next_advantage) * mask[:, t]
         next_value, next_advantage = values[:, t], advantages[:, t]  # both 0 where mask[:, t] is 0
-    returns = advantages + values
-    return advantages, returns
+    return advantages, advantages + values  # returns = the value targets
 
 
 # -- KL penalty and rewards ---------------------------------------------------------------------
@@ -115,10 +109,8 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") ->
 
     logprobs, ref_logprobs (B, T) -> (B, T). With ``d = logp - ref`` (tokens sampled from the policy):
     - ``"k1"`` (alias ``"kl"``, trl's name): ``d``; unbiased, but single tokens can be negative.
-    - ``"abs"``: ``|d|``.
-    - ``"mse"``: ``0.5 * d**2`` (the k2 estimator).
+    - ``"abs"``: ``|d|``; ``"mse"``: ``0.5 * d**2`` (the k2 estimator).
     - ``"k3"``: ``(r - 1) - log r`` with ``r = exp(-d) = p_ref / p``; unbiased and never negative.
-
     Ref: Schulman 2020, "Approximating KL Divergence"; Ziegler et al. 2019 (k1 penalty).
     Note: "abs" and "mse" are not unbiased estimators of KL; they are the trl v0.4.7 options.
     """
@@ -152,11 +144,10 @@ def kl_penalized_rewards(
     """
     mask = mask.to(logprobs.dtype)
     kl = kl_penalty(logprobs, ref_logprobs, estimator) * mask  # (B, T)
-    rewards = -kl_coef * kl  # (B, T)
     T = mask.shape[1]
     last = (T - 1) - mask.flip(1).argmax(dim=1)  # (B,) index of each row's last real token
-    at_last = F.one_hot(last, T).to(rewards.dtype)  # (B, T)
-    rewards = rewards + at_last * scores.to(rewards.dtype).unsqueeze(1)
+    at_last = F.one_hot(last, T).to(kl.dtype)  # (B, T)
+    rewards = -kl_coef * kl + at_last * scores.to(kl.dtype).unsqueeze(1)  # (B, T)
     return rewards, kl
 
 

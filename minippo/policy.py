@@ -175,8 +175,7 @@ class PolicyWithValueHead(nn.Module):
         return next(self.model.parameters()).device
 
     def logits_from_hidden(self, hidden: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """(B, T, H) hidden states -> (B, T, V) float32 logits, as the model's forward computes them,
-        divided by ``temperature``."""
+        """(B, T, H) hidden states -> (B, T, V) float32 logits, as the model computes them, / temperature."""
         weight = self.lm_head.weight
         with torch.autocast(hidden.device.type, enabled=False):
             dtype = weight.dtype if weight.is_floating_point() else hidden.dtype
@@ -247,17 +246,21 @@ class PolicyWithValueHead(nn.Module):
         i.e. position t predicts response token t. Without: logits (B, L, V), values (B, L).
         Logits are float32 and divided by ``temperature``; values are None if ``with_values=False``.
         """
-        hidden = self.backbone(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-        ).last_hidden_state  # (B, L, H)
+        positions = position_ids_from_mask(attention_mask)
+        hidden, _ = self._hidden(input_ids, attention_mask, positions)  # (B, L, H)
         if response_length is not None:
             hidden = hidden[:, -response_length - 1 : -1]  # (B, T, H)
         logits = self.logits_from_hidden(hidden, temperature)
         values = self.value_head(hidden) if with_values else None
         return logits, values
+
+    def _hidden(self, ids, mask, positions, use_cache=False, cache=None):
+        """The backbone's last hidden state (B, L, H) and, with ``use_cache``, its updated KV cache."""
+        kv = {self._cache_arg: cache} if use_cache else {}
+        out = self.backbone(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=use_cache, **kv
+        )
+        return out.last_hidden_state, getattr(out, self._cache_arg) if use_cache else None
 
     # -- sampling -------------------------------------------------------------------------------
 
@@ -298,10 +301,8 @@ class PolicyWithValueHead(nn.Module):
         if len(parts) == 1:
             return parts[0]
         # re-pad the chunks to common widths
-        queries_out = [q for p in parts for q in p.queries()]
-        responses = [r for p in parts for r in p.responses()]
-        query_ids, query_mask = left_pad(queries_out, pad_token_id)
-        response_ids, response_mask = right_pad(responses, pad_token_id)
+        query_ids, query_mask = left_pad([q for p in parts for q in p.queries()], pad_token_id)
+        response_ids, response_mask = right_pad([r for p in parts for r in p.responses()], pad_token_id)
         T = response_ids.shape[1]
         logprobs = torch.cat([nn.functional.pad(p.logprobs, (0, T - p.logprobs.shape[1])) for p in parts])
         return Generation(query_ids, query_mask, response_ids, response_mask, logprobs)
@@ -319,15 +320,8 @@ class PolicyWithValueHead(nn.Module):
         position_ids = position_ids_from_mask(attention_mask)  # (B, P) for the prefill
         step_ids, cache = query_ids.to(device), None
         for t in range(T):
-            out = self.backbone(
-                input_ids=step_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=True,
-                **{self._cache_arg: cache},
-            )
-            cache = out.cache if self._cache_arg == "cache" else out.past_key_values
-            logits = self.logits_from_hidden(out.last_hidden_state[:, -1:], temperature)[:, 0]  # (B, V)
+            hidden, cache = self._hidden(step_ids, attention_mask, position_ids, use_cache=True, cache=cache)
+            logits = self.logits_from_hidden(hidden[:, -1:], temperature)[:, 0]  # (B, V)
             logp_all = torch.log_softmax(logits, dim=-1)  # (B, V)
             next_token = torch.multinomial(logp_all.exp(), 1)[:, 0]  # (B,)
             alive = ~finished & (t < lengths)
@@ -341,22 +335,13 @@ class PolicyWithValueHead(nn.Module):
                 step_ids = tokens[:, t : t + 1]
                 position_ids = position_ids[:, -1:] + 1  # (B, 1)
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-        response_mask = self._response_mask(tokens, lengths, eos_token_id)  # (B, T)
-        tokens = tokens.masked_fill(response_mask == 0, pad_token_id)
-        return Generation(
-            query_ids, query_mask, tokens.cpu(), response_mask.cpu(), (logprobs * response_mask).cpu()
-        )
-
-    @staticmethod
-    def _response_mask(tokens, lengths, eos_token_id) -> torch.Tensor:
-        """1 up to each response's sampled length, or up to and including its first EOS."""
-        B, T = tokens.shape
-        ends = lengths.clone()  # (B,) response lengths
+        ends = lengths  # (B,) a response ends at its sampled length, or just after its first EOS
         if eos_token_id is not None:
             is_eos = tokens == eos_token_id
-            first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, T)
-            ends = torch.minimum(ends, first_eos)
-        return (torch.arange(T, device=tokens.device)[None, :] < ends[:, None]).long()
+            ends = torch.minimum(ends, torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, T))
+        mask = (torch.arange(T, device=device)[None, :] < ends[:, None]).long()  # (B, T)
+        tokens = tokens.masked_fill(mask == 0, pad_token_id)
+        return Generation(query_ids, query_mask, tokens.cpu(), mask.cpu(), (logprobs * mask).cpu())
 
     # -- files ----------------------------------------------------------------------------------
 

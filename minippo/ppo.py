@@ -1,9 +1,8 @@
 """PPO for language models: `PPOConfig` and `PPOTrainer` (``generate``, ``step``, ``save``, ``load``).
 
-A training loop is: prompts -> ``trainer.generate`` -> score the responses -> ``trainer.step``.
-``step`` is written as numbered steps, each a call to a tested function of `minippo.core`;
-docs/ppo_step.md walks through it. The trainable parameters are the LoRA adapters and the value
-head; the reference policy is the same model with its adapters disabled (no second model).
+A training loop is: prompts -> ``trainer.generate`` -> score the responses -> ``trainer.step``, whose
+numbered steps call tested functions of `minippo.core` (docs/ppo_step.md walks through them). Only the
+LoRA adapters and the value head train; the reference policy is the same model, adapters disabled.
 
 Refs: Schulman et al. 2017 (PPO, arXiv:1707.06347); Ziegler et al. 2019 (PPO for LMs with a KL
 penalty, arXiv:1909.08593); trl v0.4.7's PPOTrainer (names, defaults, stats).
@@ -24,18 +23,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import core, distributed
-from .checks import (
-    NON_NEGATIVE,
-    POSITIVE,
-    POSITIVE_INT,
-    UNIT_INTERVAL,
-    check,
-    check_device,
-    check_fields,
-    one_of,
-    optional,
-)
+from . import checks, core, distributed
 from .fileio import atomic_directory, write_json
 from .lora import disable_adapters, lora_layers
 from .policy import PolicyWithValueHead, left_pad, maybe_autocast, right_pad
@@ -49,8 +37,7 @@ TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.pt"
 SCHEDULER_STATE = "scheduler.pt"
 RNG_STATE = "rng_state.pt"
-# PPOConfig fields that a checkpoint may be resumed under with another value (the new one applies);
-# `PPOTrainer.load` refuses any other difference.
+# PPOConfig fields a checkpoint may resume under with a new value; `PPOTrainer.load` refuses other changes.
 RESUMABLE_CHANGES = ("learning_rate", "device", "generation_batch_size", "log_with", "tracker_project_name")
 RESUMABLE_CHANGES += ("logging_dir",)
 
@@ -137,29 +124,29 @@ class PPOConfig:
 
     def __post_init__(self):
         ints = "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs", "min_new_tokens"
-        check_fields(self, POSITIVE_INT, *ints, "max_new_tokens")
+        fields, check = checks.check_fields, checks.check
+        fields(self, checks.POSITIVE_INT, *ints, "max_new_tokens")
         b, m, g = self.batch_size, self.mini_batch_size, self.gradient_accumulation_steps
         check(self, b % m == 0, f"batch_size ({b}) must be divisible by mini_batch_size ({m})")
-        check(
-            self, m % g == 0, f"mini_batch_size ({m}) must be divisible by gradient_accumulation_steps ({g})"
-        )
+        must = f"mini_batch_size ({m}) must be divisible by gradient_accumulation_steps ({g})"
+        check(self, m % g == 0, must)
         lo, hi = self.min_new_tokens, self.max_new_tokens
         check(self, lo <= hi, f"min_new_tokens ({lo}) must be <= max_new_tokens ({hi})")
         positive = "learning_rate", "target", "horizon", "cliprange", "cliprange_value", "target_kl"
-        check_fields(self, POSITIVE, *positive, "ratio_threshold", "temperature", "score_scale")
-        check_fields(self, NON_NEGATIVE, "init_kl_coef", "vf_coef", "weight_decay")
-        check_fields(self, UNIT_INTERVAL, "gamma", "lam")
-        check_fields(self, one_of(*core.KL_ESTIMATORS), "kl_penalty")
-        check_fields(self, optional(POSITIVE), "max_grad_norm", "score_clip")
-        check_fields(self, optional(POSITIVE_INT), "generation_batch_size")
+        fields(self, checks.POSITIVE, *positive, "ratio_threshold", "temperature", "score_scale")
+        fields(self, checks.NON_NEGATIVE, "init_kl_coef", "vf_coef", "weight_decay")
+        fields(self, checks.UNIT_INTERVAL, "gamma", "lam")
+        fields(self, checks.one_of(*core.KL_ESTIMATORS), "kl_penalty")
+        fields(self, checks.optional(checks.POSITIVE), "max_grad_norm", "score_clip")
+        fields(self, checks.optional(checks.POSITIVE_INT), "generation_batch_size")
         check(
             self, self.use_score_scaling or not self.use_score_norm, "use_score_norm needs use_score_scaling"
         )
-        dtypes = one_of("auto", "float32", "fp32", "bfloat16", "bf16")[0]
+        dtypes = checks.one_of("auto", "float32", "fp32", "bfloat16", "bf16")[0]
         no_fp16 = "auto, float32 or bfloat16 (float16 would need loss scaling, which minippo does not do)"
-        check_fields(self, (dtypes, no_fp16), "compute_dtype")
-        check_fields(self, optional(one_of(*TRACKERS)), "log_with")
-        check_device(self)
+        fields(self, (dtypes, no_fp16), "compute_dtype")
+        fields(self, checks.optional(checks.one_of(*TRACKERS)), "log_with")
+        checks.check_device(self)
 
     @property
     def micro_batch_size(self) -> int:
@@ -203,15 +190,13 @@ class PPOTrainer:
         policy.value_head.requires_grad_(True)
         self.trainable = [p for p in policy.parameters() if p.requires_grad]
         distributed.broadcast_parameters(self.trainable)  # every rank starts from rank 0's adapters
-        adamw = lambda: torch.optim.AdamW(
-            self.trainable, config.learning_rate, weight_decay=config.weight_decay
-        )
-        self.optimizer, self.lr_scheduler = optimizer or adamw(), lr_scheduler
-        self.kl_ctl = (
-            core.AdaptiveKLController(config.init_kl_coef, config.target, config.horizon)
-            if config.adap_kl_ctrl
-            else core.FixedKLController(config.init_kl_coef)
-        )
+        lr, decay, beta = config.learning_rate, config.weight_decay, config.init_kl_coef
+        self.optimizer = optimizer or torch.optim.AdamW(self.trainable, lr, weight_decay=decay)
+        self.lr_scheduler = lr_scheduler
+        if config.adap_kl_ctrl:
+            self.kl_ctl = core.AdaptiveKLController(beta, config.target, config.horizon)
+        else:
+            self.kl_ctl = core.FixedKLController(beta)
         self.pad_token_id, self.eos_token_id = self._special_ids(tokenizer, policy.model.config)
         self.vocab_size = getattr(policy.lm_head, "out_features", None)
         self.score_moments = core.RunningMoments()
@@ -252,15 +237,10 @@ class PPOTrainer:
             )
         return int(pad), (None if eos is None else int(eos))
 
-    def _autocast(self):
-        return maybe_autocast(self.device.type, self.compute_dtype)
-
     def _forward(self, micro: RolloutBuffer, with_values: bool = True) -> tuple[Tensor, Tensor | None]:
         """Logits (b, t, V) and values (b, t) of the policy at a micro-batch's t response positions."""
-        t = micro.response_ids.shape[
-            1
-        ]  # forward(input_ids, attention_mask, response_length, temperature, ...)
-        with self._autocast():
+        t = micro.response_ids.shape[1]
+        with maybe_autocast(self.device.type, self.compute_dtype):
             return self.policy(micro.input_ids, micro.attention_mask, t, self.config.temperature, with_values)
 
     # -- generation -----------------------------------------------------------------------------
@@ -269,8 +249,7 @@ class PPOTrainer:
         """Sample one response per query (1-D token tensors) with the current policy, with the config's
         temperature, min/max_new_tokens, stop_at_eos and generation_batch_size; keyword ``overrides``
         replace all but the temperature (step() must score tokens with the same one) for this call.
-        Returns 1-D CPU tensors, or with ``return_generation=True`` the `Generation` (padded, masks, logp).
-        """
+        Returns 1-D CPU tensors, or with ``return_generation=True`` the `Generation` (padded, masks, logp)."""
         allowed = {"min_new_tokens", "max_new_tokens", "stop_at_eos", "batch_size"}
         if set(overrides) - allowed:
             raise TypeError(
@@ -280,7 +259,7 @@ class PPOTrainer:
         config, keys = self.config, ("min_new_tokens", "max_new_tokens", "stop_at_eos", "temperature")
         settings = {k: getattr(config, k) for k in keys} | {"batch_size": config.generation_batch_size}
         settings |= dict(pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, **overrides)
-        with self._autocast():
+        with maybe_autocast(self.device.type, self.compute_dtype):
             generation = self.policy.generate(list(queries), **settings)
         return generation if return_generation else generation.responses()
 
@@ -290,9 +269,7 @@ class PPOTrainer:
         self, queries: Sequence[Tensor], responses: Sequence[Tensor], scores: Sequence[float] | Tensor
     ) -> dict[str, float]:
         """One PPO step on ``batch_size`` samples: lists of 1-D token tensors and one score each.
-
-        Returns the step's statistics (trl / OpenAI names: ``objective/kl``, ``ppo/policy/clipfrac``, ...).
-        """
+        Returns the step's statistics (trl / OpenAI names: ``objective/kl``, ``ppo/policy/clipfrac``, ...)."""
         config, timing = self.config, {}
         raw_scores = self._check_inputs(queries, responses, scores)  # (B,)
         with timed(timing, "total"):
@@ -545,9 +522,8 @@ class PPOTrainer:
                 torch.save(self.lr_scheduler.state_dict(), os.path.join(tmp, SCHEDULER_STATE))
             torch.save(rng_state(), os.path.join(tmp, RNG_STATE))
             state = dict(step=self.current_step, kl_coef=self.kl_ctl.value, world_size=self.world_size)
-            state |= dict(
-                score_moments=self.score_moments.state_dict(), config=dataclasses.asdict(self.config)
-            )
+            moments, config = self.score_moments.state_dict(), dataclasses.asdict(self.config)
+            state |= dict(score_moments=moments, config=config)
             write_json(os.path.join(tmp, TRAINER_STATE), state)
         return os.path.abspath(os.fspath(directory))
 
@@ -557,9 +533,8 @@ class PPOTrainer:
         with a warning); other differences raise a ValueError listing them. The learning rate is the
         configured one (times the scheduler's factor at the restored step), not the saved one."""
         directory = os.fspath(directory)
-        with _readable(directory):
-            with open(os.path.join(directory, TRAINER_STATE)) as f:
-                state = json.load(f)
+        with _readable(directory), open(os.path.join(directory, TRAINER_STATE)) as f:
+            state = json.load(f)
         if state.get("world_size", 1) != self.world_size:
             raise ValueError(
                 f"{directory} was saved by {state['world_size']} processes, and {self.world_size} load it: "

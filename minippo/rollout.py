@@ -1,8 +1,7 @@
 """The rollout buffer: one PPO batch of samples and everything computed about them.
 
-`RolloutBuffer` is a dataclass of tensors, batch on dim 0, filled in stages by the trainer (tokens
-first, the other fields None); `minibatches` yields shuffled buffers of a given size, each trimmed of
-all-padding columns, for the PPO updates (and, split again, for gradient-accumulation micro-batches).
+`RolloutBuffer`: tensors with the batch on dim 0, filled in stages by the trainer; `minibatches` yields
+buffers of a given size, trimmed of all-padding columns, for the updates and their micro-batches.
 """
 
 from __future__ import annotations
@@ -28,9 +27,8 @@ class RolloutBuffer:
     rewards (B, T): per-token rewards (KL penalty, plus the score at the last token).
     advantages (B, T): GAE advantages (whitened); returns (B, T): value targets.
 
-    Each PPO epoch visits the samples in a random order (`epoch_order`), drawn once and kept.  The
-    trainer draws the first epoch's order *before* the rollout forward and runs that forward on the
-    same micro-batches, so the first minibatch recomputes the rollout's numbers bit for bit (ratio 1).
+    Each PPO epoch visits the samples in a random order (`epoch_order`), drawn once and kept. The rollout
+    forward runs on the first epoch's micro-batches: the first minibatch recomputes it bit for bit (ratio 1).
     """
 
     query_ids: Tensor
