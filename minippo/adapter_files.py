@@ -1,8 +1,7 @@
 """Adapter files in peft's layout: `save_adapter` and `load_adapter`.
 
-An adapter folder holds `adapter_config.json` (peft's LoraConfig fields) and `adapter_model.safetensors`
-with keys `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`, so peft loads ours and
-`load_adapter` loads peft's.  Kept apart from the LoRA layer, as peft keeps its `save_and_load.py`.
+A folder holds `adapter_config.json` (peft's LoraConfig fields) and `adapter_model.safetensors` (keys
+`base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`): peft loads ours, and we load peft's.
 """
 
 from __future__ import annotations
@@ -74,8 +73,7 @@ def adapter_config_dict(model: nn.Module, base_model_name_or_path: str | None = 
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None):
-    """Write `adapter_config.json` and `adapter_model.safetensors` (peft's layout, keys relative to the
-    language model inside a wrapper) to `directory`, each file atomically.  Returns the directory."""
+    """Write the two adapter files (keys relative to the LM in a wrapper) atomically; returns `directory`."""
     lm = _unwrap(model)
     config = adapter_config_dict(model, base_model_name_or_path)
     tensors = {PEFT_PREFIX + key: value.to("cpu").contiguous() for key, value in lora_state_dict(lm).items()}
@@ -109,10 +107,9 @@ def _config_from_peft(cfg: dict, where: str) -> LoRAConfig:
 def load_adapter(model: nn.Module, directory: str | os.PathLike, check_base: bool = True) -> nn.Module:
     """Load a LoRA adapter saved by `save_adapter` or by peft into `model`, in place; returns it.
 
-    A model without LoRA layers gets them first (`add_lora` with the file's config); one with LoRA
-    layers must match the file's rank and scaling.  Raises ValueError, naming what differs, and
-    changes nothing when the base model's name differs (unless `check_base=False`), or keys or
-    shapes do not match.
+    A model without LoRA layers gets them (`add_lora` with the file's config); one with must match its
+    rank and scaling.  A different base name (unless `check_base=False`), keys or shapes raise a
+    ValueError naming what differs, and change nothing.
     """
     directory = os.fspath(directory)
     lm = _unwrap(model)
@@ -175,11 +172,8 @@ def _expected_shapes(lm: nn.Module, config: LoRAConfig, directory: str) -> dict[
         dims = {name: (layer.in_features, layer.out_features) for name, layer in existing.items()}
     else:
         dims = {name: layer_dims(m) for name, m in find_targets(lm, config)}
-    expected = {}
-    for name, (i, o) in dims.items():
-        expected[f"{name}.lora_A.weight"] = (config.r, i)
-        expected[f"{name}.lora_B.weight"] = (o, config.r)
-    return expected
+    expected = {f"{name}.lora_A.weight": (config.r, i) for name, (i, _) in dims.items()}
+    return expected | {f"{name}.lora_B.weight": (o, config.r) for name, (_, o) in dims.items()}
 
 
 def _check_tensors(tensors: dict, expected: dict, directory: str, saved_base, ours) -> None:
