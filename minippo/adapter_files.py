@@ -178,19 +178,16 @@ def _expected_shapes(lm: nn.Module, config: LoRAConfig, directory: str) -> dict[
 
 def _check_tensors(tensors: dict, expected: dict, directory: str, saved_base, ours) -> None:
     """ValueError listing missing and unexpected keys, shape and dtype mismatches."""
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    wrong = [(k, shapes[k], want) for k, want in expected.items() if k in shapes and shapes[k] != want]
-    not_float = sorted(k for k, v in tensors.items() if not v.is_floating_point())
-    if missing or unexpected or wrong or not_float:
-        lines = [f"adapter in {directory} does not fit this model (base {saved_base!r} vs {ours!r}):"]
-        if missing:
-            lines.append(f"  {len(missing)} missing key(s), e.g. {missing[:3]}")
-        if unexpected:
-            lines.append(f"  {len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
-        if wrong:
-            lines.append("  shape mismatch (key, file, model): " + "; ".join(map(str, wrong[:3])))
-        if not_float:
-            lines.append(f"  {len(not_float)} tensor(s) are not floating point, e.g. {not_float[:3]}")
-        raise ValueError("\n".join(lines))
+    problems = {
+        "missing key(s)": sorted(set(expected) - set(tensors)),
+        "unexpected key(s)": sorted(set(tensors) - set(expected)),
+        "shape mismatch(es) (key, file, model)": [
+            (k, shapes[k], want) for k, want in expected.items() if k in shapes and shapes[k] != want
+        ],
+        "tensor(s) not floating point": sorted(k for k, v in tensors.items() if not v.is_floating_point()),
+    }
+    lines = [f"  {len(found)} {what}, e.g. {found[:3]}" for what, found in problems.items() if found]
+    if lines:
+        head = f"adapter in {directory} does not fit this model (base {saved_base!r} vs {ours!r}):"
+        raise ValueError("\n".join([head, *lines]))
