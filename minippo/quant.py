@@ -46,12 +46,10 @@ def auto_compute_dtype(device: torch.device | str, model: nn.Module | None = Non
     """bfloat16 where it is native (CUDA that supports it; a CPU with AVX512_BF16 or AMX), else float32.
     A model with 8-bit layers on a CPU gets float32 (bitsandbytes' CPU int8 path under autocast is fp16)."""
     device = torch.device(device)
-    dtype = torch.float32
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        dtype = torch.bfloat16
-    elif device.type == "cpu" and not (model is not None and is_8bit(model)):
-        if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
-            dtype = torch.bfloat16
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    cpu_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    cpu_bf16 = device.type == "cpu" and cpu_bf16 and not (model is not None and is_8bit(model))
+    dtype = torch.bfloat16 if cuda_bf16 or cpu_bf16 else torch.float32
     if (device.type, dtype) not in _LOGGED_AUTO:
         _LOGGED_AUTO.add((device.type, dtype))
         cpu = torch.backends.cpu.get_cpu_capability()
@@ -106,9 +104,8 @@ def dequantize_4bit(layer: bnb.nn.Linear4bit) -> torch.Tensor:
         return weight.detach().float()
     if getattr(state, "packing_format_for_cpu", False):
         raise ValueError(
-            "this Linear4bit was repacked by bitsandbytes for its AVX512-BF16 CPU inference kernel "
-            "(block scales rounded to bf16); load the model with minippo.load_model / quantize_model, "
-            "or call minippo.quant.pin_kbit_layers(model) before its first forward"
+            "this Linear4bit was repacked for bitsandbytes' AVX512-BF16 CPU kernel (scales rounded to bf16); "
+            "load it with minippo.load_model / quantize_model, or call minippo.quant.pin_kbit_layers first"
         )
     return bnb.functional.dequantize_4bit(weight.data, state).float()  # (out, in)
 
@@ -184,13 +181,10 @@ def quantize_model(
     compute_dtype: torch.dtype | str = "auto",
 ) -> nn.Module:
     """Replace every `nn.Linear` and GPT-2 `Conv1D` of `model` by a frozen bitsandbytes layer, in place:
-    `Linear8bitLt` with outlier `threshold` (bits=8), or `Linear4bit` with `quant_type`, `double_quant`
-    and `compute_dtype` (bits=4).  Returns `model`.
-
-    A Conv1D weight (in, out) is transposed and the layer keeps `source_cls = Conv1D` (as transformers
-    does) for `merge_lora`.  Skipped: paths ending with a name in `skip_modules`, weights tied to an
-    embedding, LoRA matrices (quantise *before* adding LoRA).  `device`: the weights' by default.
-    """
+    `Linear8bitLt` (bits=8) or `Linear4bit` (bits=4, with `quant_type`, `double_quant`, `compute_dtype`).
+    A Conv1D weight (in, out) is transposed; the layer keeps `source_cls = Conv1D` for `merge_lora`.
+    Skipped: paths ending with a name in `skip_modules`, weights tied to an embedding, LoRA matrices
+    (quantise *before* adding LoRA).  `device`: the weights' by default.  Returns `model`."""
     first = next(model.parameters(), None)
     device = torch.device(device or (first.device if first is not None else "cpu"))
     compute_dtype = _check_quant_args(bits, quant_type, device, compute_dtype)
@@ -312,8 +306,7 @@ def int8_matmul_is_native(device: torch.device | str) -> bool:
 
 
 def keep_8bit_layers_in_eval(model: nn.Module, int8_path: bool | None = None) -> nn.Module:
-    """Pin every `Linear8bitLt` of `model` to one mode for good, whatever `model.train()` says, in place.
-
+    """Pin every `Linear8bitLt` of `model` to one mode for good, whatever `model.train()` says, in place:
     ``int8_path=True``: eval mode, the int8 matmul with outliers that CUDA runs.  ``False``: the CPU
     train-mode path, a float matmul on the dequantised weight (stored int8, activations unquantised).
     ``None``: the int8 path where `int8_matmul_is_native`."""
@@ -321,8 +314,7 @@ def keep_8bit_layers_in_eval(model: nn.Module, int8_path: bool | None = None) ->
         if type(module) is bnb.nn.Linear8bitLt:
             module.__class__ = _EvalPinnedLinear8bitLt
         if isinstance(module, _EvalPinnedLinear8bitLt):
-            native = int8_matmul_is_native(module.weight.device) if int8_path is None else int8_path
-            module.int8_path = native
+            module.int8_path = int8_matmul_is_native(module.weight.device) if int8_path is None else int8_path
             module.train(False)
     return model
 
@@ -344,8 +336,7 @@ def pin_kbit_layers(model: nn.Module) -> nn.Module:
 def prepare_model_for_kbit_training(
     model: nn.Module, use_gradient_checkpointing: bool = False, use_reentrant: bool = True
 ) -> nn.Module:
-    """Make a (k-bit) causal LM ready for adapter training, in place; returns it.
-
+    """Make a (k-bit) causal LM ready for adapter training, in place; returns it:
     1. freeze all; 2. float params to fp32 (not packed 4-bit); 3. fp32 logits (output-embedding hook);
     4. input embeddings' output requires grad, for re-entrant checkpointing; 5. optional gradient
     checkpointing; 6. `pin_kbit_layers`.  Note: as peft's; the blog-era int8 version cast only norms.
