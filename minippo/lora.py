@@ -69,7 +69,6 @@ class LoRAConfig:
 
     @property
     def scaling(self) -> float:
-        """alpha / r, or alpha / sqrt(r) with rsLoRA."""
         return lora_scaling(self.r, self.alpha, self.use_rslora)
 
 
