@@ -1,19 +1,14 @@
-"""minippo: PPO on LoRA adapters over 8-bit causal language models, small enough to read.
+"""minippo: PPO on LoRA adapters over 8-bit / 4-bit causal language models, small enough to read.
 
-The core, in reading order (docs/design.md): ``core`` (PPO math), ``quant`` (8-bit loading),
-``lora`` (the LoRA layer), ``adapter_files`` (peft's file layout), ``policy`` (value head,
-sampling), ``rollout`` (the buffer), ``ppo`` (the trainer), with ``fileio`` for crash-safe writes.
-The blog's IMDB application (data, rewards, SFT, the pipeline, the CLI) lives in `minippo.app`
-and uses the core like any user would.
-
-Shape letters used throughout: B batch, P prompt length, T response length, L = P + T,
-V vocabulary, H hidden size, r LoRA rank.
+The core, in reading order (docs/design.md): ``core`` (PPO math), ``quant`` (k-bit loading), ``lora``,
+``adapter_files`` (peft's layout), ``policy`` (value head, sampling), ``rollout``, ``ppo`` (the trainer);
+``fileio`` writes crash-safely.  The blog's IMDB application (`minippo.app`) uses the core as any user.
+Shapes: B batch, P prompt length, T response length, L = P + T, V vocabulary, H hidden size, r LoRA rank.
 """
 
 import logging as _logging
 
-# bitsandbytes logs a float16-cast notice on every int8 matmul and a note about an optional
-# package at import; neither is actionable for users of this library.
+# bitsandbytes logs a float16-cast notice on every int8 matmul, and an optional-package note: not actionable.
 _logging.getLogger("bitsandbytes").setLevel(_logging.ERROR)
 
 __version__ = "0.2.0"

@@ -1,8 +1,7 @@
 """Adapter files in peft's layout: `save_adapter` and `load_adapter`.
 
-An adapter folder holds `adapter_config.json` (peft's LoraConfig fields) and `adapter_model.safetensors`
-with keys `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`, so peft loads ours and
-`load_adapter` loads peft's.  Kept apart from the LoRA layer, as peft keeps its `save_and_load.py`.
+A folder holds `adapter_config.json` (peft's LoraConfig fields) and `adapter_model.safetensors` (keys
+`base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`): peft loads ours, and we load peft's.
 """
 
 from __future__ import annotations
@@ -74,8 +73,7 @@ def adapter_config_dict(model: nn.Module, base_model_name_or_path: str | None = 
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None):
-    """Write `adapter_config.json` and `adapter_model.safetensors` (peft's layout, keys relative to the
-    language model inside a wrapper) to `directory`, each file atomically.  Returns the directory."""
+    """Write the two adapter files (keys relative to the LM in a wrapper) atomically; returns `directory`."""
     lm = _unwrap(model)
     config = adapter_config_dict(model, base_model_name_or_path)
     tensors = {PEFT_PREFIX + key: value.to("cpu").contiguous() for key, value in lora_state_dict(lm).items()}
@@ -109,10 +107,9 @@ def _config_from_peft(cfg: dict, where: str) -> LoRAConfig:
 def load_adapter(model: nn.Module, directory: str | os.PathLike, check_base: bool = True) -> nn.Module:
     """Load a LoRA adapter saved by `save_adapter` or by peft into `model`, in place; returns it.
 
-    A model without LoRA layers gets them first (`add_lora` with the file's config); one with LoRA
-    layers must match the file's rank and scaling.  Raises ValueError, naming what differs, and
-    changes nothing when the base model's name differs (unless `check_base=False`), or keys or
-    shapes do not match.
+    A model without LoRA layers gets them (`add_lora` with the file's config); one with must match its
+    rank and scaling.  A different base name (unless `check_base=False`), keys or shapes raise a
+    ValueError naming what differs, and change nothing.
     """
     directory = os.fspath(directory)
     lm = _unwrap(model)
@@ -175,28 +172,22 @@ def _expected_shapes(lm: nn.Module, config: LoRAConfig, directory: str) -> dict[
         dims = {name: (layer.in_features, layer.out_features) for name, layer in existing.items()}
     else:
         dims = {name: layer_dims(m) for name, m in find_targets(lm, config)}
-    expected = {}
-    for name, (i, o) in dims.items():
-        expected[f"{name}.lora_A.weight"] = (config.r, i)
-        expected[f"{name}.lora_B.weight"] = (o, config.r)
-    return expected
+    expected = {f"{name}.lora_A.weight": (config.r, i) for name, (i, _) in dims.items()}
+    return expected | {f"{name}.lora_B.weight": (o, config.r) for name, (_, o) in dims.items()}
 
 
 def _check_tensors(tensors: dict, expected: dict, directory: str, saved_base, ours) -> None:
     """ValueError listing missing and unexpected keys, shape and dtype mismatches."""
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    wrong = [(k, shapes[k], want) for k, want in expected.items() if k in shapes and shapes[k] != want]
-    not_float = sorted(k for k, v in tensors.items() if not v.is_floating_point())
-    if missing or unexpected or wrong or not_float:
-        lines = [f"adapter in {directory} does not fit this model (base {saved_base!r} vs {ours!r}):"]
-        if missing:
-            lines.append(f"  {len(missing)} missing key(s), e.g. {missing[:3]}")
-        if unexpected:
-            lines.append(f"  {len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
-        if wrong:
-            lines.append("  shape mismatch (key, file, model): " + "; ".join(map(str, wrong[:3])))
-        if not_float:
-            lines.append(f"  {len(not_float)} tensor(s) are not floating point, e.g. {not_float[:3]}")
-        raise ValueError("\n".join(lines))
+    problems = {
+        "missing key(s)": sorted(set(expected) - set(tensors)),
+        "unexpected key(s)": sorted(set(tensors) - set(expected)),
+        "shape mismatch(es) (key, file, model)": [
+            (k, shapes[k], want) for k, want in expected.items() if k in shapes and shapes[k] != want
+        ],
+        "tensor(s) not floating point": sorted(k for k, v in tensors.items() if not v.is_floating_point()),
+    }
+    lines = [f"  {len(found)} {what}, e.g. {found[:3]}" for what, found in problems.items() if found]
+    if lines:
+        head = f"adapter in {directory} does not fit this model (base {saved_base!r} vs {ours!r}):"
+        raise ValueError("\n".join([head, *lines]))

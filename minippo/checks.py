@@ -15,14 +15,8 @@ import torch
 
 Rule = tuple[Callable[[Any], bool], str]  # (test, what a passing value is)
 
-
-def _integer(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
+_integer = lambda v: isinstance(v, int) and not isinstance(v, bool)
+_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 POSITIVE_INT: Rule = (lambda v: _integer(v) and v >= 1, "a positive integer")
 NON_NEGATIVE_INT: Rule = (lambda v: _integer(v) and v >= 0, "an integer >= 0")
@@ -34,7 +28,6 @@ BOOL: Rule = (lambda v: isinstance(v, bool), "True or False")
 
 
 def optional(rule: Rule) -> Rule:
-    """The rule, or None."""
     return (lambda v: v is None or rule[0](v), f"None or {rule[1]}")
 
 
@@ -43,8 +36,7 @@ def one_of(*choices: Any) -> Rule:
 
 
 def check_fields(config: Any, rule: Rule, *names: str) -> None:
-    """Raise ValueError("<Config>.<name> must be <rule>, got <value>") for the first field that fails
-    (a test that raises ValueError fails)."""
+    """ValueError("<Config>.<name> must be <rule>, got <value>") for the first failing field."""
     test, description = rule
     for name in names:
         value = getattr(config, name)

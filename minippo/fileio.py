@@ -52,9 +52,8 @@ def append_line(path: str | os.PathLike, line: str) -> None:
 
 @contextlib.contextmanager
 def atomic_directory(directory: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary folder beside `directory` that replaces it on success (removed on an exception).
-    The old folder is renamed aside, the new one into place, then the old one deleted: an interrupt
-    leaves the previous folder intact (for the instant between the renames, under `.<name>.old-*`)."""
+    """Yield a temporary folder beside `directory` that replaces it on success (removed on an exception):
+    old folder renamed aside, new one into place, old one deleted; an interrupt leaves the old intact."""
     directory = os.path.abspath(os.fspath(directory))
     parent, name = os.path.split(directory)
     os.makedirs(parent, exist_ok=True)

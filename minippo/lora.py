@@ -4,13 +4,10 @@ A LoRA layer adds a trainable low-rank update to a frozen layer W (out, in):
 
     y = base(x) + dropout(x) @ A.T @ B.T * scaling,   A: (r, in), B: (out, r)
 
-with scaling = alpha / r (alpha / sqrt(r) with rsLoRA), A Kaiming-uniform and B zero at init, so an
-adapted model starts out equal to its base.  The layer only *calls* the base, never reads its weight,
-so the base may be int8 (`Linear8bitLt`) or 4-bit (`Linear4bit`, QLoRA).
+with scaling = alpha / r (alpha / sqrt(r) with rsLoRA) and B = 0 at init, so an adapted model starts
+as its base.  The layer only *calls* the base, never reads its weight, so the base may be int8 or 4-bit.
 Ref: Hu et al. 2021, LoRA, arXiv:2106.09685, eq. 3; Kalajdzievski 2023, rsLoRA, arXiv:2312.03732.
-
-The API (minLoRA-style verbs): `add_lora`, `disable_adapters`, `lora_state_dict`, `merge_lora`;
-adapter files (peft's layout) are in `minippo.adapter_files`.
+minLoRA-style API: `add_lora`, `disable_adapters`, `lora_state_dict`, `merge_lora`; files: `adapter_files`.
 """
 
 from __future__ import annotations
@@ -72,7 +69,6 @@ class LoRAConfig:
 
     @property
     def scaling(self) -> float:
-        """alpha / r, or alpha / sqrt(r) with rsLoRA."""
         return lora_scaling(self.r, self.alpha, self.use_rslora)
 
 
@@ -122,13 +118,11 @@ def from_conv1d(module: nn.Module) -> bool:
 
 
 class LoRALayer(nn.Module):
-    """y = base(x) + dropout(x) @ A.T @ B.T * scaling, for x (..., in), y (..., out).
+    """y = base(x) + dropout(x) @ A.T @ B.T * scaling, for x (..., in), y (..., out).  Ref: Hu et al., eq. 3.
 
-    `base_layer` (nn.Linear, Conv1D, Linear8bitLt or Linear4bit) is only ever called.  `lora_A` (in -> r)
-    and `lora_B` (r -> out) are bias-free fp32 nn.Linear, so state dict keys read `<path>.lora_A.weight`
-    (A: (r, in)) and `<path>.lora_B.weight` (B: (out, r)), as peft's.  The adapter runs in fp32, under
-    bf16 autocast too (autocast is off inside), and its output is cast to the base output's dtype;
-    `disabled` makes the layer its base.  Ref: Hu et al. 2021, eq. 3.
+    `base_layer` is only ever called.  `lora_A` (in -> r) and `lora_B` (r -> out) are bias-free fp32
+    nn.Linear, so state dict keys are peft's (`<path>.lora_A.weight`).  The adapter runs in fp32, also
+    under autocast, cast to the base output's dtype; `disabled` makes the layer its base.
     """
 
     def __init__(
@@ -190,9 +184,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
     """(module path, layer) for every LoRALayer of `model`."""
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALayer):
-            yield name, module
+    return ((name, m) for name, m in model.named_modules() if isinstance(m, LoRALayer))
 
 
 # -- adding adapters ---------------------------------------------------------------------------
@@ -251,12 +243,9 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Mod
 
 
 def add_lora(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
-    """Wrap the target layers of `model` in `LoRALayer`s and freeze everything else, in place.
-
-    Every parameter but the LoRA matrices is frozen (a value head on a wrapper passed here too:
-    unfreeze it afterwards) and the k-bit layers are pinned (`pin_kbit_layers`).  The resolved
-    config is kept as `model.lora_config` for `save_adapter`.  Returns `model`.
-    """
+    """Wrap the target layers of `model` in `LoRALayer`s, freeze all else (a wrapper's value head too:
+    unfreeze it afterwards) and `pin_kbit_layers`, in place.  Keeps the resolved config as
+    `model.lora_config` for `save_adapter`.  Returns `model`."""
     config = config or LoRAConfig()
     if next(lora_layers(model), None) is not None:
         raise ValueError("the model already has LoRA layers: add_lora once per model (merge_lora to stack)")
@@ -349,13 +338,11 @@ def _strip_markers(model: nn.Module) -> None:
 
 
 def merge_lora(model: nn.Module, dtype: torch.dtype | str = torch.float32) -> nn.Module:
-    """Fold every adapter into its base weight, W' = W + scaling * B @ A, and return a plain model.
+    """Fold every adapter into its base weight, W' = W + scaling * B @ A, in place; returns the model.
 
-    In place: each LoRALayer becomes an nn.Linear (a Conv1D where the base was or came from one)
-    holding W' in `dtype`, and every other k-bit layer is dequantised too.  The base's quantisation
-    error is kept: a merged 4-bit model computes the adapted one's function up to float rounding, a
-    merged 8-bit one without int8 activation quantisation.  Transformers' k-bit markers are removed,
-    so `save_pretrained` writes a plain float model.  Merging is only ever this explicit call.
+    Each LoRALayer becomes an nn.Linear (Conv1D where the base came from one) holding W' in `dtype`, and
+    other k-bit layers are dequantised too; k-bit markers go, so `save_pretrained` writes a float model.
+    The base's quantisation error is kept (8-bit: without activation quantisation).  Only explicit.
     """
     dtype = resolve_dtype(dtype)
     with torch.no_grad():

@@ -1,16 +1,11 @@
 """k-bit loading (bitsandbytes LLM.int8() and 4-bit NF4 / FP4) and k-bit training preparation.
 
-An 8-bit layer (`Linear8bitLt`) stores each weight row as int8 with one fp32 absmax scale (SCB) and
-quantises the activations per row too, except outlier columns above `threshold`, which run in fp16.
-Ref: Dettmers et al. 2022, LLM.int8(), arXiv:2208.07339, sec. 3.
-A 4-bit layer (`Linear4bit`) stores each block of 64 weights as 4-bit codes (NF4: normal quantiles;
-FP4: a 4-bit float) and one absmax scale, itself 8-bit with double quantisation, and dequantises
-the weight to its compute dtype at matmul time.  Ref: Dettmers et al. 2023, QLoRA, arXiv:2305.14314.
-
-`load_model(..., load_in_8bit=True / load_in_4bit=True)` or `quantize_model(model, bits=8 / 4)` get
-there; then `prepare_model_for_kbit_training` freezes everything and pins the k-bit layers to one
-function on every device (`pin_kbit_layers`): 8-bit in eval mode (bitsandbytes' CPU *train* mode
-runs a float matmul), 4-bit unpacked (its CPU repacking rounds the scales and drops input grads).
+`Linear8bitLt` stores each weight row as int8 with an fp32 absmax scale (SCB) and quantises the
+activations per row, except outlier columns above `threshold` (fp16).  Ref: arXiv:2208.07339, sec. 3.
+`Linear4bit` stores blocks of 64 weights as 4-bit codes (NF4 or FP4) with one absmax scale (8-bit
+with double quantisation), dequantised at matmul time.  Ref: QLoRA, arXiv:2305.14314.
+`load_model` / `quantize_model` get there; `prepare_model_for_kbit_training` freezes everything and
+pins the k-bit layers to one function on every device (`pin_kbit_layers`).
 """
 
 from __future__ import annotations
@@ -48,19 +43,13 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def auto_compute_dtype(device: torch.device | str, model: nn.Module | None = None) -> torch.dtype:
-    """The faster matmul dtype on ``device``, from torch's own capability report.
-
-    bfloat16 on a CUDA GPU that supports it and on a CPU that runs it natively (AVX512_BF16 or AMX;
-    elsewhere bf16 is emulated, slower than float32); else float32.  A model with 8-bit layers on a
-    CPU gets float32: under autocast bitsandbytes' CPU int8 path works in float16, slow on CPUs.
-    """
+    """bfloat16 where it is native (CUDA that supports it; a CPU with AVX512_BF16 or AMX), else float32.
+    A model with 8-bit layers on a CPU gets float32 (bitsandbytes' CPU int8 path under autocast is fp16)."""
     device = torch.device(device)
-    dtype = torch.float32
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        dtype = torch.bfloat16
-    elif device.type == "cpu" and not (model is not None and is_8bit(model)):
-        if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
-            dtype = torch.bfloat16
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    cpu_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    cpu_bf16 = device.type == "cpu" and cpu_bf16 and not (model is not None and is_8bit(model))
+    dtype = torch.bfloat16 if cuda_bf16 or cpu_bf16 else torch.float32
     if (device.type, dtype) not in _LOGGED_AUTO:
         _LOGGED_AUTO.add((device.type, dtype))
         cpu = torch.backends.cpu.get_cpu_capability()
@@ -68,9 +57,7 @@ def auto_compute_dtype(device: torch.device | str, model: nn.Module | None = Non
     return dtype
 
 
-def resolve_compute_dtype(
-    name: torch.dtype | str, device: torch.device | str, model: nn.Module | None = None
-) -> torch.dtype:
+def resolve_compute_dtype(name: torch.dtype | str, device: torch.device | str, model=None) -> torch.dtype:
     """``"auto"`` -> `auto_compute_dtype`; any other name -> `resolve_dtype`."""
     return auto_compute_dtype(device, model) if name == "auto" else resolve_dtype(name)
 
@@ -100,21 +87,8 @@ def _int8_weight_and_scales(layer: bnb.nn.Linear8bitLt):
     return CB, SCB
 
 
-def _quant_state_tensors(layer: bnb.nn.Linear4bit) -> list[torch.Tensor]:
-    """What a 4-bit weight keeps outside its parameter: block scales, code book, and with double
-    quantisation the second level's scales, offset and code book."""
-    state = layer.weight.quant_state
-    if state is None:
-        return []
-    tensors = [state.absmax, state.code]
-    if state.nested:
-        tensors += [state.offset, state.state2.absmax, state.state2.code]
-    return [t for t in tensors if isinstance(t, torch.Tensor)]
-
-
 def dequantize_8bit(layer: bnb.nn.Linear8bitLt) -> torch.Tensor:
-    """The fp32 weight (out, in) of a `Linear8bitLt`: CB * SCB / 127 row by row (a layer not
-    quantised yet, before `.to(device)`, returns its float weight)."""
+    """The fp32 weight (out, in) of a `Linear8bitLt`: CB * SCB / 127 per row (float if not quantised yet)."""
     if layer.weight.dtype != torch.int8:
         return layer.weight.detach().float()
     CB, SCB = _int8_weight_and_scales(layer)
@@ -124,16 +98,14 @@ def dequantize_8bit(layer: bnb.nn.Linear8bitLt) -> torch.Tensor:
 
 
 def dequantize_4bit(layer: bnb.nn.Linear4bit) -> torch.Tensor:
-    """The fp32 weight (out, in) of a `Linear4bit` by bitsandbytes' dequantisation (code[q] * block
-    absmax); a layer not quantised yet returns its float weight."""
+    """The fp32 weight (out, in) of a `Linear4bit`: code[q] * block absmax (float if not quantised yet)."""
     weight, state = layer.weight, layer.weight.quant_state
     if not getattr(weight, "bnb_quantized", False) or state is None:
         return weight.detach().float()
     if getattr(state, "packing_format_for_cpu", False):
         raise ValueError(
-            "this Linear4bit was repacked by bitsandbytes for its AVX512-BF16 CPU inference kernel "
-            "(block scales rounded to bf16); load the model with minippo.load_model / quantize_model, "
-            "or call minippo.quant.pin_kbit_layers(model) before its first forward"
+            "this Linear4bit was repacked for bitsandbytes' AVX512-BF16 CPU kernel (scales rounded to bf16); "
+            "load it with minippo.load_model / quantize_model, or call minippo.quant.pin_kbit_layers first"
         )
     return bnb.functional.dequantize_4bit(weight.data, state).float()  # (out, in)
 
@@ -145,11 +117,13 @@ def model_footprint_bytes(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, bnb.nn.Linear8bitLt):
             tensors.append(_int8_weight_and_scales(m)[1])
-        elif isinstance(m, bnb.nn.Linear4bit):
-            tensors += _quant_state_tensors(m)
+        elif isinstance(m, bnb.nn.Linear4bit) and (state := m.weight.quant_state) is not None:
+            tensors += [state.absmax, state.code]  # block scales, code book; double quant: level 2's too
+            if state.nested:
+                tensors += [state.offset, state.state2.absmax, state.state2.code]
     sizes = {}
     for t in tensors:
-        if t is not None and t.device.type != "meta":
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
             sizes[(t.device, t.data_ptr(), t.numel(), t.dtype)] = t.numel() * t.element_size()
     return sum(sizes.values())
 
@@ -158,8 +132,7 @@ def model_footprint_bytes(model: nn.Module) -> int:
 
 
 def check_4bit_support(device: torch.device | str = "cpu") -> None:
-    """Raise a ValueError naming the fix when this bitsandbytes cannot run 4-bit layers on `device`
-    (probed by quantising and dequantising one block)."""
+    """ValueError naming the fix unless this bitsandbytes runs 4-bit on `device` (probed on one block)."""
     device = torch.device(device)
     fix = (
         "upgrade bitsandbytes (0.48 and later run 4-bit on a CPU; CUDA GPUs for longer), use "
@@ -207,17 +180,11 @@ def quantize_model(
     double_quant: bool = True,
     compute_dtype: torch.dtype | str = "auto",
 ) -> nn.Module:
-    """Replace every `nn.Linear` and GPT-2 `Conv1D` of `model` by a frozen bitsandbytes layer, in
-    place: `Linear8bitLt` with outlier `threshold` (bits=8), or `Linear4bit` with `quant_type` and
-    `double_quant` scales, dequantised to `compute_dtype` at matmul time (bits=4; "auto":
-    `auto_compute_dtype`).  Returns `model`.
-
-    A Conv1D weight (in, out) is transposed to (out, in) and the new layer remembers
-    `source_cls = Conv1D` (as transformers does), so `merge_lora` can write a Conv1D back.  Skipped:
-    paths ending with a name in `skip_modules`, weights tied to an embedding, and LoRA matrices
-    (quantise *before* adding LoRA).  `device` defaults to the device of the model's weights.
-    Ref: Dettmers et al. 2022, arXiv:2208.07339; Dettmers et al. 2023, arXiv:2305.14314.
-    """
+    """Replace every `nn.Linear` and GPT-2 `Conv1D` of `model` by a frozen bitsandbytes layer, in place:
+    `Linear8bitLt` (bits=8) or `Linear4bit` (bits=4, with `quant_type`, `double_quant`, `compute_dtype`).
+    A Conv1D weight (in, out) is transposed; the layer keeps `source_cls = Conv1D` for `merge_lora`.
+    Skipped: paths ending with a name in `skip_modules`, weights tied to an embedding, LoRA matrices
+    (quantise *before* adding LoRA).  `device`: the weights' by default.  Returns `model`."""
     first = next(model.parameters(), None)
     device = torch.device(device or (first.device if first is not None else "cpu"))
     compute_dtype = _check_quant_args(bits, quant_type, device, compute_dtype)
@@ -273,13 +240,11 @@ def load_model(
     compute_dtype: torch.dtype | str = "auto",
     **from_pretrained_kwargs,
 ) -> nn.Module:
-    """Load a Hugging Face causal LM, optionally with its Linear layers in 8-bit or 4-bit, in eval mode.
+    """Load a Hugging Face causal LM in eval mode, optionally with its Linear layers in 8-bit or 4-bit.
 
-    Float parameters (all, or a k-bit model's embeddings, norms and lm_head) get `dtype` (a torch
-    dtype or "float32" / "bf16" / ...).  The k-bit options are `quantize_model`'s.  transformers'
-    `BitsAndBytesConfig` path is tried first; if it fails on this machine (no accelerate, unsupported
-    device, ...) or leaves no k-bit layer, a float load is quantised by `quantize_model`.  Extra
-    keyword arguments go to `AutoModelForCausalLM.from_pretrained`.
+    Float parameters get `dtype`; the k-bit options are `quantize_model`'s.  transformers'
+    `BitsAndBytesConfig` path is tried first; if it fails here or leaves no k-bit layer, a float load
+    is quantised by `quantize_model`.  Extra keyword arguments go to `from_pretrained`.
     """
     import transformers
     from packaging.version import Version
@@ -326,8 +291,7 @@ def load_model(
 
 
 class _EvalPinnedLinear8bitLt(bnb.nn.Linear8bitLt):
-    """A frozen Linear8bitLt whose `train()` keeps the mode it was pinned to (`int8_path`); still an
-    `isinstance` of Linear8bitLt, so bitsandbytes, transformers and peft treat it as one."""
+    """A frozen Linear8bitLt whose `train()` keeps the mode it was pinned to (`int8_path`)."""
 
     int8_path = True
 
@@ -336,33 +300,28 @@ class _EvalPinnedLinear8bitLt(bnb.nn.Linear8bitLt):
 
 
 def int8_matmul_is_native(device: torch.device | str) -> bool:
-    """Whether ``device`` multiplies int8 matrices natively: CUDA, or a CPU with VNNI or AMX (torch's
-    capability report). Without them torch's CPU int8 GEMM is emulated, far slower than float32."""
+    """CUDA, or a CPU with VNNI or AMX; elsewhere torch's int8 GEMM is emulated, slower than float32."""
     device = torch.device(device)
     return device.type != "cpu" or torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def keep_8bit_layers_in_eval(model: nn.Module, int8_path: bool | None = None) -> nn.Module:
-    """Pin every `Linear8bitLt` of `model` to one function for good, whatever `model.train()` says.
-
-    ``int8_path=True``: eval mode, the int8 matmul with outlier threshold that CUDA runs.  ``False``:
-    bitsandbytes' CPU train-mode path, which dequantises the int8 weight (one layer at a time) and runs
-    a float matmul: the weights stay int8 in memory, the activations are not quantised.  ``None``
-    (default): the int8 path where `int8_matmul_is_native`, else the dequantising one.  In place."""
+    """Pin every `Linear8bitLt` of `model` to one mode for good, whatever `model.train()` says, in place:
+    ``int8_path=True``: eval mode, the int8 matmul with outliers that CUDA runs.  ``False``: the CPU
+    train-mode path, a float matmul on the dequantised weight (stored int8, activations unquantised).
+    ``None``: the int8 path where `int8_matmul_is_native`."""
     for module in model.modules():
         if type(module) is bnb.nn.Linear8bitLt:
             module.__class__ = _EvalPinnedLinear8bitLt
         if isinstance(module, _EvalPinnedLinear8bitLt):
-            native = int8_matmul_is_native(module.weight.device) if int8_path is None else int8_path
-            module.int8_path = native
+            module.int8_path = int8_matmul_is_native(module.weight.device) if int8_path is None else int8_path
             module.train(False)
     return model
 
 
 def keep_4bit_layers_unpacked(model: nn.Module) -> nn.Module:
-    """Keep every `Linear4bit` of `model` on bitsandbytes' portable path, in place.  Its AVX512-BF16
-    CPU repacking (at the first no-grad eval forward) would round the block scales to bf16 and pass no
-    gradient to the input: rollouts, reference and training must see one function."""
+    """Keep every `Linear4bit` on the portable path, in place: the AVX512-BF16 CPU repacking rounds the
+    block scales to bf16 and drops input gradients, so rollouts and training would see two functions."""
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
@@ -370,26 +329,17 @@ def keep_4bit_layers_unpacked(model: nn.Module) -> nn.Module:
 
 
 def pin_kbit_layers(model: nn.Module) -> nn.Module:
-    """Pin the frozen k-bit layers of `model` to the function every device runs: 8-bit in eval mode
-    (`keep_8bit_layers_in_eval`), 4-bit unpacked (`keep_4bit_layers_unpacked`).  In place."""
+    """`keep_8bit_layers_in_eval` and `keep_4bit_layers_unpacked`: one function on every device."""
     return keep_4bit_layers_unpacked(keep_8bit_layers_in_eval(model))
-
-
-def _upcast_logits_hook(module, inputs, output):
-    return output.float()
 
 
 def prepare_model_for_kbit_training(
     model: nn.Module, use_gradient_checkpointing: bool = False, use_reentrant: bool = True
 ) -> nn.Module:
-    """Make a (possibly 8-bit or 4-bit) causal LM ready for adapter training, in place; returns it.
-
-    1. freeze every parameter; 2. cast the floating ones (norms, embeddings, biases, lm_head; not
-    packed k-bit weights) to fp32; 3. upcast the logits to fp32 (a hook on the output embeddings);
-    4. make the input embeddings' output require grad, so re-entrant gradient checkpointing still
-    reaches the adapters; 5. optionally enable gradient checkpointing; 6. `pin_kbit_layers`.
-    Note: as peft's `prepare_model_for_kbit_training`; the blog-era `prepare_model_for_int8_training`
-    cast only the layer norms.
+    """Make a (k-bit) causal LM ready for adapter training, in place; returns it:
+    1. freeze all; 2. float params to fp32 (not packed 4-bit); 3. fp32 logits (output-embedding hook);
+    4. input embeddings' output requires grad, for re-entrant checkpointing; 5. optional gradient
+    checkpointing; 6. `pin_kbit_layers`.  Note: as peft's; the blog-era int8 version cast only norms.
     """
     for p in model.parameters():
         p.requires_grad_(False)
@@ -397,7 +347,7 @@ def prepare_model_for_kbit_training(
             p.data = p.data.float()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and not getattr(head, "_minippo_logits_fp32", False):
-        head.register_forward_hook(_upcast_logits_hook)
+        head.register_forward_hook(lambda module, inputs, output: output.float())
         head._minippo_logits_fp32 = True
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
