@@ -10,7 +10,6 @@ lengths, never from comparing token ids with the pad id, so the pad id may equal
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import os
@@ -97,13 +96,9 @@ def load_value_head(value_head: ValueHead, directory: str | os.PathLike) -> None
 
 @dataclass
 class Generation:
-    """The result of `PolicyWithValueHead.generate`.
-
-    query_ids, query_mask (B, P): the prompts, left-padded.
-    response_ids, response_mask (B, T): the sampled tokens, right-padded (an EOS that stopped a
-        response is part of it: it is an action the policy took).
-    logprobs (B, T): log-probability of each sampled token under the sampling distribution
-        (temperature applied), from the generation pass; 0 at padding.
+    """The result of `PolicyWithValueHead.generate`: query_ids, query_mask (B, P) left-padded;
+    response_ids, response_mask (B, T) right-padded (an EOS that stopped a response is part of it: an
+    action the policy took); logprobs (B, T) of the sampled tokens (temperature applied), 0 at padding.
     """
 
     query_ids: torch.Tensor
@@ -125,20 +120,14 @@ class Generation:
 
 
 class PolicyWithValueHead(nn.Module):
-    """A causal LM (LoRA-adapted, possibly 8-bit) and a value head on its last hidden state.
+    """A causal LM (LoRA-adapted, possibly k-bit) and a value head on its last hidden state.
 
-    ``forward`` runs the backbone once and returns float32 logits and values; with ``response_length=T``
-    only the T positions that predict the last T tokens go through the LM head ((B, T, V), not (B, L, V)).
-    Reference log-probabilities come from the same module with its adapters disabled: no second model.
-
-    The LM head runs in its weights' dtype even under autocast: float32 for a float32 model (bf16 logits
-    would put noise on every log-probability, and PPO divides probabilities); a bf16-loaded model gives
-    bf16 logits, upcast. Cohere's ``logit_scale``, Granite's ``logits_scaling`` and Gemma2's
-    ``final_logit_softcapping`` are applied too, and `check_logits` checks at wrap time that the logits
-    are the model's own: PPO must sample and train the model's distribution.
-
-    ``gradient_checkpointing = True`` recomputes each decoder layer in the backward pass (non-reentrant
-    ``torch.utils.checkpoint``) whenever gradients are on: transformers' own checkpointing acts only in
+    ``forward`` runs the backbone once; with ``response_length=T`` only the T positions that predict the
+    last T tokens go through the LM head. The reference is this module with its adapters disabled. The
+    LM head runs in its weights' dtype even under autocast (bf16 logits would put noise on every
+    log-probability); Cohere's, Granite's and Gemma2's logit scales and softcap are applied, and
+    `check_logits` checks at wrap time that the logits are the model's own. ``gradient_checkpointing``
+    recomputes each decoder layer in backward whenever gradients are on: transformers' own acts only in
     train mode, and PPO runs in eval mode (dropout off).
     """
 
@@ -240,12 +229,9 @@ class PolicyWithValueHead(nn.Module):
         temperature: float = 1.0,
         with_values: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits and values for a (B, L) batch (queries left-padded, responses right-padded).
-
-        With ``response_length=T``: logits (B, T, V) and values (B, T) at the positions L-T-1 .. L-2,
-        i.e. position t predicts response token t. Without: logits (B, L, V), values (B, L).
-        Logits are float32 and divided by ``temperature``; values are None if ``with_values=False``.
-        """
+        """Float32 logits / ``temperature`` and values (None without ``with_values``) of a (B, L) batch:
+        (B, T, V) and (B, T) at positions L-T-1 .. L-2 (t predicts response token t) with
+        ``response_length=T``, else (B, L, V) and (B, L)."""
         positions = position_ids_from_mask(attention_mask)
         hidden, _ = self._hidden(input_ids, attention_mask, positions)  # (B, L, H)
         if response_length is not None:
@@ -277,13 +263,11 @@ class PolicyWithValueHead(nn.Module):
         stop_at_eos: bool = False,
         batch_size: int | None = None,
     ) -> Generation:
-        """Sample one response per query (1-D token tensors), ``batch_size`` at once, with a KV cache.
-
-        Lengths are drawn uniformly from ``[min_new_tokens, max_new_tokens]`` (inclusive), tokens from
-        ``softmax(logits / temperature)`` over the whole vocabulary (top_k 0, top_p 1: PPO's log-probs
-        are those of this distribution). With ``stop_at_eos`` a response ends at (and includes) its first
-        EOS. Uses torch's global generator. Returns a `Generation` on the CPU.
-        """
+        """Sample one response per query (1-D token tensors), ``batch_size`` at once, with a KV cache:
+        lengths uniform in ``[min_new_tokens, max_new_tokens]``, tokens from ``softmax(logits /
+        temperature)`` over the whole vocabulary (top_k 0, top_p 1: PPO's log-probs are those of this
+        distribution); with ``stop_at_eos`` up to and including the first EOS. Torch's global generator;
+        returns a `Generation` on the CPU."""
         if not queries:
             raise ValueError("generate() needs at least one query")
         if any(q.dim() != 1 or len(q) == 0 for q in queries):
@@ -363,11 +347,7 @@ def _checkpointed(forward, *args, **kwargs):
     return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
-@contextlib.contextmanager
-def maybe_autocast(device_type: str, dtype: torch.dtype | None):
-    """``torch.autocast(device_type, dtype)`` if a dtype other than float32 is given, else nothing."""
-    if dtype is None or dtype == torch.float32:
-        yield
-    else:
-        with torch.autocast(device_type, dtype=dtype):
-            yield
+def maybe_autocast(device_type: str, dtype: torch.dtype | None) -> torch.autocast:
+    """``torch.autocast(device_type, dtype)``, switched off for None or float32."""
+    on = dtype not in (None, torch.float32)
+    return torch.autocast(device_type, dtype=dtype if on else torch.bfloat16, enabled=on)
