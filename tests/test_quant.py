@@ -1,6 +1,8 @@
 """8-bit loading: int8 storage, footprint, fp32 agreement, eval pinning, k-bit training
 preparation (gradient checkpointing in both re-entrant modes), frozen int8 weights under training."""
 
+import json
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -245,3 +247,32 @@ def test_8bit_lora_forward_backward_on_cuda(tokenizer, batch):
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None and g.device.type == "cuda" for g in grads)
     assert all(m.weight.dtype == torch.int8 for m in int8_layers(model).values())
+
+
+def test_a_model_with_its_own_code_is_refused_unless_asked(tmp_path, tokenizer):
+    """A folder whose config names its own Python code (``auto_map``) loads only with
+    ``trust_remote_code=True``: running a model folder's code is the user's decision, never a default."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "custom"
+    model = tiny_model("llama", len(tokenizer))
+    model.save_pretrained(folder)
+    (folder / "configuration_custom.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass CustomConfig(LlamaConfig):\n"
+        '    model_type = "minippo_custom"\n'
+    )
+    (folder / "modeling_custom.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_custom import CustomConfig\n\n\n"
+        "class CustomForCausalLM(LlamaForCausalLM):\n    config_class = CustomConfig\n"
+    )
+    config = LlamaConfig.from_pretrained(folder).to_dict()
+    config["model_type"] = "minippo_custom"
+    config["auto_map"] = {
+        "AutoConfig": "configuration_custom.CustomConfig",
+        "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM",
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_model(str(folder))
+    loaded = load_model(str(folder), trust_remote_code=True)
+    assert type(loaded).__name__ == "CustomForCausalLM" and isinstance(loaded, LlamaForCausalLM)
