@@ -324,15 +324,7 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
     distributed.init_from_env()
     main = distributed.rank() == 0
     out, checkpoint = Path(config.output_dir), Path(config.output_dir) / "checkpoint"
-    resume = config.resume and (checkpoint / "trainer_state.json").exists()
-    if resume and (out / "config.json").exists():  # the run's settings must match (PPOTrainer.load
-        # checks the PPO settings)
-        saved = json.loads((out / "config.json").read_text())
-        check_config(saved, dataclasses.asdict(config), RESUMABLE_RUN_CHANGES, f"the run in {out}")
-    distributed.barrier()  # every process has read the old config before rank 0 rewrites it
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", dataclasses.asdict(config))
+    resume = start_run_folder(config, out, checkpoint, main)
     trainer, tokenizer, model_dir = build_trainer(config)
     share = slice(
         trainer.rank * trainer.batch_size_per_rank, (trainer.rank + 1) * trainer.batch_size_per_rank
@@ -375,9 +367,29 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
             for q, r in samples[: config.log_samples]:
                 bar.write(f"  step {step}: {q!r} -> {r!r}")
     result["train_seconds"] = time.perf_counter() - t0
-    if not main:
-        distributed.barrier()  # rank 0 saves and evaluates
-        return result
+    if main:  # the others wait at the barrier while rank 0 saves and evaluates
+        finish_run(config, trainer, tokenizer, reward, eval_prompts, result)
+    distributed.barrier()
+    return result
+
+
+def start_run_folder(config: PPORunConfig, out: Path, checkpoint: Path, main: bool) -> bool:
+    """Whether the run resumes (asked, and a checkpoint exists; then the run's settings must match:
+    `PPOTrainer.load` checks the PPO ones); rank 0 writes the run's config.json."""
+    resume = config.resume and (checkpoint / "trainer_state.json").exists()
+    if resume and (out / "config.json").exists():
+        saved = json.loads((out / "config.json").read_text())
+        check_config(saved, dataclasses.asdict(config), RESUMABLE_RUN_CHANGES, f"the run in {out}")
+    distributed.barrier()  # every process has read the old config before rank 0 rewrites it
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", dataclasses.asdict(config))
+    return resume
+
+
+def finish_run(config: PPORunConfig, trainer, tokenizer, reward, eval_prompts, result: dict) -> None:
+    """The adapter, the held-out evaluation after training, result.json; the tracker closed."""
+    out = Path(config.output_dir)
     trainer.save(out / "adapter")
     if eval_prompts:
         after = result["after"] = evaluate_policy(trainer, tokenizer, reward, eval_prompts, config.eval_seed)
@@ -389,8 +401,6 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
     write_json(out / "result.json", result)
     if trainer.tracker is not None:
         trainer.tracker.close()
-    distributed.barrier()
-    return result
 
 
 def ppo_prompts(config: PPORunConfig, tokenizer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
