@@ -24,7 +24,8 @@ def _plain(value: Any) -> Any:
 def distinct_n(sequences: Sequence[Sequence[int]], n: int) -> float:
     """Distinct-n: unique n-grams / all n-grams over a set of token sequences (1.0: no repeats).
     Ref: Li et al. 2016, "A Diversity-Promoting Objective Function", arXiv:1510.03055, sec. 4.3."""
-    grams = [tuple(seq[i : i + n]) for seq in map(list, sequences) for i in range(len(seq) - n + 1)]
+    seqs = [seq.tolist() if hasattr(seq, "tolist") else list(seq) for seq in sequences]  # tensors too
+    grams = [tuple(seq[i : i + n]) for seq in seqs for i in range(len(seq) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
