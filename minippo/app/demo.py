@@ -31,6 +31,18 @@ from .reward import RewardConfig, train_reward
 from .sft import SFTConfig, run_sft
 
 # Each preset: settings of the SFT, PPO and reward stages (anything not named keeps its default).
+CPU_PPO = dict(
+    batch_size=16,
+    mini_batch_size=8,
+    ppo_epochs=2,
+    learning_rate=1.5e-3,
+    init_kl_coef=0.1,
+    adap_kl_ctrl=False,
+    max_grad_norm=1.0,
+    score_clip=3.0,
+    min_new_tokens=12,
+    max_new_tokens=16,
+)
 PRESETS: dict[str, dict] = {
     "cpu": {
         # Sized for 2 CPU cores (times: the README). A small fixed KL coefficient and a high
@@ -48,39 +60,18 @@ PRESETS: dict[str, dict] = {
             num_eval_blocks=16,
         ),
         "ppo": dict(steps=90, eval_prompts=64),
-        "ppo_config": dict(
-            batch_size=16,
-            mini_batch_size=8,
-            ppo_epochs=2,
-            learning_rate=1.5e-3,
-            init_kl_coef=0.1,
-            adap_kl_ctrl=False,
-            max_grad_norm=1.0,
-            score_clip=3.0,
-            min_new_tokens=12,
-            max_new_tokens=16,
-        ),
+        "ppo_config": CPU_PPO,
         "lora": dict(r=16, alpha=32),
         "reward": dict(),
-        # Off on a CPU, where memory is plenty and recomputing costs time (measured in the README).
+        # Off on a CPU, where memory is plenty and recomputing costs an extra forward per micro-batch.
         "gradient_checkpointing": False,
     },
     "long": {
         "sft": dict(max_steps=200, batch_size=8, block_size=128, learning_rate=2e-4, num_train_texts=2000),
         "ppo": dict(steps=200, eval_prompts=128),
+        # the cpu preset's PPO settings, with twice the samples and an adaptive KL coefficient
         "ppo_config": dict(
-            batch_size=32,
-            mini_batch_size=8,
-            ppo_epochs=2,
-            learning_rate=1e-3,
-            init_kl_coef=0.1,
-            adap_kl_ctrl=True,
-            target=12.0,
-            horizon=2000,
-            max_grad_norm=1.0,
-            score_clip=3.0,
-            min_new_tokens=12,
-            max_new_tokens=16,
+            CPU_PPO, batch_size=32, learning_rate=1e-3, adap_kl_ctrl=True, target=12.0, horizon=2000
         ),
         "lora": dict(r=16, alpha=32),
         "reward": dict(),

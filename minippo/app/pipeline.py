@@ -216,13 +216,6 @@ def _decode_pairs(tokenizer, queries, responses) -> tuple[list[str], list[str]]:
     return q, r
 
 
-def sequence_kl(trainer: PPOTrainer, queries, responses) -> torch.Tensor:
-    """(B,) sum over response tokens of log pi(y|x) - log pi_ref(y|x): a sample of KL(pi || ref)."""
-    logp, mask = trainer.response_logprobs(queries, responses)  # (B, T)
-    ref, _ = trainer.response_logprobs(queries, responses, reference=True)
-    return ((logp - ref) * mask).sum(1).cpu()
-
-
 def evaluate_samples(
     trainer: PPOTrainer, tokenizer, prompts: list[torch.Tensor], seed: int, adapters: bool = True, reward=None
 ) -> dict:
@@ -247,8 +240,11 @@ def evaluate_policy(
     sampling from it), with the samples themselves."""
     samples = evaluate_samples(trainer, tokenizer, prompts, seed, adapters, reward)
     responses = samples.pop("response_ids")
-    kl = sequence_kl(trainer, prompts, responses) if adapters else torch.zeros(len(prompts))
     base_logp, mask = trainer.response_logprobs(prompts, responses, reference=True)  # (B, T)
+    kl = torch.zeros(len(prompts))  # sampled from the starting model itself: no KL to it
+    if adapters:  # (B,) sum over response tokens of log pi - log pi_ref: a sample of KL(pi || ref)
+        logp, _ = trainer.response_logprobs(prompts, responses)
+        kl = ((logp - base_logp) * mask).sum(1).cpu()
     probs = torch.tensor(samples["probs"])
     return {
         "reward_prob_mean": probs.mean().item(),
