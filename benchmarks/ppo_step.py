@@ -133,6 +133,13 @@ def matmul_params(model_dir: Path) -> tuple[int, int]:
     return n, total
 
 
+# The work of one step, by name: the benchmark's own, and the demo preset's PPO step (minippo.app.demo).
+WORK = {
+    "bench": {},
+    "demo": dict(batch_size=16, mini_batch_size=8, ppo_epochs=2, new_tokens=16, learning_rate=1.5e-3),
+}
+
+
 def model_flops(n: int, spec: Spec, train_per_token: int = 6) -> float:
     """Model FLOPs of one PPO step: 2 N per token forward, 6 N per token forward + backward.
 
@@ -146,6 +153,12 @@ def model_flops(n: int, spec: Spec, train_per_token: int = 6) -> float:
     """
     tokens = spec.batch_size * (spec.prompt_len + spec.new_tokens)
     return (2 + 2 * 2 + train_per_token * spec.ppo_epochs) * n * tokens
+
+
+def optimisation_flops(n: int, spec: Spec) -> float:
+    """FLOPs the optimisation phase really does: ppo_epochs x (forward 2N + input gradients 2N) per
+    token; the adapters' and the value head's own FLOPs are left out (r << H)."""
+    return 4 * spec.ppo_epochs * n * spec.batch_size * (spec.prompt_len + spec.new_tokens)
 
 
 def matmul_peak(threads: int, device: str = "cpu") -> dict[str, float]:
@@ -298,7 +311,8 @@ def report(results: dict, peak: dict, meta: dict, spec: Spec, section: str = "")
         f"- minippo: {meta['versions']['minippo']}",
         f"- peer: {meta['versions']['peer']}",
         f"- work per step: batch {spec.batch_size}, mini-batch {spec.mini_batch_size}, "
-        f"{spec.ppo_epochs} PPO epochs, prompts {spec.prompt_len} tokens, {spec.new_tokens} new tokens "
+        f"{spec.ppo_epochs} PPO epochs, learning rate {spec.learning_rate:g}, prompts {spec.prompt_len} tokens, "
+        f"{spec.new_tokens} new tokens "
         f"(top_k 0, top_p 1, fixed length), LoRA r={spec.lora_r} alpha {spec.lora_alpha:g} dropout "
         f"{spec.lora_dropout} on the attention projections, token-level reward",
         f"- timing: {meta['rounds']} round(s) x {spec.steps} timed step(s) per process after "
@@ -312,7 +326,8 @@ def report(results: dict, peak: dict, meta: dict, spec: Spec, section: str = "")
         "rollout + reference 2 forwards, each PPO epoch a forward + backward (6N convention; "
         "a frozen base really costs ~4N: the (4N) column); N = matmul weights (Linears + LM head). The % column divides "
         "by the bf16 peak for bfloat16 rows and by the fp32 peak otherwise (int8 too: over 100% "
-        "means faster than fp32 matmuls could be).",
+        "means faster than fp32 matmuls could be). The optimisation column divides that phase's "
+        "4N FLOPs (`optimisation_flops`) by its time and the same peak.",
         "- tokens/s = batch x new tokens / step time. Peak RSS: the worker process's maximum "
         "(imports + model + step); 'loaded' is its RSS once the model is loaded. On a GPU, "
         "'GPU peak' is torch.cuda.max_memory_allocated over the timed steps.",
@@ -325,19 +340,21 @@ def report(results: dict, peak: dict, meta: dict, spec: Spec, section: str = "")
             f"### {model} ({info['params'] / 1e6:.1f}M parameters, N = {info['n'] / 1e6:.1f}M in matmuls)",
             "",
             "| stack | s/step | generation | forward passes | optimisation | other | tokens/s | "
-            "peak RSS MiB (loaded) | GPU peak MiB | time vs peer | RSS vs peer | % of matmul peak (6N) | (4N) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "peak RSS MiB (loaded) | GPU peak MiB | time vs peer | RSS vs peer | % of matmul peak (6N) | (4N) | "
+            "optimisation % of peak (4N) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         peer = rows.get("peer/float32")
         for key, r in rows.items():
             if "error" in r:
-                lines.append(f"| {key} | failed: {r['error'][:150]} | | | | | | | | | | | |")
+                lines.append(f"| {key} | failed: {r['error'][:150]} | | | | | | | | | | | | |")
                 continue
             flops = model_flops(info["n"], spec)
             pk = peak["bfloat16" if ("bfloat16" in key or "bf16" in key) else "float32"]
             frac = flops / r["total"] / (pk * 1e9) * 100
             frac4 = model_flops(info["n"], spec, train_per_token=4) / r["total"] / (pk * 1e9) * 100
             tps = spec.batch_size * spec.new_tokens / r["total"]
+            opt = optimisation_flops(info["n"], spec) / r["optimisation"] / (pk * 1e9) * 100
             vs = vr = "1.00"
             if key != "peer/float32":
                 vs = f"{r['total'] / peer['total']:.2f}" if peer and "error" not in peer else "-"
@@ -349,7 +366,7 @@ def report(results: dict, peak: dict, meta: dict, spec: Spec, section: str = "")
                 f"{r['optimisation']:.2f} | {r['other']:.2f} | {tps:.0f} | "
                 f"{r['peak_rss_mib']:.0f} ({r['loaded_rss_mib']:.0f}) | "
                 f"{'-' if r.get('gpu_peak_mib') is None else format(r['gpu_peak_mib'], '.0f')} | "
-                f"{vs} | {vr} | {frac:.1f} | {frac4:.1f} |"
+                f"{vs} | {vr} | {frac:.1f} | {frac4:.1f} | {opt:.1f} |"
             )
         checks = {k: r["check"] for k, r in rows.items() if "error" not in r}
         if len(checks) > 1:
@@ -388,6 +405,13 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=2, help="timed steps per process")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per process")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--work",
+        choices=sorted(WORK),
+        default="bench",
+        help='work per step: "bench" (batch 16, mini-batch 4, 4 epochs, 24 new tokens) or "demo" '
+        "(the demo preset's: batch 16, mini-batch 8, 2 epochs, 16 new tokens, its learning rate)",
+    )
     p.add_argument("--no-peer", action="store_true", help="minippo only (e.g. a GPU machine without trl)")
     p.add_argument(
         "--device", default="cpu", help='minippo\'s device: "cpu" or "cuda" (the peer runs on the CPU)'
@@ -446,6 +470,7 @@ def main(argv=None) -> int:
                 steps=args.steps,
                 threads=args.threads,
                 device=args.device,
+                **WORK[args.work],
             )
             sides = (["peer/float32"] if use_peer else []) + [f"minippo/{v}" for v in variants]
             runs: dict[str, list] = {s: [] for s in sides}

@@ -42,13 +42,14 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return _DTYPES[key]
 
 
-def auto_compute_dtype(device: torch.device | str, model: nn.Module | None = None) -> torch.dtype:
+def auto_compute_dtype(device, model: nn.Module | None = None, eight_bit: bool = False) -> torch.dtype:
     """bfloat16 where it is native (CUDA that supports it; a CPU with AVX512_BF16 or AMX), else float32.
     A model with 8-bit layers on a CPU gets float32 (bitsandbytes' CPU int8 path under autocast is fp16)."""
     device = torch.device(device)
+    eight_bit = eight_bit or (model is not None and is_8bit(model))
     cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     cpu_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    cpu_bf16 = device.type == "cpu" and cpu_bf16 and not (model is not None and is_8bit(model))
+    cpu_bf16 = device.type == "cpu" and cpu_bf16 and not eight_bit
     dtype = torch.bfloat16 if cuda_bf16 or cpu_bf16 else torch.float32
     if (device.type, dtype) not in _LOGGED_AUTO:
         _LOGGED_AUTO.add((device.type, dtype))
@@ -242,9 +243,10 @@ def load_model(
 ) -> nn.Module:
     """Load a Hugging Face causal LM in eval mode, optionally with its Linear layers in 8-bit or 4-bit.
 
-    Float parameters get `dtype`; the k-bit options are `quantize_model`'s.  transformers'
-    `BitsAndBytesConfig` path is tried first; if it fails here or leaves no k-bit layer, a float load
-    is quantised by `quantize_model`.  Extra keyword arguments go to `from_pretrained`.
+    Float parameters get `dtype` ("auto": what `auto_compute_dtype` picks, so that the frozen float
+    parts are stored in the dtype their matmuls run in); the k-bit options are `quantize_model`'s.
+    transformers' `BitsAndBytesConfig` path is tried first; if it fails here or leaves no k-bit layer,
+    a float load is quantised by `quantize_model`.  Extra keyword arguments go to `from_pretrained`.
     """
     import transformers
     from packaging.version import Version
@@ -253,6 +255,7 @@ def load_model(
         raise ValueError("load_in_8bit and load_in_4bit are exclusive: choose one (or neither, for float)")
     bits = 4 if load_in_4bit else 8 if load_in_8bit else 0
     device = torch.device(device)
+    dtype = auto_compute_dtype(device, eight_bit=bits == 8) if dtype == "auto" else dtype
     # transformers >= 4.56 calls the argument `dtype`; older versions `torch_dtype`.
     dtype_kw = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
     kwargs = {dtype_kw: resolve_dtype(dtype), **from_pretrained_kwargs}

@@ -163,6 +163,31 @@ def test_auto_compute_dtype_follows_the_hardware(tokenizer, monkeypatch):
     assert quant.auto_compute_dtype("cpu", lora_model("llama", tokenizer, int8=True)) == torch.float32
 
 
+def test_auto_storage_dtype_is_the_compute_dtype_and_trains(tokenizer, tiny_model_dir, monkeypatch):
+    """load_model(dtype="auto") stores the frozen float parts in the dtype auto computes in: bfloat16
+    where it is native (here pretended), float32 without it and for an 8-bit model on a CPU; a PPO
+    step runs on the bfloat16-stored model and moves its adapters."""
+    from minippo.quant import load_model
+
+    folder = tiny_model_dir
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    for native, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
+        assert load_model(folder, dtype="auto").lm_head.weight.dtype == want
+    assert load_model(folder, dtype="auto", load_in_8bit=True).lm_head.weight.dtype == torch.float32
+    model = add_lora(load_model(folder, dtype="auto"), LoRAConfig(target_modules="all-linear"))
+    assert model.lm_head.weight.dtype == torch.float32  # native bf16 is off again: float32
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    model = add_lora(load_model(folder, dtype="auto"), LoRAConfig(target_modules="all-linear"))
+    trainer = PPOTrainer(small_config(compute_dtype="auto"), model, tokenizer)
+    assert model.lm_head.weight.dtype == trainer.compute_dtype == torch.bfloat16
+    before = {k: v.clone() for k, v in lora_state_dict(model).items()}
+    queries = encode(tokenizer, 8)
+    stats = trainer.step(queries, trainer.generate(queries), torch.randn(8))
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in stats.values() if isinstance(v, float))
+    assert any(not torch.equal(before[k], v) for k, v in lora_state_dict(model).items())
+
+
 def test_scheduler_steps_once_per_ppo_step(tokenizer):
     model = lora_model("llama", tokenizer)
     trainer = PPOTrainer(small_config(), model, tokenizer)

@@ -169,8 +169,9 @@ class PPORunConfig:
     quant: str = "8bit"
     """Starting model's Linear layers (frozen): "8bit" (LLM.int8(), the blog's), "4bit" (NF4, QLoRA) or
     "none"."""
-    dtype: str = "float32"
-    """dtype of the model's float parameters (embeddings, norms, LM head)."""
+    dtype: str = "auto"
+    """dtype of the model's float parameters (embeddings, norms, LM head); "auto": the compute dtype
+    that `minippo.quant.auto_compute_dtype` picks for this device and quantisation."""
     prompt_min_tokens: int = 2
     """Prompts are train reviews cut to k tokens, k drawn from [prompt_min_tokens, prompt_max_tokens)."""
     prompt_max_tokens: int = 8
@@ -207,7 +208,8 @@ class PPORunConfig:
             f"prompt_min_tokens ({self.prompt_min_tokens}) must be < "
             f"prompt_max_tokens ({self.prompt_max_tokens})",
         )
-        resolve_dtype(self.dtype)
+        if self.dtype != "auto":
+            resolve_dtype(self.dtype)
 
 
 def _decode_pairs(tokenizer, queries, responses) -> tuple[list[str], list[str]]:
