@@ -46,6 +46,8 @@ class Spec:
     learning_rate: float = 1.41e-5
     device: str = "cpu"
     """where minippo runs: "cpu" or "cuda" (the peer always runs on the CPU here)."""
+    gradient_checkpointing: bool | None = None
+    """minippo's PPOConfig.gradient_checkpointing (None: its default, on for 8-bit and 4-bit bases)."""
 
     @classmethod
     def from_json(cls, text: str) -> Spec:

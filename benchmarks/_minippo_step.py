@@ -60,6 +60,7 @@ def build_trainer(spec: Spec, info: dict):
         if spec.dtype in ("bfloat16", "bf16-weights")
         else "float32",
         device=spec.device,
+        gradient_checkpointing=spec.gradient_checkpointing,
     )
     ids = SimpleNamespace(pad_token_id=info["pad_token_id"], eos_token_id=info["eos_token_id"])
     return model, PPOTrainer(config, model, tokenizer=ids)

@@ -136,7 +136,14 @@ def matmul_params(model_dir: Path) -> tuple[int, int]:
 # The work of one step, by name: the benchmark's own, and the demo preset's PPO step (minippo.app.demo).
 WORK = {
     "bench": {},
-    "demo": dict(batch_size=16, mini_batch_size=8, ppo_epochs=2, new_tokens=16, learning_rate=1.5e-3),
+    "demo": dict(
+        batch_size=16,
+        mini_batch_size=8,
+        ppo_epochs=2,
+        new_tokens=16,
+        learning_rate=1.5e-3,
+        gradient_checkpointing=False,
+    ),
 }
 
 
@@ -314,7 +321,8 @@ def report(results: dict, peak: dict, meta: dict, spec: Spec, section: str = "")
         f"{spec.ppo_epochs} PPO epochs, learning rate {spec.learning_rate:g}, prompts {spec.prompt_len} tokens, "
         f"{spec.new_tokens} new tokens "
         f"(top_k 0, top_p 1, fixed length), LoRA r={spec.lora_r} alpha {spec.lora_alpha:g} dropout "
-        f"{spec.lora_dropout} on the attention projections, token-level reward",
+        f"{spec.lora_dropout} on the attention projections, token-level reward; minippo's gradient "
+        f"checkpointing: {'trainer default (on for 8-bit)' if spec.gradient_checkpointing is None else spec.gradient_checkpointing}",
         f"- timing: {meta['rounds']} round(s) x {spec.steps} timed step(s) per process after "
         f"{spec.warmup} warm-up step(s), sides alternating; medians. Peer: float32 (its 8-bit path "
         "does not run on CPU). minippo: float32 (same work), bfloat16 autocast, bf16-weights (base stored "
@@ -410,7 +418,8 @@ def main(argv=None) -> int:
         choices=sorted(WORK),
         default="bench",
         help='work per step: "bench" (batch 16, mini-batch 4, 4 epochs, 24 new tokens) or "demo" '
-        "(the demo preset's: batch 16, mini-batch 8, 2 epochs, 16 new tokens, its learning rate)",
+        "(the demo preset's: batch 16, mini-batch 8, 2 epochs, 16 new tokens, its learning rate, no "
+        "gradient checkpointing)",
     )
     p.add_argument("--no-peer", action="store_true", help="minippo only (e.g. a GPU machine without trl)")
     p.add_argument(
