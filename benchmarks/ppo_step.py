@@ -42,6 +42,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 from _common import Spec  # noqa: E402
 
+from minippo.app.demo import PRESETS  # noqa: E402
+
 PEER_PYTHON = REPO / ".venv-peer" / "bin" / "python"
 RESULTS = HERE / "RESULTS.md"
 BEGIN, END = "<!-- ppo_step:begin -->", "<!-- ppo_step:end -->"
@@ -133,16 +135,18 @@ def matmul_params(model_dir: Path) -> tuple[int, int]:
     return n, total
 
 
-# The work of one step, by name: the benchmark's own, and the demo preset's PPO step (minippo.app.demo).
+# The work of one step, by name: the benchmark's own, and the `cpu` demo preset's PPO step (read from
+# minippo.app.demo, so the two cannot drift apart; its responses are fixed at the longest length).
+_DEMO = PRESETS["cpu"]["ppo_config"]
 WORK = {
     "bench": {},
     "demo": dict(
-        batch_size=16,
-        mini_batch_size=8,
-        ppo_epochs=2,
-        new_tokens=16,
-        learning_rate=1.5e-3,
-        gradient_checkpointing=False,
+        batch_size=_DEMO["batch_size"],
+        mini_batch_size=_DEMO["mini_batch_size"],
+        ppo_epochs=_DEMO["ppo_epochs"],
+        new_tokens=_DEMO["max_new_tokens"],
+        learning_rate=_DEMO["learning_rate"],
+        gradient_checkpointing=PRESETS["cpu"]["gradient_checkpointing"],
     ),
 }
 
