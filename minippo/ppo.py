@@ -74,6 +74,8 @@ class PPOConfig:
     """clip range of the value predictions around their rollout values."""
     vf_coef: float = 0.1
     """weight of the value loss in the total loss."""
+    entropy_coef: float = 0.0
+    """weight of an entropy bonus, ``loss -= entropy_coef * mean token entropy`` (0: off, as trl)."""
     kl_penalty: str = "kl"
     """KL estimator, penalised and logged: "kl" (= "k1", logp - ref), "abs", "mse", "k3" (never < 0)."""
     whiten_rewards: bool = False
@@ -134,7 +136,7 @@ class PPOConfig:
         check(self, lo <= hi, f"min_new_tokens ({lo}) must be <= max_new_tokens ({hi})")
         positive = "learning_rate", "target", "horizon", "cliprange", "cliprange_value", "target_kl"
         fields(self, checks.POSITIVE, *positive, "ratio_threshold", "temperature", "score_scale")
-        fields(self, checks.NON_NEGATIVE, "init_kl_coef", "vf_coef", "weight_decay")
+        fields(self, checks.NON_NEGATIVE, "init_kl_coef", "vf_coef", "entropy_coef", "weight_decay")
         fields(self, checks.UNIT_INTERVAL, "gamma", "lam")
         fields(self, checks.one_of(*core.KL_ESTIMATORS), "kl_penalty")
         fields(self, checks.optional(checks.POSITIVE), "max_grad_norm", "score_clip")
@@ -314,8 +316,7 @@ class PPOTrainer:
                         break
                 self.optimizer.zero_grad(set_to_none=True)
 
-            # 7. Once per step, as trl: the KL controller, with the KL that was penalised (mean
-            #    per-sequence sum over all processes), and the learning-rate scheduler.
+            # 7. Once per step, as trl: the KL controller (penalised KL, mean over processes), LR scheduler.
             self.kl_ctl.update(distributed.all_reduce(kl.sum(1).mean(), "mean").item(), config.batch_size)
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step()
@@ -461,9 +462,11 @@ class PPOTrainer:
             eps, eps_v = config.cliprange, config.cliprange_value
             pg_loss, pg_stats = core.policy_loss(logprobs, micro.old_logprobs, micro.advantages, mask, eps)
             vf_loss, vf_stats = core.value_loss(vpred, micro.values, micro.returns, mask, eps_v)
-            loss = pg_loss + config.vf_coef * vf_loss
+            with torch.set_grad_enabled(config.entropy_coef > 0):  # exact, per token; no graph when off
+                ent = core.masked_mean(core.entropy_from_logits(logits), mask)
+            loss = pg_loss + config.vf_coef * vf_loss - config.entropy_coef * ent
             (loss * weight).backward()
-            named = {"loss/policy": pg_loss, "loss/value": vf_loss, "loss/total": loss}
+            named = {"loss/policy": pg_loss, "loss/value": vf_loss, "loss/total": loss, "loss/entropy": ent}
             named |= {f"policy/{k}": v for k, v in pg_stats.items()}
             named |= {f"val/{k}": v for k, v in vf_stats.items()}
             for k, v in named.items():

@@ -340,6 +340,7 @@ def test_stats_names(tokenizer):
         "ppo/loss/policy",
         "ppo/loss/value",
         "ppo/loss/total",
+        "ppo/loss/entropy",
         "ppo/policy/entropy",
         "ppo/policy/approxkl",
         "ppo/policy/policykl",
@@ -742,6 +743,27 @@ def test_score_normalisation_learns_a_sparse_small_reward(tokenizer):
     start = sum(raw[:3]) / 3
     assert sum(normalised[-5:]) / 5 > start + 0.3, normalised
     assert sum(raw[-5:]) / 5 < start + 0.1, raw
+
+
+def test_entropy_bonus_raises_the_policy_entropy(tokenizer):
+    """With an uninformative reward (all scores 0, no KL penalty) only the bonus has a direction:
+    entropy_coef > 0 raises the exact per-token entropy of the policy's samples; 0 leaves it drifting."""
+
+    def entropies(coef: float) -> list[float]:
+        torch.manual_seed(0)
+        config = small_config(entropy_coef=coef, init_kl_coef=0.0, adap_kl_ctrl=False, temperature=1.0)
+        trainer = PPOTrainer(config, lora_model("llama", tokenizer, head_scale=30.0), tokenizer)
+        queries, seen = encode(tokenizer, 8), []
+        for _ in range(6):
+            stats = trainer.step(queries, trainer.generate(queries), [0.0] * 8)
+            seen.append(stats["ppo/policy/entropy"])
+        assert stats["ppo/loss/entropy"] > 0
+        return seen
+
+    off, on = entropies(0.0), entropies(0.5)
+    assert on[0] == pytest.approx(off[0])  # same first rollout
+    assert on[-1] > 1.5 * on[0], on
+    assert on[-1] > 1.5 * off[-1], (on, off)
 
 
 @pytest.mark.parametrize(
