@@ -37,9 +37,8 @@ TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.pt"
 SCHEDULER_STATE = "scheduler.pt"
 RNG_STATE = "rng_state.pt"
-# PPOConfig fields a checkpoint may resume under with a new value; `PPOTrainer.load` refuses other changes.
 RESUMABLE_CHANGES = ("learning_rate", "device", "generation_batch_size", "log_with", "tracker_project_name")
-RESUMABLE_CHANGES += ("logging_dir",)
+RESUMABLE_CHANGES += ("logging_dir",)  # PPOConfig fields a resume may change; `load` refuses others
 
 
 @dataclasses.dataclass
@@ -602,9 +601,10 @@ def set_rng_state(state: dict) -> None:
 
 def check_config(saved: dict, current: dict, allowed: Sequence[str], what: str) -> None:
     """Compare a checkpoint's config with the current one (both as ``dataclasses.asdict``): raise a
-    ValueError listing the differing fields not in ``allowed``; warn about those in it."""
+    ValueError listing the differing fields not in ``allowed``; warn about those in it. A field newer
+    than the checkpoint (absent from it) is taken as unchanged, so checkpoints outlive new options."""
     current = json.loads(json.dumps(current))  # tuples -> lists, as the saved JSON has them
-    diffs = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+    diffs = {k: (saved[k], v) for k, v in current.items() if saved.get(k, v) != v}
     lines = {k: f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in diffs.items()}
     if refused := [line for k, line in lines.items() if k not in allowed]:
         raise ValueError(

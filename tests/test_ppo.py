@@ -1,6 +1,7 @@
 """PPOConfig and PPOTrainer: invariants of one step, bad input, checkpoints, and end-to-end learning."""
 
 import dataclasses
+import json
 import logging
 import os
 from types import SimpleNamespace
@@ -575,6 +576,16 @@ def test_load_refuses_a_checkpoint_from_another_config(tmp_path, tokenizer):
     scheduled = scheduled_trainer(tokenizer)
     with pytest.raises(ValueError, match="without an LR scheduler"):
         scheduled.load(tmp_path / "ckpt")
+
+
+def test_load_takes_a_checkpoint_older_than_a_config_field(tmp_path, tokenizer):
+    trainer = PPOTrainer(small_config(), lora_model("llama", tokenizer), tokenizer)
+    trainer.save(tmp_path / "ckpt")
+    state_file = tmp_path / "ckpt" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["entropy_coef"]  # as saved before the field existed
+    state_file.write_text(json.dumps(state))
+    PPOTrainer(small_config(), lora_model("llama", tokenizer), tokenizer).load(tmp_path / "ckpt")
 
 
 def test_gradient_checkpointing_in_a_ppo_step(tokenizer, monkeypatch):
