@@ -60,8 +60,7 @@ class ValueHead(nn.Module):
     Dropout is off by default: with it on, the rollout's and the first PPO minibatch's log-probabilities
     differ and the first ratio is no longer 1 (trl issue #454). The weight starts at zero unless
     ``init_std > 0`` (the bias always does), so every value starts at 0 and the first value-loss
-    gradients do not disturb the LM (Huang et al., "value head zero init").
-    """
+    gradients do not disturb the LM (Huang et al., "value head zero init")."""
 
     def __init__(self, hidden_size: int, dropout: float = 0.0, init_std: float = 0.0):
         super().__init__()
@@ -99,8 +98,7 @@ def load_value_head(value_head: ValueHead, directory: str | os.PathLike) -> None
 class Generation:
     """The result of `PolicyWithValueHead.generate`: query_ids, query_mask (B, P) left-padded;
     response_ids, response_mask (B, T) right-padded (an EOS that stopped a response is part of it: an
-    action the policy took); logprobs (B, T) of the sampled tokens (temperature applied), 0 at padding.
-    """
+    action the policy took); logprobs (B, T) of the sampled tokens (temperature applied), 0 at padding."""
 
     query_ids: torch.Tensor
     query_mask: torch.Tensor
@@ -129,8 +127,7 @@ class PolicyWithValueHead(nn.Module):
     log-probability); Cohere's, Granite's and Gemma2's logit scales and softcap are applied, and
     `check_logits` checks at wrap time that the logits are the model's own. ``gradient_checkpointing``
     recomputes each decoder layer in backward whenever gradients are on: transformers' own acts only in
-    train mode, and PPO runs in eval mode (dropout off).
-    """
+    train mode, and PPO runs in eval mode (dropout off)."""
 
     def __init__(
         self, model: nn.Module, value_head: ValueHead | None = None, value_head_dropout: float = 0.0
@@ -284,8 +281,7 @@ class PolicyWithValueHead(nn.Module):
         chunks = [(queries[i : i + n], lengths[i : i + n]) for i in range(0, len(queries), n)]
         parts = [self._sample(q, k, pad_token_id, eos, temperature) for q, k in chunks]
         if len(parts) == 1:
-            return parts[0]
-        # re-pad the chunks to common widths
+            return parts[0]  # else re-pad the chunks to common widths
         query_ids, query_mask = left_pad([q for p in parts for q in p.queries()], pad_token_id)
         response_ids, response_mask = right_pad([r for p in parts for r in p.responses()], pad_token_id)
         T = response_ids.shape[1]
@@ -308,7 +304,10 @@ class PolicyWithValueHead(nn.Module):
             hidden, cache = self._hidden(step_ids, attention_mask, position_ids, use_cache=True, cache=cache)
             logits = self.logits_from_hidden(hidden[:, -1:], temperature)[:, 0]  # (B, V)
             logp_all = torch.log_softmax(logits, dim=-1)  # (B, V)
-            next_token = torch.multinomial(logp_all.exp(), 1)[:, 0]  # (B,)
+            # inverse-CDF sampling, one uniform per row (torch.multinomial draws V exponentials per row)
+            cdf = logp_all.double().exp().cumsum(-1)  # (B, V)
+            u = torch.rand(B, 1, dtype=cdf.dtype, device=device) * cdf[:, -1:]  # (B, 1) in [0, total)
+            next_token = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_max(cdf.shape[1] - 1)  # (B,)
             alive = ~finished & (t < lengths)
             tokens[:, t] = torch.where(alive, next_token, pad_token_id)
             logprobs[:, t] = torch.where(alive, logp_all.gather(1, next_token[:, None])[:, 0], 0.0)

@@ -136,6 +136,35 @@ def test_batched_left_padded_generation_matches_unpadded_forward(model, tokenize
         torch.testing.assert_close(batch_logprobs[i, : len(r)], alone, atol=1e-5, rtol=0)
 
 
+def test_sampling_follows_the_softmax(model, tokenizer):
+    """Each new token is drawn with probability softmax(logits / temperature): over 20,000 rows the first
+    token's frequencies match the model's distribution (every token within 5 sigma, the mean log-probability
+    within 4 standard errors of minus the entropy), and a token of probability 0 (logit -inf) is never
+    drawn."""
+    torch.manual_seed(0)
+    policy, prompt, n = PolicyWithValueHead(model), encode(tokenizer, PROMPTS[1:2])[0], 20_000
+    with torch.no_grad():
+        logits, _ = policy(prompt[None], torch.ones_like(prompt)[None], temperature=0.1)  # (1, L, V)
+    probs = torch.softmax(logits[0, -1].double(), -1)  # (V,) of the first new token
+    banned = probs.argmax().item()  # the likeliest token, never drawn once its logit is -inf
+    bias = torch.zeros(probs.shape[0])
+    bias[banned] = float("-inf")
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: out + bias)
+    probs[banned] = 0.0
+    probs /= probs.sum()
+    gen = policy.generate([prompt] * n, pad_token_id=0, min_new_tokens=1, max_new_tokens=1, temperature=0.1)
+    counts = torch.bincount(gen.response_ids[:, 0], minlength=probs.shape[0]).double()
+    assert counts[banned] == 0
+    sigma = (n * probs * (1 - probs)).sqrt()
+    assert ((counts - n * probs).abs() <= 5 * sigma + 1).all()
+    assert probs.max() > 5 / len(probs)  # far from uniform, so the test has power
+    # and on average as likely as the distribution says: mean log p(drawn) = -entropy, within 4 std errors
+    logp = probs.clamp_min(1e-300).log()
+    drawn = logp[gen.response_ids[:, 0]]
+    entropy, spread = -(probs * logp).sum(), (probs * (logp + (probs * -logp).sum()) ** 2).sum().sqrt()
+    assert (drawn.mean() + entropy).abs() < 4 * spread / n**0.5
+
+
 def test_batched_generation_8bit(arch, tokenizer):
     model = quantize_model(tiny_model(arch, vocab_size=len(tokenizer)))
     add_lora(model)
