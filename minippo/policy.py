@@ -305,7 +305,7 @@ class PolicyWithValueHead(nn.Module):
             logits = self.logits_from_hidden(hidden[:, -1:], temperature)[:, 0]  # (B, V)
             logp_all = torch.log_softmax(logits, dim=-1)  # (B, V)
             # inverse-CDF sampling, one uniform per row (torch.multinomial draws V exponentials per row)
-            cdf = logp_all.double().exp().cumsum(-1)  # (B, V)
+            cdf = logp_all.exp().cumsum(-1, dtype=torch.float64)  # (B, V)
             u = torch.rand(B, 1, dtype=cdf.dtype, device=device) * cdf[:, -1:]  # (B, 1) in [0, total)
             next_token = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_max(cdf.shape[1] - 1)  # (B,)
             alive = ~finished & (t < lengths)
