@@ -161,7 +161,8 @@ def test_sampling_follows_the_softmax(model, tokenizer):
     # and on average as likely as the distribution says: mean log p(drawn) = -entropy, within 4 std errors
     logp = probs.clamp_min(1e-300).log()
     drawn = logp[gen.response_ids[:, 0]]
-    entropy, spread = -(probs * logp).sum(), (probs * (logp + (probs * -logp).sum()) ** 2).sum().sqrt()
+    entropy = -(probs * logp).sum()
+    spread = (probs * (logp + entropy) ** 2).sum().sqrt()  # std of log p(drawn)
     assert (drawn.mean() + entropy).abs() < 4 * spread / n**0.5
 
 
