@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -233,6 +234,19 @@ def evaluate_samples(
     q, r = _decode_pairs(tokenizer, prompts, responses)
     probs = reward.probability([a + b for a, b in zip(q, r)]).float().tolist() if reward else None
     return {"prompts": q, "responses": r, "probs": probs, "response_ids": responses}
+
+
+def best_of_samples(trainer, tokenizer, prompts, seed: int, n: int, reward, adapters: bool = True) -> dict:
+    """Best-of-n: `evaluate_samples` with seeds seed ... seed + n - 1, keeping for each prompt the
+    sample of highest P(positive) (the first of equals); n = 1 is `evaluate_samples` itself."""
+    best = evaluate_samples(trainer, tokenizer, prompts, seed, adapters, reward)
+    for k in range(1, n):
+        other = evaluate_samples(trainer, tokenizer, prompts, seed + k, adapters, reward)
+        for i, p in enumerate(other["probs"]):
+            if p > best["probs"][i]:
+                for key in ("responses", "probs", "response_ids"):
+                    best[key][i] = other[key][i]
+    return best
 
 
 def evaluate_policy(
@@ -464,14 +478,18 @@ class GenerateConfig:
     """Sampling seed, the same for both columns."""
     reward: str | None = None
     """Optional reward folder/name: adds each sample's P(positive)."""
+    best_of: int = 1
+    """Best-of-n: sample this many reviews per prompt (seeds seed, seed+1, ...) and keep the one the
+    reward scores highest (needs --reward). Its KL to the sampled model is at most log n - (n-1)/n."""
     load_in_8bit: bool = True
     """Load the model's Linear layers in 8-bit."""
     device: str = "cpu"
     """Device to sample on."""
 
     def __post_init__(self):
-        check_fields(self, POSITIVE_INT, "max_new_tokens", "num_prompts")
+        check_fields(self, POSITIVE_INT, "max_new_tokens", "num_prompts", "best_of")
         check_fields(self, POSITIVE, "temperature")
+        check(self, self.best_of == 1 or self.reward is not None, "best_of > 1 needs a --reward to pick the best sample")
         check_device(self)
 
 
@@ -504,13 +522,10 @@ def run_generate(config: GenerateConfig) -> dict:
     fix = "shorten the prompt or max_new_tokens"
     check_context(model, longest + config.max_new_tokens, f"a prompt of {longest} tokens + the new ones", fix)
     reward = load_reward(config.reward) if config.reward else None
-    columns = {
-        "base": evaluate_samples(trainer, tokenizer, prompts, config.seed, adapters=False, reward=reward)
-    }
+    sample = functools.partial(best_of_samples, trainer, tokenizer, prompts, config.seed, config.best_of)
+    columns = {"base": sample(reward, adapters=False)}
     if config.adapter:
-        columns["adapter"] = evaluate_samples(
-            trainer, tokenizer, prompts, config.seed, adapters=True, reward=reward
-        )
+        columns["adapter"] = sample(reward, adapters=True)
     for col in columns.values():
         col.pop("response_ids")
     header, rows = ["prompt"], []

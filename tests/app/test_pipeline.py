@@ -201,6 +201,28 @@ def test_ppo_adapter_changes_the_model_and_loads_on_the_merged_base(run):
     assert not torch.equal(before, after)
 
 
+def test_generate_best_of_n_keeps_each_prompts_highest_scored_sample(run):
+    from minippo.app.pipeline import GenerateConfig, run_generate
+
+    common = dict(
+        model=str(run / "merged"),
+        adapter=str(run / "ppo" / "adapter"),
+        prompts=["This film was", "I watched it and", "The plot"],
+        max_new_tokens=6,
+        reward=str(run / "reward"),
+    )
+    singles = [run_generate(GenerateConfig(**common, seed=7 + k)) for k in range(4)]
+    best = run_generate(GenerateConfig(**common, seed=7, best_of=4))
+    for column in ("base", "adapter"):
+        probs = torch.tensor([s[column]["probs"] for s in singles])  # (seeds, prompts)
+        assert (probs.max(0).values > probs.min(0).values).any()  # the seeds sampled differently
+        pick = probs.argmax(0)
+        assert best[column]["probs"] == pytest.approx(probs.max(0).values.tolist(), abs=1e-6)
+        assert best[column]["responses"] == [singles[k][column]["responses"][i] for i, k in enumerate(pick)]
+    with pytest.raises(ValueError, match="needs a --reward"):
+        GenerateConfig(**(common | {"reward": None}), best_of=2)
+
+
 def test_plan_command_prints_the_blog_arithmetic(capsys):
     assert main(["plan", "--params", "20e9", "--gpu-gib", "24", "--dtype", "bf16"]) == 0
     assert "fits in 24 GiB: NO" in capsys.readouterr().out
