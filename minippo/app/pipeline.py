@@ -489,7 +489,11 @@ class GenerateConfig:
     def __post_init__(self):
         check_fields(self, POSITIVE_INT, "max_new_tokens", "num_prompts", "best_of")
         check_fields(self, POSITIVE, "temperature")
-        check(self, self.best_of == 1 or self.reward is not None, "best_of > 1 needs a --reward to pick the best sample")
+        check(
+            self,
+            self.best_of == 1 or self.reward is not None,
+            "best_of > 1 needs a --reward to pick the best sample",
+        )
         check_device(self)
 
 
