@@ -91,16 +91,14 @@ def best_of(rounds: list[dict], n: int) -> dict:
 
     probs = torch.tensor([r["probs"] for r in rounds[:n]])  # (n, B)
     pick = probs.argmax(0).tolist()  # the first of tied maxima
-    kept = [rounds[k] for k in pick]
-    b = range(len(pick))
+    kept = {key: [rounds[k][key][i] for i, k in enumerate(pick)] for key in rounds[0]}  # per prompt
     return {
         "n": n,
-        "reward_prob_mean": sum(r["probs"][i] for r, i in zip(kept, b)) / len(pick),
+        "reward_prob_mean": sum(kept["probs"]) / len(pick),
         "kl_bound": math.log(n) - (n - 1) / n,
-        "distinct_1": distinct_n([r["ids"][i] for r, i in zip(kept, b)], 1),
-        "distinct_2": distinct_n([r["ids"][i] for r, i in zip(kept, b)], 2),
-        "base_logp_per_token": sum(r["logp_sum"][i] for r, i in zip(kept, b))
-        / sum(r["tokens"][i] for r, i in zip(kept, b)),
+        "distinct_1": distinct_n(kept["ids"], 1),
+        "distinct_2": distinct_n(kept["ids"], 2),
+        "base_logp_per_token": sum(kept["logp_sum"]) / sum(kept["tokens"]),
     }
 
 
