@@ -87,14 +87,13 @@ def settings(args) -> dict:
 
 def best_of(rounds: list[dict], n: int) -> dict:
     """The best of the first n rounds per prompt, and the figures of those kept samples."""
+    from minippo.app.pipeline import keep_best
     from minippo.app.report import distinct_n
 
-    probs = torch.tensor([r["probs"] for r in rounds[:n]])  # (n, B)
-    pick = probs.argmax(0).tolist()  # the first of tied maxima
-    kept = {key: [rounds[k][key][i] for i, k in enumerate(pick)] for key in rounds[0]}  # per prompt
+    kept = keep_best(rounds[:n])  # per prompt
     return {
         "n": n,
-        "reward_prob_mean": sum(kept["probs"]) / len(pick),
+        "reward_prob_mean": sum(kept["probs"]) / len(kept["probs"]),
         "kl_bound": math.log(n) - (n - 1) / n,
         "distinct_1": distinct_n(kept["ids"], 1),
         "distinct_2": distinct_n(kept["ids"], 2),

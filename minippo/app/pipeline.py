@@ -236,17 +236,20 @@ def evaluate_samples(
     return {"prompts": q, "responses": r, "probs": probs, "response_ids": responses}
 
 
+def keep_best(rounds: list[dict]) -> dict:
+    """Best-of-n over n rounds of per-prompt samples (dicts of lists indexed by prompt, with "probs"):
+    for each prompt, every key's entry from the round of highest P(positive) (the first of equals)."""
+    pick = [
+        max(range(len(rounds)), key=lambda k: rounds[k]["probs"][i]) for i in range(len(rounds[0]["probs"]))
+    ]
+    return {key: [rounds[k][key][i] for i, k in enumerate(pick)] for key in rounds[0]}
+
+
 def best_of_samples(trainer, tokenizer, prompts, seed: int, n: int, reward, adapters: bool = True) -> dict:
-    """Best-of-n: `evaluate_samples` with seeds seed ... seed + n - 1, keeping for each prompt the
-    sample of highest P(positive) (the first of equals); n = 1 is `evaluate_samples` itself."""
-    best = evaluate_samples(trainer, tokenizer, prompts, seed, adapters, reward)
-    for k in range(1, n):
-        other = evaluate_samples(trainer, tokenizer, prompts, seed + k, adapters, reward)
-        for i, p in enumerate(other["probs"]):
-            if p > best["probs"][i]:
-                for key in ("responses", "probs", "response_ids"):
-                    best[key][i] = other[key][i]
-    return best
+    """Best-of-n: `evaluate_samples` with seeds seed ... seed + n - 1, kept by `keep_best`; n = 1 is
+    `evaluate_samples` itself (no reward needed)."""
+    rounds = [evaluate_samples(trainer, tokenizer, prompts, seed + k, adapters, reward) for k in range(n)]
+    return keep_best(rounds) if n > 1 else rounds[0]
 
 
 def evaluate_policy(
@@ -526,10 +529,12 @@ def run_generate(config: GenerateConfig) -> dict:
     fix = "shorten the prompt or max_new_tokens"
     check_context(model, longest + config.max_new_tokens, f"a prompt of {longest} tokens + the new ones", fix)
     reward = load_reward(config.reward) if config.reward else None
-    sample = functools.partial(best_of_samples, trainer, tokenizer, prompts, config.seed, config.best_of)
-    columns = {"base": sample(reward, adapters=False)}
+    sample = functools.partial(
+        best_of_samples, trainer, tokenizer, prompts, config.seed, config.best_of, reward
+    )
+    columns = {"base": sample(adapters=False)}
     if config.adapter:
-        columns["adapter"] = sample(reward, adapters=True)
+        columns["adapter"] = sample(adapters=True)
     for col in columns.values():
         col.pop("response_ids")
     header, rows = ["prompt"], []
