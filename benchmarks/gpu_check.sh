@@ -5,14 +5,16 @@
 # everything to ONE file.
 #
 # The machine's image is expected to have python3 with torch (CUDA), transformers, peft, pytest,
-# safetensors, but NOT bitsandbytes nor datasets: their wheels (bitsandbytes, datasets, dill,
-# multiprocess) are carried in .whl/ and installed to /tmp/site. The CUDA pipeline tests read IMDB
+# safetensors, but NOT bitsandbytes, datasets nor tyro: their wheels (bitsandbytes, datasets, dill,
+# multiprocess, tyro, typeguard, docstring-parser, typing-extensions) are carried in .whl/ and
+# installed to /tmp/site. The CUDA pipeline tests read IMDB
 # from $MINIPPO_IMDB_DIR (a few hundred rows per split are enough).
 #
 # Prepare here (once, on a machine that reaches PyPI; .whl/ is git-ignored):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 -d .whl bitsandbytes==0.50.2 \
-#     datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+#     datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 tyro==1.0.17 typeguard==4.6.1 \
+#     docstring-parser==0.18.0 typing-extensions==4.16.0
 # Run there (the device tool; results come back from $OUT):
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
 # or on any CUDA machine:   bash benchmarks/gpu_check.sh [result-file]
@@ -47,8 +49,8 @@ fenced() {  # fenced <seconds> <title> <command...>: run with a time limit, outp
 
 echo "# minippo GPU check, $(date -u '+%Y-%m-%d %H:%M UTC')" > "$RESULT"
 
-# 1. bitsandbytes and datasets from the carried wheels, unless the image already has them.
-if ! "$PY" -c "import bitsandbytes, datasets" 2>/dev/null; then
+# 1. bitsandbytes, datasets and tyro from the carried wheels, unless the image already has them.
+if ! "$PY" -c "import bitsandbytes, datasets, tyro" 2>/dev/null; then
   if ls .whl/bitsandbytes-*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
       >> "$RESULT" 2>&1 || status=1
@@ -67,11 +69,12 @@ fenced 60 "Machine" bash -c "nvidia-smi --query-gpu=name,memory.total,driver_ver
 
 # 3. The CUDA-marked tests (other test files may fail to import on this image: that is not a CUDA
 #    failure, so collection errors do not stop the run).
-fenced 240 "pytest -m cuda" "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider --continue-on-collection-errors tests
+fenced 270 "pytest -m cuda" "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider --continue-on-collection-errors tests
 
-# 4. minippo's PPO step on the GPU (fp32, bf16 autocast, int8), and the planner's 20B verdict.
-fenced 300 "PPO step on the GPU (minippo only)" "$PY" benchmarks/ppo_step.py --no-peer --device cuda \
-  --models neox-7m,neox-100m --variants float32,bfloat16,int8 --steps 3 --warmup 1 --out /tmp/gpu_step.md
+# 4. minippo's PPO step on the GPU (fp32; auto: bf16 stored and computed; bf16 autocast; int8; nf4),
+#    and the planner's 20B verdict.
+fenced 270 "PPO step on the GPU (minippo only)" "$PY" benchmarks/ppo_step.py --no-peer --device cuda \
+  --models neox-7m,neox-100m --variants float32,auto,bfloat16,int8,nf4 --steps 3 --warmup 1 --out /tmp/gpu_step.md
 fenced 30 "minippo plan --params 20e9 --gpu-gib 24" "$PY" -c "from minippo.app.memory_plan import PlanConfig, run_plan; run_plan(PlanConfig(params=20e9, gpu_gib=24))"
 
 # 5. Data parallel on 2 GPUs (nccl), where the machine has them: the CPU-proved tests' launch path,

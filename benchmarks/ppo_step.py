@@ -329,16 +329,17 @@ def report(results: dict, peak: dict, meta: dict, spec: Spec, section: str = "")
         f"checkpointing: {'trainer default (on for 8-bit)' if spec.gradient_checkpointing is None else spec.gradient_checkpointing}",
         f"- timing: {meta['rounds']} round(s) x {spec.steps} timed step(s) per process after "
         f"{spec.warmup} warm-up step(s), sides alternating; medians. Peer: float32 (its 8-bit path "
-        "does not run on CPU). minippo: float32 (same work), bfloat16 autocast, bf16-weights (base stored "
-        "in bf16, LM head too), int8 (bitsandbytes).",
+        "does not run on CPU). minippo: float32 (same work), auto (compute_dtype auto, base stored in what it "
+        "picks), bfloat16 autocast, bf16-weights (base stored in bf16, LM head too), int8 and nf4 "
+        "(bitsandbytes).",
         f"- device: {meta['device']}; matmul peak measured there ({spec.threads} CPU threads; "
         f"{'8192' if meta['device'] != 'cpu' else '2048'}^3): "
         + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items()),
         "- model FLOPs per step = (2 + 2*2 + 6*epochs) * N * B * (P + T): generation ~1 forward, "
         "rollout + reference 2 forwards, each PPO epoch a forward + backward (6N convention; "
         "a frozen base really costs ~4N: the (4N) column); N = matmul weights (Linears + LM head). The % column divides "
-        "by the bf16 peak for bfloat16 rows and by the fp32 peak otherwise (int8 too: over 100% "
-        "means faster than fp32 matmuls could be). The optimisation column divides that phase's "
+        "by the bf16 peak for bfloat16 rows (auto too, where it picked bfloat16) and by the fp32 peak "
+        "otherwise (int8 too: over 100% means faster than fp32 matmuls could be). The optimisation column divides that phase's "
         "4N FLOPs (`optimisation_flops`) by its time and the same peak.",
         "- tokens/s = batch x new tokens / step time. Peak RSS: the worker process's maximum "
         "(imports + model + step); 'loaded' is its RSS once the model is loaded. On a GPU, "
@@ -362,7 +363,12 @@ def report(results: dict, peak: dict, meta: dict, spec: Spec, section: str = "")
                 lines.append(f"| {key} | failed: {r['error'][:150]} | | | | | | | | | | | | |")
                 continue
             flops = model_flops(info["n"], spec)
-            pk = peak["bfloat16" if ("bfloat16" in key or "bf16" in key) else "float32"]
+            bf16 = (
+                "bfloat16" in key
+                or "bf16" in key
+                or (key.endswith("/auto") and meta.get("auto") == "bfloat16")
+            )
+            pk = peak["bfloat16" if bf16 else "float32"]
             frac = flops / r["total"] / (pk * 1e9) * 100
             frac4 = model_flops(info["n"], spec, train_per_token=4) / r["total"] / (pk * 1e9) * 100
             tps = spec.batch_size * spec.new_tokens / r["total"]
@@ -463,6 +469,7 @@ def main(argv=None) -> int:
         rounds=args.rounds,
         machine=f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()}; flags {cpu_flags()}; "
         f"compute_dtype auto -> {auto_choice(args.device)}",
+        auto=auto_choice(args.device).split(",")[0].removeprefix("float model "),
         device=args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         versions=versions(),
         models={},

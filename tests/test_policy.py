@@ -136,18 +136,20 @@ def test_batched_left_padded_generation_matches_unpadded_forward(model, tokenize
         torch.testing.assert_close(batch_logprobs[i, : len(r)], alone, atol=1e-5, rtol=0)
 
 
-def test_sampling_follows_the_softmax(model, tokenizer):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_sampling_follows_the_softmax(model, tokenizer, device):
     """Each new token is drawn with probability softmax(logits / temperature): over 20,000 rows the first
     token's frequencies match the model's distribution (every token within 5 sigma, the mean log-probability
     within 4 standard errors of minus the entropy), and a token of probability 0 (logit -inf) is never
-    drawn."""
+    drawn. On CUDA too (the uniforms come from the GPU's generator there)."""
     torch.manual_seed(0)
-    policy, prompt, n = PolicyWithValueHead(model), encode(tokenizer, PROMPTS[1:2])[0], 20_000
+    policy, prompt, n = PolicyWithValueHead(model).to(device), encode(tokenizer, PROMPTS[1:2])[0], 20_000
     with torch.no_grad():
-        logits, _ = policy(prompt[None], torch.ones_like(prompt)[None], temperature=0.1)  # (1, L, V)
-    probs = torch.softmax(logits[0, -1].double(), -1)  # (V,) of the first new token
+        ids = prompt[None].to(device)  # (1, L)
+        logits, _ = policy(ids, torch.ones_like(ids), temperature=0.1)  # (1, L, V)
+    probs = torch.softmax(logits[0, -1].double(), -1).cpu()  # (V,) of the first new token
     banned = probs.argmax().item()  # the likeliest token, never drawn once its logit is -inf
-    bias = torch.zeros(probs.shape[0])
+    bias = torch.zeros(probs.shape[0], device=device)
     bias[banned] = float("-inf")
     model.get_output_embeddings().register_forward_hook(lambda m, args, out: out + bias)
     probs[banned] = 0.0

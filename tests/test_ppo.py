@@ -712,6 +712,28 @@ def test_step_on_cuda(tokenizer):
     assert stats["objective/kl"] == 0.0 and stats["ppo/updates"] == 4
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("int8", [False, True])
+def test_auto_dtype_on_cuda_stores_computes_and_trains(tokenizer, tiny_model_dir, int8):
+    """On a GPU, ``auto`` means bfloat16 where the GPU supports it (8-bit too: int8 weights, bf16 compute),
+    for the stored float parts and for the trainer's compute; a PPO step there moves the adapters."""
+    from minippo.quant import load_model
+
+    want = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    model = load_model(tiny_model_dir, dtype="auto", device="cuda", load_in_8bit=int8)
+    assert model.lm_head.weight.dtype == want and model.lm_head.weight.device.type == "cuda"
+    if int8:
+        prepare_model_for_kbit_training(model)
+    model = add_lora(model, LoRAConfig(target_modules="all-linear"))
+    trainer = PPOTrainer(small_config(compute_dtype="auto"), model, tokenizer)
+    assert trainer.compute_dtype == want
+    before = {k: v.clone() for k, v in lora_state_dict(model).items()}
+    queries = encode(tokenizer, 8)
+    stats = trainer.step(queries, trainer.generate(queries), torch.randn(8))
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in stats.values() if isinstance(v, float))
+    assert any(not torch.equal(before[k], v) for k, v in lora_state_dict(model).items())
+
+
 def test_response_logprobs_give_the_kl_that_step_penalises(tokenizer):
     trainer, queries, responses = make_trainer("llama", tokenizer, learning_rate=5e-2)
     logp, mask = trainer.response_logprobs(queries, responses)
