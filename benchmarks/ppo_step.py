@@ -138,6 +138,7 @@ def matmul_params(model_dir: Path) -> tuple[int, int]:
 # The work of one step, by name: the benchmark's own, and the `cpu` demo preset's PPO step (read from
 # minippo.app.demo, so the two cannot drift apart; its responses are fixed at the longest length).
 _DEMO = PRESETS["cpu"]["ppo_config"]
+_DEMO_LORA = PRESETS["cpu"].get("ppo_lora", PRESETS["cpu"]["lora"])
 WORK = {
     "bench": {},
     "demo": dict(
@@ -147,6 +148,8 @@ WORK = {
         new_tokens=_DEMO["max_new_tokens"],
         learning_rate=_DEMO["learning_rate"],
         gradient_checkpointing=PRESETS["cpu"]["gradient_checkpointing"],
+        lora_r=_DEMO_LORA["r"],
+        lora_alpha=_DEMO_LORA["alpha"],
     ),
 }
 

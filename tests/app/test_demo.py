@@ -39,6 +39,16 @@ def test_presets_resolve_into_valid_stage_configs(tmp_path):
         assert stages["ppo"].ppo.batch_size % stages["ppo"].ppo.mini_batch_size == 0
 
 
+def test_a_preset_can_give_ppo_its_own_adapter_size(tmp_path, monkeypatch):
+    preset = dict(PRESETS["smoke"], lora=dict(r=16, alpha=32), ppo_lora=dict(r=4, alpha=8))
+    monkeypatch.setitem(PRESETS, "two-sizes", preset)
+    stages = demo_stage_configs(DemoConfig(preset="two-sizes", output_dir=str(tmp_path)), "some-model")
+    assert (stages["sft"].lora.r, stages["sft"].lora.alpha) == (16, 32)
+    assert (stages["ppo"].lora.r, stages["ppo"].lora.alpha) == (4, 8)
+    stages = demo_stage_configs(DemoConfig(preset="smoke", output_dir=str(tmp_path)), "some-model")
+    assert stages["sft"].lora.r == stages["ppo"].lora.r == PRESETS["smoke"]["lora"]["r"]
+
+
 def test_unknown_preset_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         DemoConfig(preset="huge")
