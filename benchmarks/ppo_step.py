@@ -297,11 +297,16 @@ def cpu_flags() -> str:
     return f"{' '.join(have)}; torch capability {torch.backends.cpu.get_cpu_capability()}"
 
 
-def auto_choice(device: str) -> str:
-    """What compute_dtype="auto" picks here for a float model and for an 8-bit one."""
+def auto_dtype(device: str) -> str:
+    """What compute_dtype="auto" picks here for a float model ("float32" or "bfloat16")."""
     from minippo.quant import auto_compute_dtype
 
-    float_model = str(auto_compute_dtype(device)).removeprefix("torch.")
+    return str(auto_compute_dtype(device)).removeprefix("torch.")
+
+
+def auto_choice(device: str) -> str:
+    """What compute_dtype="auto" picks here for a float model and for an 8-bit one."""
+    float_model = auto_dtype(device)
     return f"float model {float_model}, 8-bit model {'float32' if device == 'cpu' else float_model}"
 
 
@@ -472,7 +477,7 @@ def main(argv=None) -> int:
         rounds=args.rounds,
         machine=f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()}; flags {cpu_flags()}; "
         f"compute_dtype auto -> {auto_choice(args.device)}",
-        auto=auto_choice(args.device).split(",")[0].removeprefix("float model "),
+        auto=auto_dtype(args.device),
         device=args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         versions=versions(),
         models={},

@@ -434,7 +434,7 @@ def test_4bit_lora_forward_backward_on_cuda(tokenizer, batch):
     model(**batch, labels=batch["input_ids"]).loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert grads and all(g is not None and g.device.type == "cuda" for g in grads.values())
-    # lora_B starts at zero, so only lora_B gets a non-zero gradient at the first step (lora_A's is B^T ...)
+    # lora_B starts at zero, so at the first step lora_A's gradient (which goes through B) is zero too
     assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
     merged = merge_lora(model)
     assert not is_4bit(merged)
