@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 from _common import Spec  # noqa: E402
 
-from minippo.app.demo import PRESETS  # noqa: E402
+from minippo.app.demo import DemoConfig, demo_stage_configs  # noqa: E402
 
 PEER_PYTHON = REPO / ".venv-peer" / "bin" / "python"
 RESULTS = HERE / "RESULTS.md"
@@ -135,21 +135,21 @@ def matmul_params(model_dir: Path) -> tuple[int, int]:
     return n, total
 
 
-# The work of one step, by name: the benchmark's own, and the `cpu` demo preset's PPO step (read from
-# minippo.app.demo, so the two cannot drift apart; its responses are fixed at the longest length).
-_DEMO = PRESETS["cpu"]["ppo_config"]
-_DEMO_LORA = PRESETS["cpu"].get("ppo_lora", PRESETS["cpu"]["lora"])
+# The work of one step, by name: the benchmark's own, and the `cpu` demo preset's PPO step (the PPO
+# stage config that `minippo demo` resolves, so the two cannot drift apart; its responses are fixed at
+# the longest length).
+_DEMO = demo_stage_configs(DemoConfig(preset="cpu"), "model")["ppo"]
 WORK = {
     "bench": {},
     "demo": dict(
-        batch_size=_DEMO["batch_size"],
-        mini_batch_size=_DEMO["mini_batch_size"],
-        ppo_epochs=_DEMO["ppo_epochs"],
-        new_tokens=_DEMO["max_new_tokens"],
-        learning_rate=_DEMO["learning_rate"],
-        gradient_checkpointing=PRESETS["cpu"]["gradient_checkpointing"],
-        lora_r=_DEMO_LORA["r"],
-        lora_alpha=_DEMO_LORA["alpha"],
+        batch_size=_DEMO.ppo.batch_size,
+        mini_batch_size=_DEMO.ppo.mini_batch_size,
+        ppo_epochs=_DEMO.ppo.ppo_epochs,
+        new_tokens=_DEMO.ppo.max_new_tokens,
+        learning_rate=_DEMO.ppo.learning_rate,
+        gradient_checkpointing=_DEMO.ppo.gradient_checkpointing,
+        lora_r=_DEMO.lora.r,
+        lora_alpha=_DEMO.lora.alpha,
     ),
 }
 

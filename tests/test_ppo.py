@@ -58,6 +58,15 @@ def small_config(**overrides):
     return PPOConfig(**settings)
 
 
+def assert_a_step_trains(trainer, model, tokenizer):
+    """One PPO step on 8 generated samples: finite stats, and the adapters move."""
+    before = {k: v.clone() for k, v in lora_state_dict(model).items()}
+    queries = encode(tokenizer, 8)
+    stats = trainer.step(queries, trainer.generate(queries), torch.randn(8))
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in stats.values() if isinstance(v, float))
+    assert any(not torch.equal(before[k], v) for k, v in lora_state_dict(model).items())
+
+
 def make_trainer(arch, tokenizer, int8=False, dtype=torch.float32, **overrides):
     trainer = PPOTrainer(small_config(**overrides), lora_model(arch, tokenizer, int8, dtype=dtype), tokenizer)
     queries = encode(tokenizer, trainer.config.batch_size)
@@ -182,11 +191,7 @@ def test_auto_storage_dtype_is_the_compute_dtype_and_trains(tokenizer, tiny_mode
     model = add_lora(load_model(folder, dtype="auto"), LoRAConfig(target_modules="all-linear"))
     trainer = PPOTrainer(small_config(compute_dtype="auto"), model, tokenizer)
     assert model.lm_head.weight.dtype == trainer.compute_dtype == torch.bfloat16
-    before = {k: v.clone() for k, v in lora_state_dict(model).items()}
-    queries = encode(tokenizer, 8)
-    stats = trainer.step(queries, trainer.generate(queries), torch.randn(8))
-    assert all(torch.isfinite(torch.tensor(v)).all() for v in stats.values() if isinstance(v, float))
-    assert any(not torch.equal(before[k], v) for k, v in lora_state_dict(model).items())
+    assert_a_step_trains(trainer, model, tokenizer)
 
 
 def test_scheduler_steps_once_per_ppo_step(tokenizer):
@@ -727,11 +732,7 @@ def test_auto_dtype_on_cuda_stores_computes_and_trains(tokenizer, tiny_model_dir
     model = add_lora(model, LoRAConfig(target_modules="all-linear"))
     trainer = PPOTrainer(small_config(compute_dtype="auto"), model, tokenizer)
     assert trainer.compute_dtype == want
-    before = {k: v.clone() for k, v in lora_state_dict(model).items()}
-    queries = encode(tokenizer, 8)
-    stats = trainer.step(queries, trainer.generate(queries), torch.randn(8))
-    assert all(torch.isfinite(torch.tensor(v)).all() for v in stats.values() if isinstance(v, float))
-    assert any(not torch.equal(before[k], v) for k, v in lora_state_dict(model).items())
+    assert_a_step_trains(trainer, model, tokenizer)
 
 
 def test_response_logprobs_give_the_kl_that_step_penalises(tokenizer):
