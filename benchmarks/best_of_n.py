@@ -13,6 +13,11 @@ responses' mean P(positive), distinct-1/2, log-likelihood per token under the st
 KL of the best-of-n policy to the starting model, log n - (n - 1)/n nats: exact when no two samples
 tie, an upper bound otherwise (Beirami et al. 2024, "Theoretical guarantees on the best-of-n
 alignment policy", arXiv:2401.01879). PPO's held-out KL is a sample of the same quantity.
+
+A second table puts PPO's own target beside it: the optimum of E[score clipped at --score-clip] -
+beta * KL, the starting model tilted by exp(score / beta), estimated over the same N samples per
+prompt for each --betas value (`minippo.app.report.kl_regularised_optimum`). Where it meets a bar
+that PPO's runs miss, the gap is PPO's optimisation, not its objective.
 """
 
 from __future__ import annotations
@@ -51,6 +56,11 @@ def sample_rounds(args, rounds: list[dict]) -> tuple[list[dict], dict]:
         trainer, tokenizer, model_dir = build_trainer(config)
         reward = load_reward(config.reward, kind=config.reward_kind, device=trainer.device)
         _, prompts = ppo_prompts(config, tokenizer)
+    prompt_texts = tokenizer.batch_decode(prompts, skip_special_tokens=True)
+    for saved in rounds:  # rounds of an earlier version of this script: their scores added
+        if "scores" not in saved:
+            responses = tokenizer.batch_decode(saved["ids"], skip_special_tokens=True)
+            saved["scores"] = reward([q + r for q, r in zip(prompt_texts, responses)]).tolist()
     for k in range(len(rounds), args.n):
         t = time.perf_counter()
         s = evaluate_samples(trainer, tokenizer, prompts, args.eval_seed + k, adapters=False, reward=reward)
@@ -58,6 +68,7 @@ def sample_rounds(args, rounds: list[dict]) -> tuple[list[dict], dict]:
         rounds.append(
             {
                 "probs": s["probs"],
+                "scores": reward([q + r for q, r in zip(s["prompts"], s["responses"])]).tolist(),
                 "ids": [r.tolist() for r in s["response_ids"]],
                 "logp_sum": (logp * mask).sum(1).tolist(),
                 "tokens": mask.sum(1).tolist(),
@@ -101,7 +112,34 @@ def best_of(rounds: list[dict], n: int) -> dict:
     }
 
 
-def report(rows: list[dict], meta: dict, args) -> str:
+def optimum(rounds: list[dict], beta: float, clip: float, draws: int = 20) -> dict:
+    """The optimum of PPO's objective (the score clipped at +-clip, minus beta times the KL to the
+    starting model), estimated over the rounds' samples of each prompt (`kl_regularised_optimum`);
+    its distinct-n and log-likelihood are averages over `draws` samples of one response per prompt."""
+    from minippo.app.report import distinct_n, kl_regularised_optimum
+
+    scores = torch.tensor([r["scores"] for r in rounds]).T.clamp(-clip, clip)  # (prompts, N)
+    weights, kl = kl_regularised_optimum(scores, beta)
+    probs = torch.tensor([r["probs"] for r in rounds], dtype=torch.float64).T
+    generator, figures = torch.Generator().manual_seed(0), {"distinct_1": 0.0, "distinct_2": 0.0, "logp": 0.0}
+    for _ in range(draws):
+        pick = torch.multinomial(weights, 1, generator=generator)[:, 0].tolist()  # a round per prompt
+        kept = [rounds[k] for k in pick]
+        ids = [kept[i]["ids"][i] for i in range(len(pick))]
+        figures["distinct_1"] += distinct_n(ids, 1) / draws
+        figures["distinct_2"] += distinct_n(ids, 2) / draws
+        logp = sum(kept[i]["logp_sum"][i] for i in range(len(pick)))
+        figures["logp"] += logp / sum(kept[i]["tokens"][i] for i in range(len(pick))) / draws
+    return {
+        "beta": beta,
+        "reward_prob_mean": float((weights * probs).sum(1).mean()),
+        "kl": float(kl.mean()),
+        "effective_samples": float((1 / (weights**2).sum(1)).mean()),
+        **figures,
+    }
+
+
+def report(rows: list[dict], optima: list[dict], meta: dict, args) -> str:
     from ppo_step import cpu_flags, cpu_name
 
     base = rows[0]
@@ -122,6 +160,23 @@ def report(rows: list[dict], meta: dict, args) -> str:
             f"| {r['n']} | {r['reward_prob_mean']:.3f} | {r['kl_bound']:.2f} | {r['distinct_1']:.3f} | "
             f"{r['distinct_2']:.3f} ({r['distinct_2'] / base['distinct_2']:.2f}) | {r['base_logp_per_token']:.2f} |"
         )
+    lines += [
+        "",
+        f"The optimum of PPO's objective, E[score clipped at {args.score_clip:g}] - beta KL, estimated over the "
+        f"same {args.n} samples per prompt (weights softmax(score / beta) per prompt, "
+        "`minippo.app.report.kl_regularised_optimum`; distinct-n and log-likelihood: means over 20 draws of "
+        "one sample per prompt by those weights):",
+        "",
+        "| beta | P(positive) | KL (nats) | effective samples per prompt | distinct-1 | distinct-2 (x n=1) "
+        "| base log-lik./token |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in optima:
+        lines.append(
+            f"| {r['beta']:g} | {r['reward_prob_mean']:.3f} | {r['kl']:.2f} | {r['effective_samples']:.1f} | "
+            f"{r['distinct_1']:.3f} | {r['distinct_2']:.3f} ({r['distinct_2'] / base['distinct_2']:.2f}) | "
+            f"{r['logp']:.2f} |"
+        )
     lines.append(END)
     return "\n".join(lines)
 
@@ -136,6 +191,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-seed", type=int, default=1234)
     p.add_argument("--min-new-tokens", type=int, default=12)
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--betas", default="0.1,0.2,0.3", help="KL coefficients of the optimum's table")
+    p.add_argument("--score-clip", type=float, default=3.0, help="PPO's score clip in the optimum's table")
     p.add_argument("--json", help="also write the rows and samples here; a later run reuses its samples")
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = p.parse_args(argv)
@@ -149,10 +206,11 @@ def main(argv=None) -> int:
     meta["seconds"] = seconds + time.perf_counter() - t
     sizes = [2**i for i in range(args.n.bit_length()) if 2**i <= args.n]
     rows = [best_of(rounds, n) for n in sizes]
-    text = report(rows, meta, args)
+    optima = [optimum(rounds, float(beta), args.score_clip) for beta in args.betas.split(",")]
+    text = report(rows, optima, meta, args)
     print(text)
     if args.json:
-        record = {"settings": settings(args), "meta": meta, "rows": rows, "rounds": rounds}
+        record = {"settings": settings(args), "meta": meta, "rows": rows, "optima": optima, "rounds": rounds}
         Path(args.json).write_text(json.dumps(record))
     if not args.no_write:
         from ppo_step import write_section

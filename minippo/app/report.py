@@ -29,6 +29,24 @@ def distinct_n(sequences: Sequence[Sequence[int]], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def kl_regularised_optimum(scores, beta: float):
+    """The policy that maximises E[score] - beta * KL(policy || base) over N samples of the base per
+    prompt: weights w = softmax(scores / beta) over each row of scores (prompts, N), and its KL to the
+    N samples, sum(w * log(N * w)) per prompt (0 when beta is large, log N at the argmax when it is
+    small). PPO's objective with a fixed KL coefficient beta has this optimum, base(y) * exp(score(y) /
+    beta) normalised (Korbak et al. 2022, arXiv:2205.11275, sec. 2); over N samples it is estimated by
+    these self-normalised importance weights. Returns (weights (prompts, N), KL (prompts,))."""
+    import torch
+
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    scores = torch.as_tensor(scores, dtype=torch.float64)
+    log_w = torch.log_softmax(scores / beta, dim=-1)
+    weights = log_w.exp()
+    kl = (weights * (log_w + math.log(scores.shape[-1]))).sum(-1)
+    return weights, kl
+
+
 class MetricsLog:
     """Append-only `metrics.jsonl`: one JSON object a line (`fileio.append_line`), so an interrupted
     run keeps every step it finished."""

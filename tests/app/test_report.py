@@ -1,9 +1,11 @@
-"""Run artefacts: distinct-n by hand, the metrics log."""
+"""Run artefacts: distinct-n by hand, the KL-regularised optimum, the metrics log."""
+
+import math
 
 import pytest
 import torch
 
-from minippo.app.report import MetricsLog, distinct_n
+from minippo.app.report import MetricsLog, distinct_n, kl_regularised_optimum
 
 
 def test_distinct_n_by_hand():
@@ -21,3 +23,28 @@ def test_metrics_log_appends_and_reads(tmp_path):
     log.write({"step": 1, "x": float("nan")})
     log.write({"step": 2, "x": 1.5})
     assert log.read() == [{"step": 1, "x": None}, {"step": 2, "x": 1.5}]
+
+
+def test_kl_regularised_optimum_is_the_best_trade_of_score_against_kl():
+    scores = torch.tensor([[0.0, 1.0, 3.0, 3.0], [-2.0, 0.5, 0.5, 1.0]])
+    n = scores.shape[1]
+    # A large beta keeps the base's samples (uniform, no KL); a small one takes the best ones.
+    w, kl = kl_regularised_optimum(scores, beta=1e4)
+    assert torch.allclose(w, torch.full_like(w, 1 / n), atol=1e-3) and kl.abs().max() < 1e-6
+    w, kl = kl_regularised_optimum(scores, beta=1e-3)
+    assert torch.allclose(w[0], torch.tensor([0.0, 0.0, 0.5, 0.5], dtype=w.dtype))  # ties share
+    assert kl[0] == pytest.approx(math.log(2)) and kl[1] == pytest.approx(math.log(n))
+    # At beta = 0.5 its objective is beta * log mean exp(score / beta), and no other weights beat it.
+    beta = 0.5
+    w, kl = kl_regularised_optimum(scores, beta)
+    value = (w * scores).sum(1) - beta * kl
+    assert torch.allclose(value, beta * torch.logsumexp(scores.double() / beta, 1) - beta * math.log(n))
+    other = torch.distributions.Dirichlet(torch.ones(n)).sample((200,)).double()  # (200, n)
+    for row in range(2):
+        other_kl = (other * torch.log(n * other)).sum(1)
+        assert ((other * scores[row]).sum(1) - beta * other_kl).max() < value[row]
+
+
+def test_kl_regularised_optimum_needs_a_positive_beta():
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        kl_regularised_optimum(torch.zeros(1, 2), 0.0)
