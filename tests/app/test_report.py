@@ -39,7 +39,8 @@ def test_kl_regularised_optimum_is_the_best_trade_of_score_against_kl():
     w, kl = kl_regularised_optimum(scores, beta)
     value = (w * scores).sum(1) - beta * kl
     assert torch.allclose(value, beta * torch.logsumexp(scores.double() / beta, 1) - beta * math.log(n))
-    other = torch.distributions.Dirichlet(torch.ones(n)).sample((200,)).double()  # (200, n)
+    other = torch.rand(200, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 1e-3
+    other = other / other.sum(1, keepdim=True)  # 200 other weightings of the n samples
     for row in range(2):
         other_kl = (other * torch.log(n * other)).sum(1)
         assert ((other * scores[row]).sum(1) - beta * other_kl).max() < value[row]
