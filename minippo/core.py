@@ -112,7 +112,8 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") ->
     - ``"abs"``: ``|d|``; ``"mse"``: ``0.5 * d**2`` (the k2 estimator).
     - ``"k3"``: ``(r - 1) - log r`` with ``r = exp(-d) = p_ref / p``; unbiased and never negative.
     Ref: Schulman 2020, "Approximating KL Divergence"; Ziegler et al. 2019 (k1 penalty).
-    Note: "abs" and "mse" are not unbiased estimators of KL; they are the trl v0.4.7 options.
+    As a reward only "k1" gives the KL's policy gradient: "k3" is unbiased in value, not in gradient
+    (it collapsed the demo's policy: README); "abs" and "mse" (trl v0.4.7's options) are not KL estimates.
     """
     d = logprobs - ref_logprobs  # (B, T)
     if estimator in ("k1", "kl"):
