@@ -157,6 +157,21 @@ def test_k3_is_never_negative_and_k1_k3_are_unbiased():
     assert (kl_penalty(torch.zeros(3), torch.zeros(3), "k3") == 0).all()
 
 
+def test_only_k1_as_a_reward_gives_the_kls_policy_gradient():
+    # PPO penalises with -beta * estimator(sample) as a reward: its policy gradient is
+    # E_p[grad log p(y) * estimator(y)], computed exactly here over a 20-token vocabulary.
+    torch.manual_seed(0)
+    theta, q = torch.randn(20, requires_grad=True), torch.softmax(torch.randn(20), 0)
+    logp = torch.log_softmax(theta, 0)
+    (kl_gradient,) = torch.autograd.grad((logp.exp() * (logp - q.log())).sum(), theta, retain_graph=True)
+    for estimator, exact in (("k1", True), ("k3", False)):
+        values = kl_penalty(logp.detach(), q.log(), estimator)  # (20,), held fixed as a reward is
+        surrogate = (logp.exp().detach() * logp * values).sum()  # E_p[log p * value], p held fixed
+        (reinforce,) = torch.autograd.grad(surrogate, theta, retain_graph=True)
+        error = (reinforce - kl_gradient).abs().max()
+        assert error < 1e-6 if exact else error > 0.05 * kl_gradient.abs().max(), (estimator, error)
+
+
 def test_kl_penalized_rewards():
     logp = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, 0.0]])
     ref = torch.tensor([[-1.5, -2.0, -2.0], [-2.0, 5.0, 5.0]])
