@@ -7,7 +7,8 @@ noise of PPO's updates (the README's second-round table; it did not move the res
 
 Each step takes batch_size / K prompts, each K times in a row; after the trainer has scaled and
 clipped the scores, each one has the mean of its K - 1 siblings' subtracted. Everything else is
-`minippo ppo` with the flags after `--`. Done by wrapping two functions for this process only.
+`minippo ppo` with the flags after `--`, in one process (not under torchrun). Done by wrapping two
+functions for this process only.
 """
 
 from __future__ import annotations
