@@ -63,18 +63,19 @@ def sample_rounds(args, rounds: list[dict]) -> tuple[list[dict], dict]:
             saved["scores"] = reward([q + r for q, r in zip(prompt_texts, responses)]).tolist()
     for k in range(len(rounds), args.n):
         t = time.perf_counter()
-        s = evaluate_samples(trainer, tokenizer, prompts, args.eval_seed + k, adapters=False, reward=reward)
+        s = evaluate_samples(trainer, tokenizer, prompts, args.eval_seed + k, adapters=False)
+        scores, probs = reward.scores_and_probabilities([q + r for q, r in zip(s["prompts"], s["responses"])])
         logp, mask = trainer.response_logprobs(prompts, s["response_ids"], reference=True)
         rounds.append(
             {
-                "probs": s["probs"],
-                "scores": reward([q + r for q, r in zip(s["prompts"], s["responses"])]).tolist(),
+                "probs": probs.tolist(),
+                "scores": scores.tolist(),
                 "ids": [r.tolist() for r in s["response_ids"]],
                 "logp_sum": (logp * mask).sum(1).tolist(),
                 "tokens": mask.sum(1).tolist(),
             }
         )
-        mean_p = sum(s["probs"]) / len(prompts)
+        mean_p = float(probs.mean())
         print(f"round {k}: mean P(positive) {mean_p:.3f} ({time.perf_counter() - t:.1f} s)", flush=True)
     return rounds, {"model": str(model_dir), "prompts": len(prompts)}
 
