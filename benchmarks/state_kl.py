@@ -1,0 +1,69 @@
+"""An experiment, not a feature: `minippo ppo` with the exact KL to the reference at every visited
+state added to the loss, to measure whether a penalty without sampling noise keeps the starting
+model's diversity (the README's second-round table; at 0.1 it kept the diversity by keeping the
+reward down).
+
+    .venv/bin/python benchmarks/state_kl.py --coef 0.1 -- --model runs/demo/merged --reward runs/demo/reward ...
+
+PPO's KL penalty is a reward, -beta (log pi(y_t) - log ref(y_t)) at each sampled token (k1): right
+on average, noisy per token. This adds to each minibatch's loss, beside it, --coef times the mean
+over response tokens of the full-vocabulary KL(pi(.|s_t) || ref(.|s_t)), computed from the policy's
+and the reference's logits (one more forward with the adapters off per micro-batch) and
+differentiated exactly. Done by wrapping two functions for this process only: `PPOTrainer._forward`
+(keeps the reference's logits of each forward with gradients) and `core.entropy_from_logits` (inside
+the loss it returns minus that KL, so the entropy bonus's slot, with entropy_coef = --coef, adds
+coef x KL; its log line "loss/entropy" is then -KL). Everything else is `minippo ppo` with the flags
+after `--`, in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def patch() -> None:
+    import torch
+
+    from minippo import core
+    from minippo.lora import disable_adapters
+    from minippo.ppo import PPOTrainer
+
+    forward, entropy, reference = PPOTrainer._forward, core.entropy_from_logits, []
+
+    def forward_keeping_reference(self, micro, with_values=True):
+        out = forward(self, micro, with_values)
+        if torch.is_grad_enabled():  # the loss's forward: the reference's logits at the same states
+            with torch.no_grad(), disable_adapters(self.policy.model):
+                reference.append(forward(self, micro, False)[0])
+        return out
+
+    def minus_state_kl(logits):
+        if not (torch.is_grad_enabled() and reference):
+            return entropy(logits)  # the rollout's entropy statistics
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        ref_logp = torch.log_softmax(reference.pop().float(), dim=-1)
+        return -(logp.exp() * (logp - ref_logp)).sum(-1)  # (b, T): -KL(pi || ref) per state
+
+    PPOTrainer._forward, core.entropy_from_logits = forward_keeping_reference, minus_state_kl
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--coef", type=float, default=0.1, help="weight of the per-state KL in the loss (> 0)")
+    args = p.parse_args(argv[:split])
+    if not args.coef > 0:
+        p.error("--coef must be > 0")
+    patch()
+    from minippo.app.cli import main as minippo
+
+    return minippo(["ppo", *argv[split + 1 :], "--entropy-coef", str(args.coef)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
