@@ -25,7 +25,6 @@ one row per step. One process.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -124,17 +123,16 @@ def train(config, k: int) -> dict:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    split = argv.index("--") if "--" in argv else len(argv)
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--k", type=int, default=4, help="samples per prompt (>= 2)")
-    args = p.parse_args(argv[:split])
+    from _experiment import parse_flags
+
+    k = ("--k", dict(type=int, default=4, help="samples per prompt (>= 2)"))
+    args, ppo_flags = parse_flags(__doc__, argv, k)
     if args.k < 2:
-        p.error("--k must be >= 2")
+        raise SystemExit(f"--k must be >= 2, got {args.k}")
     from minippo.app.cli import parse_config
     from minippo.app.pipeline import PPORunConfig
 
-    config = parse_config(PPORunConfig, argv[split + 1 :], prog="distribution_matching.py --")
+    config = parse_config(PPORunConfig, ppo_flags, prog="distribution_matching.py --")
     train(config, args.k)
     return 0
 

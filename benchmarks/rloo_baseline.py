@@ -13,7 +13,6 @@ functions for this process only.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -41,17 +40,16 @@ def patch(k: int) -> None:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    split = argv.index("--") if "--" in argv else len(argv)
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--k", type=int, default=4, help="samples per prompt (>= 2)")
-    args = p.parse_args(argv[:split])
+    from _experiment import parse_flags
+
+    k = ("--k", dict(type=int, default=4, help="samples per prompt (>= 2)"))
+    args, ppo_flags = parse_flags(__doc__, argv, k)
     if args.k < 2:
-        p.error("--k must be >= 2")
+        raise SystemExit(f"--k must be >= 2, got {args.k}")
     patch(args.k)
     from minippo.app.cli import main as minippo
 
-    return minippo(["ppo", *argv[split + 1 :]])
+    return minippo(["ppo", *ppo_flags])
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ after `--`, in one process.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -52,17 +51,16 @@ def patch() -> None:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    split = argv.index("--") if "--" in argv else len(argv)
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--coef", type=float, default=0.1, help="weight of the per-state KL in the loss (> 0)")
-    args = p.parse_args(argv[:split])
+    from _experiment import parse_flags
+
+    coef = ("--coef", dict(type=float, default=0.1, help="weight of the per-state KL in the loss (> 0)"))
+    args, ppo_flags = parse_flags(__doc__, argv, coef)
     if not args.coef > 0:
-        p.error("--coef must be > 0")
+        raise SystemExit(f"--coef must be > 0, got {args.coef}")
     patch()
     from minippo.app.cli import main as minippo
 
-    return minippo(["ppo", *argv[split + 1 :], "--entropy-coef", str(args.coef)])
+    return minippo(["ppo", *ppo_flags, "--entropy-coef", str(args.coef)])
 
 
 if __name__ == "__main__":
