@@ -65,6 +65,8 @@ def train(config, k: int) -> dict:
     ppo = config.ppo
     if ppo.batch_size % k:
         raise SystemExit(f"--batch-size ({ppo.batch_size}) must be divisible by --k ({k})")
+    if not config.eval_prompts:
+        raise SystemExit("--eval-prompts must be > 0: the held-out evaluation is this experiment's result")
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     trainer, tokenizer, model_dir = build_trainer(config)
