@@ -17,10 +17,10 @@ importance weights p*/pi, self-normalised over K samples of each prompt (Z(x) is
 
 Each step: batch_size / K prompts, each sampled K times with the current adapter; ppo_epochs optimiser
 steps on them (the weights stay the sampling policy's: p* / pi_old is the importance weight of every epoch).
-The scores are clipped at --score-clip as PPO's (`score_clip`); beta is --init-kl-coef, the learning
-rate, batch size, seed, temperature and lengths are `minippo ppo`'s flags after `--`. The held-out
-evaluation before and after is `minippo ppo`'s (result.json in the same shape); metrics.jsonl has
-one row per step. One process.
+The scores are scaled and clipped as PPO's (`PPOTrainer._normalise_scores`: --score-clip, ...);
+beta is --init-kl-coef; the learning rate, batch size, seed, temperature and lengths are `minippo
+ppo`'s flags after `--`. The held-out evaluation before and after is `minippo ppo`'s (result.json in
+the same shape); metrics.jsonl has one row per step. One process.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def train(config, k: int) -> dict:
     from tqdm.auto import tqdm
 
     from minippo.app.data import cycle_batches
-    from minippo.app.pipeline import build_trainer, evaluate_policy, ppo_prompts
+    from minippo.app.pipeline import _decode_pairs, build_trainer, evaluate_policy, ppo_prompts
     from minippo.app.report import MetricsLog, distinct_n, write_json
     from minippo.app.reward import load_reward
 
@@ -72,7 +72,7 @@ def train(config, k: int) -> dict:
     trainer, tokenizer, model_dir = build_trainer(config)
     reward = load_reward(config.reward, kind=config.reward_kind, device=trainer.device)
     prompts, eval_prompts = ppo_prompts(config, tokenizer)
-    beta, clip = ppo.init_kl_coef, ppo.score_clip if ppo.score_clip is not None else float("inf")
+    beta = ppo.init_kl_coef
     result = {"model": model_dir, "output_dir": str(out), "k": k, "beta": beta}
     result["before"] = evaluate_policy(trainer, tokenizer, reward, eval_prompts, config.eval_seed, False)
 
@@ -82,10 +82,9 @@ def train(config, k: int) -> dict:
     for step in tqdm(range(1, config.steps + 1), desc="matching"):
         queries = [prompts[i] for i in next(batches)[: ppo.batch_size // k] for _ in range(k)]
         responses = trainer.generate(queries)
-        q_text = tokenizer.batch_decode(queries, skip_special_tokens=True)
-        r_text = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        q_text, r_text = _decode_pairs(tokenizer, queries, responses)
         scores, probs = reward.scores_and_probabilities([q + r for q, r in zip(q_text, r_text)])
-        scores = scores.float().to(trainer.device).clamp(-clip, clip)
+        scores = trainer._normalise_scores(scores.float().to(trainer.device))  # PPO's scale and clip
         batch = trainer._padded_batch(queries, responses)
         ref_logp = sequence_logprobs(trainer, batch, reference=True)
         for epoch in range(ppo.ppo_epochs):  # the weights are the sampling policy's: valid for every epoch
