@@ -16,6 +16,15 @@ if not IMDB_DIR.is_absolute():
     IMDB_DIR = (REPO / IMDB_DIR).resolve()
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and far more steadily on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return tiny_tokenizer()

@@ -18,14 +18,8 @@ from minippo.policy import (
 )
 from minippo.quant import quantize_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and far more steadily on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models run fastest on one thread, and far more steadily on a shared 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PROMPTS = ["This movie", "A wonderful, moving picture with a", "Boring", "The best film of"]

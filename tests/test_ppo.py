@@ -19,13 +19,8 @@ from minippo.quant import prepare_model_for_kbit_training, quantize_model
 PROMPTS = ["This movie", "A wonderful, moving picture with a", "Boring and", "The best film of"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and far more steadily on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models run fastest on one thread, and far more steadily on a shared 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def encode(tokenizer, n):

@@ -20,14 +20,23 @@ import tyro
 
 from .. import distributed
 from ..adapter_files import load_adapter
-from ..checks import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, check, check_device, check_fields, one_of
+from ..checks import (
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    check,
+    check_device,
+    check_fields,
+    one_of,
+)
 from ..fileio import atomic_directory, atomic_write
 from ..lora import LoRAConfig, add_lora, disable_adapters, merge_lora
 from ..ppo import PPOConfig, PPOTrainer, check_config
 from ..quant import load_model, quant_load_kwargs, resolve_dtype
 from .data import cycle_batches, load_imdb, make_prompts
 from .model_folders import DEFAULT_MODEL, check_context, load_tokenizer, resolve_model
-from .report import MetricsLog, distinct_n, markdown_table, write_json
+from .report import MetricsLog, distinct_n, markdown_table, repeated_ngram_share, write_json
 from .reward import RewardConfig, load_reward, train_reward
 
 __all__ = [
@@ -188,6 +197,11 @@ class PPORunConfig:
     resume: bool = False
     """Continue the run in output_dir from its checkpoint/ exactly (RNG, optimiser, scheduler, prompt
     position), appending to metrics.jsonl; without a checkpoint, start from step 0."""
+    diversity_coef: float = 0.0
+    """Lower each training score, after the trainer's scale and clip, by this times the share of the
+    sample's bigrams that the step's batch repeats (what distinct-2 counts; under torchrun, each
+    process's share of the batch): among samples at the clip, the ones phrased like no other keep the
+    whole score. 0: off. The held-out evaluation scores with the plain reward."""
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(r=16, alpha=32, dropout=0.0))
     """LoRA settings of the new adapter."""
     ppo: Annotated[PPOConfig, tyro.conf.OmitArgPrefixes] = field(
@@ -203,6 +217,13 @@ class PPORunConfig:
         check_fields(self, one_of("logit", "prob"), "reward_kind")
         check_fields(self, POSITIVE_INT, "steps", "prompt_min_tokens")
         check_fields(self, NON_NEGATIVE_INT, "save_every", "eval_prompts", "log_samples")
+        check_fields(self, NON_NEGATIVE, "diversity_coef")
+        check(
+            self,
+            not (self.diversity_coef and self.ppo.use_score_scaling),
+            "diversity_coef is subtracted from the clipped raw scores, which use_score_scaling would then "
+            "rescale: use one or the other",
+        )
         check(
             self,
             self.prompt_min_tokens < self.prompt_max_tokens,
@@ -367,7 +388,7 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     for step in bar:
         queries = [prompts[i] for i in next(batches)][share]  # every process takes its share of the batch
-        stats, samples = ppo_step(trainer, tokenizer, reward, queries)
+        stats, samples = ppo_step(trainer, tokenizer, reward, queries, config.diversity_coef)
         stats.update({"step": step, "time/elapsed": time.perf_counter() - t0})
         if main:
             log.write(stats)
@@ -437,10 +458,12 @@ def ppo_prompts(config: PPORunConfig, tokenizer) -> tuple[list[torch.Tensor], li
     return prompts, make_prompts(test_texts, tokenizer, **cut, seed=seed, limit=n_test)[0]
 
 
-def ppo_step(trainer: PPOTrainer, tokenizer, reward, queries) -> tuple[dict, list]:
+def ppo_step(
+    trainer: PPOTrainer, tokenizer, reward, queries, diversity_coef: float = 0.0
+) -> tuple[dict, list]:
     """One step of the loop: 1. sample responses, 2. score the whole reviews (prompt + response),
-    3. one PPO step. Returns the stats (with timings and the mean P(positive)) and the
-    (prompt, response) texts."""
+    optionally lowered for repeated bigrams (`PPORunConfig.diversity_coef`), 3. one PPO step. Returns
+    the stats (with timings and the mean P(positive)) and the (prompt, response) texts."""
     t = time.perf_counter()
     responses = trainer.generate(queries)
     t_gen = time.perf_counter() - t
@@ -448,12 +471,26 @@ def ppo_step(trainer: PPOTrainer, tokenizer, reward, queries) -> tuple[dict, lis
     t = time.perf_counter()
     full = [q + r for q, r in zip(q_text, r_text)]
     scores, probs = reward.scores_and_probabilities(full)
+    repeated = torch.tensor(repeated_ngram_share(responses, 2))
+    if diversity_coef:
+        scores = penalise_repeats(trainer.config, scores, repeated, diversity_coef)
     t_score = time.perf_counter() - t
     stats = trainer.step(queries, responses, scores)
     stats.update({"time/generate": t_gen, "time/score": t_score})
     stats["env/reward_prob_mean"] = distributed.all_reduce(probs.float().mean(), "mean").item()
     stats["env/distinct_1"], stats["env/distinct_2"] = distinct_n(responses, 1), distinct_n(responses, 2)
+    stats["env/repeated_bigrams"] = distributed.all_reduce(repeated.mean(), "mean").item()
     return stats, list(zip(q_text, r_text))
+
+
+def penalise_repeats(ppo: PPOConfig, scores, repeated, coef: float):
+    """The scores to pass to `PPOTrainer.step` so that after its score_scale and score_clip each is
+    clip(scale x score) - coef x repeated: (clip(scale x score) - coef x repeated) / scale. The trainer
+    clips again, so a score at -score_clip stays there."""
+    scaled = torch.as_tensor(scores, dtype=torch.float32) * ppo.score_scale
+    if ppo.score_clip is not None:
+        scaled = scaled.clamp(-ppo.score_clip, ppo.score_clip)
+    return (scaled - coef * repeated) / ppo.score_scale
 
 
 # ----------------------------------------------------------------------------- generate

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,16 @@ def distinct_n(sequences: Sequence[Sequence[int]], n: int) -> float:
     seqs = [seq.tolist() if hasattr(seq, "tolist") else list(seq) for seq in sequences]  # tensors too
     grams = [tuple(seq[i : i + n]) for seq in seqs for i in range(len(seq) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repeated_ngram_share(sequences: Sequence[Sequence[int]], n: int = 2) -> list[float]:
+    """For each sequence, the share of its n-grams that occur more than once over all the sequences (in
+    another one, or twice in itself): the repeats that distinct-n counts, per sequence (0.0 for a
+    sequence shorter than n)."""
+    seqs = [seq.tolist() if hasattr(seq, "tolist") else list(seq) for seq in sequences]
+    grams = [[tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)] for seq in seqs]
+    counts = Counter(g for seq in grams for g in seq)
+    return [sum(counts[g] > 1 for g in seq) / len(seq) if seq else 0.0 for seq in grams]
 
 
 def kl_regularised_optimum(scores, beta: float):

@@ -38,6 +38,7 @@ METRIC_KEYS = {
     "env/reward_prob_mean",
     "env/distinct_1",
     "env/distinct_2",
+    "env/repeated_bigrams",
     "time/ppo/total",
     "time/generate",
 }

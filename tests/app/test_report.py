@@ -1,11 +1,12 @@
-"""Run artefacts: distinct-n by hand, the KL-regularised optimum, the metrics log."""
+"""Run artefacts: distinct-n and the repeated n-grams per sequence by hand, the KL-regularised
+optimum, the metrics log."""
 
 import math
 
 import pytest
 import torch
 
-from minippo.app.report import MetricsLog, distinct_n, kl_regularised_optimum
+from minippo.app.report import MetricsLog, distinct_n, kl_regularised_optimum, repeated_ngram_share
 
 
 def test_distinct_n_by_hand():
@@ -16,6 +17,17 @@ def test_distinct_n_by_hand():
     assert distinct_n([[5]], 2) == 0.0  # no bigram at all
     tensors = [torch.tensor(s) for s in seqs]  # token tensors, as generate() returns them
     assert distinct_n(tensors, 1) == distinct_n(seqs, 1) and distinct_n(tensors, 2) == distinct_n(seqs, 2)
+
+
+def test_repeated_ngram_share_by_hand():
+    seqs = [[1, 2, 3, 1, 2], [1, 2], [7, 8, 9], [4]]
+    # (1,2) twice in the first and once in the second: 2 of its 4 bigrams and 1 of 1 are repeated;
+    # (2,3), (3,1) and the third's bigrams occur once; the fourth has no bigram
+    assert repeated_ngram_share(seqs, 2) == [0.5, 1.0, 0.0, 0.0]
+    assert repeated_ngram_share(seqs, 1) == [0.8, 1.0, 0.0, 0.0]  # tokens 1 and 2 recur
+    assert repeated_ngram_share([torch.tensor(s) for s in seqs], 2) == repeated_ngram_share(seqs, 2)
+    # its mean weighs each sequence alike; 1 - distinct-2 counts every n-gram alike
+    assert distinct_n([[1, 2], [1, 2]], 2) == 0.5 and repeated_ngram_share([[1, 2], [1, 2]]) == [1.0, 1.0]
 
 
 def test_metrics_log_appends_and_reads(tmp_path):
