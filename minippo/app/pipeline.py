@@ -479,7 +479,7 @@ def ppo_step(
     stats.update({"time/generate": t_gen, "time/score": t_score})
     stats["env/reward_prob_mean"] = distributed.all_reduce(probs.float().mean(), "mean").item()
     stats["env/distinct_1"], stats["env/distinct_2"] = distinct_n(responses, 1), distinct_n(responses, 2)
-    stats["env/repeated_bigrams"] = distributed.all_reduce(repeated.mean(), "mean").item()
+    stats["env/repeated_bigrams"] = distributed.all_reduce(repeated.mean().to(trainer.device), "mean").item()
     return stats, list(zip(q_text, r_text))
 
 
@@ -490,7 +490,7 @@ def penalise_repeats(ppo: PPOConfig, scores, repeated, coef: float):
     scaled = torch.as_tensor(scores, dtype=torch.float32) * ppo.score_scale
     if ppo.score_clip is not None:
         scaled = scaled.clamp(-ppo.score_clip, ppo.score_clip)
-    return (scaled - coef * repeated) / ppo.score_scale
+    return (scaled - coef * repeated.to(scaled.device)) / ppo.score_scale
 
 
 # ----------------------------------------------------------------------------- generate

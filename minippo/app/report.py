@@ -22,11 +22,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _ngrams(sequences: Sequence[Sequence[int]], n: int) -> list[list[tuple]]:
+    """The n-grams of each token sequence (lists, or tensors as generate() returns them)."""
+    seqs = [seq.tolist() if hasattr(seq, "tolist") else list(seq) for seq in sequences]
+    return [[tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)] for seq in seqs]
+
+
 def distinct_n(sequences: Sequence[Sequence[int]], n: int) -> float:
     """Distinct-n: unique n-grams / all n-grams over a set of token sequences (1.0: no repeats).
     Ref: Li et al. 2016, "A Diversity-Promoting Objective Function", arXiv:1510.03055, sec. 4.3."""
-    seqs = [seq.tolist() if hasattr(seq, "tolist") else list(seq) for seq in sequences]  # tensors too
-    grams = [tuple(seq[i : i + n]) for seq in seqs for i in range(len(seq) - n + 1)]
+    grams = [g for seq in _ngrams(sequences, n) for g in seq]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -34,8 +39,7 @@ def repeated_ngram_share(sequences: Sequence[Sequence[int]], n: int = 2) -> list
     """For each sequence, the share of its n-grams that occur more than once over all the sequences (in
     another one, or twice in itself): the repeats that distinct-n counts, per sequence (0.0 for a
     sequence shorter than n)."""
-    seqs = [seq.tolist() if hasattr(seq, "tolist") else list(seq) for seq in sequences]
-    grams = [[tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)] for seq in seqs]
+    grams = _ngrams(sequences, n)
     counts = Counter(g for seq in grams for g in seq)
     return [sum(counts[g] > 1 for g in seq) / len(seq) if seq else 0.0 for seq in grams]
 

@@ -16,14 +16,16 @@ PROMPTS = ["This movie", "A wonderful, moving picture with a", "Boring and", "Th
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_the_penalty_comes_after_the_trainers_scale_and_clip():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_the_penalty_comes_after_the_trainers_scale_and_clip(device):
     config = PPOConfig(score_scale=2.0, score_clip=3.0)
-    scores, repeated = torch.tensor([5.0, 1.0, -5.0]), torch.tensor([0.5, 0.0, 1.0])
+    # a reward on the GPU returns its scores there; the shares are counted on the CPU
+    scores, repeated = torch.tensor([5.0, 1.0, -5.0], device=device), torch.tensor([0.5, 0.0, 1.0])
     passed = penalise_repeats(config, scores, repeated, coef=1.0)
     # what the trainer then scores with (scale, then clip): clip(2 x score) - coef x repeated, where
     # the trainer's own clip keeps the last at -3
     seen = (passed * config.score_scale).clamp(-3.0, 3.0)
-    assert seen.tolist() == pytest.approx([3.0 - 0.5, 2.0, -3.0])
+    assert passed.device == scores.device and seen.tolist() == pytest.approx([3.0 - 0.5, 2.0, -3.0])
     unclipped = penalise_repeats(PPOConfig(), scores, repeated, coef=2.0)
     assert unclipped.tolist() == pytest.approx([4.0, 1.0, -7.0])
 
