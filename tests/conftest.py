@@ -16,6 +16,14 @@ if not IMDB_DIR.is_absolute():
     IMDB_DIR = (REPO / IMDB_DIR).resolve()
 
 
+@pytest.fixture(autouse=True)
+def no_native_bf16(monkeypatch):
+    """Every test sees a CPU without native bf16, so that "auto" means float32 and the numbers are the
+    same on every CPU kind; the tests of the bf16 paths switch it back on (torch.cpu's own probes)."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models run fastest on one thread, and far more steadily on a shared 2-core machine."""

@@ -88,6 +88,7 @@ def ppo_steps(out_dir: str, steps: int = 2) -> None:
         use_score_norm=True,
         adap_kl_ctrl=True,
         horizon=100.0,
+        compute_dtype="float32",  # on every CPU kind: "auto" is bf16 where native, and rounds apart
     )
     trainer = PPOTrainer(config, model, tokenizer)
     queries, responses, scores = ppo_samples(tokenizer)
