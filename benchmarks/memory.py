@@ -7,7 +7,7 @@ the cost of the PPO reference model (adapters switched off vs a second frozen co
 
 1. Weights: random GPT-NeoX models built from a config (and SmolLM2-135M, the embedded model),
    footprint = bytes of parameters + buffers (+ the int8 layers' fp32 row scales), counted by
-   `minippo.quant.model_footprint_bytes`; next to it the planner's prediction (`minippo.app.memory_plan`).
+   `minippo.app.memory_plan.model_footprint_bytes`; next to it the planner's prediction (`minippo.app.memory_plan`).
    int8 = bitsandbytes `Linear8bitLt` for every Linear except the LM head; the embedding, norms and
    LM head stay in fp32, as minippo trains them (`prepare_model_for_kbit_training`).  nf4 = bitsandbytes
    `Linear4bit` (NF4, double-quantised block scales: QLoRA) for the same layers.
@@ -87,8 +87,8 @@ def linear_params(model) -> int:
 
 def weights_table(names: list[str]) -> list[dict]:
     """Footprint per dtype for each model, with the planner's prediction beside it."""
-    from minippo.app.memory_plan import PlanConfig, plan_memory
-    from minippo.quant import model_footprint_bytes, quantize_model
+    from minippo.app.memory_plan import PlanConfig, model_footprint_bytes, plan_memory
+    from minippo.quant import quantize_model
 
     rows = []
     for name in names:
@@ -128,9 +128,9 @@ def reference_worker(model_name: str, mode: str, dtype: str) -> dict:
     reference forward; returns footprints, peak RSS and the reference forward's tensor peak."""
     from _common import rss_mib
 
-    from minippo.app.memory_plan import TensorMemoryTracker
+    from minippo.app.memory_plan import TensorMemoryTracker, model_footprint_bytes
     from minippo.lora import LoRAConfig, add_lora, disable_adapters
-    from minippo.quant import model_footprint_bytes, prepare_model_for_kbit_training, quantize_model
+    from minippo.quant import prepare_model_for_kbit_training, quantize_model
 
     torch.set_num_threads(2)
     before = rss_mib()

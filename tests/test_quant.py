@@ -13,7 +13,8 @@ from transformers.pytorch_utils import Conv1D
 
 import minippo.quant as quant
 from minippo import LoRAConfig, add_lora, load_model, prepare_model_for_kbit_training, quantize_model
-from minippo.quant import dequantize_8bit, is_8bit, keep_8bit_layers_in_eval, model_footprint_bytes
+from minippo.app.memory_plan import model_footprint_bytes
+from minippo.quant import dequantize_8bit, is_8bit, keep_8bit_layers_in_eval
 
 TEXTS = ["This movie was great, I loved the acting.", "Awful dialogue, a waste of time."]
 
@@ -140,6 +141,49 @@ def test_8bit_path_follows_the_cpu(tokenizer, batch, monkeypatch):
         errors[native] = (eval_logits - fp32).abs().max()
     assert errors[True] < 1e-2
     assert errors[False] <= errors[True]  # the float matmul on int8 weights: no activation rounding
+
+
+def test_int8_input_gradient_in_bf16(tokenizer):
+    """grad_dtype bf16: the same forward bit for bit, the input gradient one bf16 matmul on the exact int8
+    weight: within bf16 rounding of the fp32 gradient on the dequantised weight (bitsandbytes' own)."""
+    model = keep_8bit_layers_in_eval(quantize_model(tiny_model("llama", len(tokenizer))), int8_path=True)
+    for layer in int8_layers(model).values():
+        x = torch.randn(2, 5, layer.in_features)
+        grads, outs = {}, {}
+        for dtype in (None, torch.bfloat16):
+            layer.grad_dtype, x.grad = dtype, None
+            outs[dtype] = layer(x.requires_grad_())
+            grad = torch.linspace(-1, 1, outs[dtype].numel()).view_as(outs[dtype])
+            outs[dtype].backward(grad)
+            grads[dtype] = x.grad
+        assert torch.equal(outs[None], outs[torch.bfloat16])
+        exact = grad @ dequantize_8bit(layer)  # (2, 5, in)
+        error = (grads[torch.bfloat16] - exact).abs().max() / exact.abs().max()
+        assert 0 < error < 1e-2  # rounded, not skipped
+        assert (grads[None] - exact).abs().max() / exact.abs().max() < 1e-5
+
+
+def test_bf16_input_gradient_follows_the_cpu(tokenizer, monkeypatch):
+    """bf16 input gradients on the int8 path where the CPU runs bf16 natively; LoRA still learns."""
+    for native in (True, False):
+        monkeypatch.setattr(quant, "cpu_bf16_is_native", lambda native=native: native)
+        model = quantize_model(tiny_model("llama", len(tokenizer)))
+        for int8_path in (True, False):
+            keep_8bit_layers_in_eval(model, int8_path=int8_path)
+            dtypes = {m.grad_dtype for m in int8_layers(model).values()}
+            assert dtypes == {torch.bfloat16 if native and int8_path else None}
+    grads = {}
+    for dtype in (None, torch.bfloat16):
+        torch.manual_seed(0)
+        model = prepare_model_for_kbit_training(quantize_model(tiny_model("llama", len(tokenizer))))
+        add_lora(model, LoRAConfig(r=4, alpha=8))
+        for layer in int8_layers(model).values():
+            layer.int8_path, layer.grad_dtype = True, dtype
+        ids = torch.arange(3, 19).view(2, 8)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads[dtype] = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+    cosine = torch.nn.functional.cosine_similarity(grads[None], grads[torch.bfloat16], dim=0)
+    assert grads[None].abs().sum() > 0 and cosine > 0.999
 
 
 def test_prepare_freezes_upcasts_and_returns_fp32_logits(tokenizer, batch):

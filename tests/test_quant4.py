@@ -26,8 +26,9 @@ from minippo import (
     quantize_model,
     save_adapter,
 )
+from minippo.app.memory_plan import model_footprint_bytes
 from minippo.lora import LoRALayer, lora_state_dict
-from minippo.quant import dequantize_4bit, is_4bit, is_8bit, model_footprint_bytes
+from minippo.quant import auto_compute_dtype, dequantize_4bit, is_4bit, is_8bit
 
 TEXTS = ["This movie was great, I loved the acting.", "Awful dialogue, a waste of time."]
 
@@ -84,7 +85,7 @@ def test_quantize_model_4bit_stores_packed_nf4_and_skips_lm_head(model, arch):
         state = m.weight.quant_state
         assert m.weight.dtype == torch.uint8 and m.weight.numel() == m.in_features * m.out_features // 2
         assert (state.quant_type, state.blocksize, state.nested) == ("nf4", 64, True)
-        assert m.compute_dtype == torch.float32  # "auto" on a CPU
+        assert m.compute_dtype == auto_compute_dtype("cpu")  # "auto": bf16 where the CPU runs it natively
         assert not m.support_avx512bf16_for_cpu  # kept on the portable path (see test below)
     if arch == "gpt2":  # Conv1D (in, out) became Linear4bit (out, in) and remembers its origin
         c_attn = model.transformer.h[0].attn.c_attn
@@ -92,12 +93,13 @@ def test_quantize_model_4bit_stores_packed_nf4_and_skips_lm_head(model, arch):
 
 
 def test_4bit_logits_close_to_fp32(model, batch, arch):
-    """NF4 rounds each weight to one of 16 levels per block of 64: measured max |logit diff|
-    0.025 .. 0.055 on logits of std ~0.11 (8-bit: ~2e-3); tolerance 0.1 absolute."""
+    """NF4 rounds each weight to one of 16 levels per block of 64: on logits of std ~0.11, measured mean
+    |logit diff| 0.009 .. 0.020 and max 0.025 .. 0.18 (the max varies with the CPU kind's kernels; 8-bit:
+    ~2e-3); tolerances 0.04 (mean) and 0.3 (max)."""
     ref = logits(model, batch)
     quantize_model(model, bits=4)
-    diff = (logits(model, batch) - ref).abs().max().item()
-    assert 0 < diff < 0.1
+    diff = (logits(model, batch) - ref).abs()
+    assert 0 < diff.mean() < 0.04 and diff.max() < 0.3
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])

@@ -23,8 +23,7 @@ from ..checks import POSITIVE_INT, check, check_device, check_fields, optional
 from ..fileio import write_text
 from ..lora import LoRAConfig
 from ..ppo import PPOConfig
-from ..quant import quant_load_kwargs
-from .model_folders import DEFAULT_MODEL, resolve_model
+from .model_folders import DEFAULT_MODEL, quant_load_kwargs, resolve_model
 from .pipeline import MergeConfig, PPORunConfig, run_merge, run_ppo
 from .report import MetricsLog, markdown_table, plot_lines, write_json
 from .reward import RewardConfig, train_reward

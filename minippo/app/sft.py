@@ -30,9 +30,16 @@ from ..checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check, check_device, 
 from ..fileio import atomic_directory, write_json
 from ..lora import LoRAConfig, add_lora, count_parameters
 from ..ppo import check_config, rng_state, set_rng_state
-from ..quant import load_model, prepare_model_for_kbit_training, quant_load_kwargs, resolve_dtype
+from ..quant import load_model, prepare_model_for_kbit_training, resolve_dtype
 from .data import clean_review, cycle_batches, load_imdb, pack_blocks
-from .model_folders import DEFAULT_MODEL, check_context, context_window, load_tokenizer, resolve_model
+from .model_folders import (
+    DEFAULT_MODEL,
+    check_context,
+    context_window,
+    load_tokenizer,
+    quant_load_kwargs,
+    resolve_model,
+)
 
 
 @dataclass
