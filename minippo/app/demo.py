@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import distributed
-from ..checks import POSITIVE_INT, check, check_device, check_fields, optional
+from ..checks import NON_NEGATIVE, POSITIVE_INT, check, check_device, check_fields, optional
 from ..fileio import write_text
 from ..lora import LoRAConfig
 from ..ppo import PPOConfig
@@ -118,6 +118,8 @@ class DemoConfig:
     """Override the preset's SFT steps."""
     ppo_steps: int | None = None
     """Override the preset's PPO steps."""
+    diversity_coef: float | None = None
+    """Override the preset's `minippo ppo --diversity-coef` (a penalty on the bigrams a step repeats)."""
     seed: int = 0
     """Seed of every stage."""
     quant: str = "8bit"
@@ -134,6 +136,7 @@ class DemoConfig:
             self, self.preset in PRESETS, f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}"
         )
         check_fields(self, optional(POSITIVE_INT), "sft_steps", "ppo_steps")
+        check_fields(self, optional(NON_NEGATIVE), "diversity_coef")
         check_device(self)
 
 
@@ -174,6 +177,8 @@ def demo_stage_configs(config: DemoConfig, model_dir: str) -> dict:
     )
     if config.ppo_steps:
         ppo["steps"] = config.ppo_steps
+    if config.diversity_coef is not None:
+        ppo["diversity_coef"] = config.diversity_coef
     return {
         "reward": RewardConfig(
             **dict(

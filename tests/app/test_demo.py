@@ -65,3 +65,15 @@ def test_demo_passes_resume_and_gradient_checkpointing_to_its_stages(tmp_path):
     config = DemoConfig(preset="cpu", output_dir=str(tmp_path), gradient_checkpointing=True)
     forced = demo_stage_configs(config, "some-model")
     assert forced["sft"].gradient_checkpointing and forced["ppo"].ppo.gradient_checkpointing
+
+
+def test_demo_overrides_the_presets_steps_and_diversity_penalty(tmp_path):
+    base = demo_stage_configs(DemoConfig(preset="cpu", output_dir=str(tmp_path)), "some-model")["ppo"]
+    config = DemoConfig(preset="cpu", output_dir=str(tmp_path), ppo_steps=90, diversity_coef=1.0)
+    ppo = demo_stage_configs(config, "some-model")["ppo"]
+    assert (ppo.steps, ppo.diversity_coef) == (90, 1.0)
+    assert ppo.ppo == base.ppo and ppo.lora == base.lora  # nothing else moved
+    zero = DemoConfig(preset="cpu", output_dir=str(tmp_path), diversity_coef=0.0)
+    assert demo_stage_configs(zero, "some-model")["ppo"].diversity_coef == 0.0
+    with pytest.raises(ValueError, match="diversity_coef must be None or a number >= 0, got -1.0"):
+        DemoConfig(diversity_coef=-1.0)
