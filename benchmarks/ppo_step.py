@@ -436,8 +436,8 @@ def main(argv=None) -> int:
         choices=sorted(WORK),
         default="bench",
         help='work per step: "bench" (batch 16, mini-batch 4, 4 epochs, 24 new tokens) or "demo" '
-        "(the demo preset's: batch 16, mini-batch 8, 2 epochs, 16 new tokens, its learning rate, no "
-        "gradient checkpointing)",
+        "(read from the `cpu` demo preset: its batch, mini-batch, epochs, longest response, learning "
+        "rate, PPO adapter size and gradient checkpointing)",
     )
     p.add_argument("--no-peer", action="store_true", help="minippo only (e.g. a GPU machine without trl)")
     p.add_argument(
