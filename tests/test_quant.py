@@ -173,17 +173,23 @@ def test_bf16_input_gradient_follows_the_cpu(tokenizer, monkeypatch):
             dtypes = {m.grad_dtype for m in int8_layers(model).values()}
             assert dtypes == {torch.bfloat16 if native and int8_path else None}
     grads = {}
-    for dtype in (None, torch.bfloat16):
+    for dtype, checkpointing in ((None, False), (torch.bfloat16, False), (torch.bfloat16, True)):
         torch.manual_seed(0)
-        model = prepare_model_for_kbit_training(quantize_model(tiny_model("llama", len(tokenizer))))
+        model = quantize_model(tiny_model("llama", len(tokenizer)))
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
         add_lora(model, LoRAConfig(r=4, alpha=8))
         for layer in int8_layers(model).values():
             layer.int8_path, layer.grad_dtype = True, dtype
+        model.train()
         ids = torch.arange(3, 19).view(2, 8)
         model(input_ids=ids, labels=ids).loss.backward()
-        grads[dtype] = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
-    cosine = torch.nn.functional.cosine_similarity(grads[None], grads[torch.bfloat16], dim=0)
-    assert grads[None].abs().sum() > 0 and cosine > 0.999
+        grads[dtype, checkpointing] = torch.cat(
+            [p.grad.flatten() for p in model.parameters() if p.requires_grad]
+        )
+    reference = grads.pop((None, False))
+    assert reference.abs().sum() > 0
+    for grad in grads.values():  # the bf16 gradient, and again with the layers recomputed in backward
+        assert torch.nn.functional.cosine_similarity(reference, grad, dim=0) > 0.999
 
 
 def test_prepare_freezes_upcasts_and_returns_fp32_logits(tokenizer, batch):

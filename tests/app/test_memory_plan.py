@@ -138,9 +138,6 @@ def test_int8_weight_bytes_match_the_footprint(hidden, vocab):
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_nf4_weight_bytes_match_the_footprint(hidden, vocab, double_quant):
     """4-bit NF4 layers (bitsandbytes Linear4bit), the rest fp32: the planner within 1%."""
-    from minippo.app.memory_plan import model_footprint_bytes
-    from minippo.quant import quantize_model
-
     model = quantize_model(build("gpt_neox", hidden=hidden, vocab=vocab), bits=4, double_quant=double_quant)
     plan = plan_for(model, quant="4bit", double_quant=double_quant, compute_dtype="fp32")
     assert close(plan.parts["weights"], model_footprint_bytes(model), tol=0.01)
