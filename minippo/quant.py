@@ -41,7 +41,7 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def cpu_bf16_is_native() -> bool:
-    """AVX512_BF16 or AMX (torch's capability report): bf16 matmuls 3-4x fp32's; elsewhere 5-50x slower."""
+    """AVX512_BF16 or AMX (torch's capability report); elsewhere bf16 matmuls run slower than fp32."""
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
@@ -310,7 +310,7 @@ def keep_8bit_layers_in_eval(model: nn.Module, int8_path: bool | None = None) ->
     ``int8_path=True``: eval mode, the int8 matmul with outliers that CUDA runs.  ``False``: the CPU
     train-mode path, a float matmul on the dequantised weight (stored int8, activations unquantised).
     ``None``: the int8 path where `int8_matmul_is_native`.  On a CPU where bf16 is native the int8
-    path's input gradient runs in bf16 (``grad_dtype``: the demo's PPO step 1.2x faster; None: fp32)."""
+    path's input gradient runs in bf16 (``grad_dtype``, faster there; None: bitsandbytes' fp32)."""
     for module in model.modules():
         if type(module) is bnb.nn.Linear8bitLt:
             module.__class__ = _EvalPinnedLinear8bitLt
