@@ -160,7 +160,6 @@ def test_auto_compute_dtype_follows_the_hardware(tokenizer, monkeypatch):
     model = lora_model("llama", tokenizer)
     for native, want in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
         assert quant.auto_compute_dtype("cpu", model) == want
         assert PPOTrainer(small_config(compute_dtype="auto"), model, tokenizer).compute_dtype == want
     # an 8-bit model on a CPU: float32 even where bf16 is native
@@ -174,8 +173,7 @@ def test_auto_storage_dtype_is_the_compute_dtype_and_trains(tokenizer, tiny_mode
     step runs on the bfloat16-stored model and moves its adapters."""
     from minippo.quant import load_model
 
-    folder = tiny_model_dir
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    folder = tiny_model_dir  # (conftest: no AMX, no native bf16 unless switched on here)
     for native, want in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
         assert load_model(folder, dtype="auto").lm_head.weight.dtype == want

@@ -166,7 +166,7 @@ def test_int8_input_gradient_in_bf16(tokenizer):
 def test_bf16_input_gradient_follows_the_cpu(tokenizer, monkeypatch):
     """bf16 input gradients on the int8 path where the CPU runs bf16 natively; LoRA still learns."""
     for native in (True, False):
-        monkeypatch.setattr(quant, "cpu_bf16_is_native", lambda native=native: native)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
         model = quantize_model(tiny_model("llama", len(tokenizer)))
         for int8_path in (True, False):
             keep_8bit_layers_in_eval(model, int8_path=int8_path)
