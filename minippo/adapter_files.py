@@ -48,7 +48,6 @@ def adapter_config_dict(model: nn.Module, base_model_name_or_path: str | None = 
     config = getattr(lm, "lora_config", None) or getattr(model, "lora_config", None)  # None: layers by hand
     targets = config.target_modules if config else sorted({n.rsplit(".", 1)[-1] for n, _ in lora_layers(lm)})
     dropout = config.dropout if config else getattr(first.lora_dropout, "p", 0.0)
-    gaussian = config is not None and config.init == "gaussian"
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -64,7 +63,7 @@ def adapter_config_dict(model: nn.Module, base_model_name_or_path: str | None = 
         "use_rslora": first.use_rslora,
         "use_dora": False,
         "modules_to_save": None,
-        "init_lora_weights": "gaussian" if gaussian else True,
+        "init_lora_weights": "gaussian" if config and config.init == "gaussian" else True,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},
@@ -93,14 +92,13 @@ def _config_from_peft(cfg: dict, where: str) -> LoRAConfig:
     bad += [k for k, off in (("bias", "none"), ("layers_to_transform", None)) if cfg.get(k, off) != off]
     if bad:
         raise ValueError(f"{where}: adapter uses {bad}, which minippo's LoRA does not support")
-    init = cfg.get("init_lora_weights", True)
     return LoRAConfig(
         r=int(cfg["r"]),
         alpha=cfg.get("lora_alpha", 8),
         dropout=float(cfg.get("lora_dropout", 0.0)),
         target_modules=cfg.get("target_modules"),
         use_rslora=bool(cfg.get("use_rslora", False)),
-        init="gaussian" if init == "gaussian" else "default",
+        init="gaussian" if cfg.get("init_lora_weights") == "gaussian" else "default",
     )
 
 
@@ -109,10 +107,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, check_base: boo
 
     A model without LoRA layers gets them (`add_lora` with the file's config); one with must match its
     rank and scaling.  A different base name (unless `check_base=False`), keys or shapes raise a
-    ValueError naming what differs, and change nothing.
-    """
-    directory = os.fspath(directory)
-    lm = _unwrap(model)
+    ValueError naming what differs, and change nothing."""
+    directory, lm = os.fspath(directory), _unwrap(model)
     cfg, config, tensors = read_adapter(directory)
     saved, ours = cfg.get("base_model_name_or_path"), _base_name(lm)
     if check_base:  # 1. same base?
@@ -132,8 +128,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, check_base: boo
 
 def read_adapter(directory: str) -> tuple[dict, LoRAConfig, dict[str, torch.Tensor]]:
     """(adapter_config.json as a dict, its LoRAConfig, tensors keyed `<module path>.lora_A.weight`)."""
-    config_path = os.path.join(directory, ADAPTER_CONFIG)
-    weights_path = os.path.join(directory, ADAPTER_WEIGHTS)
+    config_path, weights_path = (os.path.join(directory, name) for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
     for path in (config_path, weights_path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {os.path.basename(path)} in {directory}: not a saved adapter")
@@ -162,16 +157,14 @@ def _check_base(saved: str | None, ours: str | None, directory: str) -> None:
 def _expected_shapes(lm: nn.Module, config: LoRAConfig, directory: str) -> dict[str, tuple[int, int]]:
     """Key -> shape, from the model's LoRA layers, else from the layers add_lora would wrap."""
     existing = dict(lora_layers(lm))
-    if existing:
-        for name, layer in existing.items():
-            if layer.r != config.r or not math.isclose(layer.scaling, config.scaling):
-                raise ValueError(
-                    f"adapter in {directory} has r={config.r}, scaling={config.scaling:g}, but the model's "
-                    f"LoRA layer {name} has r={layer.r}, scaling={layer.scaling:g}"
-                )
-        dims = {name: (layer.in_features, layer.out_features) for name, layer in existing.items()}
-    else:
-        dims = {name: layer_dims(m) for name, m in find_targets(lm, config)}
+    for name, layer in existing.items():
+        if layer.r != config.r or not math.isclose(layer.scaling, config.scaling):
+            raise ValueError(
+                f"adapter in {directory} has r={config.r}, scaling={config.scaling:g}, but the model's "
+                f"LoRA layer {name} has r={layer.r}, scaling={layer.scaling:g}"
+            )
+    dims = {name: (layer.in_features, layer.out_features) for name, layer in existing.items()}
+    dims = dims or {name: layer_dims(m) for name, m in find_targets(lm, config)}
     expected = {f"{name}.lora_A.weight": (config.r, i) for name, (i, _) in dims.items()}
     return expected | {f"{name}.lora_B.weight": (o, config.r) for name, (_, o) in dims.items()}
 
@@ -187,7 +180,6 @@ def _check_tensors(tensors: dict, expected: dict, directory: str, saved_base, ou
         ],
         "tensor(s) not floating point": sorted(k for k, v in tensors.items() if not v.is_floating_point()),
     }
-    lines = [f"  {len(found)} {what}, e.g. {found[:3]}" for what, found in problems.items() if found]
-    if lines:
+    if lines := [f"  {len(found)} {what}, e.g. {found[:3]}" for what, found in problems.items() if found]:
         head = f"adapter in {directory} does not fit this model (base {saved_base!r} vs {ours!r}):"
         raise ValueError("\n".join([head, *lines]))

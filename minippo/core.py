@@ -52,8 +52,7 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
 def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     """Variance of ``x`` where ``mask`` is 1; a scalar.  ``unbiased=True`` (as trl and lm-human-preferences)
     applies Bessel's correction n / (n - 1), skipped for a single element (variance 0)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)  # biased: divides by n
+    var = masked_mean((x - masked_mean(x, mask)) ** 2, mask)  # biased: divides by n
     if unbiased:
         n = mask.to(x.dtype).sum()
         var = var * n / (n - 1).clamp(min=1)

@@ -18,7 +18,6 @@ import logging
 import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import bitsandbytes as bnb
 import torch
@@ -42,7 +41,7 @@ INITS = ("default", "gaussian")
 _PLAIN_NAMES = re.compile(r"[\w.]+(\s*,\s*[\w.]+)*")
 
 
-@dataclass
+@dataclasses.dataclass
 class LoRAConfig:
     """Where and how to add LoRA adapters (`add_lora`)."""
 
@@ -122,8 +121,7 @@ class LoRALayer(nn.Module):
 
     `base_layer` is only ever called.  `lora_A` (in -> r) and `lora_B` (r -> out) are bias-free fp32
     nn.Linear, so state dict keys are peft's (`<path>.lora_A.weight`).  The adapter runs in fp32, also
-    under autocast, cast to the base output's dtype; `disabled` makes the layer its base.
-    """
+    under autocast, cast to the base output's dtype; `disabled` makes the layer its base."""
 
     def __init__(
         self, base_layer: nn.Module, r: int, alpha: float, dropout=0.0, use_rslora=False, init="default"
@@ -250,19 +248,16 @@ def add_lora(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
     if next(lora_layers(model), None) is not None:
         raise ValueError("the model already has LoRA layers: add_lora once per model (merge_lora to stack)")
     found = find_targets(model, config)
-    too_small = [(n, layer_dims(m)) for n, m in found if config.r > min(layer_dims(m))]
-    if too_small:
+    if too_small := [(n, layer_dims(m)) for n, m in found if config.r > min(layer_dims(m))]:
         name, (i, o) = too_small[0]
         raise ValueError(
             f"LoRA rank r={config.r} exceeds min(in, out) of {len(too_small)} target layer(s), e.g. "
             f"{name} with (in, out) = ({i}, {o}); choose r <= {min(min(d) for _, d in too_small)}"
         )
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     for name, module in found:
         layer = LoRALayer(module, config.r, config.alpha, config.dropout, config.use_rslora, config.init)
-        layer.train(module.training)
-        model.set_submodule(name, layer)
+        model.set_submodule(name, layer.train(module.training))
     pin_kbit_layers(model)
     resolved = resolve_target_modules(model, config)
     if resolved == "all-linear":  # saved as the names it expanded to, as peft does
@@ -332,9 +327,8 @@ def _strip_markers(model: nn.Module) -> None:
             vars(target).pop(attr, None)
         if getattr(target, "hf_quantizer", None) is not None:
             target.hf_quantizer = None
-        config = getattr(target, "config", None)
-        if config is not None and hasattr(config, "quantization_config"):
-            delattr(config, "quantization_config")
+        if hasattr(getattr(target, "config", None), "quantization_config"):
+            delattr(target.config, "quantization_config")
 
 
 def merge_lora(model: nn.Module, dtype: torch.dtype | str = torch.float32) -> nn.Module:
@@ -342,8 +336,7 @@ def merge_lora(model: nn.Module, dtype: torch.dtype | str = torch.float32) -> nn
 
     Each LoRALayer becomes an nn.Linear (Conv1D where the base came from one) holding W' in `dtype`, and
     other k-bit layers are dequantised too; k-bit markers go, so `save_pretrained` writes a float model.
-    The base's quantisation error is kept (8-bit: without activation quantisation).  Only explicit.
-    """
+    The base's quantisation error is kept (8-bit: without activation quantisation).  Only explicit."""
     dtype = resolve_dtype(dtype)
     with torch.no_grad():
         for name, layer in list(lora_layers(model)):

@@ -234,16 +234,13 @@ class PolicyWithValueHead(nn.Module):
         hidden, _ = self._hidden(input_ids, attention_mask, positions)  # (B, L, H)
         if response_length is not None:
             hidden = hidden[:, -response_length - 1 : -1]  # (B, T, H)
-        logits = self.logits_from_hidden(hidden, temperature)
         values = self.value_head(hidden) if with_values else None
-        return logits, values
+        return self.logits_from_hidden(hidden, temperature), values
 
-    def _hidden(self, ids, mask, positions, use_cache=False, cache=None):
+    def _hidden(self, ids, mask, pos, use_cache=False, cache=None):
         """The backbone's last hidden state (B, L, H) and, with ``use_cache``, its updated KV cache."""
         kv = {self._cache_arg: cache} if use_cache else {}
-        out = self.backbone(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=use_cache, **kv
-        )
+        out = self.backbone(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=use_cache, **kv)
         return out.last_hidden_state, getattr(out, self._cache_arg) if use_cache else None
 
     # -- sampling -------------------------------------------------------------------------------
@@ -270,13 +267,12 @@ class PolicyWithValueHead(nn.Module):
             raise ValueError("generate() needs at least one query")
         if any(q.dim() != 1 or len(q) == 0 for q in queries):
             raise ValueError("each query must be a non-empty 1-D tensor of token ids")
-        if not 1 <= min_new_tokens <= max_new_tokens:
-            raise ValueError(
-                f"need 1 <= min_new_tokens <= max_new_tokens, got {min_new_tokens}, {max_new_tokens}"
-            )
+        lo, hi = min_new_tokens, max_new_tokens
+        if not 1 <= lo <= hi:
+            raise ValueError(f"need 1 <= min_new_tokens <= max_new_tokens, got {lo}, {hi}")
         if stop_at_eos and eos_token_id is None:
             raise ValueError("stop_at_eos=True needs an eos_token_id")
-        lengths = torch.randint(min_new_tokens, max_new_tokens + 1, (len(queries),))
+        lengths = torch.randint(lo, hi + 1, (len(queries),))
         n, eos = batch_size or len(queries), eos_token_id if stop_at_eos else None
         chunks = [(queries[i : i + n], lengths[i : i + n]) for i in range(0, len(queries), n)]
         parts = [self._sample(q, k, pad_token_id, eos, temperature) for q, k in chunks]

@@ -140,9 +140,8 @@ class PPOConfig:
         fields(self, checks.one_of(*core.KL_ESTIMATORS), "kl_penalty")
         fields(self, checks.optional(checks.POSITIVE), "max_grad_norm", "score_clip")
         fields(self, checks.optional(checks.POSITIVE_INT), "generation_batch_size")
-        check(
-            self, self.use_score_scaling or not self.use_score_norm, "use_score_norm needs use_score_scaling"
-        )
+        norm, scaling = self.use_score_norm, self.use_score_scaling
+        check(self, scaling or not norm, "use_score_norm needs use_score_scaling")
         dtypes = checks.one_of("auto", "float32", "fp32", "bfloat16", "bf16")[0]
         no_fp16 = "auto, float32 or bfloat16 (float16 would need loss scaling, which minippo does not do)"
         fields(self, (dtypes, no_fp16), "compute_dtype")
@@ -162,8 +161,7 @@ class PPOTrainer:
     ``tokenizer`` (optional) gives the pad and EOS ids; without a pad token EOS pads (harmless: masks
     come from lengths). ``optimizer`` defaults to AdamW over the trainable parameters; ``lr_scheduler``
     (optional) is stepped once per `step`, as in trl. The policy stays in eval mode: PPO runs with
-    dropout off, so the first minibatch of every step sees exactly the rollout policy (ratio 1).
-    """
+    dropout off, so the first minibatch of every step sees exactly the rollout policy (ratio 1)."""
 
     def __init__(
         self, config: PPOConfig, model: nn.Module, tokenizer=None, optimizer=None, lr_scheduler=None
@@ -351,9 +349,7 @@ class PPOTrainer:
     def _check_inputs(self, queries, responses, scores) -> Tensor:
         """Raise a ValueError naming the problem; return the scores as a (B,) float32 tensor."""
         if not isinstance(queries, (list, tuple)) or not isinstance(responses, (list, tuple)):
-            raise ValueError(
-                "queries and responses must be lists of 1-D token tensors (as generate() returns)"
-            )
+            raise ValueError("queries and responses must be lists of 1-D token tensors (generate()'s output)")
         try:
             listed = scores if isinstance(scores, Tensor) else [float(s) for s in scores]
             scores = torch.as_tensor(listed).detach().float().reshape(-1).cpu()
@@ -417,10 +413,8 @@ class PPOTrainer:
             if with_values:
                 values[index, :t] = v
                 entropy[index, :t] = core.entropy_from_logits(logits)
-        mask = batch.response_mask
-        if not with_values:
-            return logprobs * mask, None, None
-        return logprobs * mask, values * mask, entropy * mask
+        logprobs, values, entropy = (x * batch.response_mask for x in (logprobs, values, entropy))
+        return (logprobs, values, entropy) if with_values else (logprobs, None, None)
 
     def _apply_update(self, stats: dict[str, Tensor]) -> str:
         """Step the optimiser on the minibatch's gradients and return "update"; or "skip" for a non-finite
@@ -438,9 +432,8 @@ class PPOTrainer:
         if stop:
             return "stop"
         if skip:
-            logger.warning(
-                "PPO: %s; skipping this update, adapters unchanged", problem or "a guard on another process"
-            )
+            why = problem or "a guard on another process"
+            logger.warning("PPO: %s; skipping this update, adapters unchanged", why)
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -472,8 +465,7 @@ class PPOTrainer:
                 totals[k] = totals.get(k, 0.0) + v.detach() * weight
         distributed.all_reduce_grads(self.trainable, "sum")  # before clipping: clip the global gradient
         totals = dict(zip(totals, distributed.all_reduce(torch.stack(list(totals.values())))))
-        max_norm = config.max_grad_norm if config.max_grad_norm is not None else float("inf")
-        totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+        totals["grad_norm"] = nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm or float("inf"))
         return totals
 
     def _step_stats(self, buffer, raw_scores, kl, kl_coef, entropy, records, outcomes) -> dict[str, float]:
@@ -513,10 +505,9 @@ class PPOTrainer:
     # -- checkpoints ----------------------------------------------------------------------------
 
     def save(self, directory: str | os.PathLike) -> str:
-        """Write a checkpoint from which `load` continues exactly: adapter (peft layout), value head,
-        optimiser, LR scheduler, RNG states and trainer state (step, KL coefficient, score moments,
-        config). It is written beside ``directory`` and swapped in by renames (`atomic_directory`): an
-        interrupted save leaves the previous checkpoint intact. Returns the directory."""
+        """Write a checkpoint from which `load` continues exactly (adapter in peft's layout, value head,
+        optimiser, LR scheduler, RNG states, trainer state: step, KL coefficient, score moments, config)
+        via `atomic_directory`, so an interrupted save leaves the previous one intact; returns its path."""
         with atomic_directory(directory) as tmp:
             self.policy.save_pretrained(tmp)
             torch.save(self.optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_STATE))
@@ -613,9 +604,8 @@ def check_config(saved: dict, current: dict, allowed: Sequence[str], what: str) 
             + f"\nUse the checkpoint's values (only {', '.join(allowed)} may change)."
         )
     if lines:
-        logger.warning(
-            "%s: resuming with changed settings (the new values apply): %s", what, "; ".join(lines.values())
-        )
+        changed = "; ".join(lines.values())
+        logger.warning("%s: resuming with changed settings (the new values apply): %s", what, changed)
 
 
 @contextlib.contextmanager

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import Generator, Tensor
 
 
-@dataclass
+@dataclasses.dataclass
 class RolloutBuffer:
     """One batch of B (query, response) samples with their log-probabilities, values and targets.
 
@@ -27,9 +26,8 @@ class RolloutBuffer:
     rewards (B, T): per-token rewards (KL penalty, plus the score at the last token).
     advantages (B, T): GAE advantages (whitened); returns (B, T): value targets.
 
-    Each PPO epoch visits the samples in a random order (`epoch_order`), drawn once and kept. The rollout
-    forward runs on the first epoch's micro-batches: the first minibatch recomputes it bit for bit (ratio 1).
-    """
+    Each PPO epoch visits the samples in its random `epoch_order`, drawn once and kept; the rollout forward
+    runs on the first epoch's micro-batches, so the first minibatch recomputes it bit for bit (ratio 1)."""
 
     query_ids: Tensor
     query_mask: Tensor

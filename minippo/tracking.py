@@ -4,7 +4,6 @@ The trainer logs each step's stats through one `Tracker` on rank 0; the metrics 
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 
 TRACKERS = ("tensorboard", "wandb", "trackio")
@@ -13,9 +12,7 @@ TRACKERS = ("tensorboard", "wandb", "trackio")
 def check_installed(name: str) -> None:
     """Raise an ImportError naming the package to install when tracker ``name`` cannot be imported."""
     if importlib.util.find_spec(name) is None:
-        raise ImportError(
-            f'log_with="{name}" needs the {name} package, which is not installed: pip install {name}'
-        )
+        raise ImportError(f'log_with="{name}" needs the {name} package (not installed): pip install {name}')
 
 
 class Tracker:
