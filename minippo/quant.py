@@ -119,19 +119,15 @@ def dequantize_4bit(layer: bnb.nn.Linear4bit) -> torch.Tensor:
 def check_4bit_support(device: torch.device | str = "cpu") -> None:
     """ValueError naming the fix unless this bitsandbytes runs 4-bit on `device` (probed on one block)."""
     device = torch.device(device)
-    fix = (
-        "upgrade bitsandbytes (0.48 and later run 4-bit on a CPU; CUDA GPUs for longer), use "
-        "another device, or load the base in 8-bit (load_in_8bit=True, --quant 8bit)"
-    )
-    if not hasattr(bnb.nn, "Linear4bit"):
-        raise ValueError(f"bitsandbytes {bnb.__version__} has no Linear4bit: {fix}")
     try:
         probe = torch.linspace(-1, 1, 64, device=device)
         bnb.functional.dequantize_4bit(*bnb.functional.quantize_4bit(probe, quant_type="nf4"))
     except Exception as err:  # noqa: BLE001 - any failure means: no 4-bit here
         raise ValueError(
             f"bitsandbytes {bnb.__version__} cannot run 4-bit (NF4/FP4) layers on device {device.type!r} "
-            f"({type(err).__name__}: {err}); {fix}"
+            f"({type(err).__name__}: {err}); upgrade bitsandbytes (0.48 and later run 4-bit on a CPU; "
+            "CUDA GPUs for longer), use another device, or load the base in 8-bit (load_in_8bit=True, "
+            "--quant 8bit)"
         ) from None
 
 
@@ -221,7 +217,8 @@ def load_model(
     """Load a Hugging Face causal LM in eval mode, optionally with its Linear layers in 8-bit or 4-bit.
 
     Float parameters get `dtype` ("auto": what `auto_compute_dtype` picks, so that the frozen float
-    parts are stored in the dtype their matmuls run in); the k-bit options are `quantize_model`'s.
+    parts are stored in the dtype their matmuls run in, and an 8-bit model's embeddings in bf16 on a
+    CPU with native bf16: `store_embeddings_in`); the k-bit options are `quantize_model`'s.
     transformers' `BitsAndBytesConfig` path is tried first; if it fails here or leaves no k-bit layer,
     a float load is quantised by `quantize_model`.  Extra keyword arguments go to `from_pretrained`.
     """
@@ -231,62 +228,100 @@ def load_model(
     if load_in_8bit and load_in_4bit:
         raise ValueError("load_in_8bit and load_in_4bit are exclusive: choose one (or neither, for float)")
     bits = 4 if load_in_4bit else 8 if load_in_8bit else 0
-    device = torch.device(device)
-    dtype = auto_compute_dtype(device, eight_bit=bits == 8) if dtype == "auto" else dtype
+    device, auto = torch.device(device), dtype == "auto"
+    dtype = auto_compute_dtype(device, eight_bit=bits == 8) if auto else dtype
     # transformers >= 4.56 calls the argument `dtype`; older versions `torch_dtype`.
     dtype_kw = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-    kwargs = {dtype_kw: resolve_dtype(dtype), **from_pretrained_kwargs}
+    kwargs, model = {dtype_kw: resolve_dtype(dtype), **from_pretrained_kwargs}, None
     if bits == 4:
         compute_dtype = _check_quant_args(bits, quant_type, device, compute_dtype)
     if bits:
         try:
-            if bits == 4:
-                bnb_config = transformers.BitsAndBytesConfig(
-                    load_in_4bit=True,
-                    bnb_4bit_quant_type=quant_type,
-                    bnb_4bit_use_double_quant=double_quant,
-                    bnb_4bit_compute_dtype=compute_dtype,
-                )
-            else:
-                bnb_config = transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=threshold)
+            four = dict(
+                load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=compute_dtype
+            )
+            eight = dict(load_in_8bit=True, llm_int8_threshold=threshold)
+            four["bnb_4bit_use_double_quant"] = double_quant
+            bnb_config = transformers.BitsAndBytesConfig(**(four if bits == 4 else eight))
             target = str(device)  # device_map wants "cpu" or a CUDA index
             if device.type == "cuda":
                 target = device.index if device.index is not None else torch.cuda.current_device()
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 name_or_path, quantization_config=bnb_config, device_map={"": target}, **kwargs
             )
-            if (is_4bit if bits == 4 else is_8bit)(model):
-                return keep_4bit_layers_unpacked(model).eval()
-            logger.warning("transformers' %d-bit load left no %d-bit layer; quantising ourselves", bits, bits)
+            if not (is_4bit if bits == 4 else is_8bit)(model):
+                logger.warning(
+                    "transformers' %d-bit load left no %d-bit layer; quantising ourselves", bits, bits
+                )
+                model = None
         except Exception as err:  # noqa: BLE001 - any failure here has a working fallback
             logger.warning("transformers' %d-bit load failed (%s); quantising ourselves", bits, err)
-    model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-    if bits:
-        options = {"quant_type": quant_type, "double_quant": double_quant, "compute_dtype": compute_dtype}
-        quantize_model(model, threshold=threshold, device=device, bits=bits, **options)
-    return model.to(device).eval()
+    if model is None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        if bits:
+            options = {"quant_type": quant_type, "double_quant": double_quant, "compute_dtype": compute_dtype}
+            quantize_model(model, threshold=threshold, device=device, bits=bits, **options)
+        model = model.to(device)
+    if auto and bits == 8 and device.type == "cpu" and cpu_bf16_is_native():
+        store_embeddings_in(model, torch.bfloat16)
+    return keep_4bit_layers_unpacked(model).eval()
+
+
+def store_embeddings_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Store the frozen input and output embeddings (one matrix where tied) in `dtype`, in place; the hidden
+    states keep theirs (lookups and logits cast back, the LM head's input to `dtype`).  `load_model`
+    ("auto") does so for an 8-bit model on a CPU with native bf16, where a bf16 LM head is ~4x faster."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    hidden = getattr(emb, "_minippo_hidden_dtype", emb.weight.dtype)
+    for module in [m for m in (emb, head) if m is not None]:
+        for p in module.parameters(recurse=False):
+            p.data, p._minippo_stored = p.data.to(dtype), True  # prepare_model_for_kbit_training keeps it
+        if getattr(module, "_minippo_hidden_dtype", None) is None:
+            module._minippo_hidden_dtype = hidden
+            module.register_forward_hook(lambda m, args, out: out.to(m._minippo_hidden_dtype))
+            if module is head:
+                module.register_forward_pre_hook(lambda m, args: (args[0].to(m.weight.dtype), *args[1:]))
+    return model
 
 
 # -- preparing for training --------------------------------------------------------------------
 
 
-class _Int8InputGrad(torch.autograd.Function):
-    """bitsandbytes' int8 forward; the input gradient ``grad @ (SCB / 127 * CB)`` as one matmul in
-    ``layer.grad_dtype`` (CB is exact in bf16: only the scaled gradient is rounded, as in CUDA's fp16)."""
+def int8_linear(x: torch.Tensor, layer: bnb.nn.Linear8bitLt) -> torch.Tensor:
+    """LLM.int8() as bitsandbytes' CPU path computes it, but in float32 (not float16) and scaled in place:
+    outlier columns (|x| >= threshold anywhere) through a float matmul on their dequantised weight
+    columns, the rest of each row of x as int8 (its absmax -> 127) through bitsandbytes' int8 GEMM."""
+    (CB, SCB), threshold = int8_weight_and_scales(layer), layer.state.threshold or float("inf")
+    a = x.reshape(-1, x.shape[-1]).float()  # (N, in)
+    big = (absa := a.abs()) >= threshold
+    cols = big.any(0).nonzero()[:, 0]  # (k,) outlier columns
+    scale = absa.masked_fill_(big, 0).amax(1, keepdim=True).clamp_(min=1e-8)  # (N, 1)
+    CA = (a * (127 / scale)).round_().index_fill_(1, cols, 0).to(torch.int8)  # (N, in)
+    out = torch.ops.bitsandbytes.int8_linear_matmul(CA, CB).float().mul_(scale / 127**2).mul_(SCB)
+    if len(cols):
+        out.addmm_(a[:, cols], (CB[:, cols].float() * (SCB[:, None] / 127)).t())  # (N, out)
+    out = out if layer.bias is None else out.add_(layer.bias)
+    return out.view(*x.shape[:-1], -1).to(x.dtype)
+
+
+class _Int8Linear(torch.autograd.Function):
+    """`int8_linear`; the input gradient ``grad @ (SCB / 127 * CB)`` as one matmul in ``layer.grad_dtype``
+    (None: the gradient's; CB is exact in bf16: only the scaled gradient is rounded, as CUDA's fp16)."""
 
     @staticmethod
     def forward(ctx, x, layer):
         ctx.layer = layer
-        return bnb.nn.Linear8bitLt.forward(layer, x)
+        return int8_linear(x, layer)
 
     @staticmethod
     def backward(ctx, grad):
-        (CB, SCB), dtype = int8_weight_and_scales(ctx.layer), ctx.layer.grad_dtype
+        (CB, SCB), dtype = int8_weight_and_scales(ctx.layer), ctx.layer.grad_dtype or grad.dtype
         return ((grad * (SCB / 127)).to(dtype) @ CB.to(dtype)).to(grad.dtype), None  # (..., in)
 
 
 class _EvalPinnedLinear8bitLt(bnb.nn.Linear8bitLt):
-    """A frozen Linear8bitLt whose `train()` keeps its pinned mode (`int8_path`); `grad_dtype`: see above."""
+    """A frozen Linear8bitLt whose `train()` keeps its pinned mode (`int8_path`); on a CPU the int8 path
+    is `int8_linear`, its input gradient in `grad_dtype` (above); on CUDA bitsandbytes' own kernels."""
 
     int8_path, grad_dtype = True, None
 
@@ -294,8 +329,8 @@ class _EvalPinnedLinear8bitLt(bnb.nn.Linear8bitLt):
         return super().train(not self.int8_path)
 
     def forward(self, x):
-        if self.int8_path and self.grad_dtype and torch.is_grad_enabled() and x.requires_grad:
-            return _Int8InputGrad.apply(x, self)
+        if self.int8_path and x.device.type == "cpu":
+            return _Int8Linear.apply(x, self)
         return super().forward(x)
 
 
@@ -307,10 +342,9 @@ def int8_matmul_is_native(device: torch.device | str) -> bool:
 
 def keep_8bit_layers_in_eval(model: nn.Module, int8_path: bool | None = None) -> nn.Module:
     """Pin every `Linear8bitLt` of `model` to one mode for good, whatever `model.train()` says, in place:
-    ``int8_path=True``: eval mode, the int8 matmul with outliers that CUDA runs.  ``False``: the CPU
-    train-mode path, a float matmul on the dequantised weight (stored int8, activations unquantised).
-    ``None``: the int8 path where `int8_matmul_is_native`.  On a CPU where bf16 is native the int8
-    path's input gradient runs in bf16 (``grad_dtype``, faster there; None: bitsandbytes' fp32)."""
+    ``int8_path=True``: the int8 matmul with outliers (`int8_linear` on a CPU, bitsandbytes' on CUDA).
+    ``False``: the CPU train-mode path, a float matmul on the dequantised weight.  ``None``: the int8
+    path where `int8_matmul_is_native`, its input gradient in bf16 where bf16 is (``grad_dtype``)."""
     for module in model.modules():
         if type(module) is bnb.nn.Linear8bitLt:
             module.__class__ = _EvalPinnedLinear8bitLt
@@ -340,13 +374,14 @@ def prepare_model_for_kbit_training(
     model: nn.Module, use_gradient_checkpointing: bool = False, use_reentrant: bool = True
 ) -> nn.Module:
     """Make a (k-bit) causal LM ready for adapter training, in place; returns it:
-    1. freeze all; 2. float params to fp32 (not packed 4-bit); 3. fp32 logits (output-embedding hook);
-    4. input embeddings' output requires grad, for re-entrant checkpointing; 5. optional gradient
-    checkpointing; 6. `pin_kbit_layers`.  Note: as peft's; the blog-era int8 version cast only norms.
-    """
+    1. freeze all; 2. float params to fp32 (not packed 4-bit, nor `store_embeddings_in`'s); 3. fp32
+    logits (output-embedding hook); 4. input embeddings' output requires grad, for re-entrant
+    checkpointing; 5. optional gradient checkpointing; 6. `pin_kbit_layers`.  As peft's (the
+    blog-era int8 version cast only norms)."""
     for p in model.parameters():
         p.requires_grad_(False)
-        if p.dtype in (torch.float16, torch.bfloat16) and not isinstance(p, bnb.nn.Params4bit):
+        kept = isinstance(p, bnb.nn.Params4bit) or getattr(p, "_minippo_stored", False)
+        if p.dtype in (torch.float16, torch.bfloat16) and not kept:
             p.data = p.data.float()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and not getattr(head, "_minippo_logits_fp32", False):

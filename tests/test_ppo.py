@@ -14,7 +14,7 @@ from minippo.core import kl_penalty
 from minippo.lora import LoRAConfig, add_lora, lora_state_dict
 from minippo.policy import PolicyWithValueHead
 from minippo.ppo import PPOConfig, PPOTrainer
-from minippo.quant import prepare_model_for_kbit_training, quantize_model
+from minippo.quant import prepare_model_for_kbit_training, quantize_model, store_embeddings_in
 
 PROMPTS = ["This movie", "A wonderful, moving picture with a", "Boring and", "The best film of"]
 
@@ -34,6 +34,8 @@ def lora_model(arch, tokenizer, int8=False, head_scale=1.0, seed=0, dtype=torch.
             model.get_output_embeddings().weight.mul_(head_scale)
     if int8:
         quantize_model(model)
+        if int8 == "bf16 embeddings":  # as load_model stores them on a CPU with native bf16
+            store_embeddings_in(model, torch.bfloat16)
         prepare_model_for_kbit_training(model)
     return add_lora(model, LoRAConfig(target_modules="all-linear"))
 
@@ -250,6 +252,7 @@ def test_tokenizer_without_pad_token(tokenizer, caplog):
         ("float32", False, torch.float32),
         ("bfloat16", False, torch.float32),
         ("float32", True, torch.float32),
+        ("float32", "bf16 embeddings", torch.float32),
         ("bfloat16", False, torch.bfloat16),  # a model stored in bf16
     ],
 )

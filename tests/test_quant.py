@@ -14,7 +14,8 @@ from transformers.pytorch_utils import Conv1D
 import minippo.quant as quant
 from minippo import LoRAConfig, add_lora, load_model, prepare_model_for_kbit_training, quantize_model
 from minippo.app.memory_plan import model_footprint_bytes
-from minippo.quant import dequantize_8bit, is_8bit, keep_8bit_layers_in_eval
+from minippo.policy import PolicyWithValueHead
+from minippo.quant import dequantize_8bit, is_8bit, keep_8bit_layers_in_eval, store_embeddings_in
 
 TEXTS = ["This movie was great, I loved the acting.", "Awful dialogue, a waste of time."]
 
@@ -143,6 +144,31 @@ def test_8bit_path_follows_the_cpu(tokenizer, batch, monkeypatch):
     assert errors[False] <= errors[True]  # the float matmul on int8 weights: no activation rounding
 
 
+def test_int8_linear_is_llm_int8_in_float32(tokenizer):
+    """minippo's CPU int8 forward: bitsandbytes' LLM.int8() (outlier columns in float, the rest int8 per
+    row) computed in float32: as close to the float matmul on the dequantised weight as bitsandbytes'
+    float16 version, and closer to it than to that matmul; any input rank; outlier columns exact."""
+    model = keep_8bit_layers_in_eval(quantize_model(tiny_model("llama", len(tokenizer))), int8_path=True)
+    torch.manual_seed(0)
+    for layer in int8_layers(model).values():
+        x = torch.randn(16, 5, layer.in_features)
+        x[1, 2, 3] = 9.0  # an outlier (threshold 6): column 3 goes through the float matmul
+        bias = 0 if layer.bias is None else layer.bias
+        exact = x @ dequantize_8bit(layer).t() + bias
+        ours, theirs = quant.int8_linear(x, layer), bnb.nn.Linear8bitLt.forward(layer, x)
+        assert ours.shape == exact.shape and ours.dtype == torch.float32
+        error, theirs_error = (ours - exact).abs().mean(), (theirs - exact).abs().mean()
+        assert 0 < error <= 1.02 * theirs_error and (ours - theirs).abs().mean() < theirs_error
+        assert torch.equal(layer(x), ours)  # the pinned layer's forward on a CPU
+        assert torch.equal(quant.int8_linear(x.view(80, -1), layer), ours.view(80, -1))
+        assert torch.equal(quant.int8_linear(x.view(4, 4, 5, -1), layer), ours.view(4, 4, 5, -1))
+        outliers = torch.zeros_like(x)
+        outliers[..., 3] = torch.linspace(-8, 8, 80).view(16, 5)
+        torch.testing.assert_close(
+            quant.int8_linear(outliers, layer), outliers @ dequantize_8bit(layer).t() + bias
+        )
+
+
 def test_int8_input_gradient_in_bf16(tokenizer):
     """grad_dtype bf16: the same forward bit for bit, the input gradient one bf16 matmul on the exact int8
     weight: within bf16 rounding of the fp32 gradient on the dequantised weight (bitsandbytes' own)."""
@@ -190,6 +216,47 @@ def test_bf16_input_gradient_follows_the_cpu(tokenizer, monkeypatch):
     assert reference.abs().sum() > 0
     for grad in grads.values():  # the bf16 gradient, and again with the layers recomputed in backward
         assert torch.nn.functional.cosine_similarity(reference, grad, dim=0) > 0.999
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])  # gpt2 ties its LM head, the others not
+def test_embeddings_stored_in_bf16_keep_the_hidden_states_float32(tokenizer, batch, arch):
+    """store_embeddings_in: bf16 embedding and LM head weights (still one matrix where tied), float32
+    hidden states and logits close to the float32 model's; idempotent; prepare keeps the bf16 storage;
+    LoRA gradients as with float32 embeddings; the logits are the policy's own (check_logits)."""
+    models, grads = {}, {}
+    for stored in (False, True):
+        model = quantize_model(tiny_model(arch, len(tokenizer)))
+        tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        if stored:
+            for _ in range(2):
+                store_embeddings_in(model, torch.bfloat16)
+        prepare_model_for_kbit_training(model)
+        add_lora(model, LoRAConfig(r=4, init="gaussian", target_modules="all-linear"))
+        models[stored] = model
+        out = model(**batch, labels=batch["input_ids"], output_hidden_states=True)
+        out.loss.backward()
+        grads[stored] = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+        assert out.logits.dtype == torch.float32 and out.hidden_states[0].dtype == torch.float32
+        assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+    assert tied == (arch == "gpt2")
+    for module in (models[True].get_input_embeddings(), models[True].get_output_embeddings()):
+        assert module.weight.dtype == torch.bfloat16
+    assert models[False].get_input_embeddings().weight.dtype == torch.float32
+    fp32, bf16 = logits(models[False], batch), logits(models[True], batch)
+    assert 0 < (bf16 - fp32).abs().max() < 2e-2 * fp32.abs().max()  # rounded weights, nothing else
+    assert torch.nn.functional.cosine_similarity(grads[False], grads[True], dim=0) > 0.999
+    PolicyWithValueHead(models[True]).check_logits(rtol=1e-6)  # minippo's logits are the model's own
+
+
+def test_load_model_stores_8bit_embeddings_in_bf16_where_native(tiny_model_dir, batch, monkeypatch):
+    """dtype="auto" + 8-bit: embeddings in bf16 on a CPU with native bf16 only; an explicit dtype is kept."""
+    for native in (False, True):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
+        auto = load_model(tiny_model_dir, load_in_8bit=True, dtype="auto")
+        assert auto.lm_head.weight.dtype == (torch.bfloat16 if native else torch.float32)
+        assert auto.model.norm.weight.dtype == torch.float32 and logits(auto, batch).dtype == torch.float32
+    assert load_model(tiny_model_dir, load_in_8bit=True).lm_head.weight.dtype == torch.float32
+    assert load_model(tiny_model_dir, dtype="auto").lm_head.weight.dtype == torch.bfloat16  # float model
 
 
 def test_prepare_freezes_upcasts_and_returns_fp32_logits(tokenizer, batch):
