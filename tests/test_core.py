@@ -50,6 +50,20 @@ def test_entropy_from_logits():
     torch.testing.assert_close(entropy_from_logits(uniform), torch.full((1, 1), math.log(8)))
 
 
+def test_logprobs_and_entropy_in_row_blocks_are_the_whole_tensors_numbers():
+    """On a CPU both reduce 8 rows at a time (cache-sized); each row is reduced alone, so the numbers and
+    the gradient are those of the whole tensor at once, bit for bit (21 rows: the last block short)."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 5000, requires_grad=True)
+    labels = torch.randint(0, 5000, (3, 7))
+    ours = logprobs_from_logits(logits, labels)
+    whole = logits.gather(-1, labels[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
+    assert torch.equal(ours, whole)
+    assert torch.equal(*(torch.autograd.grad(x.sum(), logits)[0] for x in (ours, whole)))
+    p = torch.softmax(logits, -1)
+    assert torch.equal(entropy_from_logits(logits), torch.logsumexp(logits, -1) - (p * logits).sum(-1))
+
+
 # -- masked statistics --------------------------------------------------------------------------
 
 
