@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import distributed
-from ..checks import NON_NEGATIVE, POSITIVE_INT, check, check_device, check_fields, optional
+from ..checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check, check_device, check_fields, optional
 from ..fileio import write_text
 from ..lora import LoRAConfig
 from ..ppo import PPOConfig
@@ -120,6 +120,8 @@ class DemoConfig:
     """Override the preset's PPO steps."""
     diversity_coef: float | None = None
     """Override the preset's `minippo ppo --diversity-coef` (a penalty on the bigrams a step repeats)."""
+    score_clip: float | None = None
+    """Override the preset's `PPOConfig.score_clip` (the reward logit's clip; README, "The demo's results")."""
     seed: int = 0
     """Seed of every stage."""
     quant: str = "8bit"
@@ -137,6 +139,7 @@ class DemoConfig:
         )
         check_fields(self, optional(POSITIVE_INT), "sft_steps", "ppo_steps")
         check_fields(self, optional(NON_NEGATIVE), "diversity_coef")
+        check_fields(self, optional(POSITIVE), "score_clip")
         check_device(self)
 
 
@@ -159,11 +162,12 @@ def demo_stage_configs(config: DemoConfig, model_dir: str) -> dict:
     )
     if config.sft_steps:
         sft["max_steps"] = config.sft_steps
-    ppo_config = PPOConfig(
-        **dict(
-            preset["ppo_config"], seed=config.seed, device=config.device, gradient_checkpointing=checkpointing
-        )
+    ppo_config = dict(
+        preset["ppo_config"], seed=config.seed, device=config.device, gradient_checkpointing=checkpointing
     )
+    if config.score_clip is not None:
+        ppo_config["score_clip"] = config.score_clip
+    ppo_config = PPOConfig(**ppo_config)
     ppo = dict(
         preset["ppo"],
         model=str(run / "merged"),

