@@ -36,7 +36,8 @@ def build_trainer(spec: Spec, info: dict):
     # "auto": the compute dtype compute_dtype="auto" picks here, and the frozen base stored in it
     auto = auto_compute_dtype(spec.device) if spec.dtype == "auto" else None
     weights = torch.bfloat16 if spec.dtype == "bf16-weights" or auto == torch.bfloat16 else torch.float32
-    weights = "auto" if int8 else weights  # as `minippo ppo`: float32, embeddings bf16 where that is native
+    if int8:  # as `minippo ppo`: float32, the embeddings in bf16 where that is native
+        weights = "auto"
     model = load_model(spec.model_dir, load_in_8bit=int8, load_in_4bit=nf4, dtype=weights, device=spec.device)
     if int8 or nf4:
         prepare_model_for_kbit_training(model)

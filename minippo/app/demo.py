@@ -162,12 +162,12 @@ def demo_stage_configs(config: DemoConfig, model_dir: str) -> dict:
     )
     if config.sft_steps:
         sft["max_steps"] = config.sft_steps
-    ppo_config = dict(
+    settings = dict(
         preset["ppo_config"], seed=config.seed, device=config.device, gradient_checkpointing=checkpointing
     )
     if config.score_clip is not None:
-        ppo_config["score_clip"] = config.score_clip
-    ppo_config = PPOConfig(**ppo_config)
+        settings["score_clip"] = config.score_clip
+    ppo_config = PPOConfig(**settings)
     ppo = dict(
         preset["ppo"],
         model=str(run / "merged"),
