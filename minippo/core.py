@@ -115,8 +115,7 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") ->
     - ``"k3"``: ``(r - 1) - log r`` with ``r = exp(-d) = p_ref / p``; unbiased and never negative.
     Ref: Schulman 2020, "Approximating KL Divergence"; Ziegler et al. 2019 (k1 penalty).
     As a reward only "k1" gives the KL's policy gradient: "k3" is unbiased in value, not in gradient
-    (it collapsed the demo's policy: README); "abs" and "mse" (trl v0.4.7's options) are not KL estimates.
-    """
+    (it collapsed the demo's policy: README); "abs" and "mse" (trl v0.4.7's options) are not KL estimates."""
     d = logprobs - ref_logprobs  # (B, T)
     if estimator in ("k1", "kl"):
         return d
@@ -191,8 +190,7 @@ def value_loss(
     ``var_explained`` (``1 - var(R - V) / var(R)``).
     Ref: Schulman et al. 2017 / OpenAI baselines ppo2.
     Note: value clipping is not in the paper; it is in OpenAI's baselines, lm-human-preferences and
-    trl, and is kept for parity (Huang et al. discuss it as an implementation detail).
-    """
+    trl, and is kept for parity (Huang et al. discuss it as an implementation detail)."""
     clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
     unclipped_loss = (values - returns).square()  # (B, T)
     clipped_loss = (clipped_values - returns).square()
@@ -213,16 +211,17 @@ def value_loss(
 class AdaptiveKLController:
     """The adaptive KL coefficient beta of Ziegler et al. 2019, section 2.2.
 
-    ``error = clip(current_kl / target - 1, -0.2, 0.2)``; ``beta *= 1 + error * n_steps / horizon``,
-    where ``current_kl`` is the mean per-sequence KL of the last batch and ``n_steps`` its number of
-    sequences. ``target`` is in nats per sequence."""
+    ``error = clip(current_kl / target - 1, -0.2, 0.2)``; ``beta = max(beta * (1 + error * n / horizon),
+    min_coef)`` after a batch of ``n`` sequences with mean KL ``current_kl`` (``target``: nats per sequence).
+    The floor ``min_coef`` is ours: at the initial beta it turns the target into a ceiling (README, demo)."""
 
-    def __init__(self, init_kl_coef: float, target: float, horizon: float):
+    def __init__(self, init_kl_coef: float, target: float, horizon: float, min_coef: float = 0.0):
         self.value, self.target, self.horizon = float(init_kl_coef), float(target), float(horizon)
+        self.min_coef = float(min_coef)
 
     def update(self, current_kl: float, n_steps: int) -> None:
         error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + error * n_steps / self.horizon
+        self.value = max(self.value * (1.0 + error * n_steps / self.horizon), self.min_coef)
 
 
 class FixedKLController:
@@ -239,8 +238,7 @@ class RunningMoments:
     """Running mean and std of a stream of scalars, equal to the moments of everything seen.
 
     ``update(x)`` adds a (B,) batch and returns the new (mean, std) as floats; std is unbiased (Bessel)
-    and at least ``eps``.  Ref: Chan, Golub, LeVeque 1979 (pairwise variance update).
-    """
+    and at least ``eps``.  Ref: Chan, Golub, LeVeque 1979 (pairwise variance update)."""
 
     def __init__(self, eps: float = 1e-8):
         self.mean, self.var, self.count, self.eps = 0.0, 1.0, 0, eps

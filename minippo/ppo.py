@@ -63,6 +63,8 @@ class PPOConfig:
     """target KL per sequence (nats) of the adaptive controller."""
     horizon: float = 10000.0
     """horizon of the adaptive controller (samples): how slowly beta moves."""
+    min_kl_coef: float = 0.0
+    """the adaptive controller's floor on beta; = init_kl_coef makes `target` a ceiling (README, demo)."""
     gamma: float = 1.0
     """discount factor of GAE."""
     lam: float = 0.95
@@ -136,6 +138,7 @@ class PPOConfig:
         positive = "learning_rate", "target", "horizon", "cliprange", "cliprange_value", "target_kl"
         fields(self, checks.POSITIVE, *positive, "ratio_threshold", "temperature", "score_scale")
         fields(self, checks.NON_NEGATIVE, "init_kl_coef", "vf_coef", "entropy_coef", "weight_decay")
+        check(self, self.adap_kl_ctrl or self.min_kl_coef <= 0, "min_kl_coef > 0 needs adap_kl_ctrl=True")
         fields(self, checks.UNIT_INTERVAL, "gamma", "lam")
         fields(self, checks.one_of(*core.KL_ESTIMATORS), "kl_penalty")
         fields(self, checks.optional(checks.POSITIVE), "max_grad_norm", "score_clip")
@@ -193,7 +196,7 @@ class PPOTrainer:
         self.optimizer = optimizer or torch.optim.AdamW(self.trainable, lr, weight_decay=decay)
         self.lr_scheduler = lr_scheduler
         if config.adap_kl_ctrl:
-            self.kl_ctl = core.AdaptiveKLController(beta, config.target, config.horizon)
+            self.kl_ctl = core.AdaptiveKLController(beta, config.target, config.horizon, config.min_kl_coef)
         else:
             self.kl_ctl = core.FixedKLController(beta)
         self.pad_token_id, self.eos_token_id = self._special_ids(tokenizer, policy.model.config)

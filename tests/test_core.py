@@ -278,6 +278,23 @@ def test_adaptive_kl_controller_sequence():
     assert second.value == pytest.approx(0.18)
 
 
+def test_adaptive_kl_controller_floor():
+    # under the target beta falls, but not below min_coef; over it beta rises as Ziegler's does
+    ctl = AdaptiveKLController(0.1, target=10.0, horizon=100, min_coef=0.1)
+    ctl.update(2.0, 32)
+    assert ctl.value == 0.1
+    ctl.update(20.0, 32)
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 32 / 100))
+    ctl.update(9.5, 32)  # error -0.05: a step down, still above the floor
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 32 / 100) * (1 - 0.05 * 32 / 100))
+    for _ in range(10):
+        ctl.update(0.0, 32)
+    assert ctl.value == 0.1
+    free = AdaptiveKLController(0.1, target=10.0, horizon=100)  # min_coef 0: trl's controller
+    free.update(2.0, 32)
+    assert free.value == pytest.approx(0.1 * (1 - 0.2 * 32 / 100))
+
+
 def test_fixed_kl_controller():
     ctl = FixedKLController(0.05)
     ctl.update(100.0, 256)

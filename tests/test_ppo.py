@@ -146,6 +146,7 @@ def test_every_config_field_has_a_docstring():
         (dict(max_grad_norm=0.0), "max_grad_norm"),
         (dict(temperature=0.0), "temperature"),
         (dict(device="gpu"), "not a device"),
+        (dict(adap_kl_ctrl=False, min_kl_coef=0.1), "min_kl_coef > 0 needs adap_kl_ctrl=True"),
     ],
 )
 def test_config_validation(overrides, message):
@@ -321,6 +322,18 @@ def test_logged_kl_is_the_penalised_kl(tokenizer, estimator):
     assert trainer.kl_ctl.value == pytest.approx(coef * (1 + error * 8 / 100))
     if estimator == "k3":
         assert (kl >= 0).all()
+
+
+def test_min_kl_coef_makes_the_target_a_ceiling(tokenizer):
+    # a KL far under the target lowers beta each step, unless the floor holds it at its start
+    for floor in (0.0, 0.2):
+        trainer, queries, responses = make_trainer(
+            "llama", tokenizer, init_kl_coef=0.2, target=1e6, horizon=100.0, min_kl_coef=floor
+        )
+        for _ in range(2):
+            trainer.step(queries, responses, torch.randn(8))
+        expected = 0.2 if floor else 0.2 * (1 - 0.2 * 8 / 100) ** 2
+        assert trainer.kl_ctl.value == pytest.approx(expected)
 
 
 def test_fixed_kl_controller(tokenizer):
