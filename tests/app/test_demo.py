@@ -74,10 +74,10 @@ def test_demo_overrides_the_presets_steps_and_diversity_penalty(tmp_path):
     ppo = demo_stage_configs(config, "some-model")["ppo"]
     assert (ppo.steps, ppo.diversity_coef) == (90, 1.0)
     assert ppo.ppo == base.ppo and ppo.lora == base.lora  # nothing else moved
-    clipped = DemoConfig(preset="cpu", output_dir=str(tmp_path), score_clip=4.0)
+    clipped = DemoConfig(preset="cpu", output_dir=str(tmp_path), score_clip=3.0)
     ppo = demo_stage_configs(clipped, "some-model")["ppo"]
-    assert (base.ppo.score_clip, ppo.ppo.score_clip) == (3.0, 4.0)
-    assert dataclasses.replace(ppo.ppo, score_clip=3.0) == base.ppo  # nothing else moved
+    assert (base.ppo.score_clip, ppo.ppo.score_clip) == (4.0, 3.0)
+    assert dataclasses.replace(ppo.ppo, score_clip=4.0) == base.ppo  # nothing else moved
     with pytest.raises(ValueError, match="score_clip"):
         DemoConfig(score_clip=0.0)
     zero = DemoConfig(preset="cpu", output_dir=str(tmp_path), diversity_coef=0.0)
