@@ -43,6 +43,8 @@ CPU_PPO = dict(
     min_new_tokens=12,
     max_new_tokens=16,
 )
+# A KL ceiling of 12 nats per review: beta stays at CPU_PPO's 0.1 until a batch's KL passes 12, then rises.
+KL_CEILING_12 = dict(adap_kl_ctrl=True, target=12.0, horizon=200, min_kl_coef=0.1)
 PRESETS: dict[str, dict] = {
     "cpu": {
         # Sized for 2 CPU cores (times: the README). A small KL coefficient and a high LoRA learning
@@ -63,16 +65,7 @@ PRESETS: dict[str, dict] = {
         # clipped at 4, and a KL ceiling of 12 nats (beta never below 0.1, above it when the KL is
         # over 12) keep the samples diverse and the KL bounded (README, "The demo's results").
         "ppo": dict(steps=45, eval_prompts=64, diversity_coef=2.0),
-        "ppo_config": dict(
-            CPU_PPO,
-            batch_size=64,
-            mini_batch_size=64,
-            score_clip=4.0,
-            adap_kl_ctrl=True,
-            target=12.0,
-            horizon=200,
-            min_kl_coef=0.1,
-        ),
+        "ppo_config": dict(CPU_PPO, batch_size=64, mini_batch_size=64, score_clip=4.0, **KL_CEILING_12),
         "lora": dict(r=16, alpha=32),
         "ppo_lora": dict(r=4, alpha=8),
         "reward": dict(),
