@@ -21,8 +21,8 @@ class RolloutBuffer:
     response_ids, response_mask (B, T): responses, right-padded; the mask marks real tokens.
     old_logprobs (B, T): log-probabilities of the response tokens under the policy that sampled them.
     ref_logprobs (B, T): the same under the reference policy (adapters disabled).
-    values (B, T): value estimates at the positions predicting each response token; scores (B,): rewards.
-    rewards (B, T): per-token rewards (KL penalty, plus the score at the last token).
+    values (B, T): value estimates at the positions predicting each response token.
+    scores (B,), rewards (B, T): the scores, scaled and clipped; per-token rewards (KL penalty, score last).
     advantages (B, T): GAE advantages (whitened); returns (B, T): value targets.
 
     Each PPO epoch visits the samples in its random `epoch_order`, drawn once and kept; the rollout forward
