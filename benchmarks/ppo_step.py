@@ -294,7 +294,9 @@ def cpu_flags() -> str:
     except (OSError, StopIteration):
         flags = []
     have = [f for f in wanted if f in flags] or ["(none of " + ", ".join(wanted) + ")"]
-    return f"{' '.join(have)}; torch capability {torch.backends.cpu.get_cpu_capability()}"
+    setting = os.environ.get("MINIPPO_CPU_BF16")  # overrides the native-bf16 probe: say so
+    override = f" (MINIPPO_CPU_BF16={setting}: native bf16 taken as {setting == '1'})" if setting else ""
+    return f"{' '.join(have)}; torch capability {torch.backends.cpu.get_cpu_capability()}{override}"
 
 
 def auto_dtype(device: str) -> str:

@@ -1,8 +1,7 @@
 """Data parallelism on `torch.distributed`: one process per device, each with its own k-bit model copy,
 launched by ``torchrun`` (or ``accelerate launch``). Every helper is a no-op with one process.
 The group is joined from torchrun's environment with backend nccl on CUDA, gloo on CPU
-(``MINIPPO_DIST_BACKEND`` overrides) and a timeout (``MINIPPO_DIST_TIMEOUT`` s, default 1800).
-"""
+(``MINIPPO_DIST_BACKEND`` overrides) and a timeout (``MINIPPO_DIST_TIMEOUT`` s, default 1800)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """Crash-safe writes, through which every file minippo writes goes: a file or folder is written to a
 temporary sibling and renamed into place (atomic within one filesystem), so a crash mid-write leaves
-the previous version intact; a log line is on disk once `append_line` returns.
-"""
+the previous version intact; a log line is on disk once `append_line` returns."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ pins the k-bit layers to one function on every device (`pin_kbit_layers`).
 from __future__ import annotations
 
 import logging
+import os
 
 import bitsandbytes as bnb
 import torch
@@ -26,6 +27,7 @@ _DTYPES = {
 }
 QUANT_TYPES = ("nf4", "fp4")  # bitsandbytes' 4-bit data types
 _LOGGED_AUTO: set = set()
+CPU_BF16_ENV = "MINIPPO_CPU_BF16"  # 0 / 1: override the CPU's native-bf16 probe
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -41,8 +43,14 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def cpu_bf16_is_native() -> bool:
-    """AVX512_BF16 or AMX (torch's capability report); elsewhere bf16 matmuls run slower than fp32."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    """AVX512_BF16 or AMX (torch's capability report; elsewhere bf16 matmuls run slower than fp32), unless
+    `$MINIPPO_CPU_BF16` says: 0 takes the float32 paths of a CPU without them anyway, 1 the bf16 ones."""
+    if (setting := os.environ.get(CPU_BF16_ENV, "")) not in ("", "0", "1"):
+        raise ValueError(
+            f"{CPU_BF16_ENV}={setting!r}: set it to 0 (float32 paths), 1 (bf16 paths) or unset it"
+        )
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return setting == "1" if setting else native
 
 
 def auto_compute_dtype(device, model: nn.Module | None = None, eight_bit: bool = False) -> torch.dtype:
@@ -55,7 +63,7 @@ def auto_compute_dtype(device, model: nn.Module | None = None, eight_bit: bool =
     dtype = torch.bfloat16 if cuda_bf16 or cpu_bf16 else torch.float32
     if (device.type, dtype) not in _LOGGED_AUTO:
         _LOGGED_AUTO.add((device.type, dtype))
-        cpu = torch.backends.cpu.get_cpu_capability()
+        cpu = f"{torch.backends.cpu.get_cpu_capability()}, native bf16 {cpu_bf16_is_native()}"
         logger.info("compute_dtype auto -> %s on %s (%s)", dtype, device, cpu)
     return dtype
 
@@ -237,11 +245,9 @@ def load_model(
         compute_dtype = _check_quant_args(bits, quant_type, device, compute_dtype)
     if bits:
         try:
-            four = dict(
-                load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=compute_dtype
-            )
+            four = dict(bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=compute_dtype)
+            four |= dict(load_in_4bit=True, bnb_4bit_use_double_quant=double_quant)
             eight = dict(load_in_8bit=True, llm_int8_threshold=threshold)
-            four["bnb_4bit_use_double_quant"] = double_quant
             bnb_config = transformers.BitsAndBytesConfig(**(four if bits == 4 else eight))
             target = str(device)  # device_map wants "cpu" or a CUDA index
             if device.type == "cuda":
@@ -250,9 +256,7 @@ def load_model(
                 name_or_path, quantization_config=bnb_config, device_map={"": target}, **kwargs
             )
             if not (is_4bit if bits == 4 else is_8bit)(model):
-                logger.warning(
-                    "transformers' %d-bit load left no %d-bit layer; quantising ourselves", bits, bits
-                )
+                logger.warning("transformers' %d-bit load left no such layer; quantising ourselves", bits)
                 model = None
         except Exception as err:  # noqa: BLE001 - any failure here has a working fallback
             logger.warning("transformers' %d-bit load failed (%s); quantising ourselves", bits, err)

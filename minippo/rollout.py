@@ -1,8 +1,7 @@
 """The rollout buffer: one PPO batch of samples and everything computed about them.
 
 `RolloutBuffer`: tensors with the batch on dim 0, filled in stages by the trainer; `minibatches` yields
-buffers of a given size, trimmed of all-padding columns, for the updates and their micro-batches.
-"""
+buffers of a given size, trimmed of all-padding columns, for the updates and their micro-batches."""
 
 from __future__ import annotations
 

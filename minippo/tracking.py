@@ -1,6 +1,5 @@
 """Optional experiment trackers, trl's ``log_with``: TensorBoard, wandb or trackio (none is required).
-The trainer logs each step's stats through one `Tracker` on rank 0; the metrics files stay the record.
-"""
+The trainer logs each step's stats through one `Tracker` on rank 0; the metrics files stay the record."""
 
 from __future__ import annotations
 

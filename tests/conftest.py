@@ -19,7 +19,9 @@ if not IMDB_DIR.is_absolute():
 @pytest.fixture(autouse=True)
 def no_native_bf16(monkeypatch):
     """Every test sees a CPU without native bf16, so that "auto" means float32 and the numbers are the
-    same on every CPU kind; the tests of the bf16 paths switch it back on (torch.cpu's own probes)."""
+    same on every CPU kind; the tests of the bf16 paths switch it back on (torch.cpu's own probes).
+    A $MINIPPO_CPU_BF16 in the environment, which would override the probes, is removed."""
+    monkeypatch.delenv("MINIPPO_CPU_BF16", raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
 

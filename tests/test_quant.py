@@ -259,6 +259,24 @@ def test_load_model_stores_8bit_embeddings_in_bf16_where_native(tiny_model_dir, 
     assert load_model(tiny_model_dir, dtype="auto").lm_head.weight.dtype == torch.bfloat16  # float model
 
 
+def test_cpu_bf16_setting_overrides_the_probe(tiny_model_dir, monkeypatch):
+    """$MINIPPO_CPU_BF16=0 takes the float32 paths on a CPU with native bf16 (the paths a CPU without it
+    takes), 1 the bf16 ones on a CPU without; any other value is refused with the fix in the message."""
+    for native, setting in ((True, "0"), (False, "1"), (True, "")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
+        monkeypatch.setenv(quant.CPU_BF16_ENV, setting)
+        bf16 = setting == "1" or (native and not setting)
+        assert quant.cpu_bf16_is_native() is bf16
+        assert quant.auto_compute_dtype("cpu") == (torch.bfloat16 if bf16 else torch.float32)
+        model = keep_8bit_layers_in_eval(load_model(tiny_model_dir, load_in_8bit=True), int8_path=True)
+        assert {m.grad_dtype for m in int8_layers(model).values()} == {torch.bfloat16 if bf16 else None}
+        auto = load_model(tiny_model_dir, load_in_8bit=True, dtype="auto")
+        assert auto.lm_head.weight.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    monkeypatch.setenv(quant.CPU_BF16_ENV, "yes")
+    with pytest.raises(ValueError, match=r"MINIPPO_CPU_BF16='yes': set it to 0 .*, 1 .* or unset it"):
+        quant.auto_compute_dtype("cpu")
+
+
 def test_prepare_freezes_upcasts_and_returns_fp32_logits(tokenizer, batch):
     model = tiny_model("llama", len(tokenizer)).to(torch.bfloat16)
     quantize_model(model)
