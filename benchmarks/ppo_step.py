@@ -43,6 +43,7 @@ sys.path.insert(0, str(HERE))
 from _common import Spec  # noqa: E402
 
 from minippo.app.demo import DemoConfig, demo_stage_configs  # noqa: E402
+from minippo.app.report import cpu_flags, cpu_name  # noqa: E402
 
 PEER_PYTHON = REPO / ".venv-peer" / "bin" / "python"
 RESULTS = HERE / "RESULTS.md"
@@ -274,29 +275,6 @@ def versions() -> dict[str, str]:
         )
         peer = subprocess.run([str(PEER_PYTHON), "-c", code], capture_output=True, text=True).stdout.strip()
     return {"minippo": ours, "peer": peer}
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> str:
-    """The CPU flags that decide the compute path (bf16 / int8 kernels), and torch's own report."""
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        flags = []
-    have = [f for f in wanted if f in flags] or ["(none of " + ", ".join(wanted) + ")"]
-    setting = os.environ.get("MINIPPO_CPU_BF16")  # overrides the native-bf16 probe: say so
-    override = f" (MINIPPO_CPU_BF16={setting}: native bf16 taken as {setting == '1'})" if setting else ""
-    return f"{' '.join(have)}; torch capability {torch.backends.cpu.get_cpu_capability()}{override}"
 
 
 def auto_dtype(device: str) -> str:

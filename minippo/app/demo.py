@@ -25,7 +25,7 @@ from ..lora import LoRAConfig
 from ..ppo import PPOConfig
 from .model_folders import DEFAULT_MODEL, quant_load_kwargs, resolve_model
 from .pipeline import MergeConfig, PPORunConfig, run_merge, run_ppo
-from .report import MetricsLog, markdown_table, plot_lines, write_json
+from .report import MetricsLog, machine_description, markdown_table, plot_lines, write_json
 from .reward import RewardConfig, train_reward
 from .sft import SFTConfig, run_sft
 
@@ -234,7 +234,11 @@ def run_demo(config: DemoConfig) -> dict:
         {"demo": dataclasses.asdict(config), **{k: dataclasses.asdict(v) for k, v in stages.items()}},
     )
 
-    summary: dict = {"model": model_dir, "preset": config.preset}
+    summary: dict = {
+        "model": model_dir,
+        "preset": config.preset,
+        "machine": machine_description(config.device),
+    }
     print(f"demo: run folder {run}, preset {config.preset!r}, model {model_dir}")
     if config.reward is None:
         t = time.perf_counter()
@@ -319,7 +323,7 @@ def render_report(config: DemoConfig, summary: dict) -> str:
         f"# minippo demo report (preset `{config.preset}`)",
         "",
         f"Base model: `{summary['model']}`. Total time {summary['total_seconds'] / 60:.1f} min "
-        f"({', '.join(f'{k} {v:.0f} s' for k, v in sec.items())}).",
+        f"({', '.join(f'{k} {v:.0f} s' for k, v in sec.items())}) on {summary['machine']}.",
         "",
     ]
     if "reward" in summary:

@@ -1,10 +1,12 @@
-"""Run artefacts: a metrics log (JSON lines), PNG plots, and the demo's markdown report."""
+"""Run artefacts: a metrics log (JSON lines), PNG plots and the demo's markdown report; and the machine
+a published time was measured on."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import platform
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -26,6 +28,46 @@ def _ngrams(sequences: Sequence[Sequence[int]], n: int) -> list[list[tuple]]:
     """The n-grams of each token sequence (lists, or tensors as generate() returns them)."""
     seqs = [seq.tolist() if hasattr(seq, "tolist") else list(seq) for seq in sequences]
     return [[tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)] for seq in seqs]
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> str:
+    """The CPU flags that decide the compute path (bf16 / int8 kernels), torch's own report, and the
+    path taken where `$MINIPPO_CPU_BF16` overrides the native-bf16 probe."""
+    import torch
+
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        flags = []
+    have = [f for f in wanted if f in flags] or ["(none of " + ", ".join(wanted) + ")"]
+    setting = os.environ.get("MINIPPO_CPU_BF16")
+    override = f" (MINIPPO_CPU_BF16={setting}: native bf16 taken as {setting == '1'})" if setting else ""
+    return f"{' '.join(have)}; torch capability {torch.backends.cpu.get_cpu_capability()}{override}"
+
+
+def machine_description(device: str = "cpu") -> str:
+    """Where a timing was measured: CPU model, cores and torch threads, the flags behind the compute path,
+    and the GPU on CUDA (house rule: every published time names its machine)."""
+    import torch
+
+    where = (
+        f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; flags {cpu_flags()}"
+    )
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        where += f"; GPU {torch.cuda.get_device_name(torch.device(device))}"
+    return where
 
 
 def distinct_n(sequences: Sequence[Sequence[int]], n: int) -> float:

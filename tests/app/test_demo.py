@@ -8,6 +8,7 @@ import pytest
 
 from minippo.app.cli import main
 from minippo.app.demo import PRESETS, DemoConfig, demo_stage_configs
+from minippo.app.report import cpu_name
 
 
 @pytest.mark.slow
@@ -30,6 +31,7 @@ def test_demo_smoke_preset_on_the_embedded_model(tmp_path, imdb_dir):
     assert 0.0 <= summary["ppo"]["after"]["reward_prob_mean"] <= 1.0
     report = (run / "report.md").read_text()
     assert "before (merged SFT model)" in report and "## Samples" in report
+    assert f"on {cpu_name()}, " in report and "torch capability" in report  # the time names its machine
 
 
 def test_presets_resolve_into_valid_stage_configs(tmp_path):

@@ -61,3 +61,17 @@ def test_kl_regularised_optimum_is_the_best_trade_of_score_against_kl():
 def test_kl_regularised_optimum_needs_a_positive_beta():
     with pytest.raises(ValueError, match="beta must be > 0"):
         kl_regularised_optimum(torch.zeros(1, 2), 0.0)
+
+
+def test_machine_description_names_the_cpu_and_the_compute_path(monkeypatch):
+    """Every published time names its machine: the CPU, its threads, its kernel flags, and an override
+    of the native-bf16 probe when one is set."""
+    import torch
+
+    from minippo.app.report import cpu_flags, cpu_name, machine_description
+
+    where = machine_description("cpu")
+    assert where.startswith(f"{cpu_name()}, ") and f"{torch.get_num_threads()} torch threads" in where
+    assert "torch capability" in where and "MINIPPO_CPU_BF16" not in where
+    monkeypatch.setenv("MINIPPO_CPU_BF16", "0")
+    assert cpu_flags().endswith("(MINIPPO_CPU_BF16=0: native bf16 taken as False)")
