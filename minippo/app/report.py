@@ -46,14 +46,16 @@ def cpu_flags() -> str:
     path taken where `$MINIPPO_CPU_BF16` overrides the native-bf16 probe."""
     import torch
 
+    from ..quant import CPU_BF16_ENV, cpu_bf16_is_native
+
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
     try:
         flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
     except (OSError, StopIteration):
         flags = []
     have = [f for f in wanted if f in flags] or ["(none of " + ", ".join(wanted) + ")"]
-    setting = os.environ.get("MINIPPO_CPU_BF16")
-    override = f" (MINIPPO_CPU_BF16={setting}: native bf16 taken as {setting == '1'})" if setting else ""
+    setting = os.environ.get(CPU_BF16_ENV)
+    override = f" ({CPU_BF16_ENV}={setting}: native bf16 taken as {cpu_bf16_is_native()})" if setting else ""
     return f"{' '.join(have)}; torch capability {torch.backends.cpu.get_cpu_capability()}{override}"
 
 
