@@ -133,8 +133,7 @@ class LoRALayer(nn.Module):
         if r > min(in_features, out_features):
             raise ValueError(f"LoRA rank r={r} exceeds min(in, out) = {min(in_features, out_features)} here")
         device = base_layer.weight.device
-        self.base_layer = base_layer
-        self.in_features, self.out_features = in_features, out_features
+        self.base_layer, self.in_features, self.out_features = base_layer, in_features, out_features
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = lora_scaling(r, alpha, use_rslora)
         self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=torch.float32)

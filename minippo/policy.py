@@ -204,9 +204,7 @@ class PolicyWithValueHead(nn.Module):
     def gradient_checkpointing(self, on: bool) -> None:
         layers = self.decoder_layers()
         if on and layers is None:
-            raise ValueError(
-                f"gradient checkpointing: no decoder layers found in {type(self.model).__name__}"
-            )
+            raise ValueError(f"gradient checkpointing: no decoder layers in {type(self.model).__name__}")
         for layer in layers or []:
             layer.__dict__.pop("forward", None)  # back to the class's forward
             if on:

@@ -376,9 +376,7 @@ class PPOTrainer:
                     got = f"{type(s).__name__}{tuple(getattr(s, 'shape', ()))}"
                     raise ValueError(f"{kind} {i} must be a 1-D tensor of token ids, got {got}")
                 if len(s) == 0:
-                    raise ValueError(
-                        f"{kind} {i} is empty; every query and response needs at least one token"
-                    )
+                    raise ValueError(f"{kind} {i} is empty: queries and responses need at least one token")
                 if self.vocab_size is not None and (int(s.min()) < 0 or int(s.max()) >= self.vocab_size):
                     raise ValueError(f"{kind} {i} has token ids outside [0, {self.vocab_size})")
         if not torch.isfinite(scores).all():

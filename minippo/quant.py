@@ -189,8 +189,7 @@ def quantize_model(
 def _kbit_layer(module, device, bits, threshold, quant_type, double_quant, compute_dtype) -> nn.Module:
     """A frozen Linear8bitLt / Linear4bit computing (up to rounding) the map of an nn.Linear or Conv1D."""
     weight = module.weight.detach().to("cpu")
-    if isinstance(module, Conv1D):
-        weight = weight.t()  # (in, out) -> (out, in)
+    weight = weight.t() if isinstance(module, Conv1D) else weight  # a Conv1D's (in, out) -> (out, in)
     dims = (weight.shape[1], weight.shape[0], module.bias is not None)
     # Both weight classes quantise float CPU data on .to(device) (4-bit: blocks of 64 of the flat weight).
     if bits == 8:
@@ -309,8 +308,9 @@ def int8_linear(x: torch.Tensor, layer: bnb.nn.Linear8bitLt) -> torch.Tensor:
 
 
 class _Int8Linear(torch.autograd.Function):
-    """`int8_linear`; the input gradient ``grad @ (SCB / 127 * CB)`` as one matmul in ``layer.grad_dtype``
-    (None: the gradient's; CB is exact in bf16: only the scaled gradient is rounded, as CUDA's fp16)."""
+    """`int8_linear`; the input gradient ``grad @ (SCB / 127 * CB)`` as one matmul in ``layer.grad_dtype``:
+    None, the gradient's; bf16, CB exact and the scaled gradient rounded (as CUDA's fp16); int8, each row of
+    the scaled gradient rounded to int8 (absmax -> 127) for the int8 GEMM, as SwitchBack, arXiv:2304.13013."""
 
     @staticmethod
     def forward(ctx, x, layer):
@@ -320,7 +320,12 @@ class _Int8Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (CB, SCB), dtype = int8_weight_and_scales(ctx.layer), ctx.layer.grad_dtype or grad.dtype
-        return ((grad * (SCB / 127)).to(dtype) @ CB.to(dtype)).to(grad.dtype), None  # (..., in)
+        g = grad.reshape(-1, grad.shape[-1]).float() * (SCB / 127)  # (N, out)
+        if dtype != torch.int8:
+            return (g.to(dtype) @ CB.to(dtype)).view(*grad.shape[:-1], -1).to(grad.dtype), None
+        scale = g.abs().amax(1, keepdim=True).clamp_(min=1e-30)  # (N, 1)
+        g = torch._int_mm(g.mul_(127 / scale).round_().to(torch.int8), CB).float().mul_(scale / 127)
+        return g.view(*grad.shape[:-1], -1).to(grad.dtype), None  # (..., in)
 
 
 class _EvalPinnedLinear8bitLt(bnb.nn.Linear8bitLt):
@@ -340,22 +345,22 @@ class _EvalPinnedLinear8bitLt(bnb.nn.Linear8bitLt):
 
 def int8_matmul_is_native(device: torch.device | str) -> bool:
     """CUDA, or a CPU with VNNI or AMX; elsewhere torch's int8 GEMM is emulated, slower than float32."""
-    device = torch.device(device)
-    return device.type != "cpu" or torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()
+    cpu = torch.cpu
+    return torch.device(device).type != "cpu" or cpu._is_vnni_supported() or cpu._is_amx_tile_supported()
 
 
 def keep_8bit_layers_in_eval(model: nn.Module, int8_path: bool | None = None) -> nn.Module:
     """Pin every `Linear8bitLt` of `model` to one mode for good, whatever `model.train()` says, in place:
     ``int8_path=True``: the int8 matmul with outliers (`int8_linear` on a CPU, bitsandbytes' on CUDA).
     ``False``: the CPU train-mode path, a float matmul on the dequantised weight.  ``None``: the int8
-    path where `int8_matmul_is_native`, its input gradient in bf16 where bf16 is (``grad_dtype``)."""
+    path where `int8_matmul_is_native`, there with its input gradient through the GEMM (``grad_dtype``)."""
     for module in model.modules():
         if type(module) is bnb.nn.Linear8bitLt:
             module.__class__ = _EvalPinnedLinear8bitLt
         if isinstance(module, _EvalPinnedLinear8bitLt):
-            module.int8_path = int8_matmul_is_native(module.weight.device) if int8_path is None else int8_path
-            cpu_bf16 = module.weight.device.type == "cpu" and cpu_bf16_is_native()
-            module.grad_dtype = torch.bfloat16 if module.int8_path and cpu_bf16 else None
+            native = int8_matmul_is_native(module.weight.device)
+            module.int8_path = native if int8_path is None else int8_path
+            module.grad_dtype = torch.int8 if module.int8_path and native else None
             module.train(False)
     return model
 

@@ -169,37 +169,41 @@ def test_int8_linear_is_llm_int8_in_float32(tokenizer):
         )
 
 
-def test_int8_input_gradient_in_bf16(tokenizer):
-    """grad_dtype bf16: the same forward bit for bit, the input gradient one bf16 matmul on the exact int8
-    weight: within bf16 rounding of the fp32 gradient on the dequantised weight (bitsandbytes' own)."""
+def test_int8_input_gradient_in_bf16_or_int8(tokenizer):
+    """grad_dtype bf16 or int8: the same forward bit for bit; the input gradient one bf16 matmul on the exact
+    int8 weight, or the gradient's rows rounded to int8 through the int8 GEMM: within that rounding of
+    the fp32 gradient on the dequantised weight (bitsandbytes' own), on 2-D and 3-D inputs."""
     model = keep_8bit_layers_in_eval(quantize_model(tiny_model("llama", len(tokenizer))), int8_path=True)
     for layer in int8_layers(model).values():
-        x = torch.randn(2, 5, layer.in_features)
-        grads, outs = {}, {}
-        for dtype in (None, torch.bfloat16):
-            layer.grad_dtype, x.grad = dtype, None
-            outs[dtype] = layer(x.requires_grad_())
-            grad = torch.linspace(-1, 1, outs[dtype].numel()).view_as(outs[dtype])
-            outs[dtype].backward(grad)
-            grads[dtype] = x.grad
-        assert torch.equal(outs[None], outs[torch.bfloat16])
-        exact = grad @ dequantize_8bit(layer)  # (2, 5, in)
-        error = (grads[torch.bfloat16] - exact).abs().max() / exact.abs().max()
-        assert 0 < error < 1e-2  # rounded, not skipped
-        assert (grads[None] - exact).abs().max() / exact.abs().max() < 1e-5
+        for shape in ((2, 5), (7,)):
+            x = torch.randn(*shape, layer.in_features)
+            grads, outs = {}, {}
+            for dtype in (None, torch.bfloat16, torch.int8):
+                layer.grad_dtype, x.grad = dtype, None
+                outs[dtype] = layer(x.requires_grad_())
+                grad = torch.linspace(-1, 1, outs[dtype].numel()).view_as(outs[dtype]) ** 3
+                outs[dtype].backward(grad)
+                grads[dtype] = x.grad
+                assert torch.equal(outs[None], outs[dtype]) and x.grad.shape == x.shape
+            exact = grad @ dequantize_8bit(layer)  # (*shape, in)
+            for dtype, tolerance in ((None, 1e-5), (torch.bfloat16, 1e-2), (torch.int8, 1e-2)):
+                error = (grads[dtype] - exact).abs().max() / exact.abs().max()
+                assert (dtype is None or 0 < error) and error < tolerance  # rounded, not skipped
 
 
-def test_bf16_input_gradient_follows_the_cpu(tokenizer, monkeypatch):
-    """bf16 input gradients on the int8 path where the CPU runs bf16 natively; LoRA still learns."""
+def test_int8_input_gradient_follows_the_cpu(tokenizer, monkeypatch):
+    """The input gradient through the int8 GEMM wherever the int8 path is native; LoRA gradients as with
+    the float32 or bf16 input gradient (cosine > 0.999), with the layers recomputed in backward too."""
     for native in (True, False):
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
+        monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda native=native: native)
         model = quantize_model(tiny_model("llama", len(tokenizer)))
-        for int8_path in (True, False):
+        for int8_path in (None, True, False):
             keep_8bit_layers_in_eval(model, int8_path=int8_path)
-            dtypes = {m.grad_dtype for m in int8_layers(model).values()}
-            assert dtypes == {torch.bfloat16 if native and int8_path else None}
+            layers = int8_layers(model).values()
+            assert {m.int8_path for m in layers} == {native if int8_path is None else int8_path}
+            assert {m.grad_dtype for m in layers} == {torch.int8 if native and int8_path is not False else None}
     grads = {}
-    for dtype, checkpointing in ((None, False), (torch.bfloat16, False), (torch.bfloat16, True)):
+    for dtype, checkpointing in ((None, False), (torch.bfloat16, False), (torch.int8, False), (torch.int8, True)):
         torch.manual_seed(0)
         model = quantize_model(tiny_model("llama", len(tokenizer)))
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
@@ -214,7 +218,7 @@ def test_bf16_input_gradient_follows_the_cpu(tokenizer, monkeypatch):
         )
     reference = grads.pop((None, False))
     assert reference.abs().sum() > 0
-    for grad in grads.values():  # the bf16 gradient, and again with the layers recomputed in backward
+    for grad in grads.values():  # bf16, int8, and int8 with the layers recomputed in backward
         assert torch.nn.functional.cosine_similarity(reference, grad, dim=0) > 0.999
 
 
@@ -268,8 +272,6 @@ def test_cpu_bf16_setting_overrides_the_probe(tiny_model_dir, monkeypatch):
         bf16 = setting == "1" or (native and not setting)
         assert quant.cpu_bf16_is_native() is bf16
         assert quant.auto_compute_dtype("cpu") == (torch.bfloat16 if bf16 else torch.float32)
-        model = keep_8bit_layers_in_eval(load_model(tiny_model_dir, load_in_8bit=True), int8_path=True)
-        assert {m.grad_dtype for m in int8_layers(model).values()} == {torch.bfloat16 if bf16 else None}
         auto = load_model(tiny_model_dir, load_in_8bit=True, dtype="auto")
         assert auto.lm_head.weight.dtype == (torch.bfloat16 if bf16 else torch.float32)
     monkeypatch.setenv(quant.CPU_BF16_ENV, "yes")
