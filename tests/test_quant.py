@@ -201,9 +201,11 @@ def test_int8_input_gradient_follows_the_cpu(tokenizer, monkeypatch):
             keep_8bit_layers_in_eval(model, int8_path=int8_path)
             layers = int8_layers(model).values()
             assert {m.int8_path for m in layers} == {native if int8_path is None else int8_path}
-            assert {m.grad_dtype for m in layers} == {torch.int8 if native and int8_path is not False else None}
+            int8_grad = native and int8_path is not False
+            assert {m.grad_dtype for m in layers} == {torch.int8 if int8_grad else None}
     grads = {}
-    for dtype, checkpointing in ((None, False), (torch.bfloat16, False), (torch.int8, False), (torch.int8, True)):
+    runs = ((None, False), (torch.bfloat16, False), (torch.int8, False), (torch.int8, True))
+    for dtype, checkpointing in runs:
         torch.manual_seed(0)
         model = quantize_model(tiny_model("llama", len(tokenizer)))
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
