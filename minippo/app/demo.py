@@ -44,7 +44,7 @@ CPU_PPO = dict(
     max_new_tokens=16,
 )
 # A KL ceiling of 12 nats per review: beta stays at CPU_PPO's until a batch's KL passes 12, then rises
-# (by up to 1.2 ** (64 / 200) a step of 64 samples: fast enough to act within a 45-step run).
+# (by up to 1.2 ** (64 / 200) a step of 64 samples: fast enough to act within a 50-step run).
 KL_CEILING_12 = dict(adap_kl_ctrl=True, target=12.0, horizon=200, min_kl_coef=CPU_PPO["init_kl_coef"])
 PRESETS: dict[str, dict] = {
     "cpu": {
@@ -61,11 +61,11 @@ PRESETS: dict[str, dict] = {
             num_train_texts=600,
             num_eval_blocks=16,
         ),
-        # PPO: 45 steps of 64 samples, one update per epoch on all 64 and a rank-4 adapter: less noise
+        # PPO: 50 steps of 64 samples, one update per epoch on all 64 and a rank-4 adapter: less noise
         # per update, so less of the KL is drift; a penalty on the bigrams a step repeats, the logit
         # clipped at 4, and a KL ceiling of 12 nats (beta never below 0.1, above it when the KL is
         # over 12) keep the samples diverse and the KL bounded (README, "The demo's results").
-        "ppo": dict(steps=45, eval_prompts=64, diversity_coef=2.0),
+        "ppo": dict(steps=50, eval_prompts=64, diversity_coef=2.0),
         "ppo_config": dict(CPU_PPO, batch_size=64, mini_batch_size=64, score_clip=4.0, **KL_CEILING_12),
         "lora": dict(r=16, alpha=32),
         "ppo_lora": dict(r=4, alpha=8),
