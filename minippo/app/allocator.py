@@ -22,9 +22,7 @@ import sys
 logger = logging.getLogger(__name__)
 
 ENV = "MINIPPO_KEEP_FREED_MEMORY"
-# mallopt parameters (malloc.h) and the values set: the largest block served from the heap, the free
-# heap top kept, and the extra heap asked for at each growth (`int` arguments: at most 2 GiB - 1).
-_SETTINGS = (("M_MMAP_THRESHOLD", -3, 2**30), ("M_TRIM_THRESHOLD", -1, 2**31 - 1), ("M_TOP_PAD", -2, 2**29))
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # mallopt's parameters (malloc.h)
 
 
 def retain_freed_memory() -> bool:
@@ -42,6 +40,11 @@ def retain_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # another C library (musl): leave it alone
         return False
-    done = all(mallopt(code, value) == 1 for _, code, value in _SETTINGS)
+    # The largest block served from the heap first: 1 GiB, or 32 MiB where an older glibc caps it. Without
+    # it a fixed trim threshold would also fix glibc's mmap threshold at 128 KiB (measured 3x slower).
+    if not any(mallopt(M_MMAP_THRESHOLD, size) == 1 for size in (2**30, 2**25)):
+        return False
+    # The free heap top kept (`int` arguments: at most 2 GiB - 1) and the extra heap asked for at each growth.
+    done = mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1 and mallopt(M_TOP_PAD, 2**29) == 1
     logger.debug("malloc: freed memory kept for reuse (%s)", "set" if done else "refused")
     return done
