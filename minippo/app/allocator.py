@@ -6,9 +6,9 @@ With glibc's defaults a block that large is served by `mmap` and unmapped when f
 is trimmed back to the system, so every step page-faults its memory in anew (the kernel zeroes each
 page first). `retain_freed_memory` makes malloc serve blocks up to 1 GiB from the heap, keep up to 2
 GiB of free heap top and grow it 512 MiB at a time (`mallopt`; see `man 3 mallopt`): the demo's PPO
-optimisation phase measured about 25% faster and its peak RSS about 5% higher (benchmarks/RESULTS.md,
-"Freed memory kept for reuse"). The `minippo` command line calls it at start; library users may too.
-Set $MINIPPO_KEEP_FREED_MEMORY=0 to keep glibc's defaults.
+optimisation phase measured 10-30% faster and steadier, `make demo` 10% faster, peak RSS 3-5% higher
+(benchmarks/RESULTS.md, "Freed memory kept for reuse"). The `minippo` command line calls it at start;
+library users may too. Set $MINIPPO_KEEP_FREED_MEMORY=0 to keep glibc's defaults.
 """
 
 from __future__ import annotations
