@@ -38,13 +38,11 @@ def sequence_logprobs(trainer, batch, reference: bool = False, grad: bool = Fals
     """(B,) summed log-probabilities of the batch's responses: the policy, or with adapters off."""
     import contextlib
 
-    from minippo import core
     from minippo.lora import disable_adapters
 
     off = disable_adapters(trainer.policy.model) if reference else contextlib.nullcontext()
     with off, torch.set_grad_enabled(grad):
-        logits, _ = trainer._forward(batch, with_values=False)  # (B, T, V)
-        logprobs = core.logprobs_from_logits(logits, batch.response_ids)
+        logprobs, _, _ = trainer._forward(batch, with_values=False)  # (B, T)
     return (logprobs * batch.response_mask).sum(1)
 
 

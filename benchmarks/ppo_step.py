@@ -319,7 +319,9 @@ def report(results: dict, peak: dict, meta: dict, spec: Spec, section: str = "")
         f"{spec.warmup} warm-up step(s), sides alternating; medians. Peer: float32 (its 8-bit path "
         "does not run on CPU). minippo: float32 (same work), auto (compute_dtype auto, base stored in what it "
         "picks), bfloat16 autocast, bf16-weights (base stored in bf16, LM head too), int8 and nf4 "
-        "(bitsandbytes; int8 loaded with dtype auto, as `minippo ppo`: embeddings in bf16 where it is native).",
+        "(bitsandbytes; int8 loaded with dtype auto, as `minippo ppo`: embeddings in bf16 where it is native). "
+        "minippo's worker keeps freed memory for reuse, as the `minippo` command does (`retain_freed_memory`; "
+        "the peer keeps glibc's defaults, as a trl script does).",
         f"- device: {meta['device']}; matmul peak measured there ({spec.threads} CPU threads; "
         f"{'8192' if meta['device'] != 'cpu' else '2048'}^3): "
         + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items()),

@@ -10,9 +10,9 @@ on average, noisy per token. This adds to each minibatch's loss, beside it, --co
 over response tokens of the full-vocabulary KL(pi(.|s_t) || ref(.|s_t)), computed from the policy's
 and the reference's logits (one more forward with the adapters off per micro-batch) and
 differentiated exactly. Done by wrapping two functions for this process only: `PPOTrainer._forward`
-(keeps the reference's logits of each forward with gradients) and `core.entropy_from_logits` (inside
-the loss it returns minus that KL, so the entropy bonus's slot, with entropy_coef = --coef, adds
-coef x KL; its log line "loss/entropy" is then -KL). Everything else is `minippo ppo` with the flags
+(keeps the reference's logits of each forward with gradients) and `minippo.policy.entropy_from_logits`
+(inside the loss, which takes the logits path for the entropy bonus, it returns minus that KL, so the
+bonus's slot, with entropy_coef = --coef, adds coef x KL; its log line "loss/entropy" is then -KL). Everything else is `minippo ppo` with the flags
 after `--`, in one process.
 """
 
@@ -27,27 +27,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def patch() -> None:
     import torch
 
-    from minippo import core
+    from minippo import core, policy
     from minippo.lora import disable_adapters
+    from minippo.policy import maybe_autocast
     from minippo.ppo import PPOTrainer
 
     forward, entropy, reference = PPOTrainer._forward, core.entropy_from_logits, []
 
     def forward_keeping_reference(self, micro, with_values=True):
-        out = forward(self, micro, with_values)
         if torch.is_grad_enabled():  # the loss's forward: the reference's logits at the same states
+            t, temperature = micro.response_ids.shape[1], self.config.temperature
             with torch.no_grad(), disable_adapters(self.policy.model):
-                reference.append(forward(self, micro, False)[0])
-        return out
+                with maybe_autocast(self.device.type, self.compute_dtype):
+                    reference.append(
+                        self.policy(micro.input_ids, micro.attention_mask, t, temperature, False)[0]
+                    )
+        return forward(self, micro, with_values)
 
     def minus_state_kl(logits):
         if not (torch.is_grad_enabled() and reference):
-            return entropy(logits)  # the rollout's entropy statistics
+            return entropy(logits)
         logp = torch.log_softmax(logits.float(), dim=-1)
         ref_logp = torch.log_softmax(reference.pop().float(), dim=-1)
         return -(logp.exp() * (logp - ref_logp)).sum(-1)  # (b, T): -KL(pi || ref) per state
 
-    PPOTrainer._forward, core.entropy_from_logits = forward_keeping_reference, minus_state_kl
+    # with entropy_coef > 0 the loss's forward takes the logits path, whose entropy is policy's name
+    PPOTrainer._forward, policy.entropy_from_logits = forward_keeping_reference, minus_state_kl
 
 
 def main(argv=None) -> int:

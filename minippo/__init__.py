@@ -3,8 +3,7 @@
 The core, in reading order (docs/design.md): ``core`` (PPO math), ``quant`` (k-bit loading), ``lora``,
 ``adapter_files`` (peft's layout), ``policy`` (value head, sampling), ``rollout``, ``ppo`` (the trainer);
 ``fileio`` writes crash-safely.  The blog's IMDB application (`minippo.app`) uses the core as any user.
-Shapes: B batch, P prompt length, T response length, L = P + T, V vocabulary, H hidden size, r LoRA rank.
-"""
+Shapes: B batch, P prompt length, T response length, L = P + T, V vocabulary, H hidden size, r LoRA rank."""
 
 import logging as _logging
 

@@ -1,8 +1,7 @@
 """Adapter files in peft's layout: `save_adapter` and `load_adapter`.
 
 A folder holds `adapter_config.json` (peft's LoraConfig fields) and `adapter_model.safetensors` (keys
-`base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`): peft loads ours, and we load peft's.
-"""
+`base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`): peft loads ours, and we load peft's."""
 
 from __future__ import annotations
 
@@ -73,8 +72,7 @@ def adapter_config_dict(model: nn.Module, base_model_name_or_path: str | None = 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None):
     """Write the two adapter files (keys relative to the LM in a wrapper) atomically; returns `directory`."""
-    lm = _unwrap(model)
-    config = adapter_config_dict(model, base_model_name_or_path)
+    lm, config = _unwrap(model), adapter_config_dict(model, base_model_name_or_path)
     tensors = {PEFT_PREFIX + key: value.to("cpu").contiguous() for key, value in lora_state_dict(lm).items()}
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
@@ -92,14 +90,10 @@ def _config_from_peft(cfg: dict, where: str) -> LoRAConfig:
     bad += [k for k, off in (("bias", "none"), ("layers_to_transform", None)) if cfg.get(k, off) != off]
     if bad:
         raise ValueError(f"{where}: adapter uses {bad}, which minippo's LoRA does not support")
-    return LoRAConfig(
-        r=int(cfg["r"]),
-        alpha=cfg.get("lora_alpha", 8),
-        dropout=float(cfg.get("lora_dropout", 0.0)),
-        target_modules=cfg.get("target_modules"),
-        use_rslora=bool(cfg.get("use_rslora", False)),
-        init="gaussian" if cfg.get("init_lora_weights") == "gaussian" else "default",
-    )
+    r, alpha, dropout = int(cfg["r"]), cfg.get("lora_alpha", 8), float(cfg.get("lora_dropout", 0.0))
+    targets, rslora = cfg.get("target_modules"), bool(cfg.get("use_rslora", False))
+    init = "gaussian" if cfg.get("init_lora_weights") == "gaussian" else "default"
+    return LoRAConfig(r=r, alpha=alpha, dropout=dropout, target_modules=targets, use_rslora=rslora, init=init)
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, check_base: bool = True) -> nn.Module:

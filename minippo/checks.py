@@ -49,7 +49,6 @@ def check_fields(config: Any, rule: Rule, *names: str) -> None:
 
 
 def check(config: Any, ok: bool, message: str) -> None:
-    """Raise ValueError("<Config>: <message>") unless `ok`."""
     if not ok:
         raise ValueError(f"{type(config).__name__}: {message}")
 

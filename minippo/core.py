@@ -1,7 +1,6 @@
 """The PPO math, as pure functions: tensors in, tensors out, no hidden state, each tested on its own
-(tests/test_core.py) and called in turn by the trainer (ppo.py, docs/ppo_step.md).
-Shapes: B batch, T response length, V vocabulary. Masks (float or bool) have the shape of the values
-they mask; 1 marks a real token.
+(tests/test_core.py) and called in turn by the trainer (ppo.py, docs/ppo_step.md). Shapes: B batch,
+T response length, V vocabulary; masks (float or bool) have their values' shape, 1 marks a real token.
 
 Refs:
     Schulman et al. 2017, "Proximal Policy Optimization Algorithms", arXiv:1707.06347.
@@ -9,8 +8,7 @@ Refs:
         Estimation", arXiv:1506.02438.
     Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences", arXiv:1909.08593.
     Schulman 2020, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html.
-    Huang et al. 2024, "The N Implementation Details of RLHF with PPO" (ICLR blog track).
-"""
+    Huang et al. 2024, "The N Implementation Details of RLHF with PPO" (ICLR blog track)."""
 
 from __future__ import annotations
 
@@ -19,10 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 KL_ESTIMATORS = ("k1", "kl", "abs", "mse", "k3")
+HEAD_BLOCK, HEAD_ROWS = 2**26, 16  # `logprobs_from_hidden`: logits a block (GPU), rows an element-wise pass
+
 
 # -- log-probabilities and entropy ------------------------------------------------------------
-
-
 def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     """Log-probability of each label under the softmax of its logits, (B, T, V), (B, T) -> (B, T):
     ``logits[label] - logsumexp(logits)``, which keeps no second (B, T, V) tensor for the backward."""
@@ -37,6 +35,48 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     return torch.cat(ent).view(logits.shape[:-1])
 
 
+def logprobs_from_hidden(hidden: Tensor, weight: Tensor, labels: Tensor, scale: float = 1.0):
+    """`logprobs_from_logits` and `entropy_from_logits` (detached) of logits ``scale * hidden @ weight.T``,
+    (B, T, H), (V, H), (B, T) -> (B, T), (B, T), in blocks of rows: no (B, T, V) tensor kept, fewer passes.
+    The gradient is made in the forward, ``d logp / dh = scale * (W[label] - softmax @ W)`` per row (a fused
+    linear cross-entropy, as Liger-Kernel's, arXiv:2410.10989), so the backward is a product; none for W."""
+    with_grad = torch.is_grad_enabled() and hidden.requires_grad
+    return _HeadLogprobs.apply(hidden, weight, labels, scale, with_grad)
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, scale, with_grad):
+        h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)  # (N, H), (N,)
+        logp, ent = torch.empty(len(y), device=h.device), torch.empty(len(y), device=h.device)
+        grad = torch.empty(h.shape, device=h.device) if with_grad else None  # float32 (N, H)
+        # rows a matmul takes (2**24 logits on a CPU), and rows an element-wise pass takes (cache-sized)
+        step, sub = max(1, (2**24 if h.is_cpu else HEAD_BLOCK) // weight.shape[0]), HEAD_ROWS
+        for i in range(0, len(y), step):
+            z = h[i : i + step] @ weight.T  # (n, V) in the weight's dtype
+            p = torch.empty_like(z) if with_grad else None  # softmax(z)
+            for j in range(0, len(z), sub):
+                zj, rows = z[j : j + sub].float(), slice(i + j, i + j + min(sub, len(z) - j))
+                zj = zj if scale == 1.0 else zj.mul_(scale)
+                e = zj.sub_(zj.amax(-1, keepdim=True)).exp()  # z - max(z), and its exp
+                s = e.sum(-1)
+                logp[rows] = zj.gather(1, y[rows, None])[:, 0] - s.log()
+                ent[rows] = s.log() - torch.linalg.vecdot(e, zj) / s
+                if with_grad:
+                    p[j : j + sub] = e.div_(s[:, None])
+            if with_grad:
+                grad[i : i + step] = (weight[y[i : i + step]].float() - p @ weight) * scale
+        logp, ent = logp.view(labels.shape), ent.view(labels.shape)
+        ctx.mark_non_differentiable(ent)
+        ctx.save_for_backward(grad)
+        ctx.dtype, ctx.shape = hidden.dtype, hidden.shape
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent):
+        return (grad_logp.reshape(-1, 1) * ctx.saved_tensors[0]).to(ctx.dtype).view(ctx.shape), *[None] * 4
+
+
 def _row_blocks(x: Tensor) -> list[Tensor]:
     """x's rows of the last dim: on a CPU 8 at a time (cache-sized: 2-5x faster at V = 49k, the same
     numbers, as each row is reduced alone), on a GPU all at once."""
@@ -45,11 +85,8 @@ def _row_blocks(x: Tensor) -> list[Tensor]:
 
 
 # -- masked statistics --------------------------------------------------------------------------
-
-
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    """Mean of ``x`` where ``mask`` is 1, over everything or along ``dim`` (an all-zero mask gives NaN,
-    as ``torch.mean`` of an empty tensor does)."""
+    """Mean of ``x`` where ``mask`` is 1, over all or along ``dim`` (all-zero mask: NaN, as torch.mean)."""
     mask = mask.to(x.dtype)
     return (x * mask).sum(dim) / mask.sum(dim)
 
@@ -65,12 +102,11 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
 
 
 def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, moments=None) -> Tensor:
-    """Normalise ``x`` (B, T) to unit variance and zero mean over the masked positions (unbiased
-    ``masked_var`` + 1e-8, or ``moments`` = (mean, var) given, e.g. over all processes:
-    `minippo.distributed.masked_moments`); masked-out positions become 0.  ``shift_mean=False`` adds
-    the mean back, ``(x - mean) / std + mean`` as trl's ``whiten``: rewards whitened without shifting
-    them (Huang et al., detail "reward whitening").  Ref: OpenAI lm-human-preferences ``whiten``;
-    Schulman et al. 2017 normalise advantages per batch."""
+    """Normalise ``x`` (B, T) to zero mean, unit variance where ``mask`` is 1 (unbiased ``masked_var`` +
+    1e-8, or ``moments`` = (mean, var) given, e.g. over all processes: `distributed.masked_moments`);
+    masked-out positions become 0.  ``shift_mean=False`` adds the mean back, ``(x - mean) / std + mean``
+    as trl's ``whiten``: rewards whitened without shifting them (Huang et al., "reward whitening").
+    Ref: OpenAI lm-human-preferences ``whiten``; Schulman et al. 2017 normalise advantages per batch."""
     mean, var = moments if moments is not None else (masked_mean(x, mask), masked_var(x, mask))
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
@@ -79,17 +115,14 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, moments=None
 
 
 # -- advantages ---------------------------------------------------------------------------------
-
-
 def compute_gae(
     values: Tensor, rewards: Tensor, mask: Tensor, gamma: float, lam: float
 ) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation: values, rewards, mask (B, T) -> (advantages, returns), (B, T).
 
-    ``delta_t = r_t + gamma * V_{t+1} - V_t``, ``A_t = delta_t + gamma * lam * A_{t+1}``, returns =
-    advantages + values (the value targets).  A masked position neither receives value (A and return
-    0) nor passes any on (V_{t+1} and A_{t+1} count as 0), so right padding changes nothing.
-    Computed in float32 or wider.  Ref: Schulman et al. 2016 (arXiv:1506.02438), eq. 16."""
+    ``delta_t = r_t + gamma * V_{t+1} - V_t``, ``A_t = delta_t + gamma * lam * A_{t+1}`` (eq. 16), returns =
+    A + V (the value targets), in float32 or wider. A masked position neither receives value (A, return 0)
+    nor passes any on (V_{t+1}, A_{t+1} count as 0): padding changes nothing. Ref: Schulman et al. 2016."""
     dtype = torch.promote_types(values.dtype, torch.float32)
     values, rewards, mask = values.to(dtype), rewards.to(dtype), mask.to(dtype)
     values, rewards = values * mask, rewards * mask
@@ -104,8 +137,6 @@ def compute_gae(
 
 
 # -- KL penalty and rewards ---------------------------------------------------------------------
-
-
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
     """Per-token estimate of KL(policy || reference) from the sampled tokens' log-probabilities.
 
@@ -139,9 +170,8 @@ def kl_penalized_rewards(
 ) -> tuple[Tensor, Tensor]:
     """Per-token rewards: a KL penalty at every response token plus the score at the last one.
 
-    scores (B,), logprobs, ref_logprobs, mask (B, T) -> (rewards, kl), both (B, T):
-    ``kl = kl_penalty(...) * mask``, ``rewards = -kl_coef * kl`` plus ``scores[i]`` at row i's last
-    real token.  ``kl`` is returned so that the KL logged is the KL penalised.
+    scores (B,), logprobs, ref_logprobs, mask (B, T) -> rewards, kl (B, T): ``kl = kl_penalty(...) * mask``,
+    ``rewards = -kl_coef * kl`` + ``scores[i]`` at row i's last real token; the KL logged is the KL penalised.
     Ref: Ziegler et al. 2019 (arXiv:1909.08593), section 2.2: R(x, y) = r(x, y) - beta * log(pi / rho)."""
     mask = mask.to(logprobs.dtype)
     kl = kl_penalty(logprobs, ref_logprobs, estimator) * mask  # (B, T)
@@ -153,15 +183,12 @@ def kl_penalized_rewards(
 
 
 # -- losses -------------------------------------------------------------------------------------
-
-
 def policy_loss(
     logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO's clipped surrogate objective, as a loss: logprobs (with grad), old_logprobs, advantages,
     mask (B, T) -> (loss, stats), ``loss = masked_mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))``
     with ``ratio = exp(logp - old)``.  A token on the clipped branch has zero gradient.
-
     Stats (detached scalars): ``clipfrac``, ``approxkl`` (``0.5 * mean((logp - old)^2)``), ``policykl``
     (``mean(old - logp)``), ``ratio`` (mean), ``advantages_mean``.
     Ref: Schulman et al. 2017 (arXiv:1707.06347), eq. 7."""
@@ -187,10 +214,9 @@ def value_loss(
     """Clipped value loss ``0.5 * masked_mean(max((V - R)^2, (V_clip - R)^2))``, with
     ``V_clip = old + clip(V - old, -eps_v, eps_v)``: values (with grad), old_values, returns, mask (B, T)
     -> (loss, stats).  Stats (detached): ``clipfrac``, ``error`` (``mean((V - R)^2)``), ``vpred``,
-    ``var_explained`` (``1 - var(R - V) / var(R)``).
-    Ref: Schulman et al. 2017 / OpenAI baselines ppo2.
-    Note: value clipping is not in the paper; it is in OpenAI's baselines, lm-human-preferences and
-    trl, and is kept for parity (Huang et al. discuss it as an implementation detail)."""
+    ``var_explained`` (``1 - var(R - V) / var(R)``).  Ref: Schulman et al. 2017 / OpenAI baselines ppo2.
+    Value clipping is not in the paper; it is in OpenAI's baselines, lm-human-preferences and trl, and
+    is kept for parity (Huang et al. discuss it as an implementation detail)."""
     clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
     unclipped_loss = (values - returns).square()  # (B, T)
     clipped_loss = (clipped_values - returns).square()
@@ -206,8 +232,6 @@ def value_loss(
 
 
 # -- KL coefficient controllers -----------------------------------------------------------------
-
-
 class AdaptiveKLController:
     """The adaptive KL coefficient beta of Ziegler et al. 2019, section 2.2.
 
@@ -244,15 +268,12 @@ class RunningMoments:
         self.mean, self.var, self.count, self.eps = 0.0, 1.0, 0, eps
 
     def update(self, x: Tensor) -> tuple[float, float]:
-        n = x.numel()
-        batch_mean = x.float().mean().item()
+        n, batch_mean = x.numel(), x.float().mean().item()
         batch_m2 = ((x.float() - batch_mean) ** 2).sum().item()  # sum of squared deviations
-        total = self.count + n
-        delta = batch_mean - self.mean
+        total, delta = self.count + n, batch_mean - self.mean
         m2 = self.var * max(self.count - 1, 0) + batch_m2 + delta**2 * self.count * n / total
         self.mean += delta * n / total
-        self.var = m2 / max(total - 1, 1)
-        self.count = total
+        self.var, self.count = m2 / max(total - 1, 1), total
         return self.mean, max(self.var**0.5, self.eps)
 
     def state_dict(self) -> dict[str, float]:

@@ -32,7 +32,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """A text file written with `atomic_write`."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 

@@ -7,8 +7,7 @@ A LoRA layer adds a trainable low-rank update to a frozen layer W (out, in):
 with scaling = alpha / r (alpha / sqrt(r) with rsLoRA) and B = 0 at init, so an adapted model starts
 as its base.  The layer only *calls* the base, never reads its weight, so the base may be int8 or 4-bit.
 Ref: Hu et al. 2021, LoRA, arXiv:2106.09685, eq. 3; Kalajdzievski 2023, rsLoRA, arXiv:2312.03732.
-minLoRA-style API: `add_lora`, `disable_adapters`, `lora_state_dict`, `merge_lora`; files: `adapter_files`.
-"""
+minLoRA-style API: `add_lora`, `disable_adapters`, `lora_state_dict`, `merge_lora`; files: `adapter_files`."""
 
 from __future__ import annotations
 
@@ -97,8 +96,6 @@ def _normalise_targets(targets):
 
 
 # -- the layer ---------------------------------------------------------------------------------
-
-
 def is_linear_like(module: nn.Module) -> bool:
     """nn.Linear (Linear8bitLt and Linear4bit included) or transformers' Conv1D: the layers LoRA can wrap."""
     return isinstance(module, (nn.Linear, Conv1D))
@@ -156,7 +153,7 @@ class LoRALayer(nn.Module):
             return out
         with torch.autocast(x.device.type, enabled=False):  # fp32 even under bf16 autocast
             x_a = self.lora_dropout(x.to(self.lora_A.weight.dtype))  # (..., in), fp32
-            delta = self.lora_B(self.lora_A(x_a)) * self.scaling  # (..., r) -> (..., out)
+            delta = self.lora_B(self.lora_A(x_a) * self.scaling)  # (..., r) -> (..., out)
         return out + delta.to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
@@ -180,13 +177,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
-    """(module path, layer) for every LoRALayer of `model`."""
     return ((name, m) for name, m in model.named_modules() if isinstance(m, LoRALayer))
 
 
 # -- adding adapters ---------------------------------------------------------------------------
-
-
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts (elements; an int8 weight counts as many as a float one)."""
     params = list(model.parameters())  # each shared parameter once
@@ -292,8 +286,6 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # -- merging -----------------------------------------------------------------------------------
-
-
 def _float_weight(layer: nn.Module) -> torch.Tensor:
     """The layer's weight as fp32 (out, in): dequantised for int8 and 4-bit, transposed for Conv1D."""
     if isinstance(layer, bnb.nn.Linear8bitLt):

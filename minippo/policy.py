@@ -5,8 +5,7 @@ Layout of a (query, response) batch, the one every forward here uses:
     input_ids (B, L) = [pad ... pad, query tokens | response tokens, pad ... pad],  L = P + T
 i.e. queries left-padded to P and responses right-padded to T, so every response starts at column P
 and the logits that predict response tokens are those at columns P-1 .. L-2. Masks always come from
-lengths, never from comparing token ids with the pad id, so the pad id may equal EOS without harm.
-"""
+lengths, never from comparing token ids with the pad id, so the pad id may equal EOS without harm."""
 
 from __future__ import annotations
 
@@ -22,21 +21,20 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .adapter_files import load_adapter, save_adapter
+from .core import entropy_from_logits, logprobs_from_hidden, logprobs_from_logits
 from .fileio import atomic_write
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
+
 # -- padding ------------------------------------------------------------------------------------
-
-
 def right_pad(seqs: list[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
     """Stack 1-D token tensors into (B, T) ids and mask, padding on the right."""
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (B, T)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, : len(s)] = s
-        mask[i, : len(s)] = 1
+        ids[i, : len(s)], mask[i, : len(s)] = s, 1
     return ids, mask
 
 
@@ -52,8 +50,6 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 # -- value head ---------------------------------------------------------------------------------
-
-
 class ValueHead(nn.Module):
     """A scalar value per position: Linear(H, 1) over the last hidden state, computed in float32.
 
@@ -77,7 +73,6 @@ class ValueHead(nn.Module):
 
 
 def save_value_head(value_head: ValueHead, directory: str | os.PathLike) -> None:
-    """Write the value head's weights to ``directory/value_head.safetensors``."""
     os.makedirs(directory, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()}
     atomic_write(os.path.join(directory, VALUE_HEAD_FILE), lambda path: save_file(state, path))
@@ -92,8 +87,6 @@ def load_value_head(value_head: ValueHead, directory: str | os.PathLike) -> None
 
 
 # -- generation output --------------------------------------------------------------------------
-
-
 @dataclass
 class Generation:
     """The result of `PolicyWithValueHead.generate`: query_ids, query_mask (B, P) left-padded;
@@ -116,18 +109,15 @@ class Generation:
 
 
 # -- the policy ---------------------------------------------------------------------------------
-
-
 class PolicyWithValueHead(nn.Module):
     """A causal LM (LoRA-adapted, possibly k-bit) and a value head on its last hidden state.
 
     ``forward`` runs the backbone once; with ``response_length=T`` only the T positions that predict the
-    last T tokens go through the LM head. The reference is this module with its adapters disabled. The
-    LM head runs in its weights' dtype even under autocast (bf16 logits would put noise on every
-    log-probability); Cohere's, Granite's and Gemma2's logit scales and softcap are applied, and
-    `check_logits` checks at wrap time that the logits are the model's own. ``gradient_checkpointing``
-    recomputes each decoder layer in backward whenever gradients are on: transformers' own acts only in
-    train mode, and PPO runs in eval mode (dropout off)."""
+    last T tokens go through the LM head. The reference is this module, adapters disabled. The LM head runs
+    in its weights' dtype even under autocast (bf16 logits would put noise on every log-probability), with
+    Cohere's, Granite's and Gemma2's logit scales and softcap; `check_logits` checks at wrap time that the
+    logits are the model's own. ``gradient_checkpointing`` recomputes each decoder layer in backward when
+    gradients are on (transformers' own acts only in train mode; PPO runs in eval mode, dropout off)."""
 
     def __init__(
         self, model: nn.Module, value_head: ValueHead | None = None, value_head_dropout: float = 0.0
@@ -138,14 +128,12 @@ class PolicyWithValueHead(nn.Module):
         if value_head is None:
             value_head = ValueHead(config.hidden_size, dropout=value_head_dropout)
         self.value_head = value_head.to(self.device)
-        # transformers 5 names the KV cache argument `cache`, 4.x `past_key_values`.
         params = inspect.signature(self.backbone.forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"  # KV cache: transformers 5, 4.x
         # logits = softcap(lm_head(h) * logit_scale / logits_scaling), as those models' forwards
         scale, divisor = getattr(config, "logit_scale", None), getattr(config, "logits_scaling", None)
         self._logit_scale = (scale or 1.0) / (divisor or 1.0)
-        self._softcap = getattr(config, "final_logit_softcapping", None)
-        self._checkpointing = False
+        self._softcap, self._checkpointing = getattr(config, "final_logit_softcapping", None), False
         self.check_logits()
 
     @property
@@ -178,14 +166,18 @@ class PolicyWithValueHead(nn.Module):
     def check_logits(self, rtol: float = 1e-2) -> None:
         """Raise a ValueError unless this policy's logits equal ``model(ids).logits`` on a probe batch
         (up to ``rtol`` of their largest magnitude: bf16 models round differently)."""
-        vocab = self.lm_head.weight.shape[0]
-        ids = (torch.arange(16, device=self.device) * 7919 % vocab).view(2, 8)  # (2, 8)
-        mask = torch.ones_like(ids)
-        training = self.model.training
+        ids = (torch.arange(16, device=self.device) * 7919 % self.lm_head.weight.shape[0]).view(2, 8)
+        mask, training = torch.ones_like(ids), self.model.training
         self.model.eval()
         try:
             theirs = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
             ours, _ = self(ids, mask, with_values=False)  # (2, 8, V)
+            head = self.lm_head  # the fused head, probed on the same batch
+            self.fused_head = type(head) is nn.Linear and head.bias is None and not self._softcap
+            if self.fused_head and head.weight.is_floating_point():
+                expected = logprobs_from_logits(ours[:, :-1], ids[:, 1:])  # (2, 7)
+                error = self.response_logprobs(ids, mask, ids[:, 1:])[0] - expected
+                self.fused_head = error.abs().max().item() < 1e-3
         finally:
             self.model.train(training)
         error, scale = (ours - theirs).abs().max().item(), theirs.abs().max().item()
@@ -228,12 +220,33 @@ class PolicyWithValueHead(nn.Module):
         """Float32 logits / ``temperature`` and values (None without ``with_values``) of a (B, L) batch:
         (B, T, V) and (B, T) at positions L-T-1 .. L-2 (t predicts response token t) with
         ``response_length=T``, else (B, L, V) and (B, L)."""
-        positions = position_ids_from_mask(attention_mask)
-        hidden, _ = self._hidden(input_ids, attention_mask, positions)  # (B, L, H)
-        if response_length is not None:
-            hidden = hidden[:, -response_length - 1 : -1]  # (B, T, H)
+        hidden = self._response_hidden(input_ids, attention_mask, response_length)
         values = self.value_head(hidden) if with_values else None
         return self.logits_from_hidden(hidden, temperature), values
+
+    def response_logprobs(
+        self, input_ids, attention_mask, response_ids, temperature=1.0, with_values=True, entropy_grad=False
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Log-probs and entropies (B, T) of the T response tokens that end a (B, L) batch, as `forward`'s
+        logits give them, and values (None without ``with_values``); the entropy without gradient unless
+        ``entropy_grad``. Without it, by `core.logprobs_from_hidden` (no logits kept) where `check_logits`
+        found that exact: a frozen float nn.Linear LM head without bias, softcap or hooks that change it."""
+        hidden = self._response_hidden(input_ids, attention_mask, response_ids.shape[1])
+        values = self.value_head(hidden) if with_values else None
+        head_grad = torch.is_grad_enabled() and self.lm_head.weight.requires_grad  # the fused head gives none
+        if entropy_grad or head_grad or not self.fused_head:
+            logits = self.logits_from_hidden(hidden, temperature)  # (B, T, V)
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                entropy = entropy_from_logits(logits)
+            return logprobs_from_logits(logits, response_ids), entropy, values
+        with torch.autocast(hidden.device.type, enabled=False):
+            w, scale = self.lm_head.weight, self._logit_scale / temperature
+            return *logprobs_from_hidden(hidden.to(w.dtype), w, response_ids, scale), values
+
+    def _response_hidden(self, input_ids, attention_mask, response_length):
+        """The last hidden state (B, L, H), or (B, T, H) at the positions that predict the last T tokens."""
+        hidden, _ = self._hidden(input_ids, attention_mask, position_ids_from_mask(attention_mask))
+        return hidden if response_length is None else hidden[:, -response_length - 1 : -1]
 
     def _hidden(self, ids, mask, pos, use_cache=False, cache=None):
         """The backbone's last hidden state (B, L, H) and, with ``use_cache``, its updated KV cache."""
@@ -242,7 +255,6 @@ class PolicyWithValueHead(nn.Module):
         return out.last_hidden_state, getattr(out, self._cache_arg) if use_cache else None
 
     # -- sampling -------------------------------------------------------------------------------
-
     @torch.no_grad()
     def generate(
         self,
@@ -256,11 +268,10 @@ class PolicyWithValueHead(nn.Module):
         stop_at_eos: bool = False,
         batch_size: int | None = None,
     ) -> Generation:
-        """Sample one response per query (1-D token tensors), ``batch_size`` at once, with a KV cache:
-        lengths uniform in ``[min_new_tokens, max_new_tokens]``, tokens from ``softmax(logits /
-        temperature)`` over the whole vocabulary (top_k 0, top_p 1: PPO's log-probs are those of this
-        distribution); with ``stop_at_eos`` up to and including the first EOS. Torch's global generator;
-        returns a `Generation` on the CPU."""
+        """Sample one response per query (1-D token tensors), ``batch_size`` at once, with a KV cache: lengths
+        uniform in ``[min_new_tokens, max_new_tokens]``, tokens from ``softmax(logits / temperature)`` over
+        the whole vocabulary (top_k 0, top_p 1: PPO's log-probs are this distribution's); with ``stop_at_eos``
+        up to and including the first EOS. Torch's global generator; returns a CPU `Generation`."""
         if not queries:
             raise ValueError("generate() needs at least one query")
         if any(q.dim() != 1 or len(q) == 0 for q in queries):
@@ -286,8 +297,7 @@ class PolicyWithValueHead(nn.Module):
         """One batch of `generate`: prefill the prompts, then one cached forward per new token."""
         device = self.device
         query_ids, query_mask = left_pad(queries, pad_token_id)  # (B, P)
-        B, T = len(queries), int(lengths.max())
-        lengths = lengths.to(device)
+        B, T, lengths = len(queries), int(lengths.max()), lengths.to(device)
         tokens = torch.full((B, T), pad_token_id, dtype=torch.long, device=device)  # (B, T)
         logprobs = torch.zeros((B, T), device=device)  # (B, T)
         finished = torch.zeros(B, dtype=torch.bool, device=device)  # stopped at EOS
@@ -322,7 +332,6 @@ class PolicyWithValueHead(nn.Module):
         return Generation(query_ids, query_mask, tokens.cpu(), mask.cpu(), (logprobs * mask).cpu())
 
     # -- files ----------------------------------------------------------------------------------
-
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write the LoRA adapter (peft layout) and ``value_head.safetensors`` into ``directory``."""
         save_adapter(self.model, directory)
@@ -335,13 +344,11 @@ class PolicyWithValueHead(nn.Module):
 
 
 def _checkpointed(forward, *args, **kwargs):
-    """A decoder layer's forward under ``torch.utils.checkpoint`` when gradients are on (else plain)."""
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
     return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 def maybe_autocast(device_type: str, dtype: torch.dtype | None) -> torch.autocast:
-    """``torch.autocast(device_type, dtype)``, switched off for None or float32."""
     on = dtype not in (None, torch.float32)
     return torch.autocast(device_type, dtype=dtype if on else torch.bfloat16, enabled=on)

@@ -1,12 +1,10 @@
 """PPO for language models: `PPOConfig` and `PPOTrainer` (``generate``, ``step``, ``save``, ``load``).
 
-A training loop is: prompts -> ``trainer.generate`` -> score the responses -> ``trainer.step``, whose
-numbered steps call tested functions of `minippo.core` (docs/ppo_step.md walks through them). Only the
-LoRA adapters and the value head train; the reference policy is the same model, adapters disabled.
-
-Refs: Schulman et al. 2017 (PPO, arXiv:1707.06347); Ziegler et al. 2019 (PPO for LMs with a KL
-penalty, arXiv:1909.08593); trl v0.4.7's PPOTrainer (names, defaults, stats).
-"""
+A training loop: prompts -> ``trainer.generate`` -> score the responses -> ``trainer.step``, whose numbered
+steps call tested functions of `minippo.core` (docs/ppo_step.md walks through them). Only the LoRA
+adapters and the value head train; the reference policy is the same model, adapters disabled.
+Refs: Schulman et al. 2017 (PPO, arXiv:1707.06347); Ziegler et al. 2019 (PPO for LMs with a KL penalty,
+arXiv:1909.08593); trl v0.4.7's PPOTrainer (names, defaults, stats)."""
 
 from __future__ import annotations
 
@@ -112,8 +110,7 @@ class PPOConfig:
     generation_batch_size: int | None = None
     """queries sampled at once by generate() (None: all of them in one batch)."""
     compute_dtype: str = "auto"
-    """matmul dtype under autocast: "auto" (`minippo.quant.auto_compute_dtype`), "float32" or "bfloat16";
-    weights, logits, values and Adam keep theirs. float16 is refused: it needs loss scaling."""
+    """autocast's matmul dtype (weights, logits, values keep theirs): "auto", "float32" or "bfloat16"."""
     device: str | None = None
     """device to train on, e.g. "cuda" (None: wherever the model's parameters are)."""
     gradient_checkpointing: bool | None = None
@@ -153,7 +150,6 @@ class PPOConfig:
 
     @property
     def micro_batch_size(self) -> int:
-        """Samples per forward/backward pass: mini_batch_size / gradient_accumulation_steps."""
         return self.mini_batch_size // self.gradient_accumulation_steps
 
 
@@ -161,10 +157,9 @@ class PPOTrainer:
     """Trains a policy (LoRA adapters + value head) with PPO against a reference = adapters off.
 
     ``model``: a `PolicyWithValueHead`, or a causal LM with LoRA layers (``add_lora``) to wrap in one.
-    ``tokenizer`` (optional) gives the pad and EOS ids; without a pad token EOS pads (harmless: masks
-    come from lengths). ``optimizer`` defaults to AdamW over the trainable parameters; ``lr_scheduler``
-    (optional) is stepped once per `step`, as in trl. The policy stays in eval mode: PPO runs with
-    dropout off, so the first minibatch of every step sees exactly the rollout policy (ratio 1)."""
+    ``tokenizer`` gives the pad and EOS ids (EOS pads if there is no pad token: masks come from lengths).
+    ``optimizer``: AdamW over the trainable parameters by default; ``lr_scheduler`` steps once per `step`,
+    as in trl. The policy runs in eval mode (dropout off): each step's first minibatch has ratio 1."""
 
     def __init__(
         self, config: PPOConfig, model: nn.Module, tokenizer=None, optimizer=None, lr_scheduler=None
@@ -201,8 +196,7 @@ class PPOTrainer:
             self.kl_ctl = core.FixedKLController(beta)
         self.pad_token_id, self.eos_token_id = self._special_ids(tokenizer, policy.model.config)
         self.vocab_size = getattr(policy.lm_head, "out_features", None)
-        self.score_moments = core.RunningMoments()
-        self.current_step = 0
+        self.score_moments, self.current_step = core.RunningMoments(), 0
         if config.log_with:
             check_installed(config.log_with)  # on every rank: the same error everywhere
         self.tracker = None  # rank 0 logs the (global) stats
@@ -239,18 +233,19 @@ class PPOTrainer:
             )
         return int(pad), (None if eos is None else int(eos))
 
-    def _forward(self, micro: RolloutBuffer, with_values: bool = True) -> tuple[Tensor, Tensor | None]:
-        """Logits (b, t, V) and values (b, t) of the policy at a micro-batch's t response positions."""
-        t = micro.response_ids.shape[1]
+    def _forward(
+        self, micro: RolloutBuffer, with_values: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(b, t) log-probs, entropies (grad for the entropy bonus), values: `policy.response_logprobs`."""
+        ids, mask, config = micro.input_ids, micro.attention_mask, self.config
+        args = micro.response_ids, config.temperature, with_values, config.entropy_coef > 0
         with maybe_autocast(self.device.type, self.compute_dtype):
-            return self.policy(micro.input_ids, micro.attention_mask, t, self.config.temperature, with_values)
+            return self.policy.response_logprobs(ids, mask, *args)
 
     # -- generation -----------------------------------------------------------------------------
-
     def generate(self, queries: Sequence[Tensor], return_generation: bool = False, **overrides):
-        """Sample one response per query (1-D token tensors) with the current policy, with the config's
-        temperature, min/max_new_tokens, stop_at_eos and generation_batch_size; keyword ``overrides``
-        replace all but the temperature (step() must score tokens with the same one) for this call.
+        """Sample one response per query (1-D token tensors) with the current policy and config; keyword
+        ``overrides`` replace all but the temperature (step() must score with the same one) for this call.
         Returns 1-D CPU tensors, or with ``return_generation=True`` the `Generation` (padded, masks, logp)."""
         allowed = {"min_new_tokens", "max_new_tokens", "stop_at_eos", "batch_size"}
         if set(overrides) - allowed:
@@ -266,7 +261,6 @@ class PPOTrainer:
         return generation if return_generation else generation.responses()
 
     # -- the PPO step ---------------------------------------------------------------------------
-
     def step(
         self, queries: Sequence[Tensor], responses: Sequence[Tensor], scores: Sequence[float] | Tensor
     ) -> dict[str, float]:
@@ -323,14 +317,12 @@ class PPOTrainer:
             self.current_step += 1
 
         # 8. Statistics.
-        stats = self._step_stats(batch, raw_scores, kl, kl_coef, entropy, records, outcomes)
-        stats.update(timing)
+        stats = self._step_stats(batch, raw_scores, kl, kl_coef, entropy, records, outcomes) | timing
         if self.tracker is not None:
             self.tracker.log(stats, self.current_step)
         return stats
 
     def _padded_batch(self, queries: Sequence[Tensor], responses: Sequence[Tensor]) -> RolloutBuffer:
-        """Queries left-padded to (B, P), responses right-padded to (B, T), on the trainer's device."""
         pad = self.pad_token_id
         query_ids, query_mask = (x.to(self.device) for x in left_pad(list(queries), pad))  # (B, P)
         response_ids, response_mask = (x.to(self.device) for x in right_pad(list(responses), pad))  # (B, T)
@@ -385,10 +377,9 @@ class PPOTrainer:
         return scores
 
     def _normalise_scores(self, scores: Tensor) -> Tensor:
-        """(B,) -> (B,): score_scale, then optionally trl's use_score_scaling (divide by the running std
-        of all scores so far, this batch included), use_score_norm (also centre on the running mean) and
-        score_clip. OpenAI's reward gain and bias do the same once, on samples of the initial policy.
-        Ref: Ziegler et al. 2019, arXiv:1909.08593, sec. 2.2."""
+        """(B,) -> (B,): score_scale, then optionally trl's use_score_scaling (divide by the running std of
+        all scores so far, this batch included), use_score_norm (also centre on the running mean), score_clip.
+        OpenAI's reward gain and bias do it once, at the start. Ref: Ziegler et al. 2019, sec. 2.2."""
         config = self.config
         scores = scores * config.score_scale
         if config.use_score_scaling:
@@ -400,28 +391,24 @@ class PPOTrainer:
 
     @torch.no_grad()
     def _forward_no_grad(self, batch: RolloutBuffer, with_values: bool = True, order=None):
-        """Log-probs, values and entropies (each (B, T), 0 at padding) of the batch's responses,
-        computed on the micro-batches that the first PPO epoch will use (`RolloutBuffer.epoch_order`),
-        or on consecutive micro-batches of ``order``."""
+        """Log-probs, values and entropies (each (B, T), 0 at padding) of the batch's responses, on the first
+        PPO epoch's micro-batches (`RolloutBuffer.epoch_order`), or on consecutive ones of ``order``."""
         B, T = batch.response_ids.shape
         order = batch.epoch_order(0) if order is None else order
         logprobs, values, entropy = (torch.zeros(B, T, device=self.device) for _ in range(3))
         for index in order.split(self.micro_batch_size):
             micro = batch.select(index)  # trimmed of all-padding columns
             t = micro.response_ids.shape[1]
-            logits, v = self._forward(micro, with_values)  # (b, t, V), (b, t)
-            logprobs[index, :t] = core.logprobs_from_logits(logits, micro.response_ids)
+            logprobs[index, :t], ent, v = self._forward(micro, with_values)  # (b, t) each
             if with_values:
-                values[index, :t] = v
-                entropy[index, :t] = core.entropy_from_logits(logits)
+                values[index, :t], entropy[index, :t] = v, ent
         logprobs, values, entropy = (x * batch.response_mask for x in (logprobs, values, entropy))
         return (logprobs, values, entropy) if with_values else (logprobs, None, None)
 
     def _apply_update(self, stats: dict[str, Tensor]) -> str:
-        """Step the optimiser on the minibatch's gradients and return "update"; or "skip" for a non-finite
-        loss or gradient norm or a mean ratio above ratio_threshold (a loss spike, trl PR #488); or "stop"
-        with early_stopping when the policy KL exceeds 1.5 * target_kl (the step's other epochs dropped).
-        The decision is reduced over processes (max), so every process takes the same branch."""
+        """Step the optimiser: "update"; or "skip" for a non-finite loss or gradient norm or a mean ratio
+        above ratio_threshold (a loss spike, trl PR #488); or "stop" (early_stopping) if the policy KL >
+        1.5 * target_kl, dropping the step's other epochs. A max over processes: all take the same branch."""
         config, problem, ratio = self.config, None, stats["policy/ratio"].item()
         stop = config.early_stopping and stats["policy/policykl"].item() > 1.5 * config.target_kl
         if not (torch.isfinite(stats["loss/total"]) and torch.isfinite(stats["grad_norm"])):
@@ -441,22 +428,19 @@ class PPOTrainer:
         return "skip" if skip else "update"
 
     def _clipped_loss_backward(self, minibatch: RolloutBuffer) -> dict[str, Tensor]:
-        """Clipped policy + value loss, forward and backward over the minibatch in micro-batches;
-        gradients left in .grad (clipped to max_grad_norm, not stepped). Returns the detached stats.
-        Each micro-batch's masked-mean loss is weighted by its share of the minibatch's tokens (over all
-        processes), so the summed gradients and stats are those of the whole minibatch's masked mean."""
+        """Clipped policy + value loss, forward and backward in micro-batches, each weighted by its share of
+        the minibatch's tokens (over all processes), so the summed gradients and stats are the minibatch's
+        masked mean's. Gradients stay in .grad (clipped to max_grad_norm, not stepped); returns the stats."""
         config = self.config
         n_tokens = distributed.all_reduce(minibatch.response_mask.sum())
         totals: dict[str, Tensor] = {}
         for micro in minibatch.minibatches(self.micro_batch_size, shuffle=False):
             weight, mask = micro.response_mask.sum() / n_tokens, micro.response_mask
-            logits, vpred = self._forward(micro)  # (b, T, V), (b, T)
-            logprobs = core.logprobs_from_logits(logits, micro.response_ids)  # (b, T)
+            logprobs, entropy, vpred = self._forward(micro)  # (b, T) each
             eps, eps_v = config.cliprange, config.cliprange_value
             pg_loss, pg_stats = core.policy_loss(logprobs, micro.old_logprobs, micro.advantages, mask, eps)
             vf_loss, vf_stats = core.value_loss(vpred, micro.values, micro.returns, mask, eps_v)
-            with torch.set_grad_enabled(config.entropy_coef > 0):  # exact, per token; no graph when off
-                ent = core.masked_mean(core.entropy_from_logits(logits), mask)
+            ent = core.masked_mean(entropy, mask)  # exact, per token
             loss = pg_loss + config.vf_coef * vf_loss - config.entropy_coef * ent
             (loss * weight).backward()
             named = {"loss/policy": pg_loss, "loss/value": vf_loss, "loss/total": loss, "loss/entropy": ent}
@@ -504,7 +488,6 @@ class PPOTrainer:
         return dict(zip(stats, distributed.all_reduce(values, "mean").tolist()))
 
     # -- checkpoints ----------------------------------------------------------------------------
-
     def save(self, directory: str | os.PathLike) -> str:
         """Write a checkpoint from which `load` continues exactly (adapter in peft's layout, value head,
         optimiser, LR scheduler, RNG states, trainer state: step, KL coefficient, score moments, config)
@@ -522,10 +505,9 @@ class PPOTrainer:
         return os.path.abspath(os.fspath(directory))
 
     def load(self, directory: str | os.PathLike) -> None:
-        """Restore a checkpoint written by `save`: training continues exactly as if it had not stopped.
-        The config must equal this trainer's except in `RESUMABLE_CHANGES` (this trainer's value applies,
-        with a warning); other differences raise a ValueError listing them. The learning rate is the
-        configured one (times the scheduler's factor at the restored step), not the saved one."""
+        """Restore a checkpoint of `save`: training continues exactly. The config must equal this trainer's
+        except in `RESUMABLE_CHANGES` (this trainer's value applies, with a warning; other differences raise
+        a ValueError listing them). The learning rate is the configured one times the scheduler's factor."""
         directory = os.fspath(directory)
         with _readable(directory), open(os.path.join(directory, TRAINER_STATE)) as f:
             state = json.load(f)
@@ -576,7 +558,6 @@ def load_torch(directory: str | os.PathLike, name: str, device: torch.device | s
 
 
 def rng_state() -> dict:
-    """The states of torch's CPU and CUDA generators and of Python's ``random``."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -584,7 +565,6 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore what `rng_state` returned (the CUDA states only where CUDA is available)."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():

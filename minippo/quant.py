@@ -5,13 +5,13 @@ activations per row, except outlier columns above `threshold` (fp16).  Ref: arXi
 `Linear4bit` stores blocks of 64 weights as 4-bit codes (NF4 or FP4) with one absmax scale (8-bit
 with double quantisation), dequantised at matmul time.  Ref: QLoRA, arXiv:2305.14314.
 `load_model` / `quantize_model` get there; `prepare_model_for_kbit_training` freezes everything and
-pins the k-bit layers to one function on every device (`pin_kbit_layers`).
-"""
+pins the k-bit layers to one function on every device (`pin_kbit_layers`)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import weakref
 
 import bitsandbytes as bnb
 import torch
@@ -69,32 +69,26 @@ def auto_compute_dtype(device, model: nn.Module | None = None, eight_bit: bool =
 
 
 def resolve_compute_dtype(name: torch.dtype | str, device: torch.device | str, model=None) -> torch.dtype:
-    """``"auto"`` -> `auto_compute_dtype`; any other name -> `resolve_dtype`."""
     return auto_compute_dtype(device, model) if name == "auto" else resolve_dtype(name)
 
 
 # -- inspecting k-bit layers -------------------------------------------------------------------
-
-
 def is_8bit(module: nn.Module) -> bool:
-    """True when `module` is, or contains, a bitsandbytes `Linear8bitLt` layer."""
     return any(isinstance(m, bnb.nn.Linear8bitLt) for m in module.modules())
 
 
 def is_4bit(module: nn.Module) -> bool:
-    """True when `module` is, or contains, a bitsandbytes `Linear4bit` layer (NF4 or FP4)."""
     return any(isinstance(m, bnb.nn.Linear4bit) for m in module.modules())
 
 
 def int8_weight_and_scales(layer: bnb.nn.Linear8bitLt):
     """(CB, SCB): int8 weight (out, in) and fp32 row scales (out,).  bitsandbytes keeps them on
     `layer.weight` after quantisation and moves them to `layer.state` at the first forward."""
-    weight = layer.weight
-    CB, SCB = getattr(weight, "CB", None), getattr(weight, "SCB", None)
+    CB, SCB = getattr(layer.weight, "CB", None), getattr(layer.weight, "SCB", None)
     if CB is None or SCB is None:
         CB, SCB = layer.state.CB, layer.state.SCB
-    if CB is None and weight.dtype == torch.int8:
-        CB = weight.data
+    if CB is None and layer.weight.dtype == torch.int8:
+        CB = layer.weight.data
     return CB, SCB
 
 
@@ -122,8 +116,6 @@ def dequantize_4bit(layer: bnb.nn.Linear4bit) -> torch.Tensor:
 
 
 # -- quantising --------------------------------------------------------------------------------
-
-
 def check_4bit_support(device: torch.device | str = "cpu") -> None:
     """ValueError naming the fix unless this bitsandbytes runs 4-bit on `device` (probed on one block)."""
     device = torch.device(device)
@@ -206,8 +198,6 @@ def _kbit_layer(module, device, bits, threshold, quant_type, double_quant, compu
 
 
 # -- loading -----------------------------------------------------------------------------------
-
-
 def load_model(
     name_or_path: str,
     *,
@@ -223,12 +213,11 @@ def load_model(
 ) -> nn.Module:
     """Load a Hugging Face causal LM in eval mode, optionally with its Linear layers in 8-bit or 4-bit.
 
-    Float parameters get `dtype` ("auto": what `auto_compute_dtype` picks, so that the frozen float
-    parts are stored in the dtype their matmuls run in, and an 8-bit model's embeddings in bf16 on a
-    CPU with native bf16: `store_embeddings_in`); the k-bit options are `quantize_model`'s.
-    transformers' `BitsAndBytesConfig` path is tried first; if it fails here or leaves no k-bit layer,
-    a float load is quantised by `quantize_model`.  Extra keyword arguments go to `from_pretrained`.
-    """
+    Float parameters get `dtype` ("auto": what `auto_compute_dtype` picks, so that the frozen float parts
+    are stored in the dtype their matmuls run in, and an 8-bit model's embeddings in bf16 on a CPU with
+    native bf16: `store_embeddings_in`); the k-bit options are `quantize_model`'s. transformers'
+    `BitsAndBytesConfig` path is tried first; if it fails here or leaves no k-bit layer, a float load is
+    quantised by `quantize_model`. Extra keyword arguments go to `from_pretrained`."""
     import transformers
     from packaging.version import Version
 
@@ -237,7 +226,6 @@ def load_model(
     bits = 4 if load_in_4bit else 8 if load_in_8bit else 0
     device, auto = torch.device(device), dtype == "auto"
     dtype = auto_compute_dtype(device, eight_bit=bits == 8) if auto else dtype
-    # transformers >= 4.56 calls the argument `dtype`; older versions `torch_dtype`.
     dtype_kw = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
     kwargs, model = {dtype_kw: resolve_dtype(dtype), **from_pretrained_kwargs}, None
     if bits == 4:
@@ -288,6 +276,19 @@ def store_embeddings_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 # -- preparing for training --------------------------------------------------------------------
+# the last input's (weak reference, (version, threshold), quantisation): q, k, v (or gate, up) read one x
+_last_input: list = [None, None, None]
+
+
+def _quantise_rows(a: torch.Tensor, threshold: float):
+    """(CA, scale, cols, a[:, cols]) of `int8_linear` for its input rows a (N, in)."""
+    cols = (_absmax(a, 0)[0] >= threshold).nonzero()[:, 0]  # (k,) outlier columns
+    rest = a.index_fill(1, cols, 0) if len(cols) else a  # (N, in) without them
+    scale = _absmax(rest, 1)  # (N, 1)
+    if len(cols):  # an outlier column's entries under the threshold count in their rows' absmax too
+        sub = a[:, cols].abs()
+        scale = torch.maximum(scale, sub.masked_fill_(sub >= threshold, 0).amax(1, keepdim=True))
+    return (rest * (127 / scale.clamp_(min=1e-8))).round_().to(torch.int8), scale, cols, a[:, cols]
 
 
 def int8_linear(x: torch.Tensor, layer: bnb.nn.Linear8bitLt) -> torch.Tensor:
@@ -295,16 +296,20 @@ def int8_linear(x: torch.Tensor, layer: bnb.nn.Linear8bitLt) -> torch.Tensor:
     outlier columns (|x| >= threshold anywhere) through a float matmul on their dequantised weight
     columns, the rest of each row of x as int8 (its absmax -> 127) through bitsandbytes' int8 GEMM."""
     (CB, SCB), threshold = int8_weight_and_scales(layer), layer.state.threshold or float("inf")
-    a = x.reshape(-1, x.shape[-1]).float()  # (N, in)
-    big = (absa := a.abs()) >= threshold
-    cols = big.any(0).nonzero()[:, 0]  # (k,) outlier columns
-    scale = absa.masked_fill_(big, 0).amax(1, keepdim=True).clamp_(min=1e-8)  # (N, 1)
-    CA = (a * (127 / scale)).round_().index_fill_(1, cols, 0).to(torch.int8)  # (N, in)
+    last, key = _last_input, (x._version, threshold)
+    if last[0] is None or last[0]() is not x or last[1] != key:
+        last[:] = weakref.ref(x), key, _quantise_rows(x.reshape(-1, x.shape[-1]).float(), threshold)
+    CA, scale, cols, outliers = last[2]
     out = torch.ops.bitsandbytes.int8_linear_matmul(CA, CB).float().mul_(scale / 127**2).mul_(SCB)
     if len(cols):
-        out.addmm_(a[:, cols], (CB[:, cols].float() * (SCB[:, None] / 127)).t())  # (N, out)
+        out.addmm_(outliers, (CB[:, cols].float() * (SCB[:, None] / 127)).t())  # (N, out)
     out = out if layer.bias is None else out.add_(layer.bias)
     return out.view(*x.shape[:-1], -1).to(x.dtype)
+
+
+def _absmax(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """max |t| along ``dim`` (kept): two reductions, no |t| copy."""
+    return torch.maximum(t.amax(dim, keepdim=True), -t.amin(dim, keepdim=True))
 
 
 class _Int8Linear(torch.autograd.Function):
@@ -323,7 +328,7 @@ class _Int8Linear(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1]).float() * (SCB / 127)  # (N, out)
         if dtype != torch.int8:
             return (g.to(dtype) @ CB.to(dtype)).view(*grad.shape[:-1], -1).to(grad.dtype), None
-        scale = g.abs().amax(1, keepdim=True).clamp_(min=1e-30)  # (N, 1)
+        scale = _absmax(g, 1).clamp_(min=1e-30)  # (N, 1)
         g = torch._int_mm(g.mul_(127 / scale).round_().to(torch.int8), CB).float().mul_(scale / 127)
         return g.view(*grad.shape[:-1], -1).to(grad.dtype), None  # (..., in)
 
@@ -382,11 +387,10 @@ def pin_kbit_layers(model: nn.Module) -> nn.Module:
 def prepare_model_for_kbit_training(
     model: nn.Module, use_gradient_checkpointing: bool = False, use_reentrant: bool = True
 ) -> nn.Module:
-    """Make a (k-bit) causal LM ready for adapter training, in place; returns it:
-    1. freeze all; 2. float params to fp32 (not packed 4-bit, nor `store_embeddings_in`'s); 3. fp32
-    logits (output-embedding hook); 4. input embeddings' output requires grad, for re-entrant
-    checkpointing; 5. optional gradient checkpointing; 6. `pin_kbit_layers`.  As peft's (the
-    blog-era int8 version cast only norms)."""
+    """Make a (k-bit) causal LM ready for adapter training, in place, as peft's (whose blog-era int8
+    version cast only norms); returns it: 1. freeze all; 2. float params to fp32 (not packed 4-bit, nor
+    `store_embeddings_in`'s); 3. fp32 logits (output-embedding hook); 4. input embeddings' output
+    requires grad, for re-entrant checkpointing; 5. optional gradient checkpointing; 6. `pin_kbit_layers`."""
     for p in model.parameters():
         p.requires_grad_(False)
         kept = isinstance(p, bnb.nn.Params4bit) or getattr(p, "_minippo_stored", False)
@@ -404,5 +408,4 @@ def prepare_model_for_kbit_training(
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    pin_kbit_layers(model)
-    return model
+    return pin_kbit_layers(model)

@@ -16,11 +16,9 @@ from torch import Generator, Tensor
 class RolloutBuffer:
     """One batch of B (query, response) samples with their log-probabilities, values and targets.
 
-    query_ids, query_mask (B, P): prompts, left-padded.
-    response_ids, response_mask (B, T): responses, right-padded; the mask marks real tokens.
-    old_logprobs (B, T): log-probabilities of the response tokens under the policy that sampled them.
-    ref_logprobs (B, T): the same under the reference policy (adapters disabled).
-    values (B, T): value estimates at the positions predicting each response token.
+    query_ids, query_mask (B, P): prompts, left-padded; response_ids, response_mask (B, T): right-padded.
+    old_logprobs, ref_logprobs (B, T): the response tokens' log-probabilities under the sampling policy
+    and the reference (adapters disabled); values (B, T): value estimates at the positions predicting them.
     scores (B,), rewards (B, T): the scores, scaled and clipped; per-token rewards (KL penalty, score last).
     advantages (B, T): GAE advantages (whitened); returns (B, T): value targets.
 

@@ -9,7 +9,6 @@ TRACKERS = ("tensorboard", "wandb", "trackio")
 
 
 def check_installed(name: str) -> None:
-    """Raise an ImportError naming the package to install when tracker ``name`` cannot be imported."""
     if importlib.util.find_spec(name) is None:
         raise ImportError(f'log_with="{name}" needs the {name} package (not installed): pip install {name}')
 

@@ -5,7 +5,7 @@ import torch
 from tiny import tiny_model
 
 from minippo.core import logprobs_from_logits
-from minippo.lora import LoRAConfig, add_lora, disable_adapters
+from minippo.lora import LoRAConfig, add_lora, disable_adapters, lora_layers
 from minippo.policy import (
     VALUE_HEAD_FILE,
     PolicyWithValueHead,
@@ -103,6 +103,57 @@ def test_forward_under_bf16_autocast_keeps_float32_logits(model):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         logits, values = policy(ids, torch.ones_like(ids), response_length=3)
     assert logits.dtype == torch.float32 and values.dtype == torch.float32
+
+
+def test_response_logprobs_by_the_fused_head_are_the_logits_ones(model):
+    """`response_logprobs` without logits (`core.logprobs_from_hidden`) gives the log-probs, entropies,
+    values and LoRA gradients of the logits path, at temperature 0.7; the entropy bonus's gradient
+    (``entropy_grad``) takes the logits path."""
+    add_lora(model, LoRAConfig(r=2, alpha=4, target_modules="all-linear"))
+    torch.manual_seed(0)
+    for _, layer in lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
+    policy = PolicyWithValueHead(model, ValueHead(model.config.hidden_size, init_std=0.1))
+    assert policy.fused_head
+    ids = torch.randint(3, 100, (3, 9))
+    mask, responses, params = (
+        torch.ones_like(ids),
+        ids[:, -4:],
+        [p for p in policy.parameters() if p.requires_grad],
+    )
+
+    def run(fused, entropy_grad=False):
+        policy.fused_head = fused
+        logp, ent, values = policy.response_logprobs(ids, mask, responses, 0.7, entropy_grad=entropy_grad)
+        grads = torch.autograd.grad((logp * torch.arange(12.0).view(3, 4)).sum() + values.sum(), params)
+        return logp, ent, values, grads
+
+    (*fused, fused_grads), (*plain, plain_grads) = run(True), run(False)
+    for a, b in zip(fused + list(fused_grads), plain + list(plain_grads)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert not fused[1].requires_grad
+    policy.fused_head = True
+    assert policy.response_logprobs(ids, mask, responses, 0.7, entropy_grad=True)[1].requires_grad
+    head = (
+        policy.lm_head.weight.requires_grad_()
+    )  # a trained LM head takes the logits path: it gets a gradient
+    policy.response_logprobs(ids, mask, responses)[0].sum().backward()
+    assert head.grad is not None and head.grad.abs().sum() > 0
+
+
+def test_a_hook_on_the_lm_head_turns_the_fused_head_off(model):
+    """check_logits probes the fused head against the logits: a forward hook that changes the logits (so
+    the model's own forward too) leaves minippo on the logits path, which honours it."""
+    bias = torch.zeros(model.get_output_embeddings().weight.shape[0])
+    bias[7] = 3.0
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: out + bias)
+    policy = PolicyWithValueHead(model)
+    assert not policy.fused_head
+    ids = torch.randint(3, 100, (2, 6))
+    with torch.no_grad():
+        logp = policy.response_logprobs(ids, torch.ones_like(ids), torch.full((2, 3), 7))[0]
+        logits, _ = policy(ids, torch.ones_like(ids), response_length=3)
+    torch.testing.assert_close(logp, logprobs_from_logits(logits, torch.full((2, 3), 7)))
 
 
 # -- generation ---------------------------------------------------------------------------------

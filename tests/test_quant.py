@@ -169,6 +169,28 @@ def test_int8_linear_is_llm_int8_in_float32(tokenizer):
         )
 
 
+def test_int8_linear_quantises_an_input_once_for_the_layers_that_read_it(tokenizer, monkeypatch):
+    """q, k and v (gate and up) read one tensor: its int8 rows and outlier columns are made once and
+    reused, with each layer's numbers those of a fresh quantisation; an in-place change of the input, or
+    another tensor, is quantised anew."""
+    model = keep_8bit_layers_in_eval(quantize_model(tiny_model("llama", len(tokenizer))), int8_path=True)
+    attention = model.model.layers[0].self_attn
+    made = []
+    quantise = quant._quantise_rows
+    monkeypatch.setattr(quant, "_quantise_rows", lambda *args: made.append(1) or quantise(*args))
+    layers = attention.q_proj, attention.k_proj, attention.v_proj
+    x = torch.randn(3, 5, attention.q_proj.in_features)
+    x[0, 1, 2] = 9.0  # an outlier column
+    outs = [quant.int8_linear(x, layer) for layer in layers]
+    assert len(made) == 1  # once for the three
+    fresh = [quant.int8_linear(x.clone(), layer) for layer in layers]  # another tensor each time
+    assert len(made) == 4 and all(torch.equal(a, b) for a, b in zip(outs, fresh))
+    quant.int8_linear(x, layers[0])
+    x.mul_(-0.5)  # changed in place: quantised anew
+    after = quant.int8_linear(x, layers[0])
+    assert len(made) == 6 and torch.equal(after, quant.int8_linear(x.clone(), layers[0]))
+
+
 def test_int8_input_gradient_in_bf16_or_int8(tokenizer):
     """grad_dtype bf16 or int8: the same forward bit for bit; the input gradient one bf16 matmul on the exact
     int8 weight, or the gradient's rows rounded to int8 through the int8 GEMM: within that rounding of

@@ -31,8 +31,10 @@ gradients that must flow back to the lowest adapter):
     + 2 * d_in for each adapted linear layer with input size d_in (the dropout output and mask)
 
 plus the logits: four fp32 (B, L, V) tensors are alive at the peak (logits, log-softmax and two
-gradient buffers) in a plain causal-LM loss; minippo's trainer takes logits at the T response
-positions only and log-probs by logsumexp, so for it this term is an upper bound. With gradient
+gradient buffers) in a plain causal-LM loss. minippo's PPO trainer holds none: it takes the T response
+positions' log-probs from the hidden states a block of rows at a time (`core.logprobs_from_hidden`:
+a block's logits and softmax, 2**26 logits on a GPU, and three fp32 temporaries of 16 rows) and
+keeps a (T, H) fp32 gradient. With gradient
 checkpointing only each block's input (H per token) is kept, and the peak is the larger of the
 logits' buffers and one block's activations rebuilt in the backward (x 1.5 for its gradients in
 flight, beside the fp32 logits the caller still holds). Attention is assumed memory-efficient
@@ -58,6 +60,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from ..checks import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, check, check_fields, one_of
+from ..core import HEAD_BLOCK, HEAD_ROWS
 from ..quant import int8_weight_and_scales
 
 GiB = 2**30
@@ -68,7 +71,6 @@ NF4_BLOCK, NF4_SCALE_BLOCK = 64, 256  # weights per absmax; absmaxes per fp32 sc
 TARGETS = ("qkv", "attention", "all-linear")
 OPTIMIZERS = {"adam": 2, "adamw": 2, "sgd": 0}  # fp32 states per trainable parameter
 LOGIT_COPIES = 4  # fp32 (B, L, V) tensors alive at the peak: logits, log-softmax, 2 gradients
-PPO_LOGIT_COPIES = 4  # fp32 (B, T, V) in minippo's PPO loss, measured (logits, exp, softmax, gradient)
 
 # Activation elements per token per block: (c_H, c_I) for c_H * H + c_I * I (see the docstring).
 ACTIVATION_COEFFS = {"gpt_neox": (5.3, 1.0), "llama": (6.5, 3.0), "gpt2": (8.5, 3.9)}
@@ -334,14 +336,10 @@ def activation_bytes(config: PlanConfig, shape: ModelShape) -> int:
         per_block += sum(i for i, _ in shape.linears().values())
     logits = LOGIT_COPIES * 4 * shape.vocab + (act if act != 4 else 0) * shape.vocab  # per token
     held = 4 * shape.vocab  # the fp32 logits the caller holds through the backward, per token
-    if ppo:  # per token of L: logits at the T response positions only
-        logits = (
-            (PPO_LOGIT_COPIES * 4 + (act if act != 4 else 0))
-            * shape.vocab
-            * config.response_len
-            / config.seq_len
-        )
-        held = held * config.response_len / config.seq_len
+    if ppo:  # the fused head: a block of rows' logits and softmax (+ 3 x 16 rows); the (T, H) gradient
+        rows = min(config.batch_size * config.response_len, HEAD_BLOCK // shape.vocab)
+        logits = (rows * 2 * act + 3 * min(rows, HEAD_ROWS) * 4) * shape.vocab / tokens  # per token of L
+        held = 4 * shape.hidden * config.response_len / config.seq_len
     if config.gradient_checkpointing:
         # Block inputs stay; the logits' gradient buffers are freed before the backward reaches
         # the blocks, where one block's activations are rebuilt at a time, with about half as
