@@ -172,9 +172,10 @@ class PolicyWithValueHead(nn.Module):
         try:
             theirs = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
             ours, _ = self(ids, mask, with_values=False)  # (2, 8, V)
-            head = self.lm_head  # the fused head, probed on the same batch
-            self.fused_head = type(head) is nn.Linear and head.bias is None and not self._softcap
-            if self.fused_head and head.weight.is_floating_point():
+            head = self.lm_head  # the fused head: a plain float nn.Linear head, probed on the same batch
+            plain = type(head) is nn.Linear and head.bias is None and head.weight.is_floating_point()
+            self.fused_head = plain and not self._softcap
+            if self.fused_head:
                 expected = logprobs_from_logits(ours[:, :-1], ids[:, 1:])  # (2, 7)
                 error = self.response_logprobs(ids, mask, ids[:, 1:])[0] - expected
                 self.fused_head = error.abs().max().item() < 1e-3
