@@ -60,8 +60,9 @@ class _HeadLogprobs(torch.autograd.Function):
                 zj = zj if scale == 1.0 else zj.mul_(scale)
                 e = zj.sub_(zj.amax(-1, keepdim=True)).exp()  # z - max(z), and its exp
                 s = e.sum(-1)
-                logp[rows] = zj.gather(1, y[rows, None])[:, 0] - s.log()
-                ent[rows] = s.log() - torch.linalg.vecdot(e, zj) / s
+                log_s = s.log()
+                logp[rows] = zj.gather(1, y[rows, None])[:, 0] - log_s
+                ent[rows] = log_s - torch.linalg.vecdot(e, zj) / s
                 if with_grad:
                     p[j : j + sub] = e.div_(s[:, None])
             if with_grad:

@@ -171,13 +171,14 @@ class PolicyWithValueHead(nn.Module):
         self.model.eval()
         try:
             theirs = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-            ours, _ = self(ids, mask, with_values=False)  # (2, 8, V)
-            head = self.lm_head  # the fused head: a plain float nn.Linear head, probed on the same batch
+            hidden = self._response_hidden(ids, mask, None)  # (2, 8, H), `forward`'s
+            ours = self.logits_from_hidden(hidden)  # (2, 8, V)
+            head = self.lm_head  # the fused head: a plain float nn.Linear head, probed on the same states
             plain = type(head) is nn.Linear and head.bias is None and head.weight.is_floating_point()
             self.fused_head = plain and not self._softcap
             if self.fused_head:
-                expected = logprobs_from_logits(ours[:, :-1], ids[:, 1:])  # (2, 7)
-                error = self.response_logprobs(ids, mask, ids[:, 1:])[0] - expected
+                fused = self._fused_logprobs(hidden[:, :-1], ids[:, 1:])[0]  # (2, 7)
+                error = fused - logprobs_from_logits(ours[:, :-1], ids[:, 1:])
                 self.fused_head = error.abs().max().item() < 1e-3
         finally:
             self.model.train(training)
@@ -240,9 +241,12 @@ class PolicyWithValueHead(nn.Module):
             with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
                 entropy = entropy_from_logits(logits)
             return logprobs_from_logits(logits, response_ids), entropy, values
-        with torch.autocast(hidden.device.type, enabled=False):
+        return *self._fused_logprobs(hidden, response_ids, temperature), values
+
+    def _fused_logprobs(self, hidden, labels, temperature=1.0):
+        with torch.autocast(hidden.device.type, enabled=False):  # the head in its weight's dtype
             w, scale = self.lm_head.weight, self._logit_scale / temperature
-            return *logprobs_from_hidden(hidden.to(w.dtype), w, response_ids, scale), values
+            return logprobs_from_hidden(hidden.to(w.dtype), w, labels, scale)
 
     def _response_hidden(self, input_ids, attention_mask, response_length):
         """The last hidden state (B, L, H), or (B, T, H) at the positions that predict the last T tokens."""
