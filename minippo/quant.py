@@ -296,8 +296,8 @@ def int8_linear(x: torch.Tensor, layer: bnb.nn.Linear8bitLt) -> torch.Tensor:
     outlier columns (|x| >= threshold anywhere) through a float matmul on their dequantised weight
     columns, the rest of each row of x as int8 (its absmax -> 127) through bitsandbytes' int8 GEMM."""
     (CB, SCB), threshold = int8_weight_and_scales(layer), layer.state.threshold or float("inf")
-    last, key = _last_input, (x._version, threshold)
-    if last[0] is None or last[0]() is not x or last[1] != key:
+    last, key = _last_input, None if x.is_inference() else (x._version, threshold)  # no version: no reuse
+    if key is None or last[1] != key or last[0]() is not x:
         last[:] = weakref.ref(x), key, _quantise_rows(x.reshape(-1, x.shape[-1]).float(), threshold)
     CA, scale, cols, outliers = last[2]
     out = torch.ops.bitsandbytes.int8_linear_matmul(CA, CB).float().mul_(scale / 127**2).mul_(SCB)

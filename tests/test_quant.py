@@ -190,6 +190,21 @@ def test_int8_linear_quantises_an_input_once_for_the_layers_that_read_it(tokeniz
     after = quant.int8_linear(x, layers[0])
     assert len(made) == 6 and torch.equal(after, quant.int8_linear(x.clone(), layers[0]))
 
+    with torch.inference_mode():  # inference tensors have no version counter: quantised each call
+        y, before = torch.randn(3, 5, attention.q_proj.in_features), len(made)
+        outs = [quant.int8_linear(y, layer) for layer in layers]
+        assert len(made) == before + 3
+        y.mul_(-0.5)
+        assert torch.equal(quant.int8_linear(y, layers[0]), quant.int8_linear(y.clone(), layers[0]))
+
+
+def test_8bit_model_runs_under_inference_mode(tokenizer, batch):
+    """`torch.inference_mode()`, as users write around generation and evaluation, gives the no_grad logits."""
+    model = keep_8bit_layers_in_eval(quantize_model(tiny_model("llama", len(tokenizer))), int8_path=True)
+    expected = logits(model, batch)
+    with torch.inference_mode():
+        assert torch.equal(model(**batch).logits, expected)
+
 
 def test_int8_input_gradient_in_bf16_or_int8(tokenizer):
     """grad_dtype bf16 or int8: the same forward bit for bit; the input gradient one bf16 matmul on the exact
