@@ -263,16 +263,34 @@ def test_merge_of_a_transformers_8bit_model_saves_a_plain_model(tiny_model_dir, 
 
 
 def test_adapter_math_runs_in_fp32_under_bf16_autocast():
-    from minippo.lora import LoRALayer
-
     torch.manual_seed(0)
     layer = LoRALayer(torch.nn.Linear(16, 8), r=4, alpha=8)
     torch.nn.init.normal_(layer.lora_B.weight)
     dtypes = []
-    layer.lora_B.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    layer.lora_A.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
     x = torch.randn(3, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         delta = layer(x) - layer.base_layer(x)
     assert dtypes == [torch.float32]
     exact = x @ layer.delta_weight().T
     assert (delta.float() - exact).abs().max() < 0.05  # only the bf16 output cast rounds
+
+
+@pytest.mark.parametrize("out_features", [8, 40])
+def test_adapter_gradients_are_those_of_two_linear_layers(out_features):
+    """The adapter's product (by B.T made contiguous, for a CPU's fast layouts in the backward) has the
+    gradients of two nn.Linear, x @ A.T * scaling @ B.T, for x, A and B, on 3-D inputs."""
+    torch.manual_seed(0)
+    layer = LoRALayer(torch.nn.Linear(24, out_features), r=4, alpha=8)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x, g = torch.randn(2, 5, 24, requires_grad=True), torch.randn(2, 5, out_features)
+    layer(x).backward(g)
+    a, b = (layer.lora_A.weight.detach().requires_grad_(), layer.lora_B.weight.detach().requires_grad_())
+    x2 = x.detach().requires_grad_()
+    (layer.base_layer(x2) + nn.functional.linear(nn.functional.linear(x2, a) * layer.scaling, b)).backward(g)
+    for ours, reference in (
+        (x.grad, x2.grad),
+        (layer.lora_A.weight.grad, a.grad),
+        (layer.lora_B.weight.grad, b.grad),
+    ):
+        torch.testing.assert_close(ours, reference)  # float32 tolerances
