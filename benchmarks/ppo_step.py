@@ -177,30 +177,39 @@ def optimisation_flops(n: int, spec: Spec) -> float:
 
 
 def matmul_peak(threads: int, device: str = "cpu") -> dict[str, float]:
-    """Measured matmul throughput (GFLOP/s) of this machine, fp32 and bf16: the best of 5 products
-    of two n x n random matrices (n = 2048 on a CPU at `threads` threads, 8192 on a GPU)."""
+    """Measured matmul throughput (GFLOP/s; GOP/s for int8) of this machine, fp32, bf16 and int8 (the int8
+    GEMM the 8-bit layers run, `torch._int_mm`): the best of 5 products of two n x n random matrices
+    (n = 2048 on a CPU at `threads` threads, 8192 on a GPU)."""
     torch.set_num_threads(threads)
     cuda = device.startswith("cuda")
     size, reps = (8192, 10) if cuda else (2048, 5)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     out = {}
-    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        if dtype == torch.bfloat16 and not cuda and out["float32"] > 0:
-            # a CPU without native bf16 runs it tens of times slower: time a 4x smaller product
-            quick = torch.randn(size // 4, size // 4, dtype=dtype)
+
+    def product(a, b):
+        return torch._int_mm(a, b) if a.dtype == torch.int8 else a @ b
+
+    def matrix(n, dtype):
+        if dtype == torch.int8:
+            return torch.randint(-127, 128, (n, n), dtype=dtype, device=device)
+        return torch.randn(n, n, dtype=dtype, device=device)
+
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16), ("int8", torch.int8)):
+        if dtype != torch.float32 and not cuda:
+            # a CPU without native bf16 (or VNNI) runs it tens of times slower: time a 4x smaller product
+            quick = matrix(size // 4, dtype)
             t = time.perf_counter()
-            quick @ quick
+            product(quick, quick)
             if time.perf_counter() - t > 0.1:
                 out[name] = 2 * (size // 4) ** 3 / (time.perf_counter() - t) / 1e9
                 continue
-        a = torch.randn(size, size, dtype=dtype, device=device)
-        b = torch.randn(size, size, dtype=dtype, device=device)
-        a @ b  # warm up
+        a, b = matrix(size, dtype), matrix(size, dtype)
+        product(a, b)  # warm up
         sync()
         best = float("inf")
         for _ in range(reps):
             t = time.perf_counter()
-            a @ b
+            product(a, b)
             sync()
             best = min(best, time.perf_counter() - t)
         out[name] = 2 * size**3 / best / 1e9
@@ -324,7 +333,7 @@ def report(results: dict, peak: dict, meta: dict, spec: Spec, section: str = "")
         "the peer keeps glibc's defaults, as a trl script does).",
         f"- device: {meta['device']}; matmul peak measured there ({spec.threads} CPU threads; "
         f"{'8192' if meta['device'] != 'cpu' else '2048'}^3): "
-        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items()),
+        + ", ".join(f"{k} {v:.0f} {'GOP/s' if k == 'int8' else 'GFLOP/s'}" for k, v in peak.items()),
         "- model FLOPs per step = (2 + 2*2 + 6*epochs) * N * B * (P + T): generation ~1 forward, "
         "rollout + reference 2 forwards, each PPO epoch a forward + backward (6N convention; "
         "a frozen base really costs ~4N: the (4N) column); N = matmul weights (Linears + LM head). The % column divides "
@@ -376,6 +385,15 @@ def report(results: dict, peak: dict, meta: dict, spec: Spec, section: str = "")
                 f"{'-' if r.get('gpu_peak_mib') is None else format(r['gpu_peak_mib'], '.0f')} | "
                 f"{vs} | {vr} | {frac:.1f} | {frac4:.1f} | {opt:.1f} |"
             )
+        for key, r in rows.items():  # the 8-bit step's optimisation phase against every peak measured
+            if key.endswith("/int8") and "error" not in r:
+                rate = optimisation_flops(info["n"], spec) / r["optimisation"] / 1e9
+                lines += [
+                    "",
+                    f"{key}'s optimisation phase: {rate:.0f} GFLOP/s of the 4N model FLOPs, "
+                    + ", ".join(f"{rate / v * 100:.0f}% of the {k} peak" for k, v in peak.items())
+                    + " (its base layers run the int8 GEMM; the LM head, attention and adapters run in float)",
+                ]
         checks = {k: r["check"] for k, r in rows.items() if "error" not in r}
         if len(checks) > 1:
             lines += [
