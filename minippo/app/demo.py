@@ -61,11 +61,11 @@ PRESETS: dict[str, dict] = {
             num_train_texts=600,
             num_eval_blocks=16,
         ),
-        # PPO: 50 steps of 64 samples, one update per epoch on all 64 and a rank-4 adapter: less noise
+        # PPO: 60 steps of 64 samples, one update per epoch on all 64 and a rank-4 adapter: less noise
         # per update, so less of the KL is drift; a penalty of 3 on the bigrams a step repeats, the
         # logit clipped at 4, and a KL ceiling of 12 nats (beta never below 0.1, above it when the KL
         # is over 12) keep the samples diverse and the KL bounded (README, "The demo's results").
-        "ppo": dict(steps=50, eval_prompts=64, diversity_coef=3.0),
+        "ppo": dict(steps=60, eval_prompts=64, diversity_coef=3.0),
         "ppo_config": dict(CPU_PPO, batch_size=64, mini_batch_size=64, score_clip=4.0, **KL_CEILING_12),
         "lora": dict(r=16, alpha=32),
         "ppo_lora": dict(r=4, alpha=8),
