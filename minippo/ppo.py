@@ -261,6 +261,8 @@ class PPOTrainer:
         return generation if return_generation else generation.responses()
 
     # -- the PPO step ---------------------------------------------------------------------------
+    @torch.inference_mode(False)
+    @torch.enable_grad()  # it trains: also when called under no_grad or inference_mode
     def step(
         self, queries: Sequence[Tensor], responses: Sequence[Tensor], scores: Sequence[float] | Tensor
     ) -> dict[str, float]:

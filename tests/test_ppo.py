@@ -217,6 +217,23 @@ def test_score_normalisation_uses_running_statistics(tokenizer):
     assert torch.allclose(scaled_only._normalise_scores(x), x / x.std(), atol=1e-6)
 
 
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_step_trains_under_no_grad_and_inference_mode(tokenizer, context):
+    """step() turns gradients on for itself: called under no_grad or inference_mode (its inputs made there
+    too), it makes the update it makes outside them, bit for bit."""
+    snapshots = []
+    for inside in (False, True):
+        torch.manual_seed(0)
+        trainer, queries, responses = make_trainer("llama", tokenizer, int8=True)
+        before = adapter_snapshot(trainer)
+        with context() if inside else torch.enable_grad():
+            queries, responses = [q.clone() for q in queries], [r.clone() for r in responses]
+            trainer.step(queries, responses, torch.linspace(-1, 1, len(queries)))
+        snapshots.append(adapter_snapshot(trainer))
+    assert any(not torch.equal(before[k], v) for k, v in snapshots[1].items())  # it trained
+    assert all(torch.equal(snapshots[0][k], v) for k, v in snapshots[1].items())
+
+
 def test_trainer_needs_lora(tokenizer):
     with pytest.raises(ValueError, match="add_lora"):
         PPOTrainer(small_config(), tiny_model("llama", vocab_size=len(tokenizer)), tokenizer)
