@@ -277,10 +277,9 @@ class PolicyWithValueHead(nn.Module):
         uniform in ``[min_new_tokens, max_new_tokens]``, tokens from ``softmax(logits / temperature)`` over
         the whole vocabulary (top_k 0, top_p 1: PPO's log-probs are this distribution's); with ``stop_at_eos``
         up to and including the first EOS. Torch's global generator; returns a CPU `Generation`."""
-        if not queries:
-            raise ValueError("generate() needs at least one query")
-        if any(q.dim() != 1 or len(q) == 0 for q in queries):
-            raise ValueError("each query must be a non-empty 1-D tensor of token ids")
+        queries, vocab = [torch.as_tensor(q) for q in queries], self.lm_head.weight.shape[0]
+        if not queries or any(q.dim() != 1 or not len(q) or q.min() < 0 or q.max() >= vocab for q in queries):
+            raise ValueError(f"generate() needs queries: non-empty 1-D tensors or lists of ids < {vocab}")
         lo, hi = min_new_tokens, max_new_tokens
         if not 1 <= lo <= hi:
             raise ValueError(f"need 1 <= min_new_tokens <= max_new_tokens, got {lo}, {hi}")

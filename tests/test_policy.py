@@ -288,8 +288,20 @@ def test_stop_at_eos(model, tokenizer, pad_is_eos):
 
 def test_generate_rejects_bad_input(model, tokenizer):
     policy = PolicyWithValueHead(model)
-    with pytest.raises(ValueError, match="non-empty 1-D"):
-        policy.generate([torch.tensor([], dtype=torch.long)], pad_token_id=0)
+    for queries in (
+        [],
+        [torch.tensor([], dtype=torch.long)],
+        [torch.ones(2, 3, dtype=torch.long)],
+        [[5, 999]],
+    ):
+        with pytest.raises(ValueError, match="non-empty 1-D .* ids < 384"):
+            policy.generate(queries, pad_token_id=0)
+
+    def sampled(query):
+        torch.manual_seed(0)
+        return policy.generate([query], pad_token_id=0, min_new_tokens=2, max_new_tokens=2).response_ids
+
+    assert torch.equal(sampled([5, 6, 7]), sampled(torch.tensor([5, 6, 7])))  # a list of ids is taken too
     with pytest.raises(ValueError, match="min_new_tokens"):
         policy.generate([torch.tensor([5])], pad_token_id=0, min_new_tokens=5, max_new_tokens=2)
     with pytest.raises(ValueError, match="eos_token_id"):
