@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 KL_ESTIMATORS = ("k1", "kl", "abs", "mse", "k3")
-HEAD_BLOCK, HEAD_ROWS = 2**26, 16  # `logprobs_from_hidden`: logits a block (GPU), rows an element-wise pass
+# `logprobs_from_hidden`: logits a matmul takes (GPU, CPU), rows an element-wise pass takes (cache-sized)
+HEAD_BLOCK, HEAD_BLOCK_CPU, HEAD_ROWS = 2**26, 2**24, 16
 
 
 # -- log-probabilities and entropy ------------------------------------------------------------
@@ -50,8 +51,7 @@ class _HeadLogprobs(torch.autograd.Function):
         h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)  # (N, H), (N,)
         logp, ent = torch.empty(len(y), device=h.device), torch.empty(len(y), device=h.device)
         grad = torch.empty(h.shape, device=h.device) if with_grad else None  # float32 (N, H)
-        # rows a matmul takes (2**24 logits on a CPU), and rows an element-wise pass takes (cache-sized)
-        step, sub = max(1, (2**24 if h.is_cpu else HEAD_BLOCK) // weight.shape[0]), HEAD_ROWS
+        step, sub = max(1, (HEAD_BLOCK_CPU if h.is_cpu else HEAD_BLOCK) // weight.shape[0]), HEAD_ROWS
         for i in range(0, len(y), step):
             z = h[i : i + step] @ weight.T  # (n, V) in the weight's dtype
             p = torch.empty_like(z) if with_grad else None  # softmax(z)

@@ -285,10 +285,11 @@ def _quantise_rows(a: torch.Tensor, threshold: float):
     cols = (_absmax(a, 0)[0] >= threshold).nonzero()[:, 0]  # (k,) outlier columns
     rest = a.index_fill(1, cols, 0) if len(cols) else a  # (N, in) without them
     scale = _absmax(rest, 1)  # (N, 1)
+    outliers = a[:, cols]  # (N, k)
     if len(cols):  # an outlier column's entries under the threshold count in their rows' absmax too
-        sub = a[:, cols].abs()
+        sub = outliers.abs()
         scale = torch.maximum(scale, sub.masked_fill_(sub >= threshold, 0).amax(1, keepdim=True))
-    return (rest * (127 / scale.clamp_(min=1e-8))).round_().to(torch.int8), scale, cols, a[:, cols]
+    return (rest * (127 / scale.clamp_(min=1e-8))).round_().to(torch.int8), scale, cols, outliers
 
 
 def int8_linear(x: torch.Tensor, layer: bnb.nn.Linear8bitLt) -> torch.Tensor:

@@ -116,11 +116,8 @@ def test_response_logprobs_by_the_fused_head_are_the_logits_ones(model):
     policy = PolicyWithValueHead(model, ValueHead(model.config.hidden_size, init_std=0.1))
     assert policy.fused_head
     ids = torch.randint(3, 100, (3, 9))
-    mask, responses, params = (
-        torch.ones_like(ids),
-        ids[:, -4:],
-        [p for p in policy.parameters() if p.requires_grad],
-    )
+    mask, responses = torch.ones_like(ids), ids[:, -4:]
+    params = [p for p in policy.parameters() if p.requires_grad]
 
     def run(fused, entropy_grad=False):
         policy.fused_head = fused
@@ -134,9 +131,8 @@ def test_response_logprobs_by_the_fused_head_are_the_logits_ones(model):
     assert not fused[1].requires_grad
     policy.fused_head = True
     assert policy.response_logprobs(ids, mask, responses, 0.7, entropy_grad=True)[1].requires_grad
-    head = (
-        policy.lm_head.weight.requires_grad_()
-    )  # a trained LM head takes the logits path: it gets a gradient
+    # a trained LM head takes the logits path: it gets a gradient
+    head = policy.lm_head.weight.requires_grad_()
     policy.response_logprobs(ids, mask, responses)[0].sum().backward()
     assert head.grad is not None and head.grad.abs().sum() > 0
 
