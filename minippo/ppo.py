@@ -276,11 +276,12 @@ class PPOTrainer:
             mask = batch.response_mask  # (B, T)
 
             with timed(timing, "forward_pass"):
-                # 2. Rollout log-probs, values and entropy: the current policy, adapters on, no grad.
-                batch.old_logprobs, batch.values, entropy = self._forward_no_grad(batch)  # (B, T) each
+                # 2. Rollout log-probs, values and entropy, adapters on (one micro-batch: kept for update 1).
+                rollout, kept = self._rollout_forward(batch, keep_graph=self.micro_batch_size == len(batch))
+                batch.old_logprobs, batch.values, entropy = rollout  # (B, T) each
                 # 3. Reference log-probs: the same model and inputs with the adapters disabled.
                 with disable_adapters(self.policy.model):
-                    batch.ref_logprobs, _, _ = self._forward_no_grad(batch, with_values=False)
+                    (batch.ref_logprobs, _, _), _ = self._rollout_forward(batch, with_values=False)
 
             with timed(timing, "compute_rewards"):
                 # 4. KL-penalised per-token rewards, the (normalised) score added at the last token.
@@ -305,7 +306,7 @@ class PPOTrainer:
                 # 6. ppo_epochs passes over shuffled minibatches, one clipped update each.
                 records, outcomes = [], []
                 for minibatch in batch.epochs(config.ppo_epochs, config.mini_batch_size // self.world_size):
-                    stats = self._clipped_loss_backward(minibatch)  # gradients left in .grad
+                    stats = self._clipped_loss_backward(minibatch, None if records else kept)  # into .grad
                     records.append(stats)
                     outcomes.append(self._apply_update(stats))  # "update", "skip" or "stop"
                     if outcomes[-1] == "stop":
@@ -340,7 +341,7 @@ class PPOTrainer:
         batch = self._padded_batch(queries, responses)
         order = torch.arange(len(batch), device=self.device)
         with disable_adapters(self.policy.model) if reference else contextlib.nullcontext():
-            logprobs, _, _ = self._forward_no_grad(batch, with_values=False, order=order)
+            (logprobs, _, _), _ = self._rollout_forward(batch, with_values=False, order=order)
         return logprobs, batch.response_mask
 
     def _check_inputs(self, queries, responses, scores) -> Tensor:
@@ -391,21 +392,22 @@ class PPOTrainer:
             scores = scores.clamp(-config.score_clip, config.score_clip)
         return scores
 
-    @torch.no_grad()
-    def _forward_no_grad(self, batch: RolloutBuffer, with_values: bool = True, order=None):
-        """Log-probs, values and entropies (each (B, T), 0 at padding) of the batch's responses, on the first
-        PPO epoch's micro-batches (`RolloutBuffer.epoch_order`), or on consecutive ones of ``order``."""
+    def _rollout_forward(self, batch: RolloutBuffer, with_values: bool = True, order=None, keep_graph=False):
+        """Log-probs, values, entropies ((B, T), 0 at padding, no grad) of the responses, on the first PPO
+        epoch's micro-batches (`RolloutBuffer.epoch_order`) or consecutive ones of ``order``; ``keep_graph``
+        (one micro-batch): also its `_forward`, graph kept, for the first update (its own, bit for bit)."""
         B, T = batch.response_ids.shape
         order = batch.epoch_order(0) if order is None else order
         logprobs, values, entropy = (torch.zeros(B, T, device=self.device) for _ in range(3))
         for index in order.split(self.micro_batch_size):
             micro = batch.select(index)  # trimmed of all-padding columns
             t = micro.response_ids.shape[1]
-            logprobs[index, :t], ent, v = self._forward(micro, with_values)  # (b, t) each
-            if with_values:
-                values[index, :t], entropy[index, :t] = v, ent
+            with torch.set_grad_enabled(keep_graph):
+                outputs = self._forward(micro, with_values)  # (b, t) each
+            logprobs[index, :t], entropy[index, :t], v = (x if x is None else x.detach() for x in outputs)
+            values[index, :t] = 0 if v is None else v
         logprobs, values, entropy = (x * batch.response_mask for x in (logprobs, values, entropy))
-        return (logprobs, values, entropy) if with_values else (logprobs, None, None)
+        return (logprobs, values if with_values else None, entropy), (outputs if keep_graph else None)
 
     def _apply_update(self, stats: dict[str, Tensor]) -> str:
         """Step the optimiser: "update"; or "skip" for a non-finite loss or gradient norm or a mean ratio
@@ -429,7 +431,7 @@ class PPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return "skip" if skip else "update"
 
-    def _clipped_loss_backward(self, minibatch: RolloutBuffer) -> dict[str, Tensor]:
+    def _clipped_loss_backward(self, minibatch: RolloutBuffer, kept=None) -> dict[str, Tensor]:
         """Clipped policy + value loss, forward and backward in micro-batches, each weighted by its share of
         the minibatch's tokens (over all processes), so the summed gradients and stats are the minibatch's
         masked mean's. Gradients stay in .grad (clipped to max_grad_norm, not stepped); returns the stats."""
@@ -438,7 +440,7 @@ class PPOTrainer:
         totals: dict[str, Tensor] = {}
         for micro in minibatch.minibatches(self.micro_batch_size, shuffle=False):
             weight, mask = micro.response_mask.sum() / n_tokens, micro.response_mask
-            logprobs, entropy, vpred = self._forward(micro)  # (b, T) each
+            logprobs, entropy, vpred = kept or self._forward(micro)  # (b, T) each; kept: the rollout's
             eps, eps_v = config.cliprange, config.cliprange_value
             pg_loss, pg_stats = core.policy_loss(logprobs, micro.old_logprobs, micro.advantages, mask, eps)
             vf_loss, vf_stats = core.value_loss(vpred, micro.values, micro.returns, mask, eps_v)
@@ -560,10 +562,8 @@ def load_torch(directory: str | os.PathLike, name: str, device: torch.device | s
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
+    return {"torch": torch.get_rng_state(), "python": random.getstate()} | cuda
 
 
 def set_rng_state(state: dict) -> None:

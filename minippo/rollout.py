@@ -23,7 +23,7 @@ class RolloutBuffer:
     advantages (B, T): GAE advantages (whitened); returns (B, T): value targets.
 
     Each PPO epoch visits the samples in its random `epoch_order`, drawn once and kept; the rollout forward
-    runs on the first epoch's micro-batches, so the first minibatch recomputes it bit for bit (ratio 1)."""
+    runs on the first epoch's micro-batches: the first minibatch recomputes it bit for bit, or reuses it."""
 
     query_ids: Tensor
     query_mask: Tensor

@@ -80,8 +80,8 @@ def capture(trainer):
         seen.buffers.append(buffer)
         return step_stats(buffer, *args)
 
-    def _clipped_loss_backward(minibatch):
-        seen.minibatches.append(loss_backward(minibatch))
+    def _clipped_loss_backward(minibatch, kept=None):
+        seen.minibatches.append(loss_backward(minibatch, kept))
         return seen.minibatches[-1]
 
     trainer._step_stats, trainer._clipped_loss_backward = _step_stats, _clipped_loss_backward
@@ -294,6 +294,36 @@ def test_first_minibatch_has_ratio_exactly_one(arch, tokenizer, compute_dtype, i
         assert first["policy/clipfrac"].item() == 0.0
     # later minibatches see updated adapters
     assert seen.minibatches[-1]["policy/approxkl"].item() > 0
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_one_micro_batch_reuses_the_rollout_forward_for_the_first_update(arch, tokenizer, int8):
+    """Where one micro-batch is the whole batch, the rollout's forward keeps its graph and is the first
+    update's: a step runs one forward fewer, and makes the update that recomputing it makes, bit for bit."""
+    results = []
+    for reuse in (True, False):
+        torch.manual_seed(0)
+        trainer, queries, responses = make_trainer(arch, tokenizer, int8=int8, mini_batch_size=8)
+        forward, rollout_forward, calls = trainer._forward, trainer._rollout_forward, []
+
+        def counted(*args, forward=forward, calls=calls):
+            calls.append(1)
+            return forward(*args)
+
+        def graph_dropped(*args, keep_graph=False, rollout_forward=rollout_forward, **kwargs):
+            return rollout_forward(*args, **kwargs)[0], None  # the first update recomputes the forward
+
+        trainer._forward = counted
+        if not reuse:
+            trainer._rollout_forward = graph_dropped
+        seen = capture(trainer)
+        stats = trainer.step(queries, responses, torch.arange(8.0))
+        results.append((adapter_snapshot(trainer), stats, len(calls)))
+        assert seen.minibatches[0]["policy/ratio"].item() == 1.0
+    (reused, reused_stats, n_reused), (recomputed, recomputed_stats, n_recomputed) = results
+    assert (n_reused, n_recomputed) == (3, 4)  # rollout, reference, 2 epochs (the first one reused)
+    assert_same(reused, recomputed)
+    assert reused_stats["ppo/loss/total"] == recomputed_stats["ppo/loss/total"]
 
 
 def test_reference_logprobs_come_from_the_base_model(arch, tokenizer):

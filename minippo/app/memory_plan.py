@@ -42,7 +42,9 @@ flight, beside the fp32 logits the caller still holds). Attention is assumed mem
 `tests/app/test_memory_plan.py`; `TensorMemoryTracker` below is the measuring tool.
 
 Note: the step's peak is taken as everything above at once; PPO's rollout (generation with a KV
-cache, no gradients) needs less than the training mini-batch and is not planned separately.
+cache, no gradients) needs less than the training mini-batch and is not planned separately. Where one
+micro-batch is the whole batch, the reference forward runs beside the first update's kept activations;
+its temporaries (a layer's, a head block's) are fewer than the backward's that the plan counts.
 """
 
 from __future__ import annotations

@@ -367,7 +367,7 @@ def measure_ppo_micro_step(model, batch, prompt_len, response_len, checkpointing
     queries = [torch.randint(3, vocab, (prompt_len - i,)) for i in range(batch)]  # left padding
     responses = [torch.randint(3, vocab, (response_len,)) for _ in range(batch)]
     rollout = trainer._padded_batch(queries, responses)
-    rollout.old_logprobs, rollout.values, _ = trainer._forward_no_grad(rollout)
+    (rollout.old_logprobs, rollout.values, _), _ = trainer._rollout_forward(rollout)
     rollout.advantages, rollout.returns = torch.randn(2, batch, response_len)
     with TensorMemoryTracker() as mem:
         trainer._clipped_loss_backward(rollout)
