@@ -170,10 +170,13 @@ def model_flops(n: int, spec: Spec, train_per_token: int = 6) -> float:
     return (2 + 2 * 2 + train_per_token * spec.ppo_epochs) * n * tokens
 
 
-def optimisation_flops(n: int, spec: Spec) -> float:
+def optimisation_flops(n: int, spec: Spec, stack: str = "minippo") -> float:
     """FLOPs the optimisation phase really does: ppo_epochs x (forward 2N + input gradients 2N) per
-    token; the adapters' and the value head's own FLOPs are left out (r << H)."""
-    return 4 * spec.ppo_epochs * n * spec.batch_size * (spec.prompt_len + spec.new_tokens)
+    token, less minippo's first forward where one mini-batch is the whole batch (the rollout phase's
+    forward keeps its graph and the first update reuses it; the peer recomputes it); the adapters' and
+    the value head's own FLOPs are left out (r << H)."""
+    reused = stack == "minippo" and spec.mini_batch_size == spec.batch_size
+    return (4 * spec.ppo_epochs - 2 * reused) * n * spec.batch_size * (spec.prompt_len + spec.new_tokens)
 
 
 def matmul_peak(threads: int, device: str = "cpu") -> dict[str, float]:
@@ -339,7 +342,8 @@ def report(results: dict, peak: dict, meta: dict, spec: Spec, section: str = "")
         "a frozen base really costs ~4N: the (4N) column); N = matmul weights (Linears + LM head). The % column divides "
         "by the bf16 peak for bfloat16 rows (auto too, where it picked bfloat16) and by the fp32 peak "
         "otherwise (int8 too: over 100% means faster than fp32 matmuls could be). The optimisation column divides that phase's "
-        "4N FLOPs (`optimisation_flops`) by its time and the same peak.",
+        "4N FLOPs (`optimisation_flops`; less minippo's first forward where one mini-batch is the batch: "
+        "it reuses the rollout's) by its time and the same peak.",
         "- tokens/s = batch x new tokens / step time. Peak RSS: the worker process's maximum "
         "(imports + model + step); 'loaded' is its RSS once the model is loaded. On a GPU, "
         "'GPU peak' is torch.cuda.max_memory_allocated over the timed steps.",
@@ -371,7 +375,8 @@ def report(results: dict, peak: dict, meta: dict, spec: Spec, section: str = "")
             frac = flops / r["total"] / (pk * 1e9) * 100
             frac4 = model_flops(info["n"], spec, train_per_token=4) / r["total"] / (pk * 1e9) * 100
             tps = spec.batch_size * spec.new_tokens / r["total"]
-            opt = optimisation_flops(info["n"], spec) / r["optimisation"] / (pk * 1e9) * 100
+            done = optimisation_flops(info["n"], spec, stack=key.split("/")[0])
+            opt = done / r["optimisation"] / (pk * 1e9) * 100
             vs = vr = "1.00"
             if key != "peer/float32":
                 vs = f"{r['total'] / peer['total']:.2f}" if peer and "error" not in peer else "-"
