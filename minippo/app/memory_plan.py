@@ -61,7 +61,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ..checks import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, check, check_fields, one_of
+from ..checks import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, check, check_fields, one_of
 from ..core import HEAD_BLOCK, HEAD_ROWS
 from ..quant import int8_weight_and_scales
 
@@ -162,9 +162,11 @@ class PlanConfig:
         check_fields(self, one_of(*TARGETS), "lora_targets")
         check_fields(self, one_of(*OPTIMIZERS), "optimizer")
         check_fields(self, one_of("", *ACTIVATION_COEFFS), "arch")
-        check_fields(self, NON_NEGATIVE_INT, "lora_r")
+        sizes = "hidden_size", "num_layers", "vocab_size", "intermediate_size", "response_len"
+        check_fields(self, NON_NEGATIVE_INT, "lora_r", *sizes)
         check_fields(self, POSITIVE_INT, "batch_size", "seq_len")
         check_fields(self, POSITIVE, "gpu_gib")
+        check_fields(self, NON_NEGATIVE, "params", "reserve_gib")
         check(
             self,
             self.lora_r > 0 or self.dtype not in ("int8", "nf4"),

@@ -361,11 +361,12 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
     main = distributed.rank() == 0
     out, checkpoint = Path(config.output_dir), Path(config.output_dir) / "checkpoint"
     resume = start_run_folder(config, out, checkpoint, main)
+    # the reward first (on the trainer's device): a wrong path fails before a large model loads
+    reward = load_reward(config.reward, kind=config.reward_kind, device=config.ppo.device or "cpu")
     trainer, tokenizer, model_dir = build_trainer(config)
     share = slice(
         trainer.rank * trainer.batch_size_per_rank, (trainer.rank + 1) * trainer.batch_size_per_rank
     )
-    reward = load_reward(config.reward, kind=config.reward_kind, device=trainer.device)
     prompts, eval_prompts = ppo_prompts(config, tokenizer)
 
     result = {"model": model_dir, "output_dir": str(out)}

@@ -107,6 +107,10 @@ def test_known_and_folder_shapes(tmp_path):
         (dict(params=1e9, quant="4bit", lora_r=0), "nf4 weights cannot be trained"),
         (dict(quant="3bit"), "quant must be one of"),
         (dict(params=1e9, lora_targets="mlp"), "lora_targets"),
+        (dict(params=-5.0), "params must be a number >= 0"),
+        (dict(params=1e9, reserve_gib=-1.0), "reserve_gib must be a number >= 0"),
+        (dict(params=1e9, hidden_size=-64), "hidden_size must be an integer >= 0"),
+        (dict(params=1e9, response_len=-1), "response_len must be an integer >= 0"),
     ],
 )
 def test_config_errors_name_the_fix(bad, match):

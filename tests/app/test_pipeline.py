@@ -269,6 +269,11 @@ def test_bad_input_gives_a_message_not_a_traceback(tmp_path, capsys, tiny_model_
     with pytest.raises(SystemExit):
         main(["ppo", "--steps", "0"])
     assert "steps must be a positive integer" in capsys.readouterr().err
+    ppo = ["ppo", "--model", tiny_model_dir, "--reward", str(tmp_path / "no-reward"), "--output-dir"]
+    with pytest.MonkeyPatch.context() as patch:  # the reward is checked before the model loads
+        patch.setattr("minippo.app.pipeline.build_trainer", lambda config: pytest.fail("model loaded"))
+        assert main([*ppo, str(tmp_path / "p")]) == 2
+    assert "train one with `minippo reward" in capsys.readouterr().err
 
 
 def test_every_subcommand_has_help(capsys):
