@@ -306,7 +306,8 @@ class PPOTrainer:
                 # 6. ppo_epochs passes over shuffled minibatches, one clipped update each.
                 records, outcomes = [], []
                 for minibatch in batch.epochs(config.ppo_epochs, config.mini_batch_size // self.world_size):
-                    stats = self._clipped_loss_backward(minibatch, None if records else kept)  # into .grad
+                    # gradients into .grad; kept dropped once used (held, it cost ~1 GB of CPU heap)
+                    stats, kept = self._clipped_loss_backward(minibatch, kept), None
                     records.append(stats)
                     outcomes.append(self._apply_update(stats))  # "update", "skip" or "stop"
                     if outcomes[-1] == "stop":
@@ -393,9 +394,8 @@ class PPOTrainer:
         return scores
 
     def _rollout_forward(self, batch: RolloutBuffer, with_values: bool = True, order=None, keep_graph=False):
-        """Log-probs, values, entropies ((B, T), 0 at padding, no grad) of the responses, on the first PPO
-        epoch's micro-batches (`RolloutBuffer.epoch_order`) or consecutive ones of ``order``; ``keep_graph``
-        (one micro-batch): also its `_forward`, graph kept, for the first update (its own, bit for bit)."""
+        """Log-probs, values, entropies ((B, T), 0 at padding, no grad) on the first epoch's micro-batches
+        (or ``order``'s); ``keep_graph`` (one micro-batch): also its `_forward`, graph kept, for update 1."""
         B, T = batch.response_ids.shape
         order = batch.epoch_order(0) if order is None else order
         logprobs, values, entropy = (torch.zeros(B, T, device=self.device) for _ in range(3))
