@@ -4,6 +4,7 @@ import dataclasses
 import json
 import logging
 import os
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -324,6 +325,23 @@ def test_one_micro_batch_reuses_the_rollout_forward_for_the_first_update(arch, t
     assert (n_reused, n_recomputed) == (3, 4)  # rollout, reference, 2 epochs (the first one reused)
     assert_same(reused, recomputed)
     assert reused_stats["ppo/loss/total"] == recomputed_stats["ppo/loss/total"]
+
+
+def test_the_reused_forward_is_released_after_the_first_update(tokenizer):
+    """Held through the later epochs, the reused outputs cost the demo ~1 GB of heap: gone by then."""
+    trainer, queries, responses = make_trainer("llama", tokenizer, mini_batch_size=8)
+    loss_backward, refs = trainer._clipped_loss_backward, []
+
+    def watched(minibatch, kept=None):
+        if kept is not None:
+            refs.extend(weakref.ref(x) for x in kept if x is not None)
+        else:
+            assert refs and all(ref() is None for ref in refs)
+        return loss_backward(minibatch, kept)
+
+    trainer._clipped_loss_backward = watched
+    trainer.step(queries, responses, torch.arange(8.0))
+    assert len(refs) == 3  # log-probs, entropies and values, of the first update only
 
 
 def test_reference_logprobs_come_from_the_base_model(arch, tokenizer):
