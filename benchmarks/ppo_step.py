@@ -360,7 +360,7 @@ def report(results: dict, peak: dict, meta: dict, spec: Spec, section: str = "")
             "optimisation % of peak (4N) |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        peer = rows.get("peer/float32")
+        peer, every_peak = rows.get("peer/float32"), []
         for key, r in rows.items():
             if "error" in r:
                 lines.append(f"| {key} | failed: {r['error'][:150]} | | | | | | | | | | | | |")
@@ -375,8 +375,15 @@ def report(results: dict, peak: dict, meta: dict, spec: Spec, section: str = "")
             frac = flops / r["total"] / (pk * 1e9) * 100
             frac4 = model_flops(info["n"], spec, train_per_token=4) / r["total"] / (pk * 1e9) * 100
             tps = spec.batch_size * spec.new_tokens / r["total"]
-            done = optimisation_flops(info["n"], spec, stack=key.split("/")[0])
-            opt = done / r["optimisation"] / (pk * 1e9) * 100
+            rate = optimisation_flops(info["n"], spec, stack=key.split("/")[0]) / r["optimisation"] / 1e9
+            opt = rate / pk * 100
+            if key.endswith("/int8"):  # the 8-bit step's optimisation phase against every peak measured
+                every_peak += [
+                    "",
+                    f"{key}'s optimisation phase: {rate:.0f} GFLOP/s of the 4N model FLOPs, "
+                    + ", ".join(f"{rate / v * 100:.0f}% of the {k} peak" for k, v in peak.items())
+                    + " (its base layers run the int8 GEMM; the LM head, attention and adapters run in float)",
+                ]
             vs = vr = "1.00"
             if key != "peer/float32":
                 vs = f"{r['total'] / peer['total']:.2f}" if peer and "error" not in peer else "-"
@@ -390,15 +397,7 @@ def report(results: dict, peak: dict, meta: dict, spec: Spec, section: str = "")
                 f"{'-' if r.get('gpu_peak_mib') is None else format(r['gpu_peak_mib'], '.0f')} | "
                 f"{vs} | {vr} | {frac:.1f} | {frac4:.1f} | {opt:.1f} |"
             )
-        for key, r in rows.items():  # the 8-bit step's optimisation phase against every peak measured
-            if key.endswith("/int8") and "error" not in r:
-                rate = optimisation_flops(info["n"], spec) / r["optimisation"] / 1e9
-                lines += [
-                    "",
-                    f"{key}'s optimisation phase: {rate:.0f} GFLOP/s of the 4N model FLOPs, "
-                    + ", ".join(f"{rate / v * 100:.0f}% of the {k} peak" for k, v in peak.items())
-                    + " (its base layers run the int8 GEMM; the LM head, attention and adapters run in float)",
-                ]
+        lines += every_peak
         checks = {k: r["check"] for k, r in rows.items() if "error" not in r}
         if len(checks) > 1:
             lines += [

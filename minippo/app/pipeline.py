@@ -209,6 +209,11 @@ class PPORunConfig:
     )
     """PPO settings (flags with trl's names: --learning-rate, --batch-size, ...)."""
 
+    @property
+    def device(self) -> str:
+        """Where the model, the trainer and the reward run: ``ppo.device``, else the CPU."""
+        return self.ppo.device or "cpu"
+
     def __post_init__(self):
         if not self.load_in_8bit and self.quant == "8bit":  # the older spelling of --quant none
             self.quant = "none"
@@ -310,8 +315,7 @@ def build_trainer(config: PPORunConfig):
     """Load the starting model (8-bit, 4-bit or float: `quant`), add a fresh adapter, and make the trainer."""
     model_dir = resolve_model(config.model)
     tokenizer = load_tokenizer(model_dir)
-    device = config.ppo.device or "cpu"
-    model = load_model(model_dir, **quant_load_kwargs(config.quant), dtype=config.dtype, device=device)
+    model = load_model(model_dir, **quant_load_kwargs(config.quant), dtype=config.dtype, device=config.device)
     torch.manual_seed(config.ppo.seed)  # the adapters' A matrices follow --seed
     add_lora(model, config.lora)
     ppo = config.ppo
@@ -362,7 +366,7 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
     out, checkpoint = Path(config.output_dir), Path(config.output_dir) / "checkpoint"
     resume = start_run_folder(config, out, checkpoint, main)
     # the reward first (on the trainer's device): a wrong path fails before a large model loads
-    reward = load_reward(config.reward, kind=config.reward_kind, device=config.ppo.device or "cpu")
+    reward = load_reward(config.reward, kind=config.reward_kind, device=config.device)
     trainer, tokenizer, model_dir = build_trainer(config)
     share = slice(
         trainer.rank * trainer.batch_size_per_rank, (trainer.rank + 1) * trainer.batch_size_per_rank
