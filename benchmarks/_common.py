@@ -155,5 +155,8 @@ def stand_in_tokenizer(pad_id: int, eos_id: int):
     vocab = {f"<t{i}>": i for i in range(n)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=f"<t{pad_id}>"))
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=f"<t{pad_id}>", eos_token=f"<t{eos_id}>", unk_token=f"<t{pad_id}>"
+        tokenizer_object=tok,
+        pad_token=f"<t{pad_id}>",
+        eos_token=f"<t{eos_id}>",
+        unk_token=f"<t{pad_id}>",
     )

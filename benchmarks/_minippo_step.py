@@ -35,16 +35,23 @@ def build_trainer(spec: Spec, info: dict):
     int8, nf4 = spec.dtype == "int8", spec.dtype == "nf4"
     # "auto": the compute dtype compute_dtype="auto" picks here, and the frozen base stored in it
     auto = auto_compute_dtype(spec.device) if spec.dtype == "auto" else None
-    weights = torch.bfloat16 if spec.dtype == "bf16-weights" or auto == torch.bfloat16 else torch.float32
+    weights = (
+        torch.bfloat16 if spec.dtype == "bf16-weights" or auto == torch.bfloat16 else torch.float32
+    )
     if int8:  # as `minippo ppo`: float32, the embeddings in bf16 where that is native
         weights = "auto"
-    model = load_model(spec.model_dir, load_in_8bit=int8, load_in_4bit=nf4, dtype=weights, device=spec.device)
+    model = load_model(
+        spec.model_dir, load_in_8bit=int8, load_in_4bit=nf4, dtype=weights, device=spec.device
+    )
     if int8 or nf4:
         prepare_model_for_kbit_training(model)
     add_lora(
         model,
         LoRAConfig(
-            r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout, target_modules=list(spec.targets)
+            r=spec.lora_r,
+            alpha=spec.lora_alpha,
+            dropout=spec.lora_dropout,
+            target_modules=list(spec.targets),
         ),
     )
     config = PPOConfig(
@@ -93,12 +100,18 @@ def main(spec: Spec) -> None:
 
     def step(qs, rs, scores):
         stats = trainer.step(qs, rs, scores)
-        return stats["time/ppo/forward_pass"], stats["time/ppo/optimize_step"], stats["time/ppo/total"]
+        return (
+            stats["time/ppo/forward_pass"],
+            stats["time/ppo/optimize_step"],
+            stats["time/ppo/total"],
+        )
 
     cuda = spec.device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    records = run_steps(spec, generate, step, queries, sync=torch.cuda.synchronize if cuda else None)
+    records = run_steps(
+        spec, generate, step, queries, sync=torch.cuda.synchronize if cuda else None
+    )
     emit(
         dict(
             side="minippo",

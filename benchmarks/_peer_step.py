@@ -96,7 +96,11 @@ def main(spec: Spec) -> None:
 
     def step(qs, rs, scores):
         stats = trainer.step(qs, rs, [torch.tensor(s) for s in scores])
-        return stats["time/ppo/forward_pass"], stats["time/ppo/optimize_step"], stats["time/ppo/total"]
+        return (
+            stats["time/ppo/forward_pass"],
+            stats["time/ppo/optimize_step"],
+            stats["time/ppo/total"],
+        )
 
     records = run_steps(spec, generate, step, queries)
     emit(

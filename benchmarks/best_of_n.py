@@ -52,7 +52,10 @@ def sample_rounds(args, rounds: list[dict]) -> tuple[list[dict], dict]:
             model=args.model, reward=args.reward, output_dir=tmp, quant=args.quant, steps=1,
             eval_prompts=args.prompts, eval_seed=args.eval_seed,
         )  # fmt: skip
-        config.ppo.min_new_tokens, config.ppo.max_new_tokens = args.min_new_tokens, args.max_new_tokens
+        config.ppo.min_new_tokens, config.ppo.max_new_tokens = (
+            args.min_new_tokens,
+            args.max_new_tokens,
+        )
         trainer, tokenizer, model_dir = build_trainer(config)
         reward = load_reward(config.reward, kind=config.reward_kind, device=trainer.device)
         _, prompts = ppo_prompts(config, tokenizer)
@@ -64,7 +67,9 @@ def sample_rounds(args, rounds: list[dict]) -> tuple[list[dict], dict]:
     for k in range(len(rounds), args.n):
         t = time.perf_counter()
         s = evaluate_samples(trainer, tokenizer, prompts, args.eval_seed + k, adapters=False)
-        scores, probs = reward.scores_and_probabilities([q + r for q, r in zip(s["prompts"], s["responses"])])
+        scores, probs = reward.scores_and_probabilities(
+            [q + r for q, r in zip(s["prompts"], s["responses"])]
+        )
         logp, mask = trainer.response_logprobs(prompts, s["response_ids"], reference=True)
         rounds.append(
             {
@@ -76,7 +81,10 @@ def sample_rounds(args, rounds: list[dict]) -> tuple[list[dict], dict]:
             }
         )
         mean_p = float(probs.mean())
-        print(f"round {k}: mean P(positive) {mean_p:.3f} ({time.perf_counter() - t:.1f} s)", flush=True)
+        print(
+            f"round {k}: mean P(positive) {mean_p:.3f} ({time.perf_counter() - t:.1f} s)",
+            flush=True,
+        )
     return rounds, {"model": str(model_dir), "prompts": len(prompts)}
 
 
@@ -89,7 +97,9 @@ def earlier_rounds(args) -> tuple[list[dict], float]:
         print(f"{args.json} holds other settings: sampling anew and replacing it")
         return [], 0.0
     print(f"{len(saved['rounds'])} rounds from {args.json}")
-    return saved["rounds"][: args.n], saved["meta"]["seconds"] * min(1, args.n / len(saved["rounds"]))
+    return saved["rounds"][: args.n], saved["meta"]["seconds"] * min(
+        1, args.n / len(saved["rounds"])
+    )
 
 
 def settings(args) -> dict:
@@ -122,9 +132,14 @@ def optimum(rounds: list[dict], beta: float, clip: float, draws: int = 20) -> di
     scores = torch.tensor([r["scores"] for r in rounds]).T.clamp(-clip, clip)  # (prompts, N)
     weights, kl = kl_regularised_optimum(scores, beta)
     probs = torch.tensor([r["probs"] for r in rounds], dtype=torch.float64).T
-    generator, figures = torch.Generator().manual_seed(0), {"distinct_1": 0.0, "distinct_2": 0.0, "logp": 0.0}
+    generator, figures = (
+        torch.Generator().manual_seed(0),
+        {"distinct_1": 0.0, "distinct_2": 0.0, "logp": 0.0},
+    )
     for _ in range(draws):
-        pick = torch.multinomial(weights, 1, generator=generator)[:, 0].tolist()  # a round per prompt
+        pick = torch.multinomial(weights, 1, generator=generator)[
+            :, 0
+        ].tolist()  # a round per prompt
         kept = [rounds[k] for k in pick]
         ids = [kept[i]["ids"][i] for i in range(len(pick))]
         figures["distinct_1"] += distinct_n(ids, 1) / draws
@@ -184,17 +199,25 @@ def report(rows: list[dict], optima: list[dict], meta: dict, args) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="the starting model of PPO (e.g. runs/demo/merged)")
+    p.add_argument(
+        "--model", required=True, help="the starting model of PPO (e.g. runs/demo/merged)"
+    )
     p.add_argument("--reward", required=True, help="the reward folder (e.g. runs/demo/reward)")
     p.add_argument("--quant", default="8bit", choices=("8bit", "4bit", "none"))
     p.add_argument("--n", type=int, default=32, help="samples per prompt (N)")
-    p.add_argument("--prompts", type=int, default=64, help="held-out prompts (PPO's --eval-prompts)")
+    p.add_argument(
+        "--prompts", type=int, default=64, help="held-out prompts (PPO's --eval-prompts)"
+    )
     p.add_argument("--eval-seed", type=int, default=1234)
     p.add_argument("--min-new-tokens", type=int, default=12)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--betas", default="0.1,0.2,0.3", help="KL coefficients of the optimum's table")
-    p.add_argument("--score-clip", type=float, default=3.0, help="PPO's score clip in the optimum's table")
-    p.add_argument("--json", help="also write the rows and samples here; a later run reuses its samples")
+    p.add_argument(
+        "--score-clip", type=float, default=3.0, help="PPO's score clip in the optimum's table"
+    )
+    p.add_argument(
+        "--json", help="also write the rows and samples here; a later run reuses its samples"
+    )
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = p.parse_args(argv)
     if args.n < 1 or args.prompts < 1:
@@ -211,7 +234,13 @@ def main(argv=None) -> int:
     text = report(rows, optima, meta, args)
     print(text)
     if args.json:
-        record = {"settings": settings(args), "meta": meta, "rows": rows, "optima": optima, "rounds": rounds}
+        record = {
+            "settings": settings(args),
+            "meta": meta,
+            "rows": rows,
+            "optima": optima,
+            "rounds": rounds,
+        }
         Path(args.json).write_text(json.dumps(record))
     if not args.no_write:
         from ppo_step import write_section

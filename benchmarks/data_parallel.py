@@ -76,7 +76,13 @@ def launch(
     model_dir: Path, processes: int, threads: int, warmup: int, steps: int, device: str
 ) -> list[float]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+    ]
     command += [__file__, "--device", device, "--worker", str(model_dir), str(warmup), str(steps)]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
     if run.returncode:
@@ -90,7 +96,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--device", default="cpu", help="cuda: 1 GPU against 2 GPUs, printed, not written")
+    parser.add_argument(
+        "--device", default="cpu", help="cuda: 1 GPU against 2 GPUs, printed, not written"
+    )
     parser.add_argument("--worker", nargs=3, metavar=("MODEL_DIR", "WARMUP", "STEPS"))
     args = parser.parse_args()
     if args.worker:
@@ -98,7 +106,11 @@ def main() -> None:
 
     from ppo_step import build_model, cpu_name, write_section
 
-    layouts = [(1, 2), (2, 1), (1, 1)]  # (processes, threads per process); 1 x 1 shows the contention
+    layouts = [
+        (1, 2),
+        (2, 1),
+        (1, 1),
+    ]  # (processes, threads per process); 1 x 1 shows the contention
     if args.device == "cuda":
         layouts = [(1, 2), (2, 1)]  # 1 GPU against 2 GPUs (the threads matter little there)
     seconds: dict[tuple[int, int], list[float]] = {layout: [] for layout in layouts}

@@ -64,7 +64,9 @@ def train(config, k: int) -> dict:
     if ppo.batch_size % k:
         raise SystemExit(f"--batch-size ({ppo.batch_size}) must be divisible by --k ({k})")
     if not config.eval_prompts:
-        raise SystemExit("--eval-prompts must be > 0: the held-out evaluation is this experiment's result")
+        raise SystemExit(
+            "--eval-prompts must be > 0: the held-out evaluation is this experiment's result"
+        )
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     trainer, tokenizer, model_dir = build_trainer(config)
@@ -72,7 +74,9 @@ def train(config, k: int) -> dict:
     prompts, eval_prompts = ppo_prompts(config, tokenizer)
     beta = ppo.init_kl_coef
     result = {"model": model_dir, "output_dir": str(out), "k": k, "beta": beta}
-    result["before"] = evaluate_policy(trainer, tokenizer, reward, eval_prompts, config.eval_seed, False)
+    result["before"] = evaluate_policy(
+        trainer, tokenizer, reward, eval_prompts, config.eval_seed, False
+    )
 
     log = MetricsLog(out / "metrics.jsonl")
     log.path.unlink(missing_ok=True)
@@ -82,17 +86,23 @@ def train(config, k: int) -> dict:
         responses = trainer.generate(queries)
         q_text, r_text = _decode_pairs(tokenizer, queries, responses)
         scores, probs = reward.scores_and_probabilities([q + r for q, r in zip(q_text, r_text)])
-        scores = trainer._normalise_scores(scores.float().to(trainer.device))  # PPO's scale and clip
+        scores = trainer._normalise_scores(
+            scores.float().to(trainer.device)
+        )  # PPO's scale and clip
         batch = trainer._padded_batch(queries, responses)
         ref_logp = sequence_logprobs(trainer, batch, reference=True)
-        for epoch in range(ppo.ppo_epochs):  # the weights are the sampling policy's: valid for every epoch
+        for epoch in range(
+            ppo.ppo_epochs
+        ):  # the weights are the sampling policy's: valid for every epoch
             logp = sequence_logprobs(trainer, batch, grad=True)
             if epoch == 0:
                 weights = matching_weights(scores, ref_logp, logp.detach(), k, beta)
                 kl = (logp.detach() - ref_logp).mean().item()
             loss = -((weights - 1.0 / k) * logp).view(-1, k).sum(1).mean()
             loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(trainer.trainable, ppo.max_grad_norm or float("inf"))
+            norm = torch.nn.utils.clip_grad_norm_(
+                trainer.trainable, ppo.max_grad_norm or float("inf")
+            )
             trainer.optimizer.step()
             trainer.optimizer.zero_grad(set_to_none=True)
         log.write(

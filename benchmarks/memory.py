@@ -43,10 +43,18 @@ MiB = 2**20
 # GPT-NeoX sizes for the bytes/param table (random weights).
 SIZES = {
     "neox-7m": dict(
-        hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, vocab_size=8192
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        vocab_size=8192,
     ),
     "neox-30m": dict(
-        hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048, vocab_size=8192
+        hidden_size=512,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        intermediate_size=2048,
+        vocab_size=8192,
     ),
     "neox-100m": dict(
         hidden_size=768,
@@ -69,7 +77,9 @@ def neox(sizes: dict, seed: int = 0):
     from transformers import AutoModelForCausalLM, GPTNeoXConfig
 
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(GPTNeoXConfig(max_position_embeddings=2048, **sizes)).eval()
+    return AutoModelForCausalLM.from_config(
+        GPTNeoXConfig(max_position_embeddings=2048, **sizes)
+    ).eval()
 
 
 def smollm2():
@@ -82,7 +92,11 @@ def smollm2():
 def linear_params(model) -> int:
     """Parameters of the nn.Linear layers that int8 quantises (all but the LM head)."""
     head = model.get_output_embeddings()
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+    return sum(
+        m.weight.numel()
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear) and m is not head
+    )
 
 
 def weights_table(names: list[str]) -> list[dict]:
@@ -147,7 +161,9 @@ def reference_worker(model_name: str, mode: str, dtype: str) -> dict:
         else ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
     add_lora(model, LoRAConfig(r=16, alpha=32, dropout=0.05, target_modules=targets))
-    ids = torch.randint(3, model.config.vocab_size, (16, 32))  # (B, L): a PPO batch of 8 + 24 tokens
+    ids = torch.randint(
+        3, model.config.vocab_size, (16, 32)
+    )  # (B, L): a PPO batch of 8 + 24 tokens
     with torch.no_grad():
         model(input_ids=ids)
         with TensorMemoryTracker() as mem:
@@ -156,7 +172,9 @@ def reference_worker(model_name: str, mode: str, dtype: str) -> dict:
                     model(input_ids=ids)
             else:
                 ref(input_ids=ids)
-    footprint = model_footprint_bytes(model) + (model_footprint_bytes(ref) if ref is not None else 0)
+    footprint = model_footprint_bytes(model) + (
+        model_footprint_bytes(ref) if ref is not None else 0
+    )
     return dict(footprint=footprint, rss_growth_mib=rss_mib() - before, ref_forward_peak=mem.peak)
 
 
@@ -167,7 +185,9 @@ def reference_table(names: list[str], dtypes: list[str]) -> list[dict]:
             row = dict(model=name, dtype=dtype)
             for mode in ("switch", "copy"):
                 cmd = [sys.executable, __file__, "--worker", json.dumps([name, mode, dtype])]
-                env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="2")
+                env = dict(
+                    os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="2"
+                )
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
                 lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
                 if not lines:
@@ -257,7 +277,9 @@ def report(weights: list[dict], refs: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--weights-only", action="store_true", help="the weights table alone, in its own section")
+    p.add_argument(
+        "--weights-only", action="store_true", help="the weights table alone, in its own section"
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = p.parse_args(argv)

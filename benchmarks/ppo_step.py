@@ -52,7 +52,11 @@ BEGIN, END = "<!-- ppo_step:begin -->", "<!-- ppo_step:end -->"
 # name -> GPT-NeoX sizes (random weights), or None for the embedded SmolLM2.
 MODELS = {
     "neox-7m": dict(
-        hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, vocab_size=8192
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        vocab_size=8192,
     ),
     "neox-100m": dict(
         hidden_size=768,
@@ -63,8 +67,17 @@ MODELS = {
     ),
     "smollm2-135m": None,
 }
-INPUT_EMBEDDINGS = ("embed_in", "embed_tokens", "wte", "wpe", "embed_positions")  # lookups, not matmuls
-TARGETS = {"gpt_neox": ["query_key_value", "dense"], "llama": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+INPUT_EMBEDDINGS = (
+    "embed_in",
+    "embed_tokens",
+    "wte",
+    "wpe",
+    "embed_positions",
+)  # lookups, not matmuls
+TARGETS = {
+    "gpt_neox": ["query_key_value", "dense"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -176,7 +189,12 @@ def optimisation_flops(n: int, spec: Spec, stack: str = "minippo") -> float:
     forward keeps its graph and the first update reuses it; the peer recomputes it); the adapters' and
     the value head's own FLOPs are left out (r << H)."""
     reused = stack == "minippo" and spec.mini_batch_size == spec.batch_size
-    return (4 * spec.ppo_epochs - 2 * reused) * n * spec.batch_size * (spec.prompt_len + spec.new_tokens)
+    return (
+        (4 * spec.ppo_epochs - 2 * reused)
+        * n
+        * spec.batch_size
+        * (spec.prompt_len + spec.new_tokens)
+    )
 
 
 def matmul_peak(threads: int, device: str = "cpu") -> dict[str, float]:
@@ -197,7 +215,11 @@ def matmul_peak(threads: int, device: str = "cpu") -> dict[str, float]:
             return torch.randint(-127, 128, (n, n), dtype=dtype, device=device)
         return torch.randn(n, n, dtype=dtype, device=device)
 
-    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16), ("int8", torch.int8)):
+    for name, dtype in (
+        ("float32", torch.float32),
+        ("bfloat16", torch.bfloat16),
+        ("int8", torch.int8),
+    ):
         if dtype != torch.float32 and not cuda:
             # a CPU without native bf16 (or VNNI) runs it tens of times slower: time a 4x smaller product
             quick = matrix(size // 4, dtype)
@@ -238,7 +260,9 @@ def run_worker(side: str, spec: Spec, timeout: float) -> dict:
         PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
     )
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -270,9 +294,7 @@ def versions() -> dict[str, str]:
 
     import minippo
 
-    ours = (
-        f"minippo {minippo.__version__}, torch {torch.__version__}, transformers {transformers.__version__}"
-    )
+    ours = f"minippo {minippo.__version__}, torch {torch.__version__}, transformers {transformers.__version__}"
     try:
         import bitsandbytes
 
@@ -285,7 +307,9 @@ def versions() -> dict[str, str]:
             "import torch, transformers, peft, trl; print(f'trl {trl.__version__}, peft {peft.__version__}, "
             "transformers {transformers.__version__}, torch {torch.__version__}')"
         )
-        peer = subprocess.run([str(PEER_PYTHON), "-c", code], capture_output=True, text=True).stdout.strip()
+        peer = subprocess.run(
+            [str(PEER_PYTHON), "-c", code], capture_output=True, text=True
+        ).stdout.strip()
     return {"minippo": ours, "peer": peer}
 
 
@@ -336,7 +360,9 @@ def report(results: dict, peak: dict, meta: dict, spec: Spec, section: str = "")
         "the peer keeps glibc's defaults, as a trl script does).",
         f"- device: {meta['device']}; matmul peak measured there ({spec.threads} CPU threads; "
         f"{'8192' if meta['device'] != 'cpu' else '2048'}^3): "
-        + ", ".join(f"{k} {v:.0f} {'GOP/s' if k == 'int8' else 'GFLOP/s'}" for k, v in peak.items()),
+        + ", ".join(
+            f"{k} {v:.0f} {'GOP/s' if k == 'int8' else 'GFLOP/s'}" for k, v in peak.items()
+        ),
         "- model FLOPs per step = (2 + 2*2 + 6*epochs) * N * B * (P + T): generation ~1 forward, "
         "rollout + reference 2 forwards, each PPO epoch a forward + backward (6N convention; "
         "a frozen base really costs ~4N: the (4N) column); N = matmul weights (Linears + LM head). The % column divides "
@@ -375,9 +401,15 @@ def report(results: dict, peak: dict, meta: dict, spec: Spec, section: str = "")
             frac = flops / r["total"] / (pk * 1e9) * 100
             frac4 = model_flops(info["n"], spec, train_per_token=4) / r["total"] / (pk * 1e9) * 100
             tps = spec.batch_size * spec.new_tokens / r["total"]
-            rate = optimisation_flops(info["n"], spec, stack=key.split("/")[0]) / r["optimisation"] / 1e9
+            rate = (
+                optimisation_flops(info["n"], spec, stack=key.split("/")[0])
+                / r["optimisation"]
+                / 1e9
+            )
             opt = rate / pk * 100
-            if key.endswith("/int8"):  # the 8-bit step's optimisation phase against every peak measured
+            if key.endswith(
+                "/int8"
+            ):  # the 8-bit step's optimisation phase against every peak measured
                 every_peak += [
                     "",
                     f"{key}'s optimisation phase: {rate:.0f} GFLOP/s of the 4N model FLOPs, "
@@ -388,7 +420,9 @@ def report(results: dict, peak: dict, meta: dict, spec: Spec, section: str = "")
             if key != "peer/float32":
                 vs = f"{r['total'] / peer['total']:.2f}" if peer and "error" not in peer else "-"
                 vr = (
-                    f"{r['peak_rss_mib'] / peer['peak_rss_mib']:.2f}" if peer and "error" not in peer else "-"
+                    f"{r['peak_rss_mib'] / peer['peak_rss_mib']:.2f}"
+                    if peer and "error" not in peer
+                    else "-"
                 )
             lines.append(
                 f"| {key} | {r['total']:.2f} | {r['generation']:.2f} | {r['forward']:.2f} | "
@@ -423,7 +457,9 @@ def write_section(text: str, begin: str = BEGIN, end: str = END, path: Path = RE
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="smallest model, 1 round, 1 timed step, float32 only")
+    p.add_argument(
+        "--quick", action="store_true", help="smallest model, 1 round, 1 timed step, float32 only"
+    )
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {list(MODELS)}")
     p.add_argument(
         "--variants",
@@ -431,7 +467,9 @@ def main(argv=None) -> int:
         help="minippo dtypes: float32,auto (compute_dtype auto, base stored in what it picks),bfloat16,"
         "bf16-weights,int8,nf4",
     )
-    p.add_argument("--rounds", type=int, default=1, help="alternating rounds (a process per side per round)")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="alternating rounds (a process per side per round)"
+    )
     p.add_argument("--steps", type=int, default=2, help="timed steps per process")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per process")
     p.add_argument("--threads", type=int, default=2)
@@ -443,16 +481,24 @@ def main(argv=None) -> int:
         "(read from the `cpu` demo preset: its batch, mini-batch, epochs, longest response, learning "
         "rate, PPO adapter size and gradient checkpointing)",
     )
-    p.add_argument("--no-peer", action="store_true", help="minippo only (e.g. a GPU machine without trl)")
     p.add_argument(
-        "--device", default="cpu", help='minippo\'s device: "cpu" or "cuda" (the peer runs on the CPU)'
+        "--no-peer", action="store_true", help="minippo only (e.g. a GPU machine without trl)"
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help='minippo\'s device: "cpu" or "cuda" (the peer runs on the CPU)',
     )
     p.add_argument("--timeout", type=float, default=900, help="seconds per worker process")
-    p.add_argument("--out", default=str(RESULTS), help="markdown file to update (section between markers)")
+    p.add_argument(
+        "--out", default=str(RESULTS), help="markdown file to update (section between markers)"
+    )
     p.add_argument("--json", default=None, help="also dump the raw results here")
     p.add_argument("--render", default=None, help="only re-write the report from a --json dump")
     p.add_argument(
-        "--section", default="", help="write a named extra section of RESULTS.md instead of the main one"
+        "--section",
+        default="",
+        help="write a named extra section of RESULTS.md instead of the main one",
     )
     args = p.parse_args(argv)
     if args.render:
@@ -462,12 +508,21 @@ def main(argv=None) -> int:
         print(text)
         return 0
     if args.quick:
-        args.models, args.variants, args.rounds, args.steps, args.warmup = "neox-7m", "float32", 1, 1, 1
+        args.models, args.variants, args.rounds, args.steps, args.warmup = (
+            "neox-7m",
+            "float32",
+            1,
+            1,
+            1,
+        )
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     use_peer = not args.no_peer
     if use_peer and not (PEER_PYTHON.parent.parent / ".peer-installed").exists():
-        print("installing the peer's environment (.venv-peer): bash benchmarks/setup_peer.sh", flush=True)
+        print(
+            "installing the peer's environment (.venv-peer): bash benchmarks/setup_peer.sh",
+            flush=True,
+        )
         if subprocess.run(["bash", str(HERE / "setup_peer.sh")]).returncode != 0:
             print("could not install the peer: see above, or pass --no-peer", file=sys.stderr)
             return 2

@@ -44,7 +44,9 @@ def main(argv=None) -> int:
         spec = Spec(model_dir=str(folder), targets=info["targets"], dtype=args.dtype)
         info = model_info(spec.model_dir)
         _, trainer = build_trainer(spec, info)
-        queries = make_queries(spec, info["vocab_size"], {info["pad_token_id"], info["eos_token_id"]})
+        queries = make_queries(
+            spec, info["vocab_size"], {info["pad_token_id"], info["eos_token_id"]}
+        )
 
         def one_step():
             responses = trainer.generate(queries)

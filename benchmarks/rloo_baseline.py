@@ -29,7 +29,9 @@ def patch(k: int) -> None:
         if batch_size % k:
             raise SystemExit(f"--batch-size ({batch_size}) must be divisible by --k ({k})")
         for indices in batches(n, batch_size, seed):
-            yield [i for i in indices[: batch_size // k] for _ in range(k)]  # prompt a, a, a, a, b, ...
+            yield [
+                i for i in indices[: batch_size // k] for _ in range(k)
+            ]  # prompt a, a, a, a, b, ...
 
     def leave_one_out(self, scores):
         grouped = normalise(self, scores).view(-1, k)  # (B / k, k): a prompt's samples in a row

@@ -58,7 +58,10 @@ def patch() -> None:
 def main(argv=None) -> int:
     from _experiment import parse_flags
 
-    coef = ("--coef", dict(type=float, default=0.1, help="weight of the per-state KL in the loss (> 0)"))
+    coef = (
+        "--coef",
+        dict(type=float, default=0.1, help="weight of the per-state KL in the loss (> 0)"),
+    )
     args, ppo_flags = parse_flags(__doc__, argv, coef)
     if not args.coef > 0:
         raise SystemExit(f"--coef must be > 0, got {args.coef}")

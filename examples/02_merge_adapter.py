@@ -35,4 +35,6 @@ if __name__ == "__main__":
     plain = AutoModelForCausalLM.from_pretrained(args.output_dir)  # no minippo needed
     with torch.no_grad():
         diff = (plain(probe).logits - adapted).abs().max().item()
-    print(f"merged model in {args.output_dir}; max |logit difference| vs the adapted model: {diff:.2e}")
+    print(
+        f"merged model in {args.output_dir}; max |logit difference| vs the adapted model: {diff:.2e}"
+    )

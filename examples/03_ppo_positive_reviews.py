@@ -74,5 +74,7 @@ if __name__ == "__main__":
             [torch.cat([q, r]) for q, r in zip(queries, responses)], skip_special_tokens=True
         )
         stats = trainer.step(queries, responses, reward(reviews))
-        print(f"step {step + 1}: reward {stats['env/reward_mean']:.2f}, KL {stats['objective/kl']:.2f}")
+        print(
+            f"step {step + 1}: reward {stats['env/reward_mean']:.2f}, KL {stats['objective/kl']:.2f}"
+        )
     trainer.save(f"{args.output_dir}/adapter")

@@ -33,7 +33,9 @@ PEFT_PREFIX = "base_model.model."
 
 
 def _base_name(lm: nn.Module) -> str | None:
-    name = getattr(lm, "name_or_path", None) or getattr(getattr(lm, "config", None), "_name_or_path", None)
+    name = getattr(lm, "name_or_path", None) or getattr(
+        getattr(lm, "config", None), "_name_or_path", None
+    )
     return name or None
 
 
@@ -44,8 +46,14 @@ def adapter_config_dict(model: nn.Module, base_model_name_or_path: str | None = 
     if not layers:
         raise ValueError("the model has no LoRA layers: call add_lora (or load_adapter) first")
     first = layers[0]
-    config = getattr(lm, "lora_config", None) or getattr(model, "lora_config", None)  # None: layers by hand
-    targets = config.target_modules if config else sorted({n.rsplit(".", 1)[-1] for n, _ in lora_layers(lm)})
+    config = getattr(lm, "lora_config", None) or getattr(
+        model, "lora_config", None
+    )  # None: layers by hand
+    targets = (
+        config.target_modules
+        if config
+        else sorted({n.rsplit(".", 1)[-1] for n, _ in lora_layers(lm)})
+    )
     dropout = config.dropout if config else getattr(first.lora_dropout, "p", 0.0)
     return {
         "peft_type": "LORA",
@@ -57,7 +65,8 @@ def adapter_config_dict(model: nn.Module, base_model_name_or_path: str | None = 
         "lora_alpha": int(first.alpha) if float(first.alpha).is_integer() else first.alpha,
         "lora_dropout": dropout,
         "target_modules": targets,
-        "fan_in_fan_out": _model_type(lm) == "gpt2" or any(from_conv1d(layer.base_layer) for layer in layers),
+        "fan_in_fan_out": _model_type(lm) == "gpt2"
+        or any(from_conv1d(layer.base_layer) for layer in layers),
         "bias": "none",
         "use_rslora": first.use_rslora,
         "use_dora": False,
@@ -70,10 +79,15 @@ def adapter_config_dict(model: nn.Module, base_model_name_or_path: str | None = 
     }
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None):
+def save_adapter(
+    model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None
+):
     """Write the two adapter files (keys relative to the LM in a wrapper) atomically; returns `directory`."""
     lm, config = _unwrap(model), adapter_config_dict(model, base_model_name_or_path)
-    tensors = {PEFT_PREFIX + key: value.to("cpu").contiguous() for key, value in lora_state_dict(lm).items()}
+    tensors = {
+        PEFT_PREFIX + key: value.to("cpu").contiguous()
+        for key, value in lora_state_dict(lm).items()
+    }
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     weights = os.path.join(directory, ADAPTER_WEIGHTS)
@@ -86,17 +100,25 @@ def _config_from_peft(cfg: dict, where: str) -> LoRAConfig:
     """A LoRAConfig from an adapter_config.json dict; ValueError for features we do not support."""
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{where}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    bad = [k for k in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern") if cfg.get(k)]
-    bad += [k for k, off in (("bias", "none"), ("layers_to_transform", None)) if cfg.get(k, off) != off]
+    bad = [
+        k for k in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern") if cfg.get(k)
+    ]
+    bad += [
+        k for k, off in (("bias", "none"), ("layers_to_transform", None)) if cfg.get(k, off) != off
+    ]
     if bad:
         raise ValueError(f"{where}: adapter uses {bad}, which minippo's LoRA does not support")
     r, alpha, dropout = int(cfg["r"]), cfg.get("lora_alpha", 8), float(cfg.get("lora_dropout", 0.0))
     targets, rslora = cfg.get("target_modules"), bool(cfg.get("use_rslora", False))
     init = "gaussian" if cfg.get("init_lora_weights") == "gaussian" else "default"
-    return LoRAConfig(r=r, alpha=alpha, dropout=dropout, target_modules=targets, use_rslora=rslora, init=init)
+    return LoRAConfig(
+        r=r, alpha=alpha, dropout=dropout, target_modules=targets, use_rslora=rslora, init=init
+    )
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, check_base: bool = True) -> nn.Module:
+def load_adapter(
+    model: nn.Module, directory: str | os.PathLike, check_base: bool = True
+) -> nn.Module:
     """Load a LoRA adapter saved by `save_adapter` or by peft into `model`, in place; returns it.
 
     A model without LoRA layers gets them (`add_lora` with the file's config); one with must match its
@@ -122,33 +144,48 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, check_base: boo
 
 def read_adapter(directory: str) -> tuple[dict, LoRAConfig, dict[str, torch.Tensor]]:
     """(adapter_config.json as a dict, its LoRAConfig, tensors keyed `<module path>.lora_A.weight`)."""
-    config_path, weights_path = (os.path.join(directory, name) for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
+    config_path, weights_path = (
+        os.path.join(directory, name) for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+    )
     for path in (config_path, weights_path):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {os.path.basename(path)} in {directory}: not a saved adapter")
+            raise FileNotFoundError(
+                f"no {os.path.basename(path)} in {directory}: not a saved adapter"
+            )
     try:
         with open(config_path) as f:
             cfg = json.load(f)
         raw = load_file(weights_path)
     except Exception as err:  # JSON, unicode, OS errors, and safetensors' own for damaged headers
-        raise ValueError(f"adapter in {directory} is corrupt or truncated ({err}); save it again") from None
+        raise ValueError(
+            f"adapter in {directory} is corrupt or truncated ({err}); save it again"
+        ) from None
     config = _config_from_peft(cfg, config_path)
     tensors = {}
-    for key, value in raw.items():  # peft's in-memory names carry the adapter name: "lora_A.default"
+    for (
+        key,
+        value,
+    ) in raw.items():  # peft's in-memory names carry the adapter name: "lora_A.default"
         tensors[re.sub(r"\.(lora_[AB])\.default\.", r".\1.", key.removeprefix(PEFT_PREFIX))] = value
     return cfg, config, tensors
 
 
 def _check_base(saved: str | None, ours: str | None, directory: str) -> None:
     """A hub id and a local folder of the same model match by their last path component."""
-    if saved and ours and os.path.basename(saved.rstrip("/\\")) != os.path.basename(ours.rstrip("/\\")):
+    if (
+        saved
+        and ours
+        and os.path.basename(saved.rstrip("/\\")) != os.path.basename(ours.rstrip("/\\"))
+    ):
         raise ValueError(
             f"adapter in {directory} was trained on base model {saved!r}, but this model is "
             f"{ours!r}; pass check_base=False to load it anyway"
         )
 
 
-def _expected_shapes(lm: nn.Module, config: LoRAConfig, directory: str) -> dict[str, tuple[int, int]]:
+def _expected_shapes(
+    lm: nn.Module, config: LoRAConfig, directory: str
+) -> dict[str, tuple[int, int]]:
     """Key -> shape, from the model's LoRA layers, else from the layers add_lora would wrap."""
     existing = dict(lora_layers(lm))
     for name, layer in existing.items():
@@ -170,10 +207,16 @@ def _check_tensors(tensors: dict, expected: dict, directory: str, saved_base, ou
         "missing key(s)": sorted(set(expected) - set(tensors)),
         "unexpected key(s)": sorted(set(tensors) - set(expected)),
         "shape mismatch(es) (key, file, model)": [
-            (k, shapes[k], want) for k, want in expected.items() if k in shapes and shapes[k] != want
+            (k, shapes[k], want)
+            for k, want in expected.items()
+            if k in shapes and shapes[k] != want
         ],
-        "tensor(s) not floating point": sorted(k for k, v in tensors.items() if not v.is_floating_point()),
+        "tensor(s) not floating point": sorted(
+            k for k, v in tensors.items() if not v.is_floating_point()
+        ),
     }
-    if lines := [f"  {len(found)} {what}, e.g. {found[:3]}" for what, found in problems.items() if found]:
+    if lines := [
+        f"  {len(found)} {what}, e.g. {found[:3]}" for what, found in problems.items() if found
+    ]:
         head = f"adapter in {directory} does not fit this model (base {saved_base!r} vs {ours!r}):"
         raise ValueError("\n".join([head, *lines]))

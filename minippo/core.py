@@ -32,7 +32,10 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
     """Entropy of the softmax at each position, (B, T, V) -> (B, T): logsumexp(z) - sum softmax(z) * z."""
-    ent = [torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1) for z in _row_blocks(logits)]
+    ent = [
+        torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
+        for z in _row_blocks(logits)
+    ]
     return torch.cat(ent).view(logits.shape[:-1])
 
 
@@ -51,7 +54,10 @@ class _HeadLogprobs(torch.autograd.Function):
         h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)  # (N, H), (N,)
         logp, ent = torch.empty(len(y), device=h.device), torch.empty(len(y), device=h.device)
         grad = torch.empty(h.shape, device=h.device) if with_grad else None  # float32 (N, H)
-        step, sub = max(1, (HEAD_BLOCK_CPU if h.is_cpu else HEAD_BLOCK) // weight.shape[0]), HEAD_ROWS
+        step, sub = (
+            max(1, (HEAD_BLOCK_CPU if h.is_cpu else HEAD_BLOCK) // weight.shape[0]),
+            HEAD_ROWS,
+        )
         for i in range(0, len(y), step):
             z = h[i : i + step] @ weight.T  # (n, V) in the weight's dtype
             p = torch.empty_like(z) if with_grad else None  # softmax(z)
@@ -75,7 +81,9 @@ class _HeadLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_ent):
-        return (grad_logp.reshape(-1, 1) * ctx.saved_tensors[0]).to(ctx.dtype).view(ctx.shape), *[None] * 4
+        return (grad_logp.reshape(-1, 1) * ctx.saved_tensors[0]).to(ctx.dtype).view(ctx.shape), *[
+            None
+        ] * 4
 
 
 def _row_blocks(x: Tensor) -> list[Tensor]:
@@ -218,7 +226,9 @@ def value_loss(
     ``var_explained`` (``1 - var(R - V) / var(R)``).  Ref: Schulman et al. 2017 / OpenAI baselines ppo2.
     Value clipping is not in the paper; it is in OpenAI's baselines, lm-human-preferences and trl, and
     is kept for parity (Huang et al. discuss it as an implementation detail)."""
-    clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    clipped_values = old_values + torch.clamp(
+        values - old_values, -clip_range_value, clip_range_value
+    )
     unclipped_loss = (values - returns).square()  # (B, T)
     clipped_loss = (clipped_values - returns).square()
     loss = 0.5 * masked_mean(torch.maximum(unclipped_loss, clipped_loss), mask)
@@ -281,4 +291,8 @@ class RunningMoments:
         return {"mean": self.mean, "var": self.var, "count": self.count}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
-        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])
+        self.mean, self.var, self.count = (
+            float(state["mean"]),
+            float(state["var"]),
+            int(state["count"]),
+        )

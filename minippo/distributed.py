@@ -20,7 +20,9 @@ def init_from_env() -> bool:
         return True
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    backend = os.environ.get("MINIPPO_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
+    backend = os.environ.get("MINIPPO_DIST_BACKEND") or (
+        "nccl" if torch.cuda.is_available() else "gloo"
+    )
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = datetime.timedelta(seconds=float(os.environ.get("MINIPPO_DIST_TIMEOUT", "1800")))

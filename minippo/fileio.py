@@ -35,7 +35,9 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def write_json(path: str | os.PathLike, obj: Any, default: Callable | None = None, **dumps_kwargs) -> None:
+def write_json(
+    path: str | os.PathLike, obj: Any, default: Callable | None = None, **dumps_kwargs
+) -> None:
     """JSON (indented; more `json.dumps` options in `dumps_kwargs`) written with `atomic_write`."""
     write_text(path, json.dumps(obj, indent=2, default=default, **dumps_kwargs) + "\n")
 

@@ -31,7 +31,9 @@ logger = logging.getLogger(__name__)
 _QV = ("q_proj", "v_proj")
 # Default targets per `config.model_type` (the attention projections, as peft's defaults).
 DEFAULT_TARGETS = {
-    **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "opt", "gptj"), _QV),
+    **dict.fromkeys(
+        ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "opt", "gptj"), _QV
+    ),
     **dict.fromkeys(("gpt_neox", "falcon", "bloom"), ("query_key_value",)),
     "gpt2": ("c_attn",),
     "phi3": ("qkv_proj",),
@@ -79,15 +81,21 @@ def _normalise_targets(targets):
     """None | "all-linear" | regex string | names ("a,b" or a list) -> None | str | list[str]."""
     if targets is None or targets == "all-linear":
         return targets
-    if isinstance(targets, str) and _PLAIN_NAMES.fullmatch(targets.strip()):  # plain names, not a regex
+    if isinstance(targets, str) and _PLAIN_NAMES.fullmatch(
+        targets.strip()
+    ):  # plain names, not a regex
         targets = [t.strip() for t in targets.split(",")]
     if isinstance(targets, str):
         try:
             re.compile(targets)
         except re.error as err:
-            raise ValueError(f"LoRAConfig.target_modules {targets!r} is not a valid regex: {err}") from None
+            raise ValueError(
+                f"LoRAConfig.target_modules {targets!r} is not a valid regex: {err}"
+            ) from None
         return targets
-    names = isinstance(targets, (list, tuple, set)) and all(isinstance(t, str) and t for t in targets)
+    names = isinstance(targets, (list, tuple, set)) and all(
+        isinstance(t, str) and t for t in targets
+    )
     if not names or not targets:
         raise ValueError(
             f"LoRAConfig.target_modules must be None, names, a regex or 'all-linear', got {targets!r}"
@@ -110,7 +118,9 @@ def layer_dims(module: nn.Module) -> tuple[int, int]:
 
 def from_conv1d(module: nn.Module) -> bool:
     """A GPT-2 Conv1D, or a k-bit layer quantised from one (`source_cls`, as transformers marks it)."""
-    return isinstance(module, Conv1D) or issubclass(getattr(module, "source_cls", nn.Linear), Conv1D)
+    return isinstance(module, Conv1D) or issubclass(
+        getattr(module, "source_cls", nn.Linear), Conv1D
+    )
 
 
 class LoRALayer(nn.Module):
@@ -121,14 +131,24 @@ class LoRALayer(nn.Module):
     under autocast, cast to the base output's dtype; `disabled` makes the layer its base."""
 
     def __init__(
-        self, base_layer: nn.Module, r: int, alpha: float, dropout=0.0, use_rslora=False, init="default"
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        dropout=0.0,
+        use_rslora=False,
+        init="default",
     ):
         super().__init__()
         if not is_linear_like(base_layer):
-            raise TypeError(f"LoRA wraps nn.Linear, Conv1D, k-bit Linear; not {type(base_layer).__name__}")
+            raise TypeError(
+                f"LoRA wraps nn.Linear, Conv1D, k-bit Linear; not {type(base_layer).__name__}"
+            )
         in_features, out_features = layer_dims(base_layer)
         if r > min(in_features, out_features):
-            raise ValueError(f"LoRA rank r={r} exceeds min(in, out) = {min(in_features, out_features)} here")
+            raise ValueError(
+                f"LoRA rank r={r} exceeds min(in, out) = {min(in_features, out_features)} here"
+            )
         device = base_layer.weight.device
         self.base_layer, self.in_features, self.out_features = base_layer, in_features, out_features
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
@@ -194,7 +214,9 @@ def _model_type(model: nn.Module) -> str | None:
 
 def _linear_like_names(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(path, module) of the Linear-like modules of `model`, outside existing LoRA layers."""
-    inside = {f"{n}.{sub}" for n, _ in lora_layers(model) for sub in ("base_layer", "lora_A", "lora_B")}
+    inside = {
+        f"{n}.{sub}" for n, _ in lora_layers(model) for sub in ("base_layer", "lora_A", "lora_B")
+    }
     return [(n, m) for n, m in model.named_modules() if is_linear_like(m) and n and n not in inside]
 
 
@@ -221,11 +243,15 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Mod
     candidates = _linear_like_names(model)
     if targets == "all-linear":
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        found = [(n, m) for n, m in candidates if m is not head and n.rsplit(".", 1)[-1] != "lm_head"]
+        found = [
+            (n, m) for n, m in candidates if m is not head and n.rsplit(".", 1)[-1] != "lm_head"
+        ]
     elif isinstance(targets, str):
         found = [(n, m) for n, m in candidates if re.fullmatch(targets, n)]
     else:
-        found = [(n, m) for n, m in candidates if any(n == t or n.endswith("." + t) for t in targets)]
+        found = [
+            (n, m) for n, m in candidates if any(n == t or n.endswith("." + t) for t in targets)
+        ]
     if not found:
         raise ValueError(
             f"LoRA target_modules {targets!r} matched no Linear-like module. Names that exist: "
@@ -240,7 +266,9 @@ def add_lora(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
     `model.lora_config` for `save_adapter`.  Returns `model`."""
     config = config or LoRAConfig()
     if next(lora_layers(model), None) is not None:
-        raise ValueError("the model already has LoRA layers: add_lora once per model (merge_lora to stack)")
+        raise ValueError(
+            "the model already has LoRA layers: add_lora once per model (merge_lora to stack)"
+        )
     found = find_targets(model, config)
     if too_small := [(n, layer_dims(m)) for n, m in found if config.r > min(layer_dims(m))]:
         name, (i, o) = too_small[0]
@@ -250,7 +278,9 @@ def add_lora(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
         )
     model.requires_grad_(False)
     for name, module in found:
-        layer = LoRALayer(module, config.r, config.alpha, config.dropout, config.use_rslora, config.init)
+        layer = LoRALayer(
+            module, config.r, config.alpha, config.dropout, config.use_rslora, config.init
+        )
         model.set_submodule(name, layer.train(module.training))
     pin_kbit_layers(model)
     resolved = resolve_target_modules(model, config)
@@ -301,7 +331,10 @@ def _plain_layer(layer: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> 
     """An nn.Linear (or a Conv1D where the original layer was one) holding weight (out, in)."""
     out_features, in_features = weight.shape
     if from_conv1d(layer):
-        new, weight = Conv1D(out_features, in_features), weight.t()  # Conv1D: weight (in, out), a bias
+        new, weight = (
+            Conv1D(out_features, in_features),
+            weight.t(),
+        )  # Conv1D: weight (in, out), a bias
     else:
         new = nn.Linear(in_features, out_features, bias=layer.bias is not None, device="meta")
     new.weight = nn.Parameter(weight.contiguous().to(dtype), requires_grad=False)

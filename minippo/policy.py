@@ -129,9 +129,14 @@ class PolicyWithValueHead(nn.Module):
             value_head = ValueHead(config.hidden_size, dropout=value_head_dropout)
         self.value_head = value_head.to(self.device)
         params = inspect.signature(self.backbone.forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"  # KV cache: transformers 5, 4.x
+        self._cache_arg = (
+            "cache" if "cache" in params else "past_key_values"
+        )  # KV cache: transformers 5, 4.x
         # logits = softcap(lm_head(h) * logit_scale / logits_scaling), as those models' forwards
-        scale, divisor = getattr(config, "logit_scale", None), getattr(config, "logits_scaling", None)
+        scale, divisor = (
+            getattr(config, "logit_scale", None),
+            getattr(config, "logits_scaling", None),
+        )
         self._logit_scale = (scale or 1.0) / (divisor or 1.0)
         self._softcap, self._checkpointing = getattr(config, "final_logit_softcapping", None), False
         self.check_logits()
@@ -166,15 +171,21 @@ class PolicyWithValueHead(nn.Module):
     def check_logits(self, rtol: float = 1e-2) -> None:
         """Raise a ValueError unless this policy's logits equal ``model(ids).logits`` on a probe batch
         (up to ``rtol`` of their largest magnitude: bf16 models round differently)."""
-        ids = (torch.arange(16, device=self.device) * 7919 % self.lm_head.weight.shape[0]).view(2, 8)
+        ids = (torch.arange(16, device=self.device) * 7919 % self.lm_head.weight.shape[0]).view(
+            2, 8
+        )
         mask, training = torch.ones_like(ids), self.model.training
         self.model.eval()
         try:
             theirs = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
             hidden = self._response_hidden(ids, mask, None)  # (2, 8, H), `forward`'s
             ours = self.logits_from_hidden(hidden)  # (2, 8, V)
-            head = self.lm_head  # the fused head: a plain float nn.Linear head, probed on the same states
-            plain = type(head) is nn.Linear and head.bias is None and head.weight.is_floating_point()
+            head = (
+                self.lm_head
+            )  # the fused head: a plain float nn.Linear head, probed on the same states
+            plain = (
+                type(head) is nn.Linear and head.bias is None and head.weight.is_floating_point()
+            )
             self.fused_head = plain and not self._softcap
             if self.fused_head:
                 fused = self._fused_logprobs(hidden[:, :-1], ids[:, 1:])[0]  # (2, 7)
@@ -198,7 +209,9 @@ class PolicyWithValueHead(nn.Module):
     def gradient_checkpointing(self, on: bool) -> None:
         layers = self.decoder_layers()
         if on and layers is None:
-            raise ValueError(f"gradient checkpointing: no decoder layers in {type(self.model).__name__}")
+            raise ValueError(
+                f"gradient checkpointing: no decoder layers in {type(self.model).__name__}"
+            )
         for layer in layers or []:
             layer.__dict__.pop("forward", None)  # back to the class's forward
             if on:
@@ -227,7 +240,13 @@ class PolicyWithValueHead(nn.Module):
         return self.logits_from_hidden(hidden, temperature), values
 
     def response_logprobs(
-        self, input_ids, attention_mask, response_ids, temperature=1.0, with_values=True, entropy_grad=False
+        self,
+        input_ids,
+        attention_mask,
+        response_ids,
+        temperature=1.0,
+        with_values=True,
+        entropy_grad=False,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Log-probs and entropies (B, T) of the T response tokens that end a (B, L) batch, as `forward`'s
         logits give them, and values (None without ``with_values``); the entropy without gradient unless
@@ -235,7 +254,9 @@ class PolicyWithValueHead(nn.Module):
         found that exact: a frozen float nn.Linear LM head without bias, softcap or hooks that change it."""
         hidden = self._response_hidden(input_ids, attention_mask, response_ids.shape[1])
         values = self.value_head(hidden) if with_values else None
-        head_grad = torch.is_grad_enabled() and self.lm_head.weight.requires_grad  # the fused head gives none
+        head_grad = (
+            torch.is_grad_enabled() and self.lm_head.weight.requires_grad
+        )  # the fused head gives none
         if entropy_grad or head_grad or not self.fused_head:
             logits = self.logits_from_hidden(hidden, temperature)  # (B, T, V)
             with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
@@ -256,7 +277,9 @@ class PolicyWithValueHead(nn.Module):
     def _hidden(self, ids, mask, pos, use_cache=False, cache=None):
         """The backbone's last hidden state (B, L, H) and, with ``use_cache``, its updated KV cache."""
         kv = {self._cache_arg: cache} if use_cache else {}
-        out = self.backbone(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=use_cache, **kv)
+        out = self.backbone(
+            input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=use_cache, **kv
+        )
         return out.last_hidden_state, getattr(out, self._cache_arg) if use_cache else None
 
     # -- sampling -------------------------------------------------------------------------------
@@ -278,8 +301,12 @@ class PolicyWithValueHead(nn.Module):
         the whole vocabulary (top_k 0, top_p 1: PPO's log-probs are this distribution's); with ``stop_at_eos``
         up to and including the first EOS. Torch's global generator; returns a CPU `Generation`."""
         queries, vocab = [torch.as_tensor(q) for q in queries], self.lm_head.weight.shape[0]
-        if not queries or any(q.dim() != 1 or not len(q) or q.min() < 0 or q.max() >= vocab for q in queries):
-            raise ValueError(f"generate() needs queries: non-empty 1-D tensors or lists of ids < {vocab}")
+        if not queries or any(
+            q.dim() != 1 or not len(q) or q.min() < 0 or q.max() >= vocab for q in queries
+        ):
+            raise ValueError(
+                f"generate() needs queries: non-empty 1-D tensors or lists of ids < {vocab}"
+            )
         lo, hi = min_new_tokens, max_new_tokens
         if not 1 <= lo <= hi:
             raise ValueError(f"need 1 <= min_new_tokens <= max_new_tokens, got {lo}, {hi}")
@@ -292,9 +319,13 @@ class PolicyWithValueHead(nn.Module):
         if len(parts) == 1:
             return parts[0]  # else re-pad the chunks to common widths
         query_ids, query_mask = left_pad([q for p in parts for q in p.queries()], pad_token_id)
-        response_ids, response_mask = right_pad([r for p in parts for r in p.responses()], pad_token_id)
+        response_ids, response_mask = right_pad(
+            [r for p in parts for r in p.responses()], pad_token_id
+        )
         T = response_ids.shape[1]
-        logprobs = torch.cat([nn.functional.pad(p.logprobs, (0, T - p.logprobs.shape[1])) for p in parts])
+        logprobs = torch.cat(
+            [nn.functional.pad(p.logprobs, (0, T - p.logprobs.shape[1])) for p in parts]
+        )
         return Generation(query_ids, query_mask, response_ids, response_mask, logprobs)
 
     def _sample(self, queries, lengths, pad_token_id, eos_token_id, temperature) -> Generation:
@@ -309,13 +340,19 @@ class PolicyWithValueHead(nn.Module):
         position_ids = position_ids_from_mask(attention_mask)  # (B, P) for the prefill
         step_ids, cache = query_ids.to(device), None
         for t in range(T):
-            hidden, cache = self._hidden(step_ids, attention_mask, position_ids, use_cache=True, cache=cache)
+            hidden, cache = self._hidden(
+                step_ids, attention_mask, position_ids, use_cache=True, cache=cache
+            )
             logits = self.logits_from_hidden(hidden[:, -1:], temperature)[:, 0]  # (B, V)
             logp_all = torch.log_softmax(logits, dim=-1)  # (B, V)
             # inverse-CDF sampling, one uniform per row (torch.multinomial draws V exponentials per row)
             cdf = logp_all.exp().cumsum(-1, dtype=torch.float64)  # (B, V)
-            u = torch.rand(B, 1, dtype=cdf.dtype, device=device) * cdf[:, -1:]  # (B, 1) in [0, total)
-            next_token = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_max(cdf.shape[1] - 1)  # (B,)
+            u = (
+                torch.rand(B, 1, dtype=cdf.dtype, device=device) * cdf[:, -1:]
+            )  # (B, 1) in [0, total)
+            next_token = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_max(
+                cdf.shape[1] - 1
+            )  # (B,)
             alive = ~finished & (t < lengths)
             tokens[:, t] = torch.where(alive, next_token, pad_token_id)
             logprobs[:, t] = torch.where(alive, logp_all.gather(1, next_token[:, None])[:, 0], 0.0)

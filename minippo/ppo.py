@@ -35,7 +35,13 @@ TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.pt"
 SCHEDULER_STATE = "scheduler.pt"
 RNG_STATE = "rng_state.pt"
-RESUMABLE_CHANGES = ("learning_rate", "device", "generation_batch_size", "log_with", "tracker_project_name")
+RESUMABLE_CHANGES = (
+    "learning_rate",
+    "device",
+    "generation_batch_size",
+    "log_with",
+    "tracker_project_name",
+)
 RESUMABLE_CHANGES += ("logging_dir",)  # PPOConfig fields a resume may change; `load` refuses others
 
 
@@ -123,7 +129,13 @@ class PPOConfig:
     """TensorBoard's event-file folder (None: SummaryWriter's default, runs/<date>_<host>)."""
 
     def __post_init__(self):
-        ints = "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs", "min_new_tokens"
+        ints = (
+            "batch_size",
+            "mini_batch_size",
+            "gradient_accumulation_steps",
+            "ppo_epochs",
+            "min_new_tokens",
+        )
         fields, check = checks.check_fields, checks.check
         fields(self, checks.POSITIVE_INT, *ints, "max_new_tokens")
         b, m, g = self.batch_size, self.mini_batch_size, self.gradient_accumulation_steps
@@ -135,7 +147,11 @@ class PPOConfig:
         positive = "learning_rate", "target", "horizon", "cliprange", "cliprange_value", "target_kl"
         fields(self, checks.POSITIVE, *positive, "ratio_threshold", "temperature", "score_scale")
         fields(self, checks.NON_NEGATIVE, "init_kl_coef", "vf_coef", "entropy_coef", "weight_decay")
-        check(self, self.adap_kl_ctrl or self.min_kl_coef <= 0, "min_kl_coef > 0 needs adap_kl_ctrl=True")
+        check(
+            self,
+            self.adap_kl_ctrl or self.min_kl_coef <= 0,
+            "min_kl_coef > 0 needs adap_kl_ctrl=True",
+        )
         fields(self, checks.UNIT_INTERVAL, "gamma", "lam")
         fields(self, checks.one_of(*core.KL_ESTIMATORS), "kl_penalty")
         fields(self, checks.optional(checks.POSITIVE), "max_grad_norm", "score_clip")
@@ -143,7 +159,9 @@ class PPOConfig:
         norm, scaling = self.use_score_norm, self.use_score_scaling
         check(self, scaling or not norm, "use_score_norm needs use_score_scaling")
         dtypes = checks.one_of("auto", "float32", "fp32", "bfloat16", "bf16")[0]
-        no_fp16 = "auto, float32 or bfloat16 (float16 would need loss scaling, which minippo does not do)"
+        no_fp16 = (
+            "auto, float32 or bfloat16 (float16 would need loss scaling, which minippo does not do)"
+        )
         fields(self, (dtypes, no_fp16), "compute_dtype")
         fields(self, checks.optional(checks.one_of(*TRACKERS)), "log_with")
         checks.check_device(self)
@@ -176,12 +194,19 @@ class PPOTrainer:
             )
         want, have = torch.device(config.device or policy.device), policy.device
         if want.type != have.type or want.index not in (None, have.index):
-            policy.to(want)  # an 8-bit model should rather be loaded on its device (load_model(device=...))
+            policy.to(
+                want
+            )  # an 8-bit model should rather be loaded on its device (load_model(device=...))
         self.policy = policy.eval()
         kbit, on = is_8bit(policy.model) or is_4bit(policy.model), config.gradient_checkpointing
         policy.gradient_checkpointing = kbit if on is None else on
-        if any(not isinstance(layer.lora_dropout, nn.Identity) for _, layer in lora_layers(policy.model)):
-            logger.warning("LoRA dropout is ignored in PPO: the policy runs in eval mode (ratio 1 at first)")
+        if any(
+            not isinstance(layer.lora_dropout, nn.Identity)
+            for _, layer in lora_layers(policy.model)
+        ):
+            logger.warning(
+                "LoRA dropout is ignored in PPO: the policy runs in eval mode (ratio 1 at first)"
+            )
         self.device = policy.device
         self.compute_dtype = resolve_compute_dtype(config.compute_dtype, self.device, policy.model)
         policy.value_head.requires_grad_(True)
@@ -191,7 +216,9 @@ class PPOTrainer:
         self.optimizer = optimizer or torch.optim.AdamW(self.trainable, lr, weight_decay=decay)
         self.lr_scheduler = lr_scheduler
         if config.adap_kl_ctrl:
-            self.kl_ctl = core.AdaptiveKLController(beta, config.target, config.horizon, config.min_kl_coef)
+            self.kl_ctl = core.AdaptiveKLController(
+                beta, config.target, config.horizon, config.min_kl_coef
+            )
         else:
             self.kl_ctl = core.FixedKLController(beta)
         self.pad_token_id, self.eos_token_id = self._special_ids(tokenizer, policy.model.config)
@@ -253,9 +280,16 @@ class PPOTrainer:
                 f"generate() got unexpected settings {sorted(set(overrides) - allowed)}; "
                 f"allowed: {sorted(allowed)} (the temperature comes from PPOConfig)"
             )
-        config, keys = self.config, ("min_new_tokens", "max_new_tokens", "stop_at_eos", "temperature")
-        settings = {k: getattr(config, k) for k in keys} | {"batch_size": config.generation_batch_size}
-        settings |= dict(pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, **overrides)
+        config, keys = (
+            self.config,
+            ("min_new_tokens", "max_new_tokens", "stop_at_eos", "temperature"),
+        )
+        settings = {k: getattr(config, k) for k in keys} | {
+            "batch_size": config.generation_batch_size
+        }
+        settings |= dict(
+            pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, **overrides
+        )
         with maybe_autocast(self.device.type, self.compute_dtype):
             generation = self.policy.generate(list(queries), **settings)
         return generation if return_generation else generation.responses()
@@ -264,7 +298,10 @@ class PPOTrainer:
     @torch.inference_mode(False)
     @torch.enable_grad()  # it trains: also when called under no_grad or inference_mode
     def step(
-        self, queries: Sequence[Tensor], responses: Sequence[Tensor], scores: Sequence[float] | Tensor
+        self,
+        queries: Sequence[Tensor],
+        responses: Sequence[Tensor],
+        scores: Sequence[float] | Tensor,
     ) -> dict[str, float]:
         """One PPO step on ``batch_size`` samples: lists of 1-D token tensors and one score each.
         Returns the step's statistics (trl / OpenAI names: ``objective/kl``, ``ppo/policy/clipfrac``, ...)."""
@@ -277,7 +314,9 @@ class PPOTrainer:
 
             with timed(timing, "forward_pass"):
                 # 2. Rollout log-probs, values and entropy, adapters on (one micro-batch: kept for update 1).
-                rollout, kept = self._rollout_forward(batch, keep_graph=self.micro_batch_size == len(batch))
+                rollout, kept = self._rollout_forward(
+                    batch, keep_graph=self.micro_batch_size == len(batch)
+                )
                 batch.old_logprobs, batch.values, entropy = rollout  # (B, T) each
                 # 3. Reference log-probs: the same model and inputs with the adapters disabled.
                 with disable_adapters(self.policy.model):
@@ -288,11 +327,18 @@ class PPOTrainer:
                 batch.scores = self._normalise_scores(raw_scores.to(self.device))  # (B,)
                 kl_coef = self.kl_ctl.value
                 batch.rewards, kl = core.kl_penalized_rewards(
-                    batch.scores, batch.old_logprobs, batch.ref_logprobs, mask, kl_coef, config.kl_penalty
+                    batch.scores,
+                    batch.old_logprobs,
+                    batch.ref_logprobs,
+                    mask,
+                    kl_coef,
+                    config.kl_penalty,
                 )
                 if config.whiten_rewards:  # with the statistics of all processes' rewards
                     moments = distributed.masked_moments(batch.rewards, mask)
-                    batch.rewards = core.masked_whiten(batch.rewards, mask, shift_mean=False, moments=moments)
+                    batch.rewards = core.masked_whiten(
+                        batch.rewards, mask, shift_mean=False, moments=moments
+                    )
 
             with timed(timing, "compute_advantages"):
                 # 5. Advantages (GAE) and value targets; advantages whitened over the (global) batch.
@@ -305,7 +351,9 @@ class PPOTrainer:
             with timed(timing, "optimize_step"):
                 # 6. ppo_epochs passes over shuffled minibatches, one clipped update each.
                 records, outcomes = [], []
-                for minibatch in batch.epochs(config.ppo_epochs, config.mini_batch_size // self.world_size):
+                for minibatch in batch.epochs(
+                    config.ppo_epochs, config.mini_batch_size // self.world_size
+                ):
                     # gradients into .grad; kept dropped once used (held, it cost ~1 GB of CPU heap)
                     stats, kept = self._clipped_loss_backward(minibatch, kept), None
                     records.append(stats)
@@ -315,21 +363,29 @@ class PPOTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
 
             # 7. Once per step, as trl: the KL controller (penalised KL, mean over processes), LR scheduler.
-            self.kl_ctl.update(distributed.all_reduce(kl.sum(1).mean(), "mean").item(), config.batch_size)
+            self.kl_ctl.update(
+                distributed.all_reduce(kl.sum(1).mean(), "mean").item(), config.batch_size
+            )
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step()
             self.current_step += 1
 
         # 8. Statistics.
-        stats = self._step_stats(batch, raw_scores, kl, kl_coef, entropy, records, outcomes) | timing
+        stats = (
+            self._step_stats(batch, raw_scores, kl, kl_coef, entropy, records, outcomes) | timing
+        )
         if self.tracker is not None:
             self.tracker.log(stats, self.current_step)
         return stats
 
-    def _padded_batch(self, queries: Sequence[Tensor], responses: Sequence[Tensor]) -> RolloutBuffer:
+    def _padded_batch(
+        self, queries: Sequence[Tensor], responses: Sequence[Tensor]
+    ) -> RolloutBuffer:
         pad = self.pad_token_id
         query_ids, query_mask = (x.to(self.device) for x in left_pad(list(queries), pad))  # (B, P)
-        response_ids, response_mask = (x.to(self.device) for x in right_pad(list(responses), pad))  # (B, T)
+        response_ids, response_mask = (
+            x.to(self.device) for x in right_pad(list(responses), pad)
+        )  # (B, T)
         return RolloutBuffer(query_ids, query_mask, response_ids, response_mask.float())
 
     @torch.no_grad()
@@ -348,12 +404,16 @@ class PPOTrainer:
     def _check_inputs(self, queries, responses, scores) -> Tensor:
         """Raise a ValueError naming the problem; return the scores as a (B,) float32 tensor."""
         if not isinstance(queries, (list, tuple)) or not isinstance(responses, (list, tuple)):
-            raise ValueError("queries and responses must be lists of 1-D token tensors (generate()'s output)")
+            raise ValueError(
+                "queries and responses must be lists of 1-D token tensors (generate()'s output)"
+            )
         try:
             listed = scores if isinstance(scores, Tensor) else [float(s) for s in scores]
             scores = torch.as_tensor(listed).detach().float().reshape(-1).cpu()
         except (TypeError, ValueError):
-            raise ValueError("scores must be a 1-D tensor or a list of numbers, one per sample") from None
+            raise ValueError(
+                "scores must be a 1-D tensor or a list of numbers, one per sample"
+            ) from None
         B = self.batch_size_per_rank
         if not len(queries) == len(responses) == len(scores):
             raise ValueError(
@@ -372,12 +432,18 @@ class PPOTrainer:
                     got = f"{type(s).__name__}{tuple(getattr(s, 'shape', ()))}"
                     raise ValueError(f"{kind} {i} must be a 1-D tensor of token ids, got {got}")
                 if len(s) == 0:
-                    raise ValueError(f"{kind} {i} is empty: queries and responses need at least one token")
-                if self.vocab_size is not None and (int(s.min()) < 0 or int(s.max()) >= self.vocab_size):
+                    raise ValueError(
+                        f"{kind} {i} is empty: queries and responses need at least one token"
+                    )
+                if self.vocab_size is not None and (
+                    int(s.min()) < 0 or int(s.max()) >= self.vocab_size
+                ):
                     raise ValueError(f"{kind} {i} has token ids outside [0, {self.vocab_size})")
         if not torch.isfinite(scores).all():
             bad = (~torch.isfinite(scores)).nonzero()[:, 0].tolist()
-            raise ValueError(f"scores must be finite; samples {bad[:5]} are {scores[bad[:5]].tolist()}")
+            raise ValueError(
+                f"scores must be finite; samples {bad[:5]} are {scores[bad[:5]].tolist()}"
+            )
         return scores
 
     def _normalise_scores(self, scores: Tensor) -> Tensor:
@@ -387,13 +453,17 @@ class PPOTrainer:
         config = self.config
         scores = scores * config.score_scale
         if config.use_score_scaling:
-            mean, std = self.score_moments.update(distributed.all_gather(scores))  # every process's scores
+            mean, std = self.score_moments.update(
+                distributed.all_gather(scores)
+            )  # every process's scores
             scores = (scores - mean) / std if config.use_score_norm else scores / std
         if config.score_clip is not None:
             scores = scores.clamp(-config.score_clip, config.score_clip)
         return scores
 
-    def _rollout_forward(self, batch: RolloutBuffer, with_values: bool = True, order=None, keep_graph=False):
+    def _rollout_forward(
+        self, batch: RolloutBuffer, with_values: bool = True, order=None, keep_graph=False
+    ):
         """Log-probs, values, entropies ((B, T), 0 at padding, no grad) on the first epoch's micro-batches
         (or ``order``'s); ``keep_graph`` (one micro-batch): also its `_forward`, graph kept, for update 1."""
         B, T = batch.response_ids.shape
@@ -404,10 +474,14 @@ class PPOTrainer:
             t = micro.response_ids.shape[1]
             with torch.set_grad_enabled(keep_graph):
                 outputs = self._forward(micro, with_values)  # (b, t) each
-            logprobs[index, :t], entropy[index, :t], v = (x if x is None else x.detach() for x in outputs)
+            logprobs[index, :t], entropy[index, :t], v = (
+                x if x is None else x.detach() for x in outputs
+            )
             values[index, :t] = 0 if v is None else v
         logprobs, values, entropy = (x * batch.response_mask for x in (logprobs, values, entropy))
-        return (logprobs, values if with_values else None, entropy), (outputs if keep_graph else None)
+        return (logprobs, values if with_values else None, entropy), (
+            outputs if keep_graph else None
+        )
 
     def _apply_update(self, stats: dict[str, Tensor]) -> str:
         """Step the optimiser: "update"; or "skip" for a non-finite loss or gradient norm or a mean ratio
@@ -440,24 +514,39 @@ class PPOTrainer:
         totals: dict[str, Tensor] = {}
         for micro in minibatch.minibatches(self.micro_batch_size, shuffle=False):
             weight, mask = micro.response_mask.sum() / n_tokens, micro.response_mask
-            logprobs, entropy, vpred = kept or self._forward(micro)  # (b, T) each; kept: the rollout's
+            logprobs, entropy, vpred = kept or self._forward(
+                micro
+            )  # (b, T) each; kept: the rollout's
             eps, eps_v = config.cliprange, config.cliprange_value
-            pg_loss, pg_stats = core.policy_loss(logprobs, micro.old_logprobs, micro.advantages, mask, eps)
+            pg_loss, pg_stats = core.policy_loss(
+                logprobs, micro.old_logprobs, micro.advantages, mask, eps
+            )
             vf_loss, vf_stats = core.value_loss(vpred, micro.values, micro.returns, mask, eps_v)
             ent = core.masked_mean(entropy, mask)  # exact, per token
             loss = pg_loss + config.vf_coef * vf_loss - config.entropy_coef * ent
             (loss * weight).backward()
-            named = {"loss/policy": pg_loss, "loss/value": vf_loss, "loss/total": loss, "loss/entropy": ent}
+            named = {
+                "loss/policy": pg_loss,
+                "loss/value": vf_loss,
+                "loss/total": loss,
+                "loss/entropy": ent,
+            }
             named |= {f"policy/{k}": v for k, v in pg_stats.items()}
             named |= {f"val/{k}": v for k, v in vf_stats.items()}
             for k, v in named.items():
                 totals[k] = totals.get(k, 0.0) + v.detach() * weight
-        distributed.all_reduce_grads(self.trainable, "sum")  # before clipping: clip the global gradient
+        distributed.all_reduce_grads(
+            self.trainable, "sum"
+        )  # before clipping: clip the global gradient
         totals = dict(zip(totals, distributed.all_reduce(torch.stack(list(totals.values())))))
-        totals["grad_norm"] = nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm or float("inf"))
+        totals["grad_norm"] = nn.utils.clip_grad_norm_(
+            self.trainable, config.max_grad_norm or float("inf")
+        )
         return totals
 
-    def _step_stats(self, buffer, raw_scores, kl, kl_coef, entropy, records, outcomes) -> dict[str, float]:
+    def _step_stats(
+        self, buffer, raw_scores, kl, kl_coef, entropy, records, outcomes
+    ) -> dict[str, float]:
         """The step's statistics as floats, named as in trl (and OpenAI's lm-human-preferences), global
         over processes. Two entropies, as trl: ``objective/entropy`` is the sampled responses' summed
         negative log-probability (nats per sequence), ``ppo/policy/entropy`` the exact one per token."""
@@ -468,7 +557,9 @@ class PPOTrainer:
         stats = {
             "objective/kl": kl.sum(1).mean(),
             "objective/kl_coef": kl_coef,
-            "objective/entropy": (-buffer.old_logprobs).sum(1).mean(),  # per sequence, sampled tokens
+            "objective/entropy": (-buffer.old_logprobs)
+            .sum(1)
+            .mean(),  # per sequence, sampled tokens
             "objective/logprobs": buffer.old_logprobs.sum(1).mean(),
             "objective/ref_logprobs": buffer.ref_logprobs.sum(1).mean(),
             "ppo/mean_non_score_reward": (-kl_coef * kl).sum(1).mean(),
@@ -488,7 +579,9 @@ class PPOTrainer:
         }
         for k in records[0]:  # per-minibatch records: mean over the step's minibatches
             stats[f"ppo/{k}"] = torch.stack([r[k] for r in records]).mean()
-        values = torch.tensor([float(v) for v in stats.values()], dtype=torch.float64, device=self.device)
+        values = torch.tensor(
+            [float(v) for v in stats.values()], dtype=torch.float64, device=self.device
+        )
         return dict(zip(stats, distributed.all_reduce(values, "mean").tolist()))
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -502,7 +595,9 @@ class PPOTrainer:
             if self.lr_scheduler is not None:
                 torch.save(self.lr_scheduler.state_dict(), os.path.join(tmp, SCHEDULER_STATE))
             torch.save(rng_state(), os.path.join(tmp, RNG_STATE))
-            state = dict(step=self.current_step, kl_coef=self.kl_ctl.value, world_size=self.world_size)
+            state = dict(
+                step=self.current_step, kl_coef=self.kl_ctl.value, world_size=self.world_size
+            )
             moments, config = self.score_moments.state_dict(), dataclasses.asdict(self.config)
             state |= dict(score_moments=moments, config=config)
             write_json(os.path.join(tmp, TRAINER_STATE), state)
@@ -520,7 +615,9 @@ class PPOTrainer:
                 f"{directory} was saved by {state['world_size']} processes, and {self.world_size} load it: "
                 "resume with the same number (each one's share of the batch and seed depend on it)"
             )
-        check_config(state["config"], dataclasses.asdict(self.config), RESUMABLE_CHANGES, "PPO checkpoint")
+        check_config(
+            state["config"], dataclasses.asdict(self.config), RESUMABLE_CHANGES, "PPO checkpoint"
+        )
         if (self.lr_scheduler is None) == os.path.exists(os.path.join(directory, SCHEDULER_STATE)):
             raise ValueError(
                 f"{directory} was saved {'with' if self.lr_scheduler is None else 'without'} an LR "
@@ -534,7 +631,9 @@ class PPOTrainer:
                 self.lr_scheduler.load_state_dict(load_torch(directory, SCHEDULER_STATE))
                 self.lr_scheduler.base_lrs = configured
             set_rng_state(load_torch(directory, RNG_STATE))
-        for group, lr in zip(self.optimizer.param_groups, configured):  # the saved factor, configured rate
+        for group, lr in zip(
+            self.optimizer.param_groups, configured
+        ):  # the saved factor, configured rate
             group["lr"] = group["lr"] * lr / group.get("initial_lr", group["lr"])
             group.update({"initial_lr": lr} if "initial_lr" in group else {})
         if self.rank:  # the checkpoint holds rank 0's generators: the others draw their own again
@@ -588,7 +687,9 @@ def check_config(saved: dict, current: dict, allowed: Sequence[str], what: str) 
         )
     if lines:
         changed = "; ".join(lines.values())
-        logger.warning("%s: resuming with changed settings (the new values apply): %s", what, changed)
+        logger.warning(
+            "%s: resuming with changed settings (the new values apply): %s", what, changed
+        )
 
 
 @contextlib.contextmanager

@@ -53,7 +53,9 @@ def cpu_bf16_is_native() -> bool:
     return setting == "1" if setting else native
 
 
-def auto_compute_dtype(device, model: nn.Module | None = None, eight_bit: bool = False) -> torch.dtype:
+def auto_compute_dtype(
+    device, model: nn.Module | None = None, eight_bit: bool = False
+) -> torch.dtype:
     """bfloat16 where it is native (CUDA that supports it; a CPU with AVX512_BF16 or AMX), else float32.
     A model with 8-bit layers on a CPU gets float32 (bitsandbytes' CPU int8 path under autocast is fp16)."""
     device = torch.device(device)
@@ -68,7 +70,9 @@ def auto_compute_dtype(device, model: nn.Module | None = None, eight_bit: bool =
     return dtype
 
 
-def resolve_compute_dtype(name: torch.dtype | str, device: torch.device | str, model=None) -> torch.dtype:
+def resolve_compute_dtype(
+    name: torch.dtype | str, device: torch.device | str, model=None
+) -> torch.dtype:
     return auto_compute_dtype(device, model) if name == "auto" else resolve_dtype(name)
 
 
@@ -162,7 +166,9 @@ def quantize_model(
     first = next(model.parameters(), None)
     device = torch.device(device or (first.device if first is not None else "cpu"))
     compute_dtype = _check_quant_args(bits, quant_type, device, compute_dtype)
-    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}  # e.g. a tied lm_head
+    tied = {
+        id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)
+    }  # e.g. a tied lm_head
     targets = []
     for name, m in model.named_modules():
         linear = type(m) is nn.Linear or isinstance(m, Conv1D)
@@ -178,19 +184,29 @@ def quantize_model(
     return keep_4bit_layers_unpacked(model)
 
 
-def _kbit_layer(module, device, bits, threshold, quant_type, double_quant, compute_dtype) -> nn.Module:
+def _kbit_layer(
+    module, device, bits, threshold, quant_type, double_quant, compute_dtype
+) -> nn.Module:
     """A frozen Linear8bitLt / Linear4bit computing (up to rounding) the map of an nn.Linear or Conv1D."""
     weight = module.weight.detach().to("cpu")
-    weight = weight.t() if isinstance(module, Conv1D) else weight  # a Conv1D's (in, out) -> (out, in)
+    weight = (
+        weight.t() if isinstance(module, Conv1D) else weight
+    )  # a Conv1D's (in, out) -> (out, in)
     dims = (weight.shape[1], weight.shape[0], module.bias is not None)
     # Both weight classes quantise float CPU data on .to(device) (4-bit: blocks of 64 of the flat weight).
     if bits == 8:
-        layer = bnb.nn.Linear8bitLt(*dims, has_fp16_weights=False, threshold=threshold, device="meta")
-        layer.weight = bnb.nn.Int8Params(weight.contiguous(), requires_grad=False, has_fp16_weights=False)
+        layer = bnb.nn.Linear8bitLt(
+            *dims, has_fp16_weights=False, threshold=threshold, device="meta"
+        )
+        layer.weight = bnb.nn.Int8Params(
+            weight.contiguous(), requires_grad=False, has_fp16_weights=False
+        )
     else:
         kw = {"compress_statistics": double_quant, "quant_type": quant_type}
         layer = bnb.nn.Linear4bit(*dims, compute_dtype=compute_dtype, device="meta", **kw)
-        layer.weight = bnb.nn.Params4bit(weight.contiguous(), requires_grad=False, module=layer, **kw)
+        layer.weight = bnb.nn.Params4bit(
+            weight.contiguous(), requires_grad=False, module=layer, **kw
+        )
     if module.bias is not None:
         layer.bias = nn.Parameter(module.bias.detach().to("cpu").clone(), requires_grad=False)
     layer.source_cls = type(module)
@@ -222,7 +238,9 @@ def load_model(
     from packaging.version import Version
 
     if load_in_8bit and load_in_4bit:
-        raise ValueError("load_in_8bit and load_in_4bit are exclusive: choose one (or neither, for float)")
+        raise ValueError(
+            "load_in_8bit and load_in_4bit are exclusive: choose one (or neither, for float)"
+        )
     bits = 4 if load_in_4bit else 8 if load_in_8bit else 0
     device, auto = torch.device(device), dtype == "auto"
     dtype = auto_compute_dtype(device, eight_bit=bits == 8) if auto else dtype
@@ -243,14 +261,20 @@ def load_model(
                 name_or_path, quantization_config=bnb_config, device_map={"": target}, **kwargs
             )
             if not (is_4bit if bits == 4 else is_8bit)(model):
-                logger.warning("transformers' %d-bit load left no such layer; quantising ourselves", bits)
+                logger.warning(
+                    "transformers' %d-bit load left no such layer; quantising ourselves", bits
+                )
                 model = None
         except Exception as err:  # noqa: BLE001 - any failure here has a working fallback
             logger.warning("transformers' %d-bit load failed (%s); quantising ourselves", bits, err)
     if model is None:
         model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
         if bits:
-            options = {"quant_type": quant_type, "double_quant": double_quant, "compute_dtype": compute_dtype}
+            options = {
+                "quant_type": quant_type,
+                "double_quant": double_quant,
+                "compute_dtype": compute_dtype,
+            }
             quantize_model(model, threshold=threshold, device=device, bits=bits, **options)
         model = model.to(device)
     if auto and bits == 8 and device.type == "cpu" and cpu_bf16_is_native():
@@ -266,12 +290,17 @@ def store_embeddings_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     hidden = getattr(emb, "_minippo_hidden_dtype", emb.weight.dtype)
     for module in [m for m in (emb, head) if m is not None]:
         for p in module.parameters(recurse=False):
-            p.data, p._minippo_stored = p.data.to(dtype), True  # prepare_model_for_kbit_training keeps it
+            p.data, p._minippo_stored = (
+                p.data.to(dtype),
+                True,
+            )  # prepare_model_for_kbit_training keeps it
         if getattr(module, "_minippo_hidden_dtype", None) is None:
             module._minippo_hidden_dtype = hidden
             module.register_forward_hook(lambda m, args, out: out.to(m._minippo_hidden_dtype))
             if module is head:
-                module.register_forward_pre_hook(lambda m, args: (args[0].to(m.weight.dtype), *args[1:]))
+                module.register_forward_pre_hook(
+                    lambda m, args: (args[0].to(m.weight.dtype), *args[1:])
+                )
     return model
 
 
@@ -297,7 +326,10 @@ def int8_linear(x: torch.Tensor, layer: bnb.nn.Linear8bitLt) -> torch.Tensor:
     outlier columns (|x| >= threshold anywhere) through a float matmul on their dequantised weight
     columns, the rest of each row of x as int8 (its absmax -> 127) through bitsandbytes' int8 GEMM."""
     (CB, SCB), threshold = int8_weight_and_scales(layer), layer.state.threshold or float("inf")
-    last, key = _last_input, None if x.is_inference() else (x._version, threshold)  # no version: no reuse
+    last, key = (
+        _last_input,
+        None if x.is_inference() else (x._version, threshold),
+    )  # no version: no reuse
     if key is None or last[1] != key or last[0]() is not x:
         last[:] = weakref.ref(x), key, _quantise_rows(x.reshape(-1, x.shape[-1]).float(), threshold)
     CA, scale, cols, outliers = last[2]
@@ -352,7 +384,11 @@ class _EvalPinnedLinear8bitLt(bnb.nn.Linear8bitLt):
 def int8_matmul_is_native(device: torch.device | str) -> bool:
     """CUDA, or a CPU with VNNI or AMX; elsewhere torch's int8 GEMM is emulated, slower than float32."""
     cpu = torch.cpu
-    return torch.device(device).type != "cpu" or cpu._is_vnni_supported() or cpu._is_amx_tile_supported()
+    return (
+        torch.device(device).type != "cpu"
+        or cpu._is_vnni_supported()
+        or cpu._is_amx_tile_supported()
+    )
 
 
 def keep_8bit_layers_in_eval(model: nn.Module, int8_path: bool | None = None) -> nn.Module:

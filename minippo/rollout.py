@@ -82,15 +82,25 @@ class RolloutBuffer:
         return RolloutBuffer(**picked)
 
     def minibatches(
-        self, size: int, shuffle: bool = True, generator: Generator | None = None, order: Tensor | None = None
+        self,
+        size: int,
+        shuffle: bool = True,
+        generator: Generator | None = None,
+        order: Tensor | None = None,
     ) -> Iterator[RolloutBuffer]:
         """Yield ``len(self) // size`` buffers of ``size`` samples each: in a random order if ``shuffle``
         (a fresh permutation per call; ``generator`` makes it reproducible), in the given ``order``
         (a permutation of 0..B-1) if one is passed, else in order. ``size`` must divide B."""
         if size < 1 or len(self) % size:
-            raise ValueError(f"minibatch size {size} must be positive and divide the batch size {len(self)}")
+            raise ValueError(
+                f"minibatch size {size} must be positive and divide the batch size {len(self)}"
+            )
         if order is None:
-            order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
+            order = (
+                torch.randperm(len(self), generator=generator)
+                if shuffle
+                else torch.arange(len(self))
+            )
         elif sorted(order.tolist()) != list(range(len(self))):
             raise ValueError(f"order must be a permutation of 0..{len(self) - 1}")
         order = order.to(self.query_ids.device)

@@ -16,7 +16,11 @@ from minippo.adapter_files import PEFT_PREFIX
 from minippo.lora import LoRALayer, lora_state_dict
 
 TEXTS = ["This movie was great, I loved the acting.", "Awful dialogue, a waste of time."]
-DEFAULT_TARGET = {"gpt_neox": ["query_key_value"], "llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
+DEFAULT_TARGET = {
+    "gpt_neox": ["query_key_value"],
+    "llama": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+}
 
 
 @pytest.fixture
@@ -155,7 +159,9 @@ def test_saved_tiny_model_folder_names_match(tmp_path, tokenizer):
     path = save_tiny_model(tmp_path / "tiny-llama", "llama")
     model = add_lora(AutoModelForCausalLM.from_pretrained(path), LoRAConfig(r=2))
     save_adapter(model, tmp_path / "a")
-    assert json.load(open(tmp_path / "a" / "adapter_config.json"))["base_model_name_or_path"] == path
+    assert (
+        json.load(open(tmp_path / "a" / "adapter_config.json"))["base_model_name_or_path"] == path
+    )
     load_adapter(AutoModelForCausalLM.from_pretrained(path), tmp_path / "a")
 
 
@@ -174,6 +180,9 @@ def test_interrupted_save_keeps_the_previous_adapter(tokenizer, batch, tmp_path,
     monkeypatch.setattr(adapter_files, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         save_adapter(model, tmp_path / "a")
-    assert sorted(os.listdir(tmp_path / "a")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "a")) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     fresh = load_adapter(tiny_model("llama", len(tokenizer)), tmp_path / "a")
     assert torch.equal(logits(fresh, batch), expected)

@@ -62,7 +62,9 @@ def test_logprobs_and_entropy_in_row_blocks_are_the_whole_tensors_numbers():
     assert torch.equal(ours, whole)
     assert torch.equal(*(torch.autograd.grad(x.sum(), logits)[0] for x in (ours, whole)))
     p = torch.softmax(logits, -1)
-    assert torch.equal(entropy_from_logits(logits), torch.logsumexp(logits, -1) - (p * logits).sum(-1))
+    assert torch.equal(
+        entropy_from_logits(logits), torch.logsumexp(logits, -1) - (p * logits).sum(-1)
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -75,7 +77,9 @@ def test_logprobs_from_hidden_are_the_logits_ones_without_the_logits(dtype):
     weight = (torch.randn(V, H) * 0.3).to(dtype)
     hidden = torch.randn(4, 100, H).to(dtype).requires_grad_()
     labels, g = torch.randint(0, V, (4, 100)), torch.randn(4, 100)
-    logits = (hidden.to(dtype) @ weight.T).float() * scale  # the logits way, as PolicyWithValueHead's
+    logits = (
+        hidden.to(dtype) @ weight.T
+    ).float() * scale  # the logits way, as PolicyWithValueHead's
     want_logp, want_ent = logprobs_from_logits(logits, labels), entropy_from_logits(logits)
     (want_grad,) = torch.autograd.grad((want_logp * g).sum(), hidden)
     logp, ent = logprobs_from_hidden(hidden, weight, labels, scale)
@@ -204,7 +208,9 @@ def test_only_k1_as_a_reward_gives_the_kls_policy_gradient():
     torch.manual_seed(0)
     theta, q = torch.randn(20, requires_grad=True), torch.softmax(torch.randn(20), 0)
     logp = torch.log_softmax(theta, 0)
-    (kl_gradient,) = torch.autograd.grad((logp.exp() * (logp - q.log())).sum(), theta, retain_graph=True)
+    (kl_gradient,) = torch.autograd.grad(
+        (logp.exp() * (logp - q.log())).sum(), theta, retain_graph=True
+    )
     for estimator, exact in (("k1", True), ("k3", False)):
         values = kl_penalty(logp.detach(), q.log(), estimator)  # (20,), held fixed as a reward is
         surrogate = (logp.exp().detach() * logp * values).sum()  # E_p[log p * value], p held fixed
@@ -220,7 +226,9 @@ def test_kl_penalized_rewards():
     scores = torch.tensor([10.0, -4.0])
     rewards, kl = kl_penalized_rewards(scores, logp, ref, mask, kl_coef=0.1)
     torch.testing.assert_close(kl, torch.tensor([[0.5, 0.0, -1.0], [1.0, 0.0, 0.0]]))
-    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.0, 0.1 + 10.0], [-0.1 - 4.0, 0.0, 0.0]]))
+    torch.testing.assert_close(
+        rewards, torch.tensor([[-0.05, 0.0, 0.1 + 10.0], [-0.1 - 4.0, 0.0, 0.0]])
+    )
     _, kl3 = kl_penalized_rewards(scores, logp, ref, mask, kl_coef=0.1, estimator="k3")
     torch.testing.assert_close(kl3, kl_penalty(logp, ref, "k3") * mask)
 

@@ -34,9 +34,20 @@ def torchrun(nproc: int, *args: str, env: dict | None = None, timeout: float = 3
         "OMP_NUM_THREADS": "1",
         **(env or {}),
     }
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+    ]
     return subprocess.run(
-        [*command, __file__, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO
+        [*command, __file__, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
     )
 
 
@@ -75,7 +86,9 @@ def ppo_steps(out_dir: str, steps: int = 2) -> None:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     tokenizer = tiny_tokenizer()
     model = tiny_model("llama", vocab_size=len(tokenizer))
-    torch.manual_seed(100 + rank)  # different LoRA A on each rank: the trainer must broadcast rank 0's
+    torch.manual_seed(
+        100 + rank
+    )  # different LoRA A on each rank: the trainer must broadcast rank 0's
     add_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
     config = PPOConfig(
         batch_size=BATCH,
@@ -95,7 +108,9 @@ def ppo_steps(out_dir: str, steps: int = 2) -> None:
     share = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     for _ in range(steps):
         stats = trainer.step(queries[share], responses[share], scores[share])
-    weights = {name: p.detach().clone() for name, p in trainer.policy.named_parameters() if p.requires_grad}
+    weights = {
+        name: p.detach().clone() for name, p in trainer.policy.named_parameters() if p.requires_grad
+    }
     torch.save({"weights": weights, "stats": stats}, Path(out_dir) / f"ppo-rank{rank}-of{world}.pt")
 
 
@@ -113,13 +128,23 @@ def test_ppo_two_processes_equal_one(tmp_path, monkeypatch):
     one = torch.load(tmp_path / "ppo-rank0-of1.pt")
     ranks = [torch.load(tmp_path / f"ppo-rank{r}-of2.pt") for r in range(2)]
     for name in one["weights"]:
-        assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name]), name  # ranks agree
+        assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name]), (
+            name
+        )  # ranks agree
     diff = max((ranks[0]["weights"][k] - w).abs().max().item() for k, w in one["weights"].items())
     change = max(w.abs().max().item() for k, w in one["weights"].items() if "lora_B" in k)
-    print(f"max |weight difference| 1 vs 2 processes: {diff:.2e} (largest lora_B weight {change:.2e})")
+    print(
+        f"max |weight difference| 1 vs 2 processes: {diff:.2e} (largest lora_B weight {change:.2e})"
+    )
     assert change > 1e-4  # the adapters did move
     assert diff < 1e-5
-    for key in ("objective/kl_coef", "env/reward_mean", "env/reward_std", "ppo/loss/total", "ppo/val/mean"):
+    for key in (
+        "objective/kl_coef",
+        "env/reward_mean",
+        "env/reward_std",
+        "ppo/loss/total",
+        "ppo/val/mean",
+    ):
         assert ranks[0]["stats"][key] == pytest.approx(one["stats"][key], rel=1e-4, abs=1e-6), key
 
 
@@ -174,7 +199,9 @@ def test_sft_two_processes_equal_one(tmp_path, tiny_model_dir, imdb_dir):
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
     assert m2["eval_loss_after"] == pytest.approx(m1["eval_loss_after"], rel=1e-5)
     assert m2["eval_loss_before"] == pytest.approx(m1["eval_loss_before"], rel=1e-5)
-    losses = [[loss for _, loss in json.loads((d / "loss_log.json").read_text())] for d in (one, two)]
+    losses = [
+        [loss for _, loss in json.loads((d / "loss_log.json").read_text())] for d in (one, two)
+    ]
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
@@ -188,7 +215,9 @@ def test_resume_needs_the_same_number_of_processes(tmp_path, tokenizer):
     assert state["world_size"] == 1
     trainer.load(tmp_path / "ckpt")  # the same number: fine
     state_file.write_text(json.dumps({**state, "world_size": 2}))
-    with pytest.raises(ValueError, match="saved by 2 processes, and 1 load it: resume with the same number"):
+    with pytest.raises(
+        ValueError, match="saved by 2 processes, and 1 load it: resume with the same number"
+    ):
         trainer.load(tmp_path / "ckpt")
 
 
@@ -213,7 +242,9 @@ def test_one_rank_raising_fails_the_whole_run_with_its_message(tmp_path):
     run = torchrun(2, "bad_input_on_rank1", str(tmp_path), timeout=240)
     assert run.returncode != 0
     assert "[rank1]: ValueError: response 0 has token ids outside [0, 384)" in run.stderr
-    assert re.search(r"Root Cause.*?rank\s*: 1 ", run.stderr, re.S)  # torchrun's report names rank 1
+    assert re.search(
+        r"Root Cause.*?rank\s*: 1 ", run.stderr, re.S
+    )  # torchrun's report names rank 1
 
 
 def stalled_peer(out_dir: str) -> None:

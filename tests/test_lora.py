@@ -14,7 +14,11 @@ from minippo import LoRAConfig, add_lora, disable_adapters, merge_lora, quantize
 from minippo.lora import LoRALayer, count_parameters, lora_state_dict
 
 TEXTS = ["This movie was great, I loved the acting.", "Awful dialogue, a waste of time."]
-DEFAULT_TARGET = {"gpt_neox": ["query_key_value"], "llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
+DEFAULT_TARGET = {
+    "gpt_neox": ["query_key_value"],
+    "llama": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+}
 
 
 @pytest.fixture
@@ -212,7 +216,9 @@ def test_merge_fp32_matches_and_reloads_in_plain_transformers(model, batch, tmp_
     assert not any(isinstance(m, LoRALayer) for m in merged.modules())
     if arch == "gpt2":
         assert isinstance(merged.transformer.h[0].attn.c_attn, Conv1D)
-    torch.testing.assert_close(logits(merged, batch), adapted, rtol=1e-5, atol=1e-5)  # measured <= 2e-7
+    torch.testing.assert_close(
+        logits(merged, batch), adapted, rtol=1e-5, atol=1e-5
+    )  # measured <= 2e-7
     merged.save_pretrained(tmp_path / "merged")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert torch.equal(logits(plain, batch), logits(merged, batch))
@@ -285,9 +291,14 @@ def test_adapter_gradients_are_those_of_two_linear_layers(out_features):
     torch.nn.init.normal_(layer.lora_B.weight)
     x, g = torch.randn(2, 5, 24, requires_grad=True), torch.randn(2, 5, out_features)
     layer(x).backward(g)
-    a, b = (layer.lora_A.weight.detach().requires_grad_(), layer.lora_B.weight.detach().requires_grad_())
+    a, b = (
+        layer.lora_A.weight.detach().requires_grad_(),
+        layer.lora_B.weight.detach().requires_grad_(),
+    )
     x2 = x.detach().requires_grad_()
-    (layer.base_layer(x2) + nn.functional.linear(nn.functional.linear(x2, a) * layer.scaling, b)).backward(g)
+    (
+        layer.base_layer(x2) + nn.functional.linear(nn.functional.linear(x2, a) * layer.scaling, b)
+    ).backward(g)
     for ours, reference in (
         (x.grad, x2.grad),
         (layer.lora_A.weight.grad, a.grad),

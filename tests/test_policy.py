@@ -45,7 +45,9 @@ def unpadded_logprobs(policy, query, response, temperature):
     """Log-probs of `response` after `query`, one sample, no padding at all."""
     ids = torch.cat([query, response])[None]  # (1, L)
     with torch.no_grad():
-        logits, _ = policy(ids, torch.ones_like(ids), response_length=len(response), temperature=temperature)
+        logits, _ = policy(
+            ids, torch.ones_like(ids), response_length=len(response), temperature=temperature
+        )
     return logprobs_from_logits(logits, response[None])[0]
 
 
@@ -92,7 +94,9 @@ def test_forward_shapes_and_response_slice(model, tokenizer):
     torch.testing.assert_close(values_t, values[:, 4:8])
     # the policy's logits are the model's own
     with torch.no_grad():
-        hf = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+        hf = model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)
+        ).logits
     torch.testing.assert_close(logits[0], hf[0].float())
     torch.testing.assert_close(logits[1, 3:], hf[1, 3:].float())
 
@@ -121,8 +125,12 @@ def test_response_logprobs_by_the_fused_head_are_the_logits_ones(model):
 
     def run(fused, entropy_grad=False):
         policy.fused_head = fused
-        logp, ent, values = policy.response_logprobs(ids, mask, responses, 0.7, entropy_grad=entropy_grad)
-        grads = torch.autograd.grad((logp * torch.arange(12.0).view(3, 4)).sum() + values.sum(), params)
+        logp, ent, values = policy.response_logprobs(
+            ids, mask, responses, 0.7, entropy_grad=entropy_grad
+        )
+        grads = torch.autograd.grad(
+            (logp * torch.arange(12.0).view(3, 4)).sum() + values.sum(), params
+        )
         return logp, ent, values, grads
 
     (*fused, fused_grads), (*plain, plain_grads) = run(True), run(False)
@@ -184,7 +192,11 @@ def test_sampling_follows_the_softmax(model, tokenizer, device):
     within 4 standard errors of minus the entropy), and a token of probability 0 (logit -inf) is never
     drawn. On CUDA too (the uniforms come from the GPU's generator there)."""
     torch.manual_seed(0)
-    policy, prompt, n = PolicyWithValueHead(model).to(device), encode(tokenizer, PROMPTS[1:2])[0], 20_000
+    policy, prompt, n = (
+        PolicyWithValueHead(model).to(device),
+        encode(tokenizer, PROMPTS[1:2])[0],
+        20_000,
+    )
     with torch.no_grad():
         ids = prompt[None].to(device)  # (1, L)
         logits, _ = policy(ids, torch.ones_like(ids), temperature=0.1)  # (1, L, V)
@@ -195,7 +207,9 @@ def test_sampling_follows_the_softmax(model, tokenizer, device):
     model.get_output_embeddings().register_forward_hook(lambda m, args, out: out + bias)
     probs[banned] = 0.0
     probs /= probs.sum()
-    gen = policy.generate([prompt] * n, pad_token_id=0, min_new_tokens=1, max_new_tokens=1, temperature=0.1)
+    gen = policy.generate(
+        [prompt] * n, pad_token_id=0, min_new_tokens=1, max_new_tokens=1, temperature=0.1
+    )
     counts = torch.bincount(gen.response_ids[:, 0], minlength=probs.shape[0]).double()
     assert counts[banned] == 0
     sigma = (n * probs * (1 - probs)).sqrt()
@@ -269,7 +283,9 @@ def test_stop_at_eos(model, tokenizer, pad_is_eos):
     pad = eos if pad_is_eos else tokenizer.pad_token_id
     assert tokenizer.pad_token_id != eos  # the fixture's tokenizer keeps them distinct
     policy = EosAfter(model, eos, after=2, rows=[0, 2])
-    gen = sample(policy, tokenizer, min_new_tokens=6, max_new_tokens=6, stop_at_eos=True, pad_token_id=pad)
+    gen = sample(
+        policy, tokenizer, min_new_tokens=6, max_new_tokens=6, stop_at_eos=True, pad_token_id=pad
+    )
     responses = gen.responses()
     # rows 0 and 2 stop with EOS as their third token (the EOS is part of the response)
     assert [len(r) for r in responses] == [3, 6, 3, 6]
@@ -295,9 +311,13 @@ def test_generate_rejects_bad_input(model, tokenizer):
 
     def sampled(query):
         torch.manual_seed(0)
-        return policy.generate([query], pad_token_id=0, min_new_tokens=2, max_new_tokens=2).response_ids
+        return policy.generate(
+            [query], pad_token_id=0, min_new_tokens=2, max_new_tokens=2
+        ).response_ids
 
-    assert torch.equal(sampled([5, 6, 7]), sampled(torch.tensor([5, 6, 7])))  # a list of ids is taken too
+    assert torch.equal(
+        sampled([5, 6, 7]), sampled(torch.tensor([5, 6, 7]))
+    )  # a list of ids is taken too
     with pytest.raises(ValueError, match="min_new_tokens"):
         policy.generate([torch.tensor([5])], pad_token_id=0, min_new_tokens=5, max_new_tokens=2)
     with pytest.raises(ValueError, match="eos_token_id"):
@@ -378,13 +398,17 @@ def post_processing_model(kind):
 
 @pytest.mark.parametrize("kind", ["gemma2", "granite", "cohere"])
 def test_policy_logits_are_the_model_logits(kind, tokenizer):
-    model = add_lora(post_processing_model(kind), LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model = add_lora(
+        post_processing_model(kind), LoRAConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
     policy = PolicyWithValueHead(model)  # the wrap-time probe passes
     ids = torch.randint(3, 384, (3, 10))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # a left-padded row
     with torch.no_grad():
-        theirs = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+        theirs = model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)
+        ).logits
         ours, _ = policy(ids, mask)
     scale = theirs.abs().max()
     assert scale > 1.0  # the post-processing is not negligible here
@@ -423,14 +447,18 @@ def count_checkpoints(monkeypatch):
 
 
 @pytest.mark.parametrize("int8", [False, True])
-def test_gradient_checkpointing_in_eval_mode_gives_the_same_gradients(arch, tokenizer, monkeypatch, int8):
+def test_gradient_checkpointing_in_eval_mode_gives_the_same_gradients(
+    arch, tokenizer, monkeypatch, int8
+):
     calls = count_checkpoints(monkeypatch)
     grads = []
     for on in (False, True):
         model = tiny_model(arch, vocab_size=len(tokenizer))
         if int8:
             quantize_model(model)
-        policy = PolicyWithValueHead(add_lora(model, LoRAConfig(r=4, target_modules="all-linear"))).eval()
+        policy = PolicyWithValueHead(
+            add_lora(model, LoRAConfig(r=4, target_modules="all-linear"))
+        ).eval()
         policy.gradient_checkpointing = on
         ids = torch.randint(3, len(tokenizer), (3, 12))
         mask = torch.ones_like(ids)

@@ -61,12 +61,16 @@ def assert_a_step_trains(trainer, model, tokenizer):
     before = {k: v.clone() for k, v in lora_state_dict(model).items()}
     queries = encode(tokenizer, 8)
     stats = trainer.step(queries, trainer.generate(queries), torch.randn(8))
-    assert all(torch.isfinite(torch.tensor(v)).all() for v in stats.values() if isinstance(v, float))
+    assert all(
+        torch.isfinite(torch.tensor(v)).all() for v in stats.values() if isinstance(v, float)
+    )
     assert any(not torch.equal(before[k], v) for k, v in lora_state_dict(model).items())
 
 
 def make_trainer(arch, tokenizer, int8=False, dtype=torch.float32, **overrides):
-    trainer = PPOTrainer(small_config(**overrides), lora_model(arch, tokenizer, int8, dtype=dtype), tokenizer)
+    trainer = PPOTrainer(
+        small_config(**overrides), lora_model(arch, tokenizer, int8, dtype=dtype), tokenizer
+    )
     queries = encode(tokenizer, trainer.config.batch_size)
     responses = trainer.generate(queries)
     return trainer, queries, responses
@@ -91,7 +95,9 @@ def capture(trainer):
 
 def adapter_snapshot(trainer):
     state = {k: v.clone() for k, v in lora_state_dict(trainer.policy.model).items()}
-    state.update({f"value_head.{k}": v.clone() for k, v in trainer.policy.value_head.state_dict().items()})
+    state.update(
+        {f"value_head.{k}": v.clone() for k, v in trainer.policy.value_head.state_dict().items()}
+    )
     return state
 
 
@@ -135,7 +141,10 @@ def test_every_config_field_has_a_docstring():
     "overrides,message",
     [
         (dict(batch_size=10, mini_batch_size=4), "divisible by mini_batch_size"),
-        (dict(mini_batch_size=4, gradient_accumulation_steps=3), "divisible by gradient_accumulation_steps"),
+        (
+            dict(mini_batch_size=4, gradient_accumulation_steps=3),
+            "divisible by gradient_accumulation_steps",
+        ),
         (dict(kl_penalty="full"), "kl_penalty must be one of"),
         (dict(learning_rate=-1.0), "learning_rate must be a positive"),
         (dict(ppo_epochs=0), "ppo_epochs must be a positive integer"),
@@ -165,10 +174,14 @@ def test_auto_compute_dtype_follows_the_hardware(tokenizer, monkeypatch):
     for native, want in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
         assert quant.auto_compute_dtype("cpu", model) == want
-        assert PPOTrainer(small_config(compute_dtype="auto"), model, tokenizer).compute_dtype == want
+        assert (
+            PPOTrainer(small_config(compute_dtype="auto"), model, tokenizer).compute_dtype == want
+        )
     # an 8-bit model on a CPU: float32 even where bf16 is native
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    assert quant.auto_compute_dtype("cpu", lora_model("llama", tokenizer, int8=True)) == torch.float32
+    assert (
+        quant.auto_compute_dtype("cpu", lora_model("llama", tokenizer, int8=True)) == torch.float32
+    )
 
 
 def test_auto_storage_dtype_is_the_compute_dtype_and_trains(tokenizer, tiny_model_dir, monkeypatch):
@@ -194,7 +207,9 @@ def test_auto_storage_dtype_is_the_compute_dtype_and_trains(tokenizer, tiny_mode
 def test_scheduler_steps_once_per_ppo_step(tokenizer):
     model = lora_model("llama", tokenizer)
     trainer = PPOTrainer(small_config(), model, tokenizer)
-    trainer.lr_scheduler = torch.optim.lr_scheduler.StepLR(trainer.optimizer, step_size=1, gamma=0.5)
+    trainer.lr_scheduler = torch.optim.lr_scheduler.StepLR(
+        trainer.optimizer, step_size=1, gamma=0.5
+    )
     queries = encode(tokenizer, trainer.config.batch_size)
     lr0 = trainer.optimizer.param_groups[0]["lr"]
     for n in (1, 2):
@@ -205,7 +220,9 @@ def test_scheduler_steps_once_per_ppo_step(tokenizer):
 
 def test_score_normalisation_uses_running_statistics(tokenizer):
     trainer = PPOTrainer(
-        small_config(use_score_scaling=True, use_score_norm=True), lora_model("llama", tokenizer), tokenizer
+        small_config(use_score_scaling=True, use_score_norm=True),
+        lora_model("llama", tokenizer),
+        tokenizer,
     )
     seen = []
     for scores in (torch.tensor([0.0, 0.0, 1.0, 0.0]), torch.tensor([0.0, 1.0, 1.0, 0.0])):
@@ -213,7 +230,9 @@ def test_score_normalisation_uses_running_statistics(tokenizer):
         out = trainer._normalise_scores(scores)
         everything = torch.cat(seen)
         assert torch.allclose(out, (scores - everything.mean()) / everything.std(), atol=1e-6)
-    scaled_only = PPOTrainer(small_config(use_score_scaling=True), lora_model("llama", tokenizer), tokenizer)
+    scaled_only = PPOTrainer(
+        small_config(use_score_scaling=True), lora_model("llama", tokenizer), tokenizer
+    )
     x = torch.tensor([0.0, 0.0, 1.0, 0.0])
     assert torch.allclose(scaled_only._normalise_scores(x), x / x.std(), atol=1e-6)
 
@@ -243,7 +262,9 @@ def test_trainer_needs_lora(tokenizer):
 def test_only_adapters_and_value_head_train(arch, tokenizer):
     trainer = PPOTrainer(small_config(), lora_model(arch, tokenizer), tokenizer)
     names = {n for n, p in trainer.policy.named_parameters() if p.requires_grad}
-    assert names and all("lora_A" in n or "lora_B" in n or n.startswith("value_head.") for n in names)
+    assert names and all(
+        "lora_A" in n or "lora_B" in n or n.startswith("value_head.") for n in names
+    )
     assert {"value_head.summary.weight", "value_head.summary.bias"} <= names
     optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert optimised == {id(p) for p in trainer.trainable}
@@ -312,7 +333,9 @@ def test_one_micro_batch_reuses_the_rollout_forward_for_the_first_update(arch, t
             return forward(*args)
 
         def graph_dropped(*args, keep_graph=False, rollout_forward=rollout_forward, **kwargs):
-            return rollout_forward(*args, **kwargs)[0], None  # the first update recomputes the forward
+            return rollout_forward(*args, **kwargs)[
+                0
+            ], None  # the first update recomputes the forward
 
         trainer._forward = counted
         if not reuse:
@@ -355,7 +378,9 @@ def test_reference_logprobs_come_from_the_base_model(arch, tokenizer):
     for i, (q, r) in enumerate(zip(queries, responses)):
         ids = torch.cat([q, r])[None]
         with torch.no_grad():
-            logits = base(input_ids=ids).logits[0, len(q) - 1 : -1].float() / 0.9  # the config's temperature
+            logits = (
+                base(input_ids=ids).logits[0, len(q) - 1 : -1].float() / 0.9
+            )  # the config's temperature
         expected = torch.log_softmax(logits, -1).gather(-1, r[:, None])[:, 0]
         torch.testing.assert_close(first.ref_logprobs[i, : len(r)], expected, atol=1e-5, rtol=0)
     # the reference does not move when the adapters do (up to float rounding: each step batches the
@@ -378,7 +403,9 @@ def test_logged_kl_is_the_penalised_kl(tokenizer, estimator):
     kl = kl_penalty(buf.old_logprobs, buf.ref_logprobs, estimator) * buf.response_mask
     assert stats["objective/kl"] == pytest.approx(kl.sum(1).mean().item(), rel=1e-5)
     assert stats["objective/kl_coef"] == pytest.approx(coef)
-    assert stats["ppo/mean_non_score_reward"] == pytest.approx(-coef * stats["objective/kl"], rel=1e-5)
+    assert stats["ppo/mean_non_score_reward"] == pytest.approx(
+        -coef * stats["objective/kl"], rel=1e-5
+    )
     # the rewards hold exactly this penalty plus the (unscaled) score at the last token
     scores_at_end = buf.rewards + coef * kl
     torch.testing.assert_close(scores_at_end.sum(1), buf.scores, atol=1e-5, rtol=1e-5)
@@ -402,7 +429,9 @@ def test_min_kl_coef_makes_the_target_a_ceiling(tokenizer):
 
 
 def test_fixed_kl_controller(tokenizer):
-    trainer, queries, responses = make_trainer("llama", tokenizer, adap_kl_ctrl=False, init_kl_coef=0.3)
+    trainer, queries, responses = make_trainer(
+        "llama", tokenizer, adap_kl_ctrl=False, init_kl_coef=0.3
+    )
     trainer.step(queries, responses, torch.randn(8))
     stats = trainer.step(queries, responses, torch.randn(8))
     assert trainer.kl_ctl.value == 0.3 and stats["objective/kl_coef"] == 0.3
@@ -446,7 +475,9 @@ def test_stats_names(tokenizer):
     }
     assert expected <= stats.keys()
     assert all(isinstance(v, float) for v in stats.values())
-    assert stats["env/reward_mean"] == pytest.approx(sum([5.0, -5.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]) / 8)
+    assert stats["env/reward_mean"] == pytest.approx(
+        sum([5.0, -5.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]) / 8
+    )
     assert stats["ppo/updates"] == 4  # 2 epochs x 2 minibatches
 
 
@@ -482,7 +513,9 @@ def test_non_finite_loss_skips_the_update(tokenizer, caplog):
     trainer, queries, responses = make_trainer("llama", tokenizer)
     before = adapter_snapshot(trainer)
     with caplog.at_level(logging.WARNING, logger="minippo.ppo"):
-        stats = trainer.step(queries, responses, [1e30] * 8)  # finite scores, an infinite value loss
+        stats = trainer.step(
+            queries, responses, [1e30] * 8
+        )  # finite scores, an infinite value loss
     assert "non-finite loss" in caplog.text
     assert stats["ppo/skipped_updates"] == 4 and stats["ppo/updates"] == 0
     assert_same(before, adapter_snapshot(trainer))
@@ -515,7 +548,10 @@ def test_max_grad_norm_clips(tokenizer):
     policy = PolicyWithValueHead(lora_model("llama", tokenizer))
     sgd = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=1.0)
     trainer = PPOTrainer(
-        small_config(max_grad_norm=1e-3, ppo_epochs=1, mini_batch_size=8), policy, tokenizer, optimizer=sgd
+        small_config(max_grad_norm=1e-3, ppo_epochs=1, mini_batch_size=8),
+        policy,
+        tokenizer,
+        optimizer=sgd,
     )
     queries = encode(tokenizer, 8)
     responses = trainer.generate(queries)
@@ -539,7 +575,9 @@ def test_bad_input_errors(tokenizer):
     with pytest.raises(ValueError, match="batch_size is 8"):
         trainer.step(queries[:4], responses[:4], scores[:4])
     with pytest.raises(ValueError, match="response 3 is empty"):
-        trainer.step(queries, responses[:3] + [torch.tensor([], dtype=torch.long)] + responses[4:], scores)
+        trainer.step(
+            queries, responses[:3] + [torch.tensor([], dtype=torch.long)] + responses[4:], scores
+        )
     with pytest.raises(ValueError, match="scores must be finite"):
         trainer.step(queries, responses, scores[:7] + [float("nan")])
     with pytest.raises(ValueError, match="1-D tensor of token ids"):
@@ -627,7 +665,9 @@ def test_resume_continues_exactly(tmp_path, tokenizer):
 
 
 def test_load_keeps_the_configured_learning_rate(tmp_path, tokenizer, caplog):
-    trainer = PPOTrainer(small_config(learning_rate=1.41e-5), lora_model("llama", tokenizer), tokenizer)
+    trainer = PPOTrainer(
+        small_config(learning_rate=1.41e-5), lora_model("llama", tokenizer), tokenizer
+    )
     trainer.save(tmp_path / "plain")
     faster = PPOTrainer(small_config(learning_rate=1e-3), lora_model("llama", tokenizer), tokenizer)
     with caplog.at_level(logging.WARNING, logger="minippo.ppo"):
@@ -648,8 +688,12 @@ def test_load_keeps_the_configured_learning_rate(tmp_path, tokenizer, caplog):
 def test_load_refuses_a_checkpoint_from_another_config(tmp_path, tokenizer):
     trainer = PPOTrainer(small_config(), lora_model("llama", tokenizer), tokenizer)
     trainer.save(tmp_path / "ckpt")
-    other = PPOTrainer(small_config(cliprange=0.3, seed=1), lora_model("llama", tokenizer), tokenizer)
-    with pytest.raises(ValueError, match=r"(?s)cliprange: 0.2 in the checkpoint, 0.3 now.*seed: 0") as err:
+    other = PPOTrainer(
+        small_config(cliprange=0.3, seed=1), lora_model("llama", tokenizer), tokenizer
+    )
+    with pytest.raises(
+        ValueError, match=r"(?s)cliprange: 0.2 in the checkpoint, 0.3 now.*seed: 0"
+    ) as err:
         other.load(tmp_path / "ckpt")
     assert "learning_rate" in str(err.value)  # says what may change
     scheduled = scheduled_trainer(tokenizer)
@@ -690,7 +734,9 @@ def test_gradient_checkpointing_in_a_ppo_step(tokenizer, monkeypatch):
         assert seen.minibatches[0]["policy/ratio"].item() == 1.0
         snapshots.append(adapter_snapshot(trainer))
     for name in snapshots[0]:
-        torch.testing.assert_close(snapshots[1][name], snapshots[0][name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(
+            snapshots[1][name], snapshots[0][name], rtol=1e-5, atol=1e-6, msg=name
+        )
 
 
 def test_gradient_checkpointing_default_follows_8bit(tokenizer):
@@ -859,7 +905,9 @@ def test_entropy_bonus_raises_the_policy_entropy(tokenizer):
 
     def entropies(coef: float) -> list[float]:
         torch.manual_seed(0)
-        config = small_config(entropy_coef=coef, init_kl_coef=0.0, adap_kl_ctrl=False, temperature=1.0)
+        config = small_config(
+            entropy_coef=coef, init_kl_coef=0.0, adap_kl_ctrl=False, temperature=1.0
+        )
         trainer = PPOTrainer(config, lora_model("llama", tokenizer, head_scale=30.0), tokenizer)
         queries, seen = encode(tokenizer, 8), []
         for _ in range(6):
@@ -894,7 +942,9 @@ def test_load_refuses_a_damaged_checkpoint_with_a_message(tmp_path, tokenizer, n
     else:
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ValueError, match="is incomplete, corrupt or not from this model"):
-        PPOTrainer(small_config(), lora_model("llama", tokenizer), tokenizer).load(tmp_path / "ckpt")
+        PPOTrainer(small_config(), lora_model("llama", tokenizer), tokenizer).load(
+            tmp_path / "ckpt"
+        )
 
 
 def test_load_refuses_weights_of_the_wrong_shape(tmp_path, tokenizer):
@@ -905,7 +955,9 @@ def test_load_refuses_weights_of_the_wrong_shape(tmp_path, tokenizer):
     path = str(tmp_path / "ckpt" / "value_head.safetensors")
     save_file({k: torch.zeros(3, *v.shape[1:]) for k, v in load_file(path).items()}, path)
     with pytest.raises(ValueError, match="(?s)corrupt or not from this model.*size mismatch"):
-        PPOTrainer(small_config(), lora_model("llama", tokenizer), tokenizer).load(tmp_path / "ckpt")
+        PPOTrainer(small_config(), lora_model("llama", tokenizer), tokenizer).load(
+            tmp_path / "ckpt"
+        )
 
 
 def test_a_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, tokenizer, monkeypatch):

@@ -12,7 +12,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.pytorch_utils import Conv1D
 
 import minippo.quant as quant
-from minippo import LoRAConfig, add_lora, load_model, prepare_model_for_kbit_training, quantize_model
+from minippo import (
+    LoRAConfig,
+    add_lora,
+    load_model,
+    prepare_model_for_kbit_training,
+    quantize_model,
+)
 from minippo.app.memory_plan import model_footprint_bytes
 from minippo.policy import PolicyWithValueHead
 from minippo.quant import dequantize_8bit, is_8bit, keep_8bit_layers_in_eval, store_embeddings_in
@@ -94,7 +100,9 @@ def test_footprint_is_about_one_byte_per_quantised_weight():
     layers = int8_layers(model).values()
     weights = sum(m.weight.numel() for m in layers)
     rows = sum(m.out_features for m in layers)
-    assert model_footprint_bytes(model) == fp32 - 3 * weights + 4 * rows  # 1 byte each + fp32 row scale
+    assert (
+        model_footprint_bytes(model) == fp32 - 3 * weights + 4 * rows
+    )  # 1 byte each + fp32 row scale
     ratio = model_footprint_bytes(model) / fp32
     assert 0.3 < ratio < 0.37
 
@@ -148,7 +156,9 @@ def test_int8_linear_is_llm_int8_in_float32(tokenizer):
     """minippo's CPU int8 forward: bitsandbytes' LLM.int8() (outlier columns in float, the rest int8 per
     row) computed in float32: as close to the float matmul on the dequantised weight as bitsandbytes'
     float16 version, and closer to it than to that matmul; any input rank; outlier columns exact."""
-    model = keep_8bit_layers_in_eval(quantize_model(tiny_model("llama", len(tokenizer))), int8_path=True)
+    model = keep_8bit_layers_in_eval(
+        quantize_model(tiny_model("llama", len(tokenizer))), int8_path=True
+    )
     torch.manual_seed(0)
     for layer in int8_layers(model).values():
         x = torch.randn(16, 5, layer.in_features)
@@ -173,7 +183,9 @@ def test_int8_linear_quantises_an_input_once_for_the_layers_that_read_it(tokeniz
     """q, k and v (gate and up) read one tensor: its int8 rows and outlier columns are made once and
     reused, with each layer's numbers those of a fresh quantisation; an in-place change of the input, or
     another tensor, is quantised anew."""
-    model = keep_8bit_layers_in_eval(quantize_model(tiny_model("llama", len(tokenizer))), int8_path=True)
+    model = keep_8bit_layers_in_eval(
+        quantize_model(tiny_model("llama", len(tokenizer))), int8_path=True
+    )
     attention = model.model.layers[0].self_attn
     made = []
     quantise = quant._quantise_rows
@@ -200,7 +212,9 @@ def test_int8_linear_quantises_an_input_once_for_the_layers_that_read_it(tokeniz
 
 def test_8bit_model_runs_under_inference_mode(tokenizer, batch):
     """`torch.inference_mode()`, as users write around generation and evaluation, gives the no_grad logits."""
-    model = keep_8bit_layers_in_eval(quantize_model(tiny_model("llama", len(tokenizer))), int8_path=True)
+    model = keep_8bit_layers_in_eval(
+        quantize_model(tiny_model("llama", len(tokenizer))), int8_path=True
+    )
     expected = logits(model, batch)
     with torch.inference_mode():
         assert torch.equal(model(**batch).logits, expected)
@@ -210,7 +224,9 @@ def test_int8_input_gradient_in_bf16_or_int8(tokenizer):
     """grad_dtype bf16 or int8: the same forward bit for bit; the input gradient one bf16 matmul on the exact
     int8 weight, or the gradient's rows rounded to int8 through the int8 GEMM: within that rounding of
     the fp32 gradient on the dequantised weight (bitsandbytes' own), on 2-D and 3-D inputs."""
-    model = keep_8bit_layers_in_eval(quantize_model(tiny_model("llama", len(tokenizer))), int8_path=True)
+    model = keep_8bit_layers_in_eval(
+        quantize_model(tiny_model("llama", len(tokenizer))), int8_path=True
+    )
     for layer in int8_layers(model).values():
         for shape in ((2, 5), (7,)):
             x = torch.randn(*shape, layer.in_features)
@@ -261,7 +277,9 @@ def test_int8_input_gradient_follows_the_cpu(tokenizer, monkeypatch):
         assert torch.nn.functional.cosine_similarity(reference, grad, dim=0) > 0.999
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])  # gpt2 ties its LM head, the others not
+@pytest.mark.parametrize(
+    "arch", ["llama", "gpt2", "gpt_neox"]
+)  # gpt2 ties its LM head, the others not
 def test_embeddings_stored_in_bf16_keep_the_hidden_states_float32(tokenizer, batch, arch):
     """store_embeddings_in: bf16 embedding and LM head weights (still one matrix where tied), float32
     hidden states and logits close to the float32 model's; idempotent; prepare keeps the bf16 storage;
@@ -288,7 +306,9 @@ def test_embeddings_stored_in_bf16_keep_the_hidden_states_float32(tokenizer, bat
     fp32, bf16 = logits(models[False], batch), logits(models[True], batch)
     assert 0 < (bf16 - fp32).abs().max() < 2e-2 * fp32.abs().max()  # rounded weights, nothing else
     assert torch.nn.functional.cosine_similarity(grads[False], grads[True], dim=0) > 0.999
-    PolicyWithValueHead(models[True]).check_logits(rtol=1e-6)  # minippo's logits are the model's own
+    PolicyWithValueHead(models[True]).check_logits(
+        rtol=1e-6
+    )  # minippo's logits are the model's own
 
 
 def test_load_model_stores_8bit_embeddings_in_bf16_where_native(tiny_model_dir, batch, monkeypatch):
@@ -297,9 +317,14 @@ def test_load_model_stores_8bit_embeddings_in_bf16_where_native(tiny_model_dir, 
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
         auto = load_model(tiny_model_dir, load_in_8bit=True, dtype="auto")
         assert auto.lm_head.weight.dtype == (torch.bfloat16 if native else torch.float32)
-        assert auto.model.norm.weight.dtype == torch.float32 and logits(auto, batch).dtype == torch.float32
+        assert (
+            auto.model.norm.weight.dtype == torch.float32
+            and logits(auto, batch).dtype == torch.float32
+        )
     assert load_model(tiny_model_dir, load_in_8bit=True).lm_head.weight.dtype == torch.float32
-    assert load_model(tiny_model_dir, dtype="auto").lm_head.weight.dtype == torch.bfloat16  # float model
+    assert (
+        load_model(tiny_model_dir, dtype="auto").lm_head.weight.dtype == torch.bfloat16
+    )  # float model
 
 
 def test_cpu_bf16_setting_overrides_the_probe(tiny_model_dir, monkeypatch):
@@ -314,7 +339,9 @@ def test_cpu_bf16_setting_overrides_the_probe(tiny_model_dir, monkeypatch):
         auto = load_model(tiny_model_dir, load_in_8bit=True, dtype="auto")
         assert auto.lm_head.weight.dtype == (torch.bfloat16 if bf16 else torch.float32)
     monkeypatch.setenv(quant.CPU_BF16_ENV, "yes")
-    with pytest.raises(ValueError, match=r"MINIPPO_CPU_BF16='yes': set it to 0 .*, 1 .* or unset it"):
+    with pytest.raises(
+        ValueError, match=r"MINIPPO_CPU_BF16='yes': set it to 0 .*, 1 .* or unset it"
+    ):
         quant.auto_compute_dtype("cpu")
 
 
@@ -333,7 +360,10 @@ def test_optimiser_step_changes_outputs_but_not_int8_weights(model, batch):
     quantize_model(model)
     prepare_model_for_kbit_training(model)
     add_lora(model, LoRAConfig(r=4, target_modules="all-linear"))
-    frozen = {n: (m.weight.data.clone(), dequantize_8bit(m).clone()) for n, m in int8_layers(model).items()}
+    frozen = {
+        n: (m.weight.data.clone(), dequantize_8bit(m).clone())
+        for n, m in int8_layers(model).items()
+    }
     before = logits(model, batch)
     model.train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)

@@ -83,9 +83,14 @@ def test_quantize_model_4bit_stores_packed_nf4_and_skips_lm_head(model, arch):
     assert is_4bit(model) and not is_8bit(model) and not is_4bit(model.get_output_embeddings())
     for m in layers.values():
         state = m.weight.quant_state
-        assert m.weight.dtype == torch.uint8 and m.weight.numel() == m.in_features * m.out_features // 2
+        assert (
+            m.weight.dtype == torch.uint8
+            and m.weight.numel() == m.in_features * m.out_features // 2
+        )
         assert (state.quant_type, state.blocksize, state.nested) == ("nf4", 64, True)
-        assert m.compute_dtype == auto_compute_dtype("cpu")  # "auto": bf16 where the CPU runs it natively
+        assert m.compute_dtype == auto_compute_dtype(
+            "cpu"
+        )  # "auto": bf16 where the CPU runs it natively
         assert not m.support_avx512bf16_for_cpu  # kept on the portable path (see test below)
     if arch == "gpt2":  # Conv1D (in, out) became Linear4bit (out, in) and remembers its origin
         c_attn = model.transformer.h[0].attn.c_attn
@@ -162,7 +167,9 @@ def test_footprint_is_about_half_a_byte_per_quantised_weight(double_quant):
     assert 0.5 < measured / weights < 0.6
     code_books = len(layers) * (16 * 4 + (4 + 256 * 4 if double_quant else 0))
     per_weight = (measured - code_books) / weights
-    assert per_weight == pytest.approx(0.5 + 1 / 64 + 4 / 16384 if double_quant else 0.5625, abs=1e-3)
+    assert per_weight == pytest.approx(
+        0.5 + 1 / 64 + 4 / 16384 if double_quant else 0.5625, abs=1e-3
+    )
 
 
 # -- LoRA over 4-bit ---------------------------------------------------------------------------
@@ -173,7 +180,9 @@ def test_lora_at_init_equals_the_4bit_base_exactly(tokenizer, batch, arch):
     expected = logits(base, batch)
     adapted = qlora_model(arch, tokenizer)
     assert all(
-        isinstance(m.base_layer, bnb.nn.Linear4bit) for m in adapted.modules() if isinstance(m, LoRALayer)
+        isinstance(m.base_layer, bnb.nn.Linear4bit)
+        for m in adapted.modules()
+        if isinstance(m, LoRALayer)
     )
     assert torch.equal(logits(adapted, batch), expected)
 
@@ -187,8 +196,12 @@ def test_disable_adapters_is_the_4bit_base_exactly_after_training(tokenizer, bat
         assert torch.equal(logits(model, batch), base)
 
 
-def test_only_adapters_and_value_head_train_and_packed_weights_stay_bit_exact(tokenizer, batch, arch):
-    trainer = PPOTrainer(PPOConfig(batch_size=2, mini_batch_size=2), qlora_model(arch, tokenizer), tokenizer)
+def test_only_adapters_and_value_head_train_and_packed_weights_stay_bit_exact(
+    tokenizer, batch, arch
+):
+    trainer = PPOTrainer(
+        PPOConfig(batch_size=2, mini_batch_size=2), qlora_model(arch, tokenizer), tokenizer
+    )
     named = dict(trainer.policy.named_parameters())
     trainable = {n for n, p in named.items() if p.requires_grad}
     assert trainable and all("lora_" in n or n.startswith("value_head.") for n in trainable)
@@ -224,7 +237,9 @@ def test_gradient_checkpointing_gives_the_same_grads_in_4bit(tokenizer, batch, u
 
     plain, checkpointed = grads(False), grads(True)
     assert plain.keys() == checkpointed.keys() and plain
-    assert all(g.abs().sum() > 0 for g in checkpointed.values())  # the lowest adapter gets gradients too
+    assert all(
+        g.abs().sum() > 0 for g in checkpointed.values()
+    )  # the lowest adapter gets gradients too
     for n in plain:
         torch.testing.assert_close(checkpointed[n], plain[n], rtol=1e-5, atol=1e-7)
 
@@ -262,7 +277,9 @@ def test_merge_of_a_transformers_4bit_model_saves_a_plain_model(tiny_model_dir, 
     import json
 
     model = load_model(tiny_model_dir, load_in_4bit=True)
-    assert model.config.quantization_config is not None and getattr(model, "is_loaded_in_4bit", False)
+    assert model.config.quantization_config is not None and getattr(
+        model, "is_loaded_in_4bit", False
+    )
     randomise_adapters(add_lora(model, LoRAConfig(r=4)))
     adapted = logits(model, batch)
     merged = merge_lora(model)
@@ -285,7 +302,9 @@ def test_peft_loads_our_4bit_adapter_with_the_same_logits(tokenizer, batch, tmp_
     theirs = PeftModel.from_pretrained(base, tmp_path / "ours").eval()
     assert torch.equal(logits(theirs, batch), logits(ours, batch))
     # and back: our loader on a fresh 4-bit base gives the same model again
-    again = load_adapter(quantize_model(tiny_model(arch, len(tokenizer)), bits=4), tmp_path / "ours")
+    again = load_adapter(
+        quantize_model(tiny_model(arch, len(tokenizer)), bits=4), tmp_path / "ours"
+    )
     assert torch.equal(logits(again, batch), logits(ours, batch))
 
 
@@ -347,7 +366,11 @@ def test_load_model_4bit_transformers_path_and_fallback_agree(tiny_model_dir, ba
 
 def test_load_model_4bit_options(tiny_model_dir):
     fp4 = load_model(
-        tiny_model_dir, load_in_4bit=True, quant_type="fp4", double_quant=False, compute_dtype="bf16"
+        tiny_model_dir,
+        load_in_4bit=True,
+        quant_type="fp4",
+        double_quant=False,
+        compute_dtype="bf16",
     )
     layer = next(iter(layers_4bit(fp4).values()))
     assert layer.weight.quant_state.quant_type == "fp4" and not layer.weight.quant_state.nested
@@ -368,7 +391,10 @@ def test_4bit_request_without_4bit_support_is_a_clear_error(tiny_model_dir, monk
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(bits=3), "bits must be 8"), (dict(bits=4, quant_type="int4"), "quant_type must be one of")],
+    [
+        (dict(bits=3), "bits must be 8"),
+        (dict(bits=4, quant_type="int4"), "quant_type must be one of"),
+    ],
 )
 def test_bad_quantisation_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -408,12 +434,19 @@ def test_ppo_raises_a_simple_reward_in_4bit(tokenizer):
             horizon=1000.0,
         )
         trainer = PPOTrainer(config, model, tokenizer)
-        prompts = ["This movie", "A wonderful, moving picture with a", "Boring and", "The best film of"]
+        prompts = [
+            "This movie",
+            "A wonderful, moving picture with a",
+            "Boring and",
+            "The best film of",
+        ]
         queries = [torch.tensor(tokenizer(prompts[i % 4])["input_ids"]) for i in range(64)]
         rewards, kls = [], []
         for _ in range(30):
             responses = trainer.generate(queries)
-            stats = trainer.step(queries, responses, [(r % 8 == 0).float().mean().item() for r in responses])
+            stats = trainer.step(
+                queries, responses, [(r % 8 == 0).float().mean().item() for r in responses]
+            )
             rewards.append(stats["env/reward_mean"])
             kls.append(stats["objective/kl"])
     finally:
@@ -428,7 +461,10 @@ def test_ppo_raises_a_simple_reward_in_4bit(tokenizer):
 def test_4bit_lora_forward_backward_on_cuda(tokenizer, batch):
     model = quantize_model(tiny_model("llama", len(tokenizer)), bits=4, device="cuda")
     layer = next(iter(layers_4bit(model).values()))
-    assert layer.weight.device.type == "cuda" and layer.compute_dtype in (torch.bfloat16, torch.float16)
+    assert layer.weight.device.type == "cuda" and layer.compute_dtype in (
+        torch.bfloat16,
+        torch.float16,
+    )
     prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     add_lora(model, LoRAConfig(r=4))
     model.to("cuda").train()

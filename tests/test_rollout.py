@@ -8,8 +8,12 @@ from minippo.rollout import RolloutBuffer
 
 def make_buffer(query_lengths=(3, 1, 2, 3), response_lengths=(2, 4, 1, 2)):
     B, P, T = len(query_lengths), max(query_lengths), max(response_lengths)
-    query_mask = (torch.arange(P)[None] >= P - torch.tensor(query_lengths)[:, None]).long()  # left-padded
-    response_mask = (torch.arange(T)[None] < torch.tensor(response_lengths)[:, None]).float()  # right-padded
+    query_mask = (
+        torch.arange(P)[None] >= P - torch.tensor(query_lengths)[:, None]
+    ).long()  # left-padded
+    response_mask = (
+        torch.arange(T)[None] < torch.tensor(response_lengths)[:, None]
+    ).float()  # right-padded
     sample_id = torch.arange(B, dtype=torch.float32)[:, None]
     per_token = sample_id * 100 + torch.arange(T)  # (B, T): identifies sample and column
     fields = {

@@ -12,7 +12,12 @@ from minippo.ppo import PPOConfig, PPOTrainer
 def trainer_with(tokenizer, **settings):
     model = add_lora(tiny_model("llama", vocab_size=len(tokenizer)), LoRAConfig(r=2))
     config = PPOConfig(
-        batch_size=4, mini_batch_size=2, ppo_epochs=1, min_new_tokens=2, max_new_tokens=3, **settings
+        batch_size=4,
+        mini_batch_size=2,
+        ppo_epochs=1,
+        min_new_tokens=2,
+        max_new_tokens=3,
+        **settings,
     )
     return PPOTrainer(config, model, tokenizer)
 
@@ -23,7 +28,9 @@ def test_tensorboard_event_files_hold_the_step_stats(tmp_path, tokenizer):
     torch.set_num_threads(1)
     trainer = trainer_with(tokenizer, log_with="tensorboard", logging_dir=str(tmp_path / "tb"))
     queries = [torch.tensor(tokenizer("This movie was")["input_ids"])] * 4
-    steps = [trainer.step(queries, trainer.generate(queries), [1.0, 0.0, -1.0, 0.5]) for _ in range(2)]
+    steps = [
+        trainer.step(queries, trainer.generate(queries), [1.0, 0.0, -1.0, 0.5]) for _ in range(2)
+    ]
     trainer.tracker.close()
 
     reader = event_accumulator.EventAccumulator(str(tmp_path / "tb"))

@@ -55,7 +55,9 @@ def _names_or_pattern(info) -> PrimitiveConstructorSpec | None:
             None if a[0] in nones and len(a) == 1 else a[0] if len(a) == 1 else list(a)
         ),
         is_instance=lambda x: x is None or isinstance(x, (str, list)),
-        str_from_instance=lambda x: ["None"] if x is None else [x] if isinstance(x, str) else list(x),
+        str_from_instance=lambda x: (
+            ["None"] if x is None else [x] if isinstance(x, str) else list(x)
+        ),
     )
 
 
@@ -63,7 +65,9 @@ def _names_or_pattern(info) -> PrimitiveConstructorSpec | None:
 _OLD_LORA_FLAG = re.compile(r"^--(no-)?lora-")
 
 
-def parse_config(cls: type, argv: Sequence[str], prog: str | None = None, description: str | None = None):
+def parse_config(
+    cls: type, argv: Sequence[str], prog: str | None = None, description: str | None = None
+):
     """Command-line arguments -> a `cls` instance (its `__post_init__` validates). `--help` prints
     every field with its docstring and default and exits."""
     argv = [_OLD_LORA_FLAG.sub(lambda m: "--lora." + (m[1] or ""), a) for a in argv]
@@ -76,13 +80,21 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
     from minippo.app.memory_plan import PlanConfig, run_plan
 
     return {
-        "sft": (sft.SFTConfig, sft.run_sft, "step 1: LoRA fine-tune an 8-bit base model on IMDB review text"),
+        "sft": (
+            sft.SFTConfig,
+            sft.run_sft,
+            "step 1: LoRA fine-tune an 8-bit base model on IMDB review text",
+        ),
         "merge": (
             pipeline.MergeConfig,
             pipeline.run_merge,
             "step 2: merge an adapter into the base weights and save a plain model",
         ),
-        "reward": (pipeline.RewardConfig, pipeline.run_reward, "train (or check) the sentiment reward model"),
+        "reward": (
+            pipeline.RewardConfig,
+            pipeline.run_reward,
+            "train (or check) the sentiment reward model",
+        ),
         "ppo": (
             pipeline.PPORunConfig,
             pipeline.run_ppo,
@@ -108,7 +120,9 @@ def usage(commands: dict[str, Any]) -> str:
         "",
         "PPO on LoRA adapters over 8-bit causal language models.",
     ]
-    lines += ["", "commands:"] + [f"  {name:<9} {help_text}" for name, (_, _, help_text) in commands.items()]
+    lines += ["", "commands:"] + [
+        f"  {name:<9} {help_text}" for name, (_, _, help_text) in commands.items()
+    ]
     return "\n".join(lines + ["", "`minippo COMMAND --help` lists the command's settings."])
 
 
@@ -119,16 +133,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         asked = bool(argv) and argv[0] in ("-h", "--help")
         print(usage(commands), file=sys.stdout if asked else sys.stderr)
         if not asked:
-            print(f"minippo: error: choose a command{f', not {argv[0]!r}' if argv else ''}", file=sys.stderr)
+            print(
+                f"minippo: error: choose a command{f', not {argv[0]!r}' if argv else ''}",
+                file=sys.stderr,
+            )
         raise SystemExit(0 if asked else 2)
     name, flags = argv[0], argv[1:]
     cls, run, help_text = commands[name]
-    config = parse_config(cls, flags, prog=f"minippo {name}", description=(cls.__doc__ or help_text).strip())
+    config = parse_config(
+        cls, flags, prog=f"minippo {name}", description=(cls.__doc__ or help_text).strip()
+    )
     try:
         retain_freed_memory()  # glibc: reuse freed blocks instead of page-faulting them in every step
         run(config)
     except KeyboardInterrupt:
-        print("\nminippo: interrupted; the last saved adapter/checkpoint is intact.", file=sys.stderr)
+        print(
+            "\nminippo: interrupted; the last saved adapter/checkpoint is intact.", file=sys.stderr
+        )
         return 130
     except (ValueError, OSError) as err:  # bad input, missing files, offline hub: a message
         print(f"minippo {name}: error: {err}", file=sys.stderr)

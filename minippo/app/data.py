@@ -25,7 +25,13 @@ IMDB_SPLITS = ("train", "validation", "test")
 # The hub's IMDB has only train/test: its validation split is this many train rows (seeded).
 HUB_VALIDATION_ROWS = 5000
 # File suffixes `load_text_dataset` reads from a folder or path, and the `datasets` builder for each.
-_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}
+_BUILDERS = {
+    ".parquet": "parquet",
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".txt": "text",
+}
 
 _BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
 _SPACES = re.compile(r"[ \t\r\f\v]+")
@@ -125,7 +131,10 @@ def _load_from_hub(name: str, split: str, what: str):
 
 
 def load_text_dataset(
-    path_or_name: str | os.PathLike, split: str = "train", text_column: str = "text", min_chars: int = 0
+    path_or_name: str | os.PathLike,
+    split: str = "train",
+    text_column: str = "text",
+    min_chars: int = 0,
 ):
     """Any text dataset as a `datasets.Dataset` that has `text_column`, rows with fewer than
     `min_chars` characters (or no text) removed.
@@ -136,7 +145,11 @@ def load_text_dataset(
     """
     path = Path(path_or_name).expanduser()
     if path.is_dir():
-        found = [path / f"{split}{suffix}" for suffix in _BUILDERS if (path / f"{split}{suffix}").is_file()]
+        found = [
+            path / f"{split}{suffix}"
+            for suffix in _BUILDERS
+            if (path / f"{split}{suffix}").is_file()
+        ]
         if not found:
             raise FileNotFoundError(
                 f"no {split!r} split in {path}: expected one of {', '.join(split + s for s in _BUILDERS)}"
@@ -167,7 +180,9 @@ def _read_file(path: Path):
 
         return datasets.Dataset(pq.read_table(path))
     if suffix not in _BUILDERS:
-        raise ValueError(f"cannot read {path}: unknown file type {suffix!r}; use one of {list(_BUILDERS)}")
+        raise ValueError(
+            f"cannot read {path}: unknown file type {suffix!r}; use one of {list(_BUILDERS)}"
+        )
     return datasets.load_dataset(_BUILDERS[suffix], data_files=str(path), split="train")
 
 
@@ -234,7 +249,9 @@ def make_prompts(
     ids, decoded = [], []
     for token_ids in encoded["input_ids"]:
         k = lengths()
-        if len(token_ids) < k:  # a review shorter than k tokens: only possible with a tiny min_chars
+        if (
+            len(token_ids) < k
+        ):  # a review shorter than k tokens: only possible with a tiny min_chars
             continue
         ids.append(torch.tensor(token_ids[:k], dtype=torch.long))  # (P,)
         decoded.append(tokenizer.decode(token_ids[:k]))
@@ -244,7 +261,9 @@ def make_prompts(
 # -- SFT blocks ----------------------------------------------------------------------------------
 
 
-def pack_blocks(token_id_lists: Sequence[Sequence[int]], block_size: int, eos_token_id: int) -> torch.Tensor:
+def pack_blocks(
+    token_id_lists: Sequence[Sequence[int]], block_size: int, eos_token_id: int
+) -> torch.Tensor:
     """Concatenate documents, each followed by `eos_token_id`, and cut the stream into full
     blocks of `block_size` tokens (the tail that does not fill a block is dropped).
 
@@ -264,14 +283,18 @@ def pack_blocks(token_id_lists: Sequence[Sequence[int]], block_size: int, eos_to
             f"separators), fewer than one block of {block_size}: use more text or a "
             f"smaller block_size."
         )
-    return torch.tensor(stream[: n * block_size], dtype=torch.long).view(n, block_size)  # (N, block_size)
+    return torch.tensor(stream[: n * block_size], dtype=torch.long).view(
+        n, block_size
+    )  # (N, block_size)
 
 
 def cycle_batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
     """Endless batches of indices into n items: a seeded shuffle, cut into full batches (the rest
     of a pass is dropped), reshuffled for each pass."""
     if not 1 <= batch_size <= n:
-        raise ValueError(f"a batch of {batch_size} needs 1 to {n} items (there are {n}): use a smaller batch")
+        raise ValueError(
+            f"a batch of {batch_size} needs 1 to {n} items (there are {n}): use a smaller batch"
+        )
     generator = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(n, generator=generator).tolist()

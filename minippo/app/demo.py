@@ -19,7 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import distributed
-from ..checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check, check_device, check_fields, optional
+from ..checks import (
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    check,
+    check_device,
+    check_fields,
+    optional,
+)
 from ..fileio import write_text
 from ..lora import LoRAConfig
 from ..ppo import PPOConfig
@@ -45,7 +53,9 @@ CPU_PPO = dict(
 )
 # A KL ceiling of 12 nats per review: beta stays at CPU_PPO's until a batch's KL passes 12, then rises
 # (by up to 1.2 ** (64 / 200) a step of 64 samples: fast enough to act within a 50-step run).
-KL_CEILING_12 = dict(adap_kl_ctrl=True, target=12.0, horizon=200, min_kl_coef=CPU_PPO["init_kl_coef"])
+KL_CEILING_12 = dict(
+    adap_kl_ctrl=True, target=12.0, horizon=200, min_kl_coef=CPU_PPO["init_kl_coef"]
+)
 PRESETS: dict[str, dict] = {
     "cpu": {
         # Sized for 2 CPU cores (times: the README). A small KL coefficient and a high LoRA learning
@@ -66,7 +76,9 @@ PRESETS: dict[str, dict] = {
         # logit clipped at 4, and a KL ceiling of 12 nats (beta never below 0.1, above it when the KL
         # is over 12) keep the samples diverse and the KL bounded (README, "The demo's results").
         "ppo": dict(steps=60, eval_prompts=64, diversity_coef=3.0),
-        "ppo_config": dict(CPU_PPO, batch_size=64, mini_batch_size=64, score_clip=4.0, **KL_CEILING_12),
+        "ppo_config": dict(
+            CPU_PPO, batch_size=64, mini_batch_size=64, score_clip=4.0, **KL_CEILING_12
+        ),
         "lora": dict(r=16, alpha=32),
         "ppo_lora": dict(r=4, alpha=8),
         "reward": dict(),
@@ -74,7 +86,9 @@ PRESETS: dict[str, dict] = {
         "gradient_checkpointing": False,
     },
     "long": {
-        "sft": dict(max_steps=200, batch_size=8, block_size=128, learning_rate=2e-4, num_train_texts=2000),
+        "sft": dict(
+            max_steps=200, batch_size=8, block_size=128, learning_rate=2e-4, num_train_texts=2000
+        ),
         "ppo": dict(steps=200, eval_prompts=128),
         # CPU_PPO with 32 samples a step (4 updates an epoch), a lower learning rate and an adaptive KL
         "ppo_config": dict(
@@ -85,7 +99,12 @@ PRESETS: dict[str, dict] = {
     },
     "smoke": {
         "sft": dict(
-            max_steps=2, batch_size=2, block_size=64, num_train_texts=20, num_eval_blocks=2, warmup_steps=0
+            max_steps=2,
+            batch_size=2,
+            block_size=64,
+            num_train_texts=20,
+            num_eval_blocks=2,
+            warmup_steps=0,
         ),
         "ppo": dict(steps=2, eval_prompts=4, save_every=1),
         "ppo_config": dict(
@@ -139,7 +158,9 @@ class DemoConfig:
     def __post_init__(self):
         quant_load_kwargs(self.quant)
         check(
-            self, self.preset in PRESETS, f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}"
+            self,
+            self.preset in PRESETS,
+            f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}",
         )
         check_fields(self, optional(POSITIVE_INT), "sft_steps", "ppo_steps")
         check_fields(self, optional(NON_NEGATIVE), "diversity_coef")
@@ -167,7 +188,10 @@ def demo_stage_configs(config: DemoConfig, model_dir: str) -> dict:
     if config.sft_steps:
         sft["max_steps"] = config.sft_steps
     settings = dict(
-        preset["ppo_config"], seed=config.seed, device=config.device, gradient_checkpointing=checkpointing
+        preset["ppo_config"],
+        seed=config.seed,
+        device=config.device,
+        gradient_checkpointing=checkpointing,
     )
     if config.score_clip is not None:
         settings["score_clip"] = config.score_clip
@@ -231,7 +255,10 @@ def run_demo(config: DemoConfig) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     write_json(
         run / "config.json",
-        {"demo": dataclasses.asdict(config), **{k: dataclasses.asdict(v) for k, v in stages.items()}},
+        {
+            "demo": dataclasses.asdict(config),
+            **{k: dataclasses.asdict(v) for k, v in stages.items()},
+        },
     )
 
     summary: dict = {
@@ -244,7 +271,9 @@ def run_demo(config: DemoConfig) -> dict:
         t = time.perf_counter()
         summary["reward"] = train_reward(stages["reward"])["metrics"]
         seconds["reward"] = time.perf_counter() - t
-        print(f"demo: reward model validation accuracy {summary['reward']['validation_accuracy']:.3f}")
+        print(
+            f"demo: reward model validation accuracy {summary['reward']['validation_accuracy']:.3f}"
+        )
     for name, run_stage in (("sft", run_sft), ("merge", run_merge), ("ppo", run_ppo)):
         t = time.perf_counter()
         summary[name] = run_stage(stages[name])
@@ -371,7 +400,10 @@ def render_report(config: DemoConfig, summary: dict) -> str:
                         r["distinct_2"],
                         r["base_logp_per_token"],
                     ]
-                    for name, r, kl in (("before (merged SFT model)", b, 0.0), ("after PPO", a, a["kl_mean"]))
+                    for name, r, kl in (
+                        ("before (merged SFT model)", b, 0.0),
+                        ("after PPO", a, a["kl_mean"]),
+                    )
                 ],
             ),
             "",

@@ -61,7 +61,15 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ..checks import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, check, check_fields, one_of
+from ..checks import (
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    check,
+    check_fields,
+    one_of,
+)
 from ..core import HEAD_BLOCK, HEAD_ROWS
 from ..quant import int8_weight_and_scales
 
@@ -102,7 +110,12 @@ KNOWN_MODELS = {
         tie_word_embeddings=True,
     ),
     "gpt2": dict(
-        model_type="gpt2", n_embd=768, n_layer=12, vocab_size=50257, n_head=12, tie_word_embeddings=True
+        model_type="gpt2",
+        n_embd=768,
+        n_layer=12,
+        vocab_size=50257,
+        n_head=12,
+        tie_word_embeddings=True,
     ),
 }
 
@@ -219,14 +232,18 @@ class ModelShape:
     def count(self) -> tuple[int, int]:
         """(linear parameters in the blocks, all other parameters: embeddings, norms, lm_head)."""
         linear = self.layers * sum(i * o for i, o in self.linears().values())
-        other = self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
+        other = (
+            self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
+        )
         return linear, other
 
 
 def _config_shape(cfg: dict, source: str) -> ModelShape:
     """A transformers config.json (as a dict) -> ModelShape."""
     mt = cfg.get("model_type", "gpt_neox")
-    arch = {"gpt_neox": "gpt_neox", "gpt2": "gpt2"}.get(mt, "llama")  # llama-likes: mistral, qwen2...
+    arch = {"gpt_neox": "gpt_neox", "gpt2": "gpt2"}.get(
+        mt, "llama"
+    )  # llama-likes: mistral, qwen2...
     H = cfg.get("hidden_size", cfg.get("n_embd"))
     heads = cfg.get("num_attention_heads", cfg.get("n_head", max(1, H // 64)))
     return ModelShape(
@@ -340,9 +357,13 @@ def activation_bytes(config: PlanConfig, shape: ModelShape) -> int:
         per_block += sum(i for i, _ in shape.linears().values())
     logits = LOGIT_COPIES * 4 * shape.vocab + (act if act != 4 else 0) * shape.vocab  # per token
     held = 4 * shape.vocab  # the fp32 logits the caller holds through the backward, per token
-    if ppo:  # the fused head: a block of rows' logits and softmax (+ 3 x 16 rows); the (T, H) gradient
+    if (
+        ppo
+    ):  # the fused head: a block of rows' logits and softmax (+ 3 x 16 rows); the (T, H) gradient
         rows = min(config.batch_size * config.response_len, HEAD_BLOCK // shape.vocab)
-        logits = (rows * 2 * act + 3 * min(rows, HEAD_ROWS) * 4) * shape.vocab / tokens  # per token of L
+        logits = (
+            (rows * 2 * act + 3 * min(rows, HEAD_ROWS) * 4) * shape.vocab / tokens
+        )  # per token of L
         held = 4 * shape.hidden * config.response_len / config.seq_len
     if config.gradient_checkpointing:
         # Block inputs stay; the logits' gradient buffers are freed before the backward reaches
@@ -406,7 +427,11 @@ def _plan_parts(config: PlanConfig) -> Plan:
         how["weights"] = f"{_n(linear + other)} x {DTYPE_BYTES[config.dtype]} B ({config.dtype})"
 
     # 2. Trainable parameters: adapters (fp32) or, for full fine-tuning, the weights themselves.
-    lora = config.lora_r * shape.layers * sum(i + o for i, o in shape.adapted(config.lora_targets).values())
+    lora = (
+        config.lora_r
+        * shape.layers
+        * sum(i + o for i, o in shape.adapted(config.lora_targets).values())
+    )
     head = shape.hidden + 1
     trainable = (lora if config.lora_r else linear + other) + head
     if config.lora_r:
@@ -438,7 +463,9 @@ def _plan_parts(config: PlanConfig) -> Plan:
 
     total = sum(parts.values())
     budget = int(config.gpu_gib * GiB)
-    return Plan(config, shape, linear + other, trainable, parts, how, total, budget, total <= budget)
+    return Plan(
+        config, shape, linear + other, trainable, parts, how, total, budget, total <= budget
+    )
 
 
 def _n(count: float) -> str:
@@ -476,7 +503,9 @@ def format_plan(plan: Plan) -> str:
     if plan.alternatives:
         lines += ["", "| same step with | total GiB | total GB | fits |", "|---|---:|---:|---|"]
         for label, total, fits in plan.alternatives:
-            lines.append(f"| {label} | {total / GiB:.1f} | {total / 1e9:.1f} | {'yes' if fits else 'no'} |")
+            lines.append(
+                f"| {label} | {total / GiB:.1f} | {total / 1e9:.1f} | {'yes' if fits else 'no'} |"
+            )
     return "\n".join(lines)
 
 
@@ -558,7 +587,10 @@ def model_footprint_bytes(model: nn.Module) -> int:
         if isinstance(m, bnb.nn.Linear8bitLt):
             tensors.append(int8_weight_and_scales(m)[1])
         elif isinstance(m, bnb.nn.Linear4bit) and (state := m.weight.quant_state) is not None:
-            tensors += [state.absmax, state.code]  # block scales, code book; double quant: level 2's too
+            tensors += [
+                state.absmax,
+                state.code,
+            ]  # block scales, code book; double quant: level 2's too
             if state.nested:
                 tensors += [state.offset, state.state2.absmax, state.state2.code]
     sizes = {}

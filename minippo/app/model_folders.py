@@ -40,7 +40,9 @@ def hub_offline_mode() -> bool:
     from huggingface_hub import constants
 
     flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
-    return bool(constants.HF_HUB_OFFLINE) or any(f and f.upper() in ("1", "ON", "YES", "TRUE") for f in flags)
+    return bool(constants.HF_HUB_OFFLINE) or any(
+        f and f.upper() in ("1", "ON", "YES", "TRUE") for f in flags
+    )
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -69,7 +71,9 @@ def hub_snapshot(name: str, what: str = "model") -> str:
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
     try:
         if online and not any(f.endswith(".safetensors") for f in list_repo_files(name)):
-            patterns.append("*.bin")  # older repos (e.g. lvwerra/distilbert-imdb) ship only .bin weights
+            patterns.append(
+                "*.bin"
+            )  # older repos (e.g. lvwerra/distilbert-imdb) ship only .bin weights
         return snapshot_download(name, local_files_only=not online, allow_patterns=patterns)
     except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear message
         where = (
@@ -142,7 +146,9 @@ def convert_gguf(
         del config.quantization_config
     rope_theta = _rope_theta(config)
     if expected_rope_theta is not None and rope_theta != expected_rope_theta:
-        raise ValueError(f"{gguf_path.name}: RoPE base {rope_theta} != expected {expected_rope_theta}")
+        raise ValueError(
+            f"{gguf_path.name}: RoPE base {rope_theta} != expected {expected_rope_theta}"
+        )
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(gguf_model.state_dict(), strict=True)
     model.tie_weights()
@@ -198,7 +204,9 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model folder {path} has no config.json: is it a model folder?")
+            raise FileNotFoundError(
+                f"model folder {path} has no config.json: is it a model folder?"
+            )
         return str(path)
     if name.startswith((".", "/", "~")) or path.exists():
         raise FileNotFoundError(f"model path {name!r} does not exist (or is not a folder)")

@@ -35,7 +35,13 @@ from ..lora import LoRAConfig, add_lora, disable_adapters, merge_lora
 from ..ppo import PPOConfig, PPOTrainer, check_config
 from ..quant import load_model, resolve_dtype
 from .data import cycle_batches, load_imdb, make_prompts
-from .model_folders import DEFAULT_MODEL, check_context, load_tokenizer, quant_load_kwargs, resolve_model
+from .model_folders import (
+    DEFAULT_MODEL,
+    check_context,
+    load_tokenizer,
+    quant_load_kwargs,
+    resolve_model,
+)
 from .report import MetricsLog, distinct_n, markdown_table, repeated_ngram_share, write_json
 from .reward import RewardConfig, load_reward, train_reward
 
@@ -55,7 +61,9 @@ __all__ = [
 def run_reward(config: RewardConfig) -> dict:
     """`minippo reward`: train the TF-IDF sentiment reward (or check a HF classifier); print accuracy."""
     result = train_reward(config)
-    print(f"reward: validation accuracy {result['metrics']['validation_accuracy']:.4f} -> {result['path']}")
+    print(
+        f"reward: validation accuracy {result['metrics']['validation_accuracy']:.4f} -> {result['path']}"
+    )
     return result
 
 
@@ -120,9 +128,13 @@ def run_merge(config: MergeConfig) -> dict:
 
     base = resolve_model(config.base_model)
     tokenizer = load_tokenizer(base, padding_side="right")
-    model = load_model(base, load_in_8bit=config.from_8bit, dtype=config.dtype, device=config.device)
+    model = load_model(
+        base, load_in_8bit=config.from_8bit, dtype=config.dtype, device=config.device
+    )
     load_adapter(model, config.adapter)
-    ids, attn = (t.to(config.device) for t in _probe_batch(tokenizer, config.data_dir, config.probe_tokens))
+    ids, attn = (
+        t.to(config.device) for t in _probe_batch(tokenizer, config.data_dir, config.probe_tokens)
+    )
     with torch.no_grad():
         adapted = model(input_ids=ids, attention_mask=attn).logits.float()  # (B, L, V)
 
@@ -132,7 +144,9 @@ def run_merge(config: MergeConfig) -> dict:
 
     # Verify: the folder reloads in bare transformers and gives the adapted model's logits.
     reloaded = (
-        AutoModelForCausalLM.from_pretrained(out, dtype=resolve_dtype(config.dtype)).to(config.device).eval()
+        AutoModelForCausalLM.from_pretrained(out, dtype=resolve_dtype(config.dtype))
+        .to(config.device)
+        .eval()
     )
     with torch.no_grad():
         logits = reloaded(input_ids=ids, attention_mask=attn).logits.float()
@@ -246,7 +260,12 @@ def _decode_pairs(tokenizer, queries, responses) -> tuple[list[str], list[str]]:
 
 
 def evaluate_samples(
-    trainer: PPOTrainer, tokenizer, prompts: list[torch.Tensor], seed: int, adapters: bool = True, reward=None
+    trainer: PPOTrainer,
+    tokenizer,
+    prompts: list[torch.Tensor],
+    seed: int,
+    adapters: bool = True,
+    reward=None,
 ) -> dict:
     """Sample one response per prompt (fixed seed) with the adapters on or off; optionally score
     the reviews (prompt + response) with the reward's P(positive). The sampling seeds torch's global
@@ -266,20 +285,30 @@ def keep_best(rounds: list[dict]) -> dict:
     """Best-of-n over n rounds of per-prompt samples (dicts of lists indexed by prompt, with "probs"):
     for each prompt, every key's entry from the round of highest P(positive) (the first of equals)."""
     pick = [
-        max(range(len(rounds)), key=lambda k: rounds[k]["probs"][i]) for i in range(len(rounds[0]["probs"]))
+        max(range(len(rounds)), key=lambda k: rounds[k]["probs"][i])
+        for i in range(len(rounds[0]["probs"]))
     ]
     return {key: [rounds[k][key][i] for i, k in enumerate(pick)] for key in rounds[0]}
 
 
-def best_of_samples(trainer, tokenizer, prompts, seed: int, n: int, reward, adapters: bool = True) -> dict:
+def best_of_samples(
+    trainer, tokenizer, prompts, seed: int, n: int, reward, adapters: bool = True
+) -> dict:
     """Best-of-n: `evaluate_samples` with seeds seed ... seed + n - 1, kept by `keep_best`; n = 1 is
     `evaluate_samples` itself (no reward needed)."""
-    rounds = [evaluate_samples(trainer, tokenizer, prompts, seed + k, adapters, reward) for k in range(n)]
+    rounds = [
+        evaluate_samples(trainer, tokenizer, prompts, seed + k, adapters, reward) for k in range(n)
+    ]
     return keep_best(rounds) if n > 1 else rounds[0]
 
 
 def evaluate_policy(
-    trainer: PPOTrainer, tokenizer, reward, prompts: list[torch.Tensor], seed: int, adapters: bool = True
+    trainer: PPOTrainer,
+    tokenizer,
+    reward,
+    prompts: list[torch.Tensor],
+    seed: int,
+    adapters: bool = True,
 ) -> dict:
     """Mean P(positive) of sampled reviews and mean KL to the starting model (adapters off; 0 when
     sampling from it), with the samples themselves."""
@@ -315,7 +344,9 @@ def build_trainer(config: PPORunConfig):
     """Load the starting model (8-bit, 4-bit or float: `quant`), add a fresh adapter, and make the trainer."""
     model_dir = resolve_model(config.model)
     tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, **quant_load_kwargs(config.quant), dtype=config.dtype, device=config.device)
+    model = load_model(
+        model_dir, **quant_load_kwargs(config.quant), dtype=config.dtype, device=config.device
+    )
     torch.manual_seed(config.ppo.seed)  # the adapters' A matrices follow --seed
     add_lora(model, config.lora)
     ppo = config.ppo
@@ -347,9 +378,13 @@ def resume_metrics(trainer: PPOTrainer, checkpoint: Path, log: MetricsLog | None
         return trainer.current_step
     lines = log.path.read_text().splitlines(keepends=True) if log.path.exists() else []
     keep = [
-        line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= trainer.current_step
+        line
+        for line in lines
+        if line.endswith("\n") and json.loads(line)["step"] <= trainer.current_step
     ]
-    atomic_write(log.path, lambda tmp: Path(tmp).write_text("".join(keep)))  # a torn last line goes too
+    atomic_write(
+        log.path, lambda tmp: Path(tmp).write_text("".join(keep))
+    )  # a torn last line goes too
     print(f"ppo: resuming {checkpoint} at step {trainer.current_step}")
     return trainer.current_step
 
@@ -375,9 +410,13 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
 
     result = {"model": model_dir, "output_dir": str(out)}
     if eval_prompts and main:
-        before = evaluate_policy(trainer, tokenizer, reward, eval_prompts, config.eval_seed, adapters=False)
+        before = evaluate_policy(
+            trainer, tokenizer, reward, eval_prompts, config.eval_seed, adapters=False
+        )
         result["before"] = before
-        print(f"ppo: before training, held-out reviews score P(positive) {before['reward_prob_mean']:.3f}")
+        print(
+            f"ppo: before training, held-out reviews score P(positive) {before['reward_prob_mean']:.3f}"
+        )
 
     distributed.barrier()
     log = MetricsLog(out / "metrics.jsonl")
@@ -388,11 +427,16 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
     for _ in range(start):  # the prompt position: the batches the checkpoint's steps consumed
         next(batches)
     bar = tqdm(
-        range(start + 1, config.steps + 1), desc="ppo", disable=not (progress and main), dynamic_ncols=True
+        range(start + 1, config.steps + 1),
+        desc="ppo",
+        disable=not (progress and main),
+        dynamic_ncols=True,
     )
     t0 = time.perf_counter()
     for step in bar:
-        queries = [prompts[i] for i in next(batches)][share]  # every process takes its share of the batch
+        queries = [prompts[i] for i in next(batches)][
+            share
+        ]  # every process takes its share of the batch
         stats, samples = ppo_step(trainer, tokenizer, reward, queries, config.diversity_coef)
         stats.update({"step": step, "time/elapsed": time.perf_counter() - t0})
         if main:
@@ -428,12 +472,16 @@ def start_run_folder(config: PPORunConfig, out: Path, checkpoint: Path, main: bo
     return resume
 
 
-def finish_run(config: PPORunConfig, trainer, tokenizer, reward, eval_prompts, result: dict) -> None:
+def finish_run(
+    config: PPORunConfig, trainer, tokenizer, reward, eval_prompts, result: dict
+) -> None:
     """The adapter, the held-out evaluation after training, result.json; the tracker closed."""
     out = Path(config.output_dir)
     trainer.save(out / "adapter")
     if eval_prompts:
-        after = result["after"] = evaluate_policy(trainer, tokenizer, reward, eval_prompts, config.eval_seed)
+        after = result["after"] = evaluate_policy(
+            trainer, tokenizer, reward, eval_prompts, config.eval_seed
+        )
         print(
             f"ppo: after {config.steps} steps, held-out reviews score P(positive) "
             f"{after['reward_prob_mean']:.3f} (before {result['before']['reward_prob_mean']:.3f}), "
@@ -449,7 +497,9 @@ def ppo_prompts(config: PPORunConfig, tokenizer) -> tuple[list[torch.Tensor], li
     the held-out evaluation (none when eval_prompts is 0)."""
     cut = dict(min_tokens=config.prompt_min_tokens, max_tokens=config.prompt_max_tokens)
     n_train = max(config.steps * config.ppo.batch_size, 4 * config.ppo.batch_size)
-    train_texts = load_imdb("train", config.data_dir, limit=2 * n_train, seed=config.ppo.seed)["text"]
+    train_texts = load_imdb("train", config.data_dir, limit=2 * n_train, seed=config.ppo.seed)[
+        "text"
+    ]
     prompts, _ = make_prompts(train_texts, tokenizer, **cut, seed=config.ppo.seed, limit=n_train)
     if len(prompts) < config.ppo.batch_size:
         raise ValueError(
@@ -483,8 +533,13 @@ def ppo_step(
     stats = trainer.step(queries, responses, scores)
     stats.update({"time/generate": t_gen, "time/score": t_score})
     stats["env/reward_prob_mean"] = distributed.all_reduce(probs.float().mean(), "mean").item()
-    stats["env/distinct_1"], stats["env/distinct_2"] = distinct_n(responses, 1), distinct_n(responses, 2)
-    stats["env/repeated_bigrams"] = distributed.all_reduce(repeated.mean().to(trainer.device), "mean").item()
+    stats["env/distinct_1"], stats["env/distinct_2"] = (
+        distinct_n(responses, 1),
+        distinct_n(responses, 2),
+    )
+    stats["env/repeated_bigrams"] = distributed.all_reduce(
+        repeated.mean().to(trainer.device), "mean"
+    ).item()
     return stats, list(zip(q_text, r_text))
 
 
@@ -550,7 +605,9 @@ def run_generate(config: GenerateConfig) -> dict:
     if config.adapter:
         load_adapter(model, config.adapter)
     else:
-        add_lora(model, LoRAConfig())  # a zero adapter: identical to the base, lets the trainer sample
+        add_lora(
+            model, LoRAConfig()
+        )  # a zero adapter: identical to the base, lets the trainer sample
     ppo_config = PPOConfig(
         batch_size=1,
         mini_batch_size=1,
@@ -561,15 +618,22 @@ def run_generate(config: GenerateConfig) -> dict:
     )
     trainer = PPOTrainer(ppo_config, model, tokenizer)
     if config.prompts:
-        prompts = [torch.tensor(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in config.prompts]
+        prompts = [
+            torch.tensor(tokenizer(p, add_special_tokens=False)["input_ids"])
+            for p in config.prompts
+        ]
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt: every --prompts text needs at least one token")
     else:
-        texts = load_imdb("test", config.data_dir, limit=4 * config.num_prompts, seed=config.seed)["text"]
+        texts = load_imdb("test", config.data_dir, limit=4 * config.num_prompts, seed=config.seed)[
+            "text"
+        ]
         prompts, _ = make_prompts(texts, tokenizer, seed=config.seed, limit=config.num_prompts)
     longest = max(len(p) for p in prompts)
     fix = "shorten the prompt or max_new_tokens"
-    check_context(model, longest + config.max_new_tokens, f"a prompt of {longest} tokens + the new ones", fix)
+    check_context(
+        model, longest + config.max_new_tokens, f"a prompt of {longest} tokens + the new ones", fix
+    )
     reward = load_reward(config.reward) if config.reward else None
     sample = functools.partial(
         best_of_samples, trainer, tokenizer, prompts, config.seed, config.best_of, reward

@@ -55,7 +55,11 @@ def cpu_flags() -> str:
         flags = []
     have = [f for f in wanted if f in flags] or ["(none of " + ", ".join(wanted) + ")"]
     setting = os.environ.get(CPU_BF16_ENV)
-    override = f" ({CPU_BF16_ENV}={setting}: native bf16 taken as {cpu_bf16_is_native()})" if setting else ""
+    override = (
+        f" ({CPU_BF16_ENV}={setting}: native bf16 taken as {cpu_bf16_is_native()})"
+        if setting
+        else ""
+    )
     return f"{' '.join(have)}; torch capability {torch.backends.cpu.get_cpu_capability()}{override}"
 
 
@@ -64,9 +68,8 @@ def machine_description(device: str = "cpu") -> str:
     and the GPU on CUDA (house rule: every published time names its machine)."""
     import torch
 
-    where = (
-        f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; flags {cpu_flags()}"
-    )
+    threads = torch.get_num_threads()
+    where = f"{cpu_name()}, {os.cpu_count()} cores, {threads} torch threads; flags {cpu_flags()}"
     if str(device).startswith("cuda") and torch.cuda.is_available():
         where += f"; GPU {torch.cuda.get_device_name(torch.device(device))}"
     return where

@@ -146,7 +146,9 @@ class TfidfSentiment(_Scorer):
         clf = LogisticRegression(C=C, solver="liblinear", max_iter=1000)
         clf.fit(features, np.asarray(labels))
         if list(clf.classes_) != [0, 1]:
-            raise ValueError(f"labels must be 0 (negative) and 1 (positive), got {list(clf.classes_)}")
+            raise ValueError(
+                f"labels must be 0 (negative) and 1 (positive), got {list(clf.classes_)}"
+            )
         return vectorizer, clf
 
     @classmethod
@@ -215,7 +217,9 @@ class TfidfSentiment(_Scorer):
         w = tf * self.idf[c]
         norm = np.sqrt(np.bincount(r, weights=w * w, minlength=len(texts)))  # (B,)
         w = w / np.where(norm > 0, norm, 1.0)[r]
-        return np.bincount(r, weights=w * self.coef[c], minlength=len(texts)) + self.intercept  # (B,)
+        return (
+            np.bincount(r, weights=w * self.coef[c], minlength=len(texts)) + self.intercept
+        )  # (B,)
 
     def class_logits(self, texts: Sequence[str]) -> torch.Tensor:
         """log P(positive) / P(negative), (B,) float64."""
@@ -291,7 +295,9 @@ class TfidfSentiment(_Scorer):
 _POSITIVE_NAMES = ("positive", "pos", "label_1")
 
 
-def find_positive_index(id2label: dict, num_labels: int, positive_label: str | int | None = None) -> int:
+def find_positive_index(
+    id2label: dict, num_labels: int, positive_label: str | int | None = None
+) -> int:
     """The index of the positive class: `positive_label` (a label name or index) when given, else
     the label named POSITIVE / pos / LABEL_1 (any case), else index 1 of two, else 0 of one."""
     labels = {int(i): str(name) for i, name in (id2label or {}).items()}
@@ -299,19 +305,25 @@ def find_positive_index(id2label: dict, num_labels: int, positive_label: str | i
         if isinstance(positive_label, int) or str(positive_label).isdigit():
             index = int(positive_label)
             if not 0 <= index < num_labels:
-                raise ValueError(f"positive_label index {index} out of range for {num_labels} labels")
+                raise ValueError(
+                    f"positive_label index {index} out of range for {num_labels} labels"
+                )
             return index
         for i, name in labels.items():
             if name == positive_label:
                 return i
-        raise ValueError(f"positive_label {positive_label!r} is not one of the model's labels {labels}")
+        raise ValueError(
+            f"positive_label {positive_label!r} is not one of the model's labels {labels}"
+        )
     for wanted in _POSITIVE_NAMES:
         for i, name in labels.items():
             if name.lower() == wanted:
                 return i
     if num_labels in (1, 2):
         return num_labels - 1
-    raise ValueError(f"cannot tell which of the labels {labels} is positive: pass positive_label=...")
+    raise ValueError(
+        f"cannot tell which of the labels {labels} is positive: pass positive_label=..."
+    )
 
 
 class HFSentiment(_Scorer):
@@ -335,10 +347,16 @@ class HFSentiment(_Scorer):
         self.kind = _check_kind(kind)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.name_or_path, self.batch_size, self.device = str(name_or_path), batch_size, torch.device(device)
+        self.name_or_path, self.batch_size, self.device = (
+            str(name_or_path),
+            batch_size,
+            torch.device(device),
+        )
         folder = resolve_model(name_or_path)
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModelForSequenceClassification.from_pretrained(folder).to(self.device).eval()
+        self.model = (
+            AutoModelForSequenceClassification.from_pretrained(folder).to(self.device).eval()
+        )
         if self.tokenizer.pad_token is None:
             ensure_pad_token(self.tokenizer)
         if self.model.config.pad_token_id is None:
@@ -346,7 +364,9 @@ class HFSentiment(_Scorer):
         positions = getattr(self.model.config, "max_position_embeddings", None) or max_length
         self.max_length = min(max_length, self.tokenizer.model_max_length, positions)
         self.num_labels = self.model.config.num_labels
-        self.positive_index = find_positive_index(self.model.config.id2label, self.num_labels, positive_label)
+        self.positive_index = find_positive_index(
+            self.model.config.id2label, self.num_labels, positive_label
+        )
         self._inputs = set(inspect.signature(self.model.forward).parameters)
 
     @torch.no_grad()
@@ -397,7 +417,11 @@ def load_reward(
         if json.loads(config.read_text()).get("type") == TFIDF_TYPE:
             return TfidfSentiment.load(path, kind=kind)
         return HFSentiment(
-            path, positive_label=positive_label, kind=kind or "logit", device=device, batch_size=batch_size
+            path,
+            positive_label=positive_label,
+            kind=kind or "logit",
+            device=device,
+            batch_size=batch_size,
         )
     if path.is_dir():
         raise FileNotFoundError(

@@ -103,10 +103,18 @@ class SFTConfig:
             self.quant = "none"
         quant_load_kwargs(self.quant)
         self.load_in_8bit = self.quant == "8bit"
-        positive = "max_steps", "batch_size", "grad_accum_steps", "num_train_texts", "eval_batch_size"
+        positive = (
+            "max_steps",
+            "batch_size",
+            "grad_accum_steps",
+            "num_train_texts",
+            "eval_batch_size",
+        )
         check_fields(self, POSITIVE_INT, *positive, "log_every")
         check_fields(self, (lambda v: v >= 2, "at least 2"), "block_size")
-        check_fields(self, NON_NEGATIVE, "warmup_steps", "num_eval_blocks", "weight_decay", "max_grad_norm")
+        check_fields(
+            self, NON_NEGATIVE, "warmup_steps", "num_eval_blocks", "weight_decay", "max_grad_norm"
+        )
         check_fields(self, NON_NEGATIVE, "save_every")
         check_fields(self, POSITIVE, "learning_rate")
         check(
@@ -156,7 +164,9 @@ def evaluate_lm(model, blocks: torch.Tensor, batch_size: int, device) -> float:
         n = batch.numel() - batch.shape[0]  # predicted tokens: L - 1 per block
         total, count = total + loss.item() * n, count + n
     model.train(was_training)
-    total, count = distributed.all_reduce(torch.tensor([total, count], dtype=torch.float64, device=device))
+    total, count = distributed.all_reduce(
+        torch.tensor([total, count], dtype=torch.float64, device=device)
+    )
     return (total / count.clamp(min=1)).item()
 
 
@@ -198,10 +208,14 @@ def run_sft(config: SFTConfig) -> dict:
     trainable, total = count_parameters(model)
 
     # 2. Data: packed train and validation blocks.
-    train_texts = load_imdb("train", config.data_dir, limit=config.num_train_texts, seed=config.seed)["text"]
+    train_texts = load_imdb(
+        "train", config.data_dir, limit=config.num_train_texts, seed=config.seed
+    )["text"]
     train = review_blocks(train_texts, tokenizer, config.block_size)  # (N, L)
     val = eval_blocks(tokenizer, config) if config.num_eval_blocks else None  # (N_val, L)
-    metrics = dict(model=model_dir, trainable_params=trainable, total_params=total, train_blocks=len(train))
+    metrics = dict(
+        model=model_dir, trainable_params=trainable, total_params=total, train_blocks=len(train)
+    )
     metrics["block_size"] = config.block_size
 
     # 3. Validation loss before training (LoRA B = 0: the base model).
@@ -247,11 +261,15 @@ def load_sft_model(config: SFTConfig, device: torch.device):
     tokenizer (right padding) and folder."""
     model_dir = resolve_model(config.model)
     tokenizer = load_tokenizer(model_dir, padding_side="right")
-    model = load_model(model_dir, **quant_load_kwargs(config.quant), dtype=config.dtype, device=device)
+    model = load_model(
+        model_dir, **quant_load_kwargs(config.quant), dtype=config.dtype, device=device
+    )
     checkpointing = config.gradient_checkpointing
     checkpointing = config.quant != "none" if checkpointing is None else checkpointing
     prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
-    check_context(model, config.block_size, "block_size", f"use --block-size {context_window(model)} or less")
+    check_context(
+        model, config.block_size, "block_size", f"use --block-size {context_window(model)} or less"
+    )
     add_lora(model, config.lora)
     return model, tokenizer, model_dir
 
@@ -266,10 +284,16 @@ def train_lm(
     params = [p for p in model.parameters() if p.requires_grad]
     distributed.broadcast_parameters(params)  # every process starts from rank 0's adapter
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, config.max_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(config.warmup_steps, config.max_steps)
+    )
     rank, world = distributed.rank(), distributed.world_size()
-    micro = config.batch_size // config.grad_accum_steps // world  # blocks per forward on this process
-    batches = cycle_batches(len(blocks), micro * world, config.seed)  # the same global stream everywhere
+    micro = (
+        config.batch_size // config.grad_accum_steps // world
+    )  # blocks per forward on this process
+    batches = cycle_batches(
+        len(blocks), micro * world, config.seed
+    )  # the same global stream everywhere
     if config.resume and (checkpoint / "trainer_state.json").exists():
         loss_log[:] = load_checkpoint(checkpoint, config, model, optimizer, scheduler)
         for _ in range(len(loss_log) * config.grad_accum_steps):
@@ -289,7 +313,9 @@ def train_lm(
                 loss = model(input_ids=batch, labels=batch, use_cache=False).loss
                 (loss / config.grad_accum_steps).backward()
                 step_loss += loss.detach() / config.grad_accum_steps
-            distributed.all_reduce_grads(params, "mean")  # before clipping: clip the global gradient
+            distributed.all_reduce_grads(
+                params, "mean"
+            )  # before clipping: clip the global gradient
             step_loss = distributed.all_reduce(step_loss, "mean").item()
             if config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -308,7 +334,14 @@ def train_lm(
 
 
 # SFTConfig fields a run may be resumed under with another value (the new one applies).
-RESUMABLE_CHANGES = ("resume", "save_every", "log_every", "max_steps", "num_eval_blocks", "eval_batch_size")
+RESUMABLE_CHANGES = (
+    "resume",
+    "save_every",
+    "log_every",
+    "max_steps",
+    "num_eval_blocks",
+    "eval_batch_size",
+)
 RESUMABLE_CHANGES += ("data_dir",)
 
 
@@ -326,7 +359,9 @@ def save_checkpoint(folder: Path, config, model, optimizer, scheduler, loss_log)
 def load_checkpoint(folder: Path, config, model, optimizer, scheduler) -> list:
     """Restore what `save_checkpoint` wrote (refusing another config); returns the loss log."""
     state = json.loads((folder / "trainer_state.json").read_text())
-    check_config(state["config"], dataclasses.asdict(config), RESUMABLE_CHANGES, f"SFT checkpoint {folder}")
+    check_config(
+        state["config"], dataclasses.asdict(config), RESUMABLE_CHANGES, f"SFT checkpoint {folder}"
+    )
     load_adapter(model, folder)
     load = lambda name: torch.load(folder / name, map_location="cpu", weights_only=True)  # noqa: E731
     optimizer.load_state_dict(load("optimizer.pt"))
@@ -337,7 +372,9 @@ def load_checkpoint(folder: Path, config, model, optimizer, scheduler) -> list:
 
 def _available(device: str) -> torch.device:
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} asked for, but torch sees no CUDA GPU: use --device cpu")
+        raise RuntimeError(
+            f"device {device!r} asked for, but torch sees no CUDA GPU: use --device cpu"
+        )
     return torch.device(device)
 
 

@@ -23,12 +23,16 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 def run_probe(setting: str) -> tuple[str, int]:
     env = {"MINIPPO_KEEP_FREED_MEMORY": setting, "OMP_NUM_THREADS": "1", "PATH": ""}
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True
+    )
     did, faults = out.stdout.split()
     return did, int(faults)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings: Linux only")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="glibc malloc settings: Linux only"
+)
 def test_freed_memory_is_reused_instead_of_faulted_in_again():
     """With the settings a freed 256 MiB block is reused: almost no page faults after the first; with
     glibc's defaults ($MINIPPO_KEEP_FREED_MEMORY=0) each of the seven blocks faults its 65,536 pages in."""

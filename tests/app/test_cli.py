@@ -40,7 +40,9 @@ def test_defaults_and_overrides_round_trip():
     assert parse_config(ToyConfig, []) == ToyConfig()
     argv = "--steps 3 --lr 0.5 --name x --no-eight-bit --targets a b c --kind logit".split()
     cfg = parse_config(ToyConfig, argv)
-    assert cfg == ToyConfig(steps=3, lr=0.5, name="x", eight_bit=False, targets=["a", "b", "c"], kind="logit")
+    assert cfg == ToyConfig(
+        steps=3, lr=0.5, name="x", eight_bit=False, targets=["a", "b", "c"], kind="logit"
+    )
 
 
 @pytest.mark.parametrize("spelling", ["None", "none", "null"])
@@ -54,7 +56,15 @@ def test_help_lists_every_field_with_its_doc_and_default(capsys):
         parse_config(ToyConfig, ["--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for flag in ("--steps", "--lr", "--name", "--eight-bit", "--no-eight-bit", "--targets", "--kind"):
+    for flag in (
+        "--steps",
+        "--lr",
+        "--name",
+        "--eight-bit",
+        "--no-eight-bit",
+        "--targets",
+        "--kind",
+    ):
         assert flag in text
     assert "How many steps to run. (default: 10)" in text
 
@@ -76,13 +86,18 @@ def test_nested_lora_flags_old_and_new_spelling(cls):
         "q_proj",
         "v_proj",
     ]
-    assert parse_config(cls, ["--lora.target-modules", "all-linear"]).lora.target_modules == "all-linear"
+    assert (
+        parse_config(cls, ["--lora.target-modules", "all-linear"]).lora.target_modules
+        == "all-linear"
+    )
     assert parse_config(cls, ["--no-lora-use-rslora"]).lora.use_rslora is False
     assert parse_config(cls, []).lora == cls().lora  # the outer default, not LoRAConfig's own
 
 
 def test_ppo_settings_keep_trl_flag_names():
-    cfg = parse_config(PPORunConfig, "--learning-rate 1e-3 --batch-size 8 --mini-batch-size 4".split())
+    cfg = parse_config(
+        PPORunConfig, "--learning-rate 1e-3 --batch-size 8 --mini-batch-size 4".split()
+    )
     assert (cfg.ppo.learning_rate, cfg.ppo.batch_size, cfg.ppo.mini_batch_size) == (1e-3, 8, 4)
     assert parse_config(PPORunConfig, ["--max-grad-norm", "none"]).ppo.max_grad_norm is None
     assert cfg.lora == LoRAConfig(r=16, alpha=32, dropout=0.0)

@@ -25,7 +25,9 @@ def test_clean_review_removes_br_and_collapses_whitespace():
         clean_review("  Good.<br /><br />Very   good.<br/>Ten\n out<BR>of ten.  ")
         == "Good. Very good. Ten out of ten."
     )
-    assert clean_review("Good.<br /><br />Very   good.", keep_paragraphs=True) == "Good.\nVery good."
+    assert (
+        clean_review("Good.<br /><br />Very   good.", keep_paragraphs=True) == "Good.\nVery good."
+    )
     assert "<br" not in clean_review(REVIEW).lower()
 
 

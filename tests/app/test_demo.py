@@ -14,7 +14,10 @@ from minippo.app.report import cpu_name
 @pytest.mark.slow
 def test_demo_smoke_preset_on_the_embedded_model(tmp_path, imdb_dir):
     run = tmp_path / "demo"
-    assert main(["demo", "--preset", "smoke", "--output-dir", str(run), "--data-dir", str(imdb_dir)]) == 0
+    assert (
+        main(["demo", "--preset", "smoke", "--output-dir", str(run), "--data-dir", str(imdb_dir)])
+        == 0
+    )
     for name in (
         "config.json",
         "report.md",
@@ -31,12 +34,16 @@ def test_demo_smoke_preset_on_the_embedded_model(tmp_path, imdb_dir):
     assert 0.0 <= summary["ppo"]["after"]["reward_prob_mean"] <= 1.0
     report = (run / "report.md").read_text()
     assert "before (merged SFT model)" in report and "## Samples" in report
-    assert f"on {cpu_name()}, " in report and "torch capability" in report  # the time names its machine
+    assert (
+        f"on {cpu_name()}, " in report and "torch capability" in report
+    )  # the time names its machine
 
 
 def test_presets_resolve_into_valid_stage_configs(tmp_path):
     for preset in PRESETS:
-        stages = demo_stage_configs(DemoConfig(preset=preset, output_dir=str(tmp_path)), "some-model")
+        stages = demo_stage_configs(
+            DemoConfig(preset=preset, output_dir=str(tmp_path)), "some-model"
+        )
         assert stages["ppo"].model == str(tmp_path / "merged")
         assert stages["merge"].adapter == str(tmp_path / "sft" / "adapter")
         assert stages["ppo"].ppo.batch_size % stages["ppo"].ppo.mini_batch_size == 0
@@ -45,7 +52,9 @@ def test_presets_resolve_into_valid_stage_configs(tmp_path):
 def test_a_preset_can_give_ppo_its_own_adapter_size(tmp_path, monkeypatch):
     preset = dict(PRESETS["smoke"], lora=dict(r=16, alpha=32), ppo_lora=dict(r=4, alpha=8))
     monkeypatch.setitem(PRESETS, "two-sizes", preset)
-    stages = demo_stage_configs(DemoConfig(preset="two-sizes", output_dir=str(tmp_path)), "some-model")
+    stages = demo_stage_configs(
+        DemoConfig(preset="two-sizes", output_dir=str(tmp_path)), "some-model"
+    )
     assert (stages["sft"].lora.r, stages["sft"].lora.alpha) == (16, 32)
     assert (stages["ppo"].lora.r, stages["ppo"].lora.alpha) == (4, 8)
     stages = demo_stage_configs(DemoConfig(preset="smoke", output_dir=str(tmp_path)), "some-model")
@@ -59,7 +68,10 @@ def test_unknown_preset_is_a_clear_error():
 
 def test_demo_passes_resume_and_gradient_checkpointing_to_its_stages(tmp_path):
     cpu = demo_stage_configs(DemoConfig(preset="cpu", output_dir=str(tmp_path)), "some-model")
-    assert cpu["sft"].gradient_checkpointing is False and cpu["ppo"].ppo.gradient_checkpointing is False
+    assert (
+        cpu["sft"].gradient_checkpointing is False
+        and cpu["ppo"].ppo.gradient_checkpointing is False
+    )
     assert not cpu["sft"].resume and not cpu["ppo"].resume
     config = DemoConfig(preset="smoke", output_dir=str(tmp_path), resume=True)
     smoke = demo_stage_configs(config, "some-model")
@@ -71,7 +83,9 @@ def test_demo_passes_resume_and_gradient_checkpointing_to_its_stages(tmp_path):
 
 
 def test_demo_overrides_the_presets_steps_and_diversity_penalty(tmp_path):
-    base = demo_stage_configs(DemoConfig(preset="cpu", output_dir=str(tmp_path)), "some-model")["ppo"]
+    base = demo_stage_configs(DemoConfig(preset="cpu", output_dir=str(tmp_path)), "some-model")[
+        "ppo"
+    ]
     config = DemoConfig(preset="cpu", output_dir=str(tmp_path), ppo_steps=90, diversity_coef=1.0)
     ppo = demo_stage_configs(config, "some-model")["ppo"]
     assert (ppo.steps, ppo.diversity_coef) == (90, 1.0)

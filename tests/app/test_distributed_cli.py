@@ -19,7 +19,10 @@ REPO = Path(__file__).resolve().parents[2]
 def test_torchrun_ppo_writes_one_run_folder(tmp_path, tiny_model_dir, imdb_dir):
     data = ["--data-dir", str(imdb_dir)]
     reward = str(tmp_path / "reward")
-    assert main(["reward", *data, "--output-dir", reward, "--num-train", "200", "--num-eval", "100"]) == 0
+    assert (
+        main(["reward", *data, "--output-dir", reward, "--num-train", "200", "--num-eval", "100"])
+        == 0
+    )
     work = tmp_path / "work"  # the launch's working folder: nothing may appear here but runs/ppo
     work.mkdir()
     ppo = ["ppo", *data, "--model", tiny_model_dir, "--reward", reward, "--output-dir", "runs/ppo"]
@@ -29,7 +32,12 @@ def test_torchrun_ppo_writes_one_run_folder(tmp_path, tiny_model_dir, imdb_dir):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     run = subprocess.run(
-        [*launch, "-m", "minippo", *ppo], cwd=work, env=env, capture_output=True, text=True, timeout=600
+        [*launch, "-m", "minippo", *ppo],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
 

@@ -71,7 +71,9 @@ def test_the_penalty_keeps_a_collapsing_policy_diverse(tokenizer):
             batch_size=16, mini_batch_size=8, ppo_epochs=2, learning_rate=3e-2, temperature=1.0,
             min_new_tokens=8, max_new_tokens=8, init_kl_coef=0.01, adap_kl_ctrl=False, score_clip=3.0, seed=0,
         )  # fmt: skip
-        trainer = PPOTrainer(config, add_lora(model, LoRAConfig(target_modules="all-linear")), tokenizer)
+        trainer = PPOTrainer(
+            config, add_lora(model, LoRAConfig(target_modules="all-linear")), tokenizer
+        )
         reward = LikedTokens(trainer)
         queries = [torch.tensor(tokenizer(PROMPTS[i % 4])["input_ids"]) for i in range(16)]
         return [ppo_step(trainer, tokenizer, reward, queries, coef)[0] for _ in range(30)]

@@ -16,7 +16,9 @@ def make_demo_line(root: Path) -> str:
     shutil.copy(REPO / "Makefile", repo / "Makefile")
     for name in ("setup.cfg", "pyproject.toml"):  # the venv's prerequisites
         (repo / name).touch()
-    out = subprocess.run(["make", "-n", "demo"], cwd=repo, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["make", "-n", "demo"], cwd=repo, capture_output=True, text=True, check=True
+    ).stdout
     (line,) = [line for line in out.splitlines() if "minippo demo" in line]
     return line
 
@@ -47,4 +49,6 @@ def test_an_empty_imdb_dir_loads_the_hub_dataset(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     with pytest.raises(ConnectionError, match="stop before downloading"):
         data.load_imdb("validation")
-    assert calls == [("stanfordnlp/imdb", "train")]  # validation is held out of the hub's train split
+    assert calls == [
+        ("stanfordnlp/imdb", "train")
+    ]  # validation is held out of the hub's train split

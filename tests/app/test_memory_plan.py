@@ -33,7 +33,10 @@ from minippo.quant import quantize_model
 TOL = 0.15
 TARGETS = {  # the planner's target sets, as module names of each architecture
     "gpt_neox": {"qkv": ["query_key_value"], "attention": ["query_key_value", "attention.dense"]},
-    "llama": {"qkv": ["q_proj", "k_proj", "v_proj"], "attention": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+    "llama": {
+        "qkv": ["q_proj", "k_proj", "v_proj"],
+        "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    },
 }
 
 
@@ -80,9 +83,9 @@ def test_20b_in_bf16_does_not_fit_24gb_but_int8_with_adapters_does():
     assert int8.parts["gradients"] + int8.parts["optimiser state"] < GiB
     # Full fine-tuning in bf16 with Adam is the classic 16 bytes a parameter.
     full = plan_memory(PlanConfig(params=20e9, dtype="bf16", lora_r=0))
-    assert full.parts["weights"] + full.parts["gradients"] + full.parts["optimiser state"] == pytest.approx(
-        16 * 20e9, rel=0.01
-    )
+    assert full.parts["weights"] + full.parts["gradients"] + full.parts[
+        "optimiser state"
+    ] == pytest.approx(16 * 20e9, rel=0.01)
     text = format_plan(int8)
     assert "fits in 24 GiB: yes" in text and "| bf16 weights + LoRA |" in text
     assert f"data parallel on N GPUs (torchrun): {int8.total / GiB:.2f} GiB per GPU" in text
@@ -94,7 +97,13 @@ def test_known_and_folder_shapes(tmp_path):
     model = build("llama", hidden=64, layers=2, vocab=500)
     (tmp_path / "config.json").write_text(json.dumps(model.config.to_dict()))
     shape = model_shape(PlanConfig(model=str(tmp_path)))
-    assert (shape.arch, shape.hidden, shape.layers, shape.vocab, shape.tied) == ("llama", 64, 2, 500, True)
+    assert (shape.arch, shape.hidden, shape.layers, shape.vocab, shape.tied) == (
+        "llama",
+        64,
+        2,
+        500,
+        True,
+    )
     counted = plan_memory(PlanConfig(model=str(tmp_path))).params
     assert counted == sum(p.numel() for p in model.parameters())
 
@@ -142,7 +151,9 @@ def test_int8_weight_bytes_match_the_footprint(hidden, vocab):
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_nf4_weight_bytes_match_the_footprint(hidden, vocab, double_quant):
     """4-bit NF4 layers (bitsandbytes Linear4bit), the rest fp32: the planner within 1%."""
-    model = quantize_model(build("gpt_neox", hidden=hidden, vocab=vocab), bits=4, double_quant=double_quant)
+    model = quantize_model(
+        build("gpt_neox", hidden=hidden, vocab=vocab), bits=4, double_quant=double_quant
+    )
     plan = plan_for(model, quant="4bit", double_quant=double_quant, compute_dtype="fp32")
     assert close(plan.parts["weights"], model_footprint_bytes(model), tol=0.01)
 
@@ -167,7 +178,12 @@ def test_reproduces_qloras_published_footprints(size, published_gb):
     Guanaco 33B 21 GB (LLaMA in 4-bit NF4 with LoRA r=64 on every linear layer). The planner's
     weights + adapters for the same setup must be within 15% (it predicts 37.7 and 19.3 GB)."""
     config = PlanConfig(
-        quant="4bit", arch="llama", vocab_size=32000, lora_r=64, lora_targets="all-linear", **LLAMA[size]
+        quant="4bit",
+        arch="llama",
+        vocab_size=32000,
+        lora_r=64,
+        lora_targets="all-linear",
+        **LLAMA[size],
     )
     plan = plan_memory(config)
     assert plan.params == pytest.approx(float(size[:-1]) * 1e9, rel=0.05)
@@ -198,15 +214,23 @@ def test_largest_model_that_fits_24_gib():
     with pytest.raises(ValueError, match="how big"):
         plan_memory(config)
     largest = {
-        (q, s): largest_fitting(config, q, s) for q in ("none", "8bit", "4bit") for s in ("sft", "ppo")
+        (q, s): largest_fitting(config, q, s)
+        for q in ("none", "8bit", "4bit")
+        for s in ("sft", "ppo")
     }
     for (quant, step), plan in largest.items():
         assert plan.fits and plan.total > 0.98 * plan.budget  # at the edge: it uses the GPU
         checkpointing = TRAINER_CHECKPOINTING[step][quant]
-        bigger = replace(config, params=1.02 * plan.params, quant=quant, gradient_checkpointing=checkpointing)
+        bigger = replace(
+            config, params=1.02 * plan.params, quant=quant, gradient_checkpointing=checkpointing
+        )
         assert not plan_memory(bigger).fits
     for step in ("sft", "ppo"):
-        assert largest["none", step].params < largest["8bit", step].params < largest["4bit", step].params
+        assert (
+            largest["none", step].params
+            < largest["8bit", step].params
+            < largest["4bit", step].params
+        )
     assert largest["8bit", "ppo"].params > 20e9  # the blog: 20B in 8-bit on 24 GB
     assert largest["4bit", "ppo"].params > 35e9
 
@@ -308,7 +332,10 @@ def test_cuda_forward_backward_peak_matches_the_plan():
     gc.collect()
     torch.manual_seed(0)
     model = build("gpt_neox", hidden=512, layers=4, vocab=8000).cuda()
-    add_lora(model, LoRAConfig(r=16, alpha=32, dropout=0.05, target_modules=TARGETS["gpt_neox"]["attention"]))
+    add_lora(
+        model,
+        LoRAConfig(r=16, alpha=32, dropout=0.05, target_modules=TARGETS["gpt_neox"]["attention"]),
+    )
     model.train()
     head = torch.nn.Linear(512, 1).cuda()
     batch, seq_len = 8, 128
@@ -316,7 +343,11 @@ def test_cuda_forward_backward_peak_matches_the_plan():
 
     def forward_backward():
         out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
-        logprobs = torch.log_softmax(out.logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        logprobs = (
+            torch.log_softmax(out.logits[:, :-1].float(), -1)
+            .gather(-1, ids[:, 1:, None])
+            .squeeze(-1)
+        )
         values = head(out.hidden_states[-1].float()).squeeze(-1)
         (-logprobs.mean() + values.pow(2).mean()).backward()
 
@@ -365,7 +396,9 @@ def measure_ppo_micro_step(model, batch, prompt_len, response_len, checkpointing
     head over the response positions, clipped losses, backward), as `PPOTrainer.step` runs it."""
     from minippo.ppo import PPOConfig, PPOTrainer
 
-    config = PPOConfig(batch_size=batch, mini_batch_size=batch, gradient_checkpointing=checkpointing)
+    config = PPOConfig(
+        batch_size=batch, mini_batch_size=batch, gradient_checkpointing=checkpointing
+    )
     trainer = PPOTrainer(config, model)
     vocab = model.config.vocab_size
     queries = [torch.randint(3, vocab, (prompt_len - i,)) for i in range(batch)]  # left padding

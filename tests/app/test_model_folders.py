@@ -95,7 +95,9 @@ def test_convert_embedded_smollm2_and_load_with_plain_transformers(monkeypatch, 
     monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
     folder = resolve_model(DEFAULT_MODEL)
     assert folder == str(tmp_path / "models" / models.EMBEDDED_NAME)
-    assert [p.name for p in (tmp_path / "models").iterdir()] == [models.EMBEDDED_NAME]  # no temp left
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [
+        models.EMBEDDED_NAME
+    ]  # no temp left
     info = json.loads((tmp_path / "models" / models.EMBEDDED_NAME / "minippo.json").read_text())
     assert info["pad_token"] == "<|endoftext|>" and info["rope_theta"] == 100000.0
 

@@ -54,7 +54,16 @@ def run(tmp_path_factory, imdb_dir):
     data = ["--data-dir", str(imdb_dir)]
     assert (
         main(
-            ["reward", *data, "--output-dir", str(root / "reward"), "--num-train", "400", "--num-eval", "200"]
+            [
+                "reward",
+                *data,
+                "--output-dir",
+                str(root / "reward"),
+                "--num-train",
+                "400",
+                "--num-eval",
+                "200",
+            ]
         )
         == 0
     )
@@ -181,7 +190,11 @@ def test_ppo_step_writes_metrics_checkpoints_and_result(run):
         assert not missing, f"metrics.jsonl lacks {sorted(missing)}"
     for folder in ("adapter", "checkpoint"):
         files = {p.name for p in (run / "ppo" / folder).iterdir()}
-        assert {"adapter_config.json", "adapter_model.safetensors", "value_head.safetensors"} <= files
+        assert {
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "value_head.safetensors",
+        } <= files
     result = json.loads((run / "ppo" / "result.json").read_text())
     assert 0.0 <= result["before"]["reward_prob_mean"] <= 1.0
     assert len(result["after"]["responses"]) == 4
@@ -219,7 +232,9 @@ def test_generate_best_of_n_keeps_each_prompts_highest_scored_sample(run):
         assert (probs.max(0).values > probs.min(0).values).any()  # the seeds sampled differently
         pick = probs.argmax(0)
         assert best[column]["probs"] == pytest.approx(probs.max(0).values.tolist(), abs=1e-6)
-        assert best[column]["responses"] == [singles[k][column]["responses"][i] for i, k in enumerate(pick)]
+        assert best[column]["responses"] == [
+            singles[k][column]["responses"][i] for i, k in enumerate(pick)
+        ]
     with pytest.raises(ValueError, match="needs a --reward"):
         GenerateConfig(**(common | {"reward": None}), best_of=2)
 
@@ -269,9 +284,18 @@ def test_bad_input_gives_a_message_not_a_traceback(tmp_path, capsys, tiny_model_
     with pytest.raises(SystemExit):
         main(["ppo", "--steps", "0"])
     assert "steps must be a positive integer" in capsys.readouterr().err
-    ppo = ["ppo", "--model", tiny_model_dir, "--reward", str(tmp_path / "no-reward"), "--output-dir"]
+    ppo = [
+        "ppo",
+        "--model",
+        tiny_model_dir,
+        "--reward",
+        str(tmp_path / "no-reward"),
+        "--output-dir",
+    ]
     with pytest.MonkeyPatch.context() as patch:  # the reward is checked before the model loads
-        patch.setattr("minippo.app.pipeline.build_trainer", lambda config: pytest.fail("model loaded"))
+        patch.setattr(
+            "minippo.app.pipeline.build_trainer", lambda config: pytest.fail("model loaded")
+        )
         assert main([*ppo, str(tmp_path / "p")]) == 2
     assert "train one with `minippo reward" in capsys.readouterr().err
 
@@ -346,8 +370,26 @@ def test_the_three_steps_on_cuda(tmp_path, imdb_dir, quant):
         "100",
     ]
     assert main(reward) == 0
-    sft = ["sft", *data, "--model", model, "--output-dir", str(tmp_path / "sft"), "--max-steps", "2"]
-    sft += ["--batch-size", "2", "--block-size", "32", "--num-train-texts", "20", "--num-eval-blocks", "2"]
+    sft = [
+        "sft",
+        *data,
+        "--model",
+        model,
+        "--output-dir",
+        str(tmp_path / "sft"),
+        "--max-steps",
+        "2",
+    ]
+    sft += [
+        "--batch-size",
+        "2",
+        "--block-size",
+        "32",
+        "--num-train-texts",
+        "20",
+        "--num-eval-blocks",
+        "2",
+    ]
     assert main([*sft, *cuda, *small]) == 0
     merge = ["merge", *data, "--base-model", model, "--adapter", str(tmp_path / "sft" / "adapter")]
     assert main([*merge, "--output-dir", str(tmp_path / "merged"), "--device", "cuda"]) == 0
@@ -364,5 +406,7 @@ def test_the_three_steps_on_cuda(tmp_path, imdb_dir, quant):
     ]
     ppo += ["--eval-prompts", "4", "--min-new-tokens", "3", "--max-new-tokens", "5"]
     assert main([*ppo, *cuda, *small]) == 0
-    rows = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["objective/kl"])) for r in rows)

@@ -18,7 +18,9 @@ def test_quant_field_defaults_to_8bit_and_keeps_load_in_8bit_working(cls):
     assert (cls(quant="4bit").quant, cls(quant="4bit").load_in_8bit) == ("4bit", False)
     assert cls(load_in_8bit=False).quant == "none"  # the older spelling of --quant none
     assert cls(quant="none").load_in_8bit is False
-    with pytest.raises(ValueError, match=r"quant must be one of \['4bit', '8bit', 'none'\], got 'int4'"):
+    with pytest.raises(
+        ValueError, match=r"quant must be one of \['4bit', '8bit', 'none'\], got 'int4'"
+    ):
         cls(quant="int4")
 
 

@@ -16,7 +16,9 @@ def test_distinct_n_by_hand():
     assert distinct_n([[5, 6, 7]], 2) == 1.0
     assert distinct_n([[5]], 2) == 0.0  # no bigram at all
     tensors = [torch.tensor(s) for s in seqs]  # token tensors, as generate() returns them
-    assert distinct_n(tensors, 1) == distinct_n(seqs, 1) and distinct_n(tensors, 2) == distinct_n(seqs, 2)
+    assert distinct_n(tensors, 1) == distinct_n(seqs, 1) and distinct_n(tensors, 2) == distinct_n(
+        seqs, 2
+    )
 
 
 def test_repeated_ngram_share_by_hand():
@@ -27,7 +29,10 @@ def test_repeated_ngram_share_by_hand():
     assert repeated_ngram_share(seqs, 1) == [0.8, 1.0, 0.0, 0.0]  # tokens 1 and 2 recur
     assert repeated_ngram_share([torch.tensor(s) for s in seqs], 2) == repeated_ngram_share(seqs, 2)
     # its mean weighs each sequence alike; 1 - distinct-2 counts every n-gram alike
-    assert distinct_n([[1, 2], [1, 2]], 2) == 0.5 and repeated_ngram_share([[1, 2], [1, 2]]) == [1.0, 1.0]
+    assert distinct_n([[1, 2], [1, 2]], 2) == 0.5 and repeated_ngram_share([[1, 2], [1, 2]]) == [
+        1.0,
+        1.0,
+    ]
 
 
 def test_metrics_log_appends_and_reads(tmp_path):
@@ -50,8 +55,12 @@ def test_kl_regularised_optimum_is_the_best_trade_of_score_against_kl():
     beta = 0.5
     w, kl = kl_regularised_optimum(scores, beta)
     value = (w * scores).sum(1) - beta * kl
-    assert torch.allclose(value, beta * torch.logsumexp(scores.double() / beta, 1) - beta * math.log(n))
-    other = torch.rand(200, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 1e-3
+    assert torch.allclose(
+        value, beta * torch.logsumexp(scores.double() / beta, 1) - beta * math.log(n)
+    )
+    other = (
+        torch.rand(200, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 1e-3
+    )
     other = other / other.sum(1, keepdim=True)  # 200 other weightings of the n samples
     for row in range(2):
         other_kl = (other * torch.log(n * other)).sum(1)
@@ -71,7 +80,9 @@ def test_machine_description_names_the_cpu_and_the_compute_path(monkeypatch):
     from minippo.app.report import cpu_flags, cpu_name, machine_description
 
     where = machine_description("cpu")
-    assert where.startswith(f"{cpu_name()}, ") and f"{torch.get_num_threads()} torch threads" in where
+    assert (
+        where.startswith(f"{cpu_name()}, ") and f"{torch.get_num_threads()} torch threads" in where
+    )
     assert "torch capability" in where and "MINIPPO_CPU_BF16" not in where
     monkeypatch.setenv("MINIPPO_CPU_BF16", "0")
     assert cpu_flags().endswith("(MINIPPO_CPU_BF16=0: native bf16 taken as False)")

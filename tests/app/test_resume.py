@@ -64,7 +64,9 @@ def cli(args, tmp_path, kill=False):
 def tensors(folder):
     out = load_file(folder / "adapter_model.safetensors")
     if (folder / "value_head.safetensors").exists():
-        out.update({f"value_head.{k}": v for k, v in load_file(folder / "value_head.safetensors").items()})
+        out.update(
+            {f"value_head.{k}": v for k, v in load_file(folder / "value_head.safetensors").items()}
+        )
     return out
 
 
@@ -91,9 +93,27 @@ def reward_dir(tmp_path_factory, imdb_dir):
 def ppo_args(model, reward, data, out):
     return [
         "ppo",
-        *("--model", model, "--reward", str(reward), "--data-dir", str(data), "--output-dir", str(out)),
+        *(
+            "--model",
+            model,
+            "--reward",
+            str(reward),
+            "--data-dir",
+            str(data),
+            "--output-dir",
+            str(out),
+        ),
         *("--steps", "6", "--save-every", "1", "--eval-prompts", "2", "--batch-size", "4"),
-        *("--mini-batch-size", "2", "--ppo-epochs", "2", "--min-new-tokens", "3", "--max-new-tokens", "5"),
+        *(
+            "--mini-batch-size",
+            "2",
+            "--ppo-epochs",
+            "2",
+            "--min-new-tokens",
+            "3",
+            "--max-new-tokens",
+            "5",
+        ),
         *("--lora-r", "4", "--learning-rate", "1e-2"),
     ]
 
@@ -109,7 +129,9 @@ def test_ppo_resume_after_sigkill_is_bit_identical(tmp_path, tiny_model_dir, imd
     cli([*ppo_args(tiny_model_dir, reward_dir, imdb_dir, interrupted), "--resume"], tmp_path)
     assert_bit_identical(tensors(straight / "adapter"), tensors(interrupted / "adapter"))
     rows = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
-    straight_rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    straight_rows = [
+        json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
     assert untimed(rows) == untimed(straight_rows)
 
@@ -121,19 +143,42 @@ def test_ppo_resume_refuses_another_config(tmp_path, tiny_model_dir, imdb_dir, r
     args[args.index("--steps") + 1] = "2"  # a checkpoint at step 1
     assert main([*args, "--no-load-in-8bit", "--eval-prompts", "0"]) == 0
     capsys.readouterr()
-    assert main([*args, "--no-load-in-8bit", "--eval-prompts", "0", "--cliprange", "0.3", "--resume"]) == 2
+    assert (
+        main([*args, "--no-load-in-8bit", "--eval-prompts", "0", "--cliprange", "0.3", "--resume"])
+        == 2
+    )
     assert "cliprange: 0.2 in the checkpoint, 0.3 now" in capsys.readouterr().err
     assert main([*args, "--eval-prompts", "0", "--prompt-max-tokens", "7", "--resume"]) == 2
     err = capsys.readouterr().err
-    assert "load_in_8bit: False in the checkpoint, True now" in err and "prompt_max_tokens: 8" in err
+    assert (
+        "load_in_8bit: False in the checkpoint, True now" in err and "prompt_max_tokens: 8" in err
+    )
 
 
 def sft_args(model, data, out):
     return [
         "sft",
         *("--model", model, "--data-dir", str(data), "--output-dir", str(out), "--max-steps", "6"),
-        *("--save-every", "1", "--batch-size", "2", "--block-size", "32", "--num-train-texts", "20"),
-        *("--num-eval-blocks", "2", "--lora-r", "4", "--lora-dropout", "0.1", "--learning-rate", "1e-2"),
+        *(
+            "--save-every",
+            "1",
+            "--batch-size",
+            "2",
+            "--block-size",
+            "32",
+            "--num-train-texts",
+            "20",
+        ),
+        *(
+            "--num-eval-blocks",
+            "2",
+            "--lora-r",
+            "4",
+            "--lora-dropout",
+            "0.1",
+            "--learning-rate",
+            "1e-2",
+        ),
     ]
 
 
@@ -165,11 +210,18 @@ def seeded_run(tmp_path, name, model, reward, data, seed, eval_prompts):
         load_in_8bit=False,
         lora=pipeline.LoRAConfig(r=4, alpha=8),
         ppo=pipeline.PPOConfig(
-            batch_size=4, mini_batch_size=2, ppo_epochs=1, min_new_tokens=3, max_new_tokens=4, seed=seed
+            batch_size=4,
+            mini_batch_size=2,
+            ppo_epochs=1,
+            min_new_tokens=3,
+            max_new_tokens=4,
+            seed=seed,
         ),
     )
     pipeline.run_ppo(config, progress=False)
-    rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    ]
     return tensors(tmp_path / name / "adapter"), untimed(rows)
 
 
@@ -178,11 +230,17 @@ def test_seeds_mean_what_they_say(tmp_path, tiny_model_dir, imdb_dir, reward_dir
     seed and leaves the training stream alone); another seed gives other adapters and other samples."""
     from minippo.app import pipeline
 
-    a, rows_a = seeded_run(tmp_path, "a", tiny_model_dir, reward_dir, imdb_dir, seed=0, eval_prompts=4)
-    b, rows_b = seeded_run(tmp_path, "b", tiny_model_dir, reward_dir, imdb_dir, seed=0, eval_prompts=0)
+    a, rows_a = seeded_run(
+        tmp_path, "a", tiny_model_dir, reward_dir, imdb_dir, seed=0, eval_prompts=4
+    )
+    b, rows_b = seeded_run(
+        tmp_path, "b", tiny_model_dir, reward_dir, imdb_dir, seed=0, eval_prompts=0
+    )
     assert_bit_identical(a, b)
     assert rows_a == rows_b
-    c, rows_c = seeded_run(tmp_path, "c", tiny_model_dir, reward_dir, imdb_dir, seed=1, eval_prompts=0)
+    c, rows_c = seeded_run(
+        tmp_path, "c", tiny_model_dir, reward_dir, imdb_dir, seed=1, eval_prompts=0
+    )
     assert rows_c != rows_a  # other samples
     # the adapters' initial A matrices follow the seed
     config = lambda seed: pipeline.PPORunConfig(
@@ -211,7 +269,12 @@ def test_reward_prob_mean_is_the_classifiers_probability(tmp_path, tiny_model_di
 
     classifier = DistilBertForSequenceClassification(
         DistilBertConfig(
-            vocab_size=384, dim=32, hidden_dim=64, n_layers=1, n_heads=2, id2label={0: "NEG", 1: "POS"}
+            vocab_size=384,
+            dim=32,
+            hidden_dim=64,
+            n_layers=1,
+            n_heads=2,
+            id2label={0: "NEG", 1: "POS"},
         )
     )
     with torch.no_grad():
@@ -233,6 +296,10 @@ def test_reward_prob_mean_is_the_classifiers_probability(tmp_path, tiny_model_di
         ),
     )
     pipeline.run_ppo(config, progress=False)
-    (row,) = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    assert row["env/reward_mean"] == pytest.approx(0.0, abs=1e-6)  # the positive logit is the reward
+    (row,) = [
+        json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert row["env/reward_mean"] == pytest.approx(
+        0.0, abs=1e-6
+    )  # the positive logit is the reward
     assert row["env/reward_prob_mean"] == pytest.approx(1 / (1 + torch.e**2), abs=1e-6)

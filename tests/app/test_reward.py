@@ -60,7 +60,10 @@ def test_accuracy_clearly_above_chance(imdb_small, fitted):
 
 def test_kind_prob_and_logit(fitted):
     *_, reward = fitted
-    texts = ["A wonderful, moving film. Brilliant acting.", "Awful. A waste of time, boring and bad."]
+    texts = [
+        "A wonderful, moving film. Brilliant acting.",
+        "Awful. A waste of time, boring and bad.",
+    ]
     logits = reward.logit(texts)
     reward.kind = "prob"
     assert torch.allclose(reward(texts), torch.sigmoid(logits))
@@ -80,7 +83,9 @@ def test_save_load_round_trip_is_plain_data(tmp_path, imdb_small, fitted):
     assert files == ["config.json", "vocabulary.json", "weights.safetensors"]
     for name in ("config.json", "vocabulary.json"):
         json.loads((tmp_path / "rw" / name).read_text())
-    with open(tmp_path / "rw" / "weights.safetensors", "rb") as f:  # a safetensors header, no pickle
+    with open(
+        tmp_path / "rw" / "weights.safetensors", "rb"
+    ) as f:  # a safetensors header, no pickle
         header_len = int.from_bytes(f.read(8), "little")
         assert set(json.loads(f.read(header_len))) >= {"idf", "coef", "intercept"}
     loaded = load_reward(tmp_path / "rw")
@@ -105,7 +110,9 @@ def test_load_rejects_other_folders(tmp_path):
 def test_train_reward_step(tmp_path, imdb_dir):
     out = tmp_path / "reward"
     result = train_reward(
-        RewardConfig(data_dir=str(imdb_dir), output_dir=str(out), num_train=2000, num_eval=300, min_df=2)
+        RewardConfig(
+            data_dir=str(imdb_dir), output_dir=str(out), num_train=2000, num_eval=300, min_df=2
+        )
     )
     m = result["metrics"]
     assert result["path"] == str(out)
@@ -148,7 +155,13 @@ def _save_classifier(path, arch="distilbert", id2label=None):
     if arch == "distilbert":
         model = DistilBertForSequenceClassification(
             DistilBertConfig(
-                dim=32, n_layers=1, n_heads=2, hidden_dim=64, dropout=0.0, seq_classif_dropout=0.0, **common
+                dim=32,
+                n_layers=1,
+                n_heads=2,
+                hidden_dim=64,
+                dropout=0.0,
+                seq_classif_dropout=0.0,
+                **common,
             )
         )
     else:
@@ -185,8 +198,12 @@ def test_hf_sentiment_truncates_to_the_model_context(tmp_path):
 def test_hf_sentiment_scores_positive_class(tmp_path, arch):
     model, tok = _save_classifier(tmp_path, arch)
     with torch.no_grad():  # one text at a time, no padding: the reference
-        ref = torch.cat([model(input_ids=torch.tensor([tok(t)["input_ids"]])).logits for t in TEXTS])
-    reward = load_reward(tmp_path, batch_size=2)  # HF default kind: the raw logit (the blog's reward)
+        ref = torch.cat(
+            [model(input_ids=torch.tensor([tok(t)["input_ids"]])).logits for t in TEXTS]
+        )
+    reward = load_reward(
+        tmp_path, batch_size=2
+    )  # HF default kind: the raw logit (the blog's reward)
     assert isinstance(reward, HFSentiment) and reward.kind == "logit" and reward.positive_index == 1
     scores = reward(TEXTS)
     assert scores.shape == (3,) and scores.dtype == torch.float32
