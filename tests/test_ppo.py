@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny import field_docs, tiny_model
 
-from minippo import fast
+from minippo import fast as fast_path
 from minippo.core import kl_penalty
 from minippo.lora import LoRAConfig, add_lora, lora_state_dict
 from minippo.policy import PolicyWithValueHead
@@ -36,7 +36,7 @@ def lora_model(arch, tokenizer, int8=False, head_scale=1.0, seed=0, dtype=torch.
     if int8:
         quantize_model(model)
         if int8 == "bf16 embeddings":  # as load_model(fast=True) stores them where bf16 is native
-            fast.enable(model, embeddings_dtype=torch.bfloat16)
+            fast_path.enable(model, embeddings_dtype=torch.bfloat16)
         prepare_model_for_kbit_training(model)
     return add_lora(model, LoRAConfig(target_modules="all-linear"))
 
