@@ -23,8 +23,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import compat
 from .checks import BOOL, FRACTION, POSITIVE, POSITIVE_INT, check_fields, one_of
-from .quant import dequantize_4bit, dequantize_8bit, pin_kbit_layers, resolve_dtype
+from .quant import dequantize_4bit, dequantize_8bit, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -261,9 +262,9 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Mod
 
 
 def add_lora(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
-    """Wrap the target layers of `model` in `LoRALayer`s, freeze all else (a wrapper's value head too:
-    unfreeze it afterwards) and `pin_kbit_layers`, in place.  Keeps the resolved config as
-    `model.lora_config` for `save_adapter`.  Returns `model`."""
+    """Wrap the target layers of `model` in `LoRALayer`s and freeze all else (a wrapper's value head too:
+    unfreeze it afterwards), in place; the base layers keep the function they compute. Keeps the resolved
+    config as `model.lora_config` for `save_adapter`.  Returns `model`."""
     config = config or LoRAConfig()
     if next(lora_layers(model), None) is not None:
         raise ValueError(
@@ -282,7 +283,15 @@ def add_lora(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
             module, config.r, config.alpha, config.dropout, config.use_rslora, config.init
         )
         model.set_submodule(name, layer.train(module.training))
-    pin_kbit_layers(model)
+    if repacked := compat.keep_4bit_layers_unpacked(model):
+        logger.warning(
+            "add_lora: %d Linear4bit layer(s) (e.g. %s) were repacked by bitsandbytes' AVX512-BF16 CPU "
+            "kernel, which passes no gradient to its input: adapters below them will not learn. Load "
+            "with minippo.load_model, or call minippo.compat.keep_4bit_layers_unpacked(model) before "
+            "the first forward",
+            len(repacked),
+            repacked[0],
+        )
     resolved = resolve_target_modules(model, config)
     if resolved == "all-linear":  # saved as the names it expanded to, as peft does
         resolved = sorted({n.rsplit(".", 1)[-1] for n, _ in found})
@@ -380,5 +389,5 @@ def merge_lora(model: nn.Module, dtype: torch.dtype | str = torch.float32) -> nn
         lm.tie_weights()
     config = getattr(lm, "config", None)
     if config is not None:
-        setattr(config, "dtype" if hasattr(config, "dtype") else "torch_dtype", dtype)
+        compat.set_config_dtype(config, dtype)
     return model

@@ -305,3 +305,63 @@ def test_adapter_gradients_are_those_of_two_linear_layers(out_features):
         (layer.lora_B.weight.grad, b.grad),
     ):
         torch.testing.assert_close(ours, reference)  # float32 tolerances
+
+
+# -- the base is the base -----------------------------------------------------------------------
+def save_tiny_llama_64(path):
+    """A tiny llama whose layer sizes are multiples of 64: bitsandbytes' AVX512-BF16 4-bit CPU kernel,
+    which a forward without gradients switches to, needs them."""
+    from tiny import tiny_tokenizer
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer()),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("fast_path", [False, True])
+def test_add_lora_and_disable_adapters_keep_the_base_bit_for_bit(tmp_path, bits, fast_path):
+    """A model loaded by transformers with BitsAndBytesConfig computes, with adapters added and switched
+    off, the logits it computed before, bit for bit: on the plain path, and on the fast path switched on
+    (`minippo.fast.enable`) before the first logits."""
+    import transformers
+
+    from minippo import fast
+    from minippo.fast.int8 import int8_matmul_is_native
+
+    if fast_path and bits == 8 and not int8_matmul_is_native("cpu"):
+        pytest.skip("the fast int8 layers need VNNI or AMX")
+    folder = save_tiny_llama_64(tmp_path / "tiny")
+    options = {"load_in_8bit": True} if bits == 8 else {"load_in_4bit": True}
+    if bits == 4:
+        options["bnb_4bit_compute_dtype"] = torch.float32
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder,
+        quantization_config=transformers.BitsAndBytesConfig(**options),
+        device_map={"": "cpu"},
+        dtype=torch.float32,
+    )
+    if fast_path:
+        fast.enable(model)
+    ids = torch.randint(3, 300, (2, 11))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    add_lora(model, LoRAConfig(target_modules="all-linear"))
+    randomise_adapters(model)
+    with torch.no_grad(), disable_adapters(model):
+        assert torch.equal(model(input_ids=ids).logits, want)
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=ids).logits, want)  # the adapters are on again

@@ -10,11 +10,12 @@ import pytest
 import torch
 from tiny import field_docs, tiny_model
 
+from minippo import fast as fast_path
 from minippo.core import kl_penalty
 from minippo.lora import LoRAConfig, add_lora, lora_state_dict
 from minippo.policy import PolicyWithValueHead
 from minippo.ppo import FAST_MARKER, PPOCallback, PPOConfig, PPOTrainer
-from minippo.quant import prepare_model_for_kbit_training, quantize_model, store_embeddings_in
+from minippo.quant import prepare_model_for_kbit_training, quantize_model
 
 PROMPTS = ["This movie", "A wonderful, moving picture with a", "Boring and", "The best film of"]
 
@@ -34,8 +35,8 @@ def lora_model(arch, tokenizer, int8=False, head_scale=1.0, seed=0, dtype=torch.
             model.get_output_embeddings().weight.mul_(head_scale)
     if int8:
         quantize_model(model)
-        if int8 == "bf16 embeddings":  # as load_model stores them on a CPU with native bf16
-            store_embeddings_in(model, torch.bfloat16)
+        if int8 == "bf16 embeddings":  # as load_model(fast=True) stores them where bf16 is native
+            fast_path.enable(model, embeddings_dtype=torch.bfloat16)
         prepare_model_for_kbit_training(model)
     return add_lora(model, LoRAConfig(target_modules="all-linear"))
 

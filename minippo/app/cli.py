@@ -19,7 +19,7 @@ from typing import Any
 import tyro
 from tyro.constructors import ConstructorRegistry, PrimitiveConstructorSpec
 
-from minippo.app.allocator import retain_freed_memory
+from minippo.app.model_folders import fast_is_on
 
 _REGISTRY = ConstructorRegistry()
 
@@ -144,7 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cls, flags, prog=f"minippo {name}", description=(cls.__doc__ or help_text).strip()
     )
     try:
-        retain_freed_memory()  # glibc: reuse freed blocks instead of page-faulting them in every step
+        if fast_is_on(getattr(config, "fast", "off"), getattr(config, "device", None) or "cpu"):
+            from minippo.fast.allocator import retain_freed_memory
+
+            retain_freed_memory()  # glibc: reuse freed blocks instead of page-faulting them each step
         run(config)
     except KeyboardInterrupt:
         print(

@@ -26,12 +26,13 @@ from ..checks import (
     check,
     check_device,
     check_fields,
+    one_of,
     optional,
 )
 from ..fileio import write_text
 from ..lora import LoRAConfig
 from ..ppo import PPOConfig
-from .model_folders import DEFAULT_MODEL, quant_load_kwargs, resolve_model
+from .model_folders import DEFAULT_MODEL, FAST_MODES, quant_load_kwargs, resolve_model
 from .pipeline import MergeConfig, PPORunConfig, run_merge, run_ppo
 from .report import MetricsLog, machine_description, markdown_table, plot_lines, write_json
 from .reward import RewardConfig, train_reward
@@ -150,6 +151,9 @@ class DemoConfig:
     """Seed of every stage."""
     quant: str = "8bit"
     """Base model's Linear layers in SFT and PPO: "8bit" (the blog's), "4bit" (NF4, QLoRA) or "none"."""
+    fast: str = "auto"
+    """`minippo.fast` in SFT and PPO (faster modules, each tested against the plain ones): "on", "off", or
+    "auto" (on a CPU with native bf16 or int8 matmuls, or CUDA)."""
     gradient_checkpointing: bool | None = None
     """Recompute activations in SFT and PPO backward passes; None: the preset's choice (off for cpu),
     else on for the 8-bit models."""
@@ -158,6 +162,7 @@ class DemoConfig:
 
     def __post_init__(self):
         quant_load_kwargs(self.quant)
+        check_fields(self, one_of(*FAST_MODES), "fast")
         check(
             self,
             self.preset in PRESETS,
@@ -181,6 +186,7 @@ def demo_stage_configs(config: DemoConfig, model_dir: str) -> dict:
         output_dir=str(run / "sft"),
         device=config.device,
         quant=config.quant,
+        fast=config.fast,
         seed=config.seed,
         lora=dataclasses.replace(SFTConfig().lora, **preset["lora"]),
         gradient_checkpointing=checkpointing,
@@ -204,6 +210,7 @@ def demo_stage_configs(config: DemoConfig, model_dir: str) -> dict:
         reward=config.reward or str(run / "reward"),
         output_dir=str(run / "ppo"),
         quant=config.quant,
+        fast=config.fast,
         lora=LoRAConfig(**preset.get("ppo_lora", preset["lora"])),
         ppo=ppo_config,
         resume=config.resume,

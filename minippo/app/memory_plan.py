@@ -33,7 +33,7 @@ gradients that must flow back to the lowest adapter):
 
 plus the logits: four fp32 (B, L, V) tensors are alive at the peak (logits, log-softmax and two
 gradient buffers) in a plain causal-LM loss. minippo's PPO trainer holds none: it takes the T response
-positions' log-probs from the hidden states a block of rows at a time (`core.logprobs_from_hidden`:
+positions' log-probs from the hidden states a block of rows at a time (`minippo.fast`'s LM head:
 a block's logits and softmax, 2**26 logits on a GPU, and three fp32 temporaries of 16 rows) and
 keeps a (T, H) fp32 gradient. With gradient
 checkpointing only each block's input (H per token) is kept, and the peak is the larger of the
@@ -71,7 +71,7 @@ from ..checks import (
     check_fields,
     one_of,
 )
-from ..core import HEAD_BLOCK, HEAD_ROWS
+from ..fast.head import HEAD_BLOCK, HEAD_ROWS
 from ..quant import int8_weight_and_scales
 
 GiB = 2**30

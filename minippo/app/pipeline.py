@@ -37,7 +37,9 @@ from ..quant import load_model, resolve_dtype
 from .data import cycle_batches, load_imdb, make_prompts
 from .model_folders import (
     DEFAULT_MODEL,
+    FAST_MODES,
     check_context,
+    fast_is_on,
     load_tokenizer,
     quant_load_kwargs,
     resolve_model,
@@ -196,6 +198,9 @@ class PPORunConfig:
     dtype: str = "auto"
     """dtype of the model's float parameters (embeddings, norms, LM head); "auto": the compute dtype
     that `minippo.quant.auto_compute_dtype` picks for this device and quantisation."""
+    fast: str = "auto"
+    """`minippo.fast` (faster modules, each tested against the plain ones): "on", "off", or "auto" (on a
+    CPU with native bf16 or int8 matmuls, or CUDA)."""
     prompt_min_tokens: int = 2
     """Prompts are train reviews cut to k tokens, k drawn from [prompt_min_tokens, prompt_max_tokens)."""
     prompt_max_tokens: int = 8
@@ -233,6 +238,7 @@ class PPORunConfig:
             self.quant = "none"
         quant_load_kwargs(self.quant)
         self.load_in_8bit = self.quant == "8bit"
+        check_fields(self, one_of(*FAST_MODES), "fast")
         check_fields(self, one_of("logit", "prob"), "reward_kind")
         check_fields(self, POSITIVE_INT, "steps", "prompt_min_tokens")
         check_fields(self, NON_NEGATIVE_INT, "save_every", "eval_prompts", "log_samples")
@@ -345,7 +351,11 @@ def build_trainer(config: PPORunConfig):
     model_dir = resolve_model(config.model)
     tokenizer = load_tokenizer(model_dir)
     model = load_model(
-        model_dir, **quant_load_kwargs(config.quant), dtype=config.dtype, device=config.device
+        model_dir,
+        **quant_load_kwargs(config.quant),
+        dtype=config.dtype,
+        device=config.device,
+        fast=fast_is_on(config.fast, config.device),
     )
     torch.manual_seed(config.ppo.seed)  # the adapters' A matrices follow --seed
     add_lora(model, config.lora)
