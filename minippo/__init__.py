@@ -29,7 +29,7 @@ from .core import (  # noqa: E402
 )
 from .lora import LoRAConfig, add_lora, disable_adapters, merge_lora, use_adapter  # noqa: E402
 from .policy import PolicyWithValueHead  # noqa: E402
-from .ppo import PPOConfig, PPOTrainer  # noqa: E402
+from .ppo import PPOCallback, PPOConfig, PPOTrainer  # noqa: E402
 from .quant import load_model, prepare_model_for_kbit_training, quantize_model  # noqa: E402
 from .rollout import RolloutBuffer  # noqa: E402
 
@@ -44,6 +44,6 @@ __all__ = [
     "compute_gae", "kl_penalty", "kl_penalized_rewards", "policy_loss", "value_loss",
     "AdaptiveKLController", "FixedKLController",
     # policy, rollouts, trainer
-    "PolicyWithValueHead", "RolloutBuffer", "PPOConfig", "PPOTrainer",
+    "PolicyWithValueHead", "RolloutBuffer", "PPOConfig", "PPOTrainer", "PPOCallback",
 ]
 # fmt: on
