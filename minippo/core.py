@@ -236,3 +236,30 @@ class RunningMoments:
             float(state["var"]),
             int(state["count"]),
         )
+
+
+# -- the reward model's loss --------------------------------------------------------------------
+def bradley_terry_loss(
+    chosen: Tensor, rejected: Tensor, center_rewards_coefficient: float | None = None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The pairwise reward-model loss, -log sigmoid(r_chosen - r_rejected), averaged over B pairs:
+    (B,), (B,) scores of the preferred and the other answer -> (loss, stats).
+
+    With ``center_rewards_coefficient`` c it adds c * mean((r_chosen + r_rejected)^2), which keeps the
+    scores near zero mean (the loss alone sees only differences: trl's RewardTrainer). Stats, detached:
+    accuracy (share of pairs with r_chosen > r_rejected), margin (mean r_chosen - r_rejected), and the mean
+    chosen and rejected scores.
+    Ref: Christiano et al. 2017, arXiv:1706.03741, section 2.2.3; Ouyang et al. 2022, arXiv:2203.02155,
+    eq. 1 (one pair per prompt); centring: Eisenstein et al. 2023, arXiv:2312.09244."""
+    margin = chosen - rejected  # (B,)
+    loss = -F.logsigmoid(margin).mean()
+    if center_rewards_coefficient:
+        loss = loss + center_rewards_coefficient * (chosen + rejected).square().mean()
+    with torch.no_grad():
+        stats = {
+            "accuracy": (margin > 0).float().mean(),
+            "margin": margin.mean(),
+            "chosen": chosen.mean(),
+            "rejected": rejected.mean(),
+        }
+    return loss, stats

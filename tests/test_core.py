@@ -305,3 +305,28 @@ def test_running_moments_equal_the_moments_of_everything_seen():
     restored = RunningMoments()
     restored.load_state_dict(moments.state_dict())
     assert restored.update(torch.ones(2)) == moments.update(torch.ones(2))
+
+
+# -- the reward model's loss ----------------------------------------------------------------------
+@pytest.mark.parametrize("coef", [None, 0.5])
+def test_bradley_terry_loss_and_gradient_by_hand(coef):
+    from minippo.core import bradley_terry_loss
+
+    chosen = torch.tensor([2.0, 0.0], requires_grad=True)
+    rejected = torch.tensor([1.0, 1.0], requires_grad=True)  # margins +1 and -1
+    loss, stats = bradley_terry_loss(chosen, rejected, center_rewards_coefficient=coef)
+    # -log sigmoid(1) = log(1 + e^-1), -log sigmoid(-1) = log(1 + e); d/dm -log sigmoid(m) = -sigmoid(-m)
+    expected = (math.log(1 + math.exp(-1)) + math.log(1 + math.e)) / 2
+    grad = [-1 / (1 + math.e) / 2, -1 / (1 + math.exp(-1)) / 2]  # -sigmoid(-m) / B
+    if coef:  # + c * mean((c_i + r_i)^2) = 0.5 * (9 + 1) / 2; d/dc_i = c * 2 * (c_i + r_i) / B
+        expected += 0.5 * (9 + 1) / 2
+        centre = [0.5 * 2 * 3 / 2, 0.5 * 2 * 1 / 2]
+    else:
+        centre = [0.0, 0.0]
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    torch.testing.assert_close(chosen.grad, torch.tensor(grad) + torch.tensor(centre))
+    torch.testing.assert_close(rejected.grad, -torch.tensor(grad) + torch.tensor(centre))
+    assert stats["accuracy"].item() == 0.5 and stats["margin"].item() == 0.0
+    assert (stats["chosen"].item(), stats["rejected"].item()) == (1.0, 1.0)
+    assert not any(s.requires_grad for s in stats.values())

@@ -22,6 +22,7 @@ READING_ORDER = [
     "lora",
     "adapter_files",
     "policy",
+    "reward_model",
     "rollout",
 ]
 READING_ORDER += ["tracking", "ppo"]

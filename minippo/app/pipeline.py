@@ -45,7 +45,7 @@ from .model_folders import (
     resolve_model,
 )
 from .report import MetricsLog, distinct_n, markdown_table, repeated_ngram_share, write_json
-from .reward import RewardConfig, load_reward, train_reward
+from .reward import RewardConfig, is_pairwise_reward, load_reward, train_reward
 
 __all__ = [
     "RewardConfig",
@@ -63,9 +63,22 @@ __all__ = [
 def run_reward(config: RewardConfig) -> dict:
     """`minippo reward`: train the TF-IDF sentiment reward (or check a HF classifier); print accuracy."""
     result = train_reward(config)
-    print(
-        f"reward: validation accuracy {result['metrics']['validation_accuracy']:.4f} -> {result['path']}"
-    )
+    m = result["metrics"]
+    if config.model == "pairwise":
+        agreement = ""
+        if "heldout_label_accuracy" in m:
+            agreement = (
+                f"; on {m['num_heldout_reviews']} held-out review starts: label accuracy "
+                f"{m['heldout_label_accuracy']:.4f}, agreement with TF-IDF "
+                f"{m['heldout_tfidf_agreement']:.4f} (TF-IDF's label accuracy "
+                f"{m['heldout_tfidf_label_accuracy']:.4f})"
+            )
+        print(
+            f"reward: validation pair accuracy {m['validation_pair_accuracy']:.4f}{agreement} "
+            f"-> {result['path']}"
+        )
+        return result
+    print(f"reward: validation accuracy {m['validation_accuracy']:.4f} -> {result['path']}")
     return result
 
 
@@ -410,9 +423,15 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
     main = distributed.rank() == 0
     out, checkpoint = Path(config.output_dir), Path(config.output_dir) / "checkpoint"
     resume = start_run_folder(config, out, checkpoint, main)
-    # the reward first (on the trainer's device): a wrong path fails before a large model loads
-    reward = load_reward(config.reward, kind=config.reward_kind, device=config.device)
+    # the reward first (on the trainer's device): a wrong path, or a folder that holds no trained reward,
+    # fails before a large model loads; a pairwise reward model joins the policy's model (`shared_reward`)
+    pairwise = is_pairwise_reward(config.reward)
+    reward = None
+    if not pairwise:
+        reward = load_reward(config.reward, kind=config.reward_kind, device=config.device)
     trainer, tokenizer, model_dir = build_trainer(config)
+    if pairwise:
+        reward = shared_reward(config, trainer, model_dir)
     share = slice(
         trainer.rank * trainer.batch_size_per_rank, (trainer.rank + 1) * trainer.batch_size_per_rank
     )
@@ -466,6 +485,20 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
         finish_run(config, trainer, tokenizer, reward, eval_prompts, result)
     distributed.barrier()
     return result
+
+
+def shared_reward(config: PPORunConfig, trainer: PPOTrainer, model_dir: str):
+    """The pairwise reward model in `config.reward`, as a second adapter on the policy's model (one copy
+    of the base serves policy, reference, value head and reward) when it was trained on that model. Its
+    adapter's initialisation runs on its own generator: the training's sampling stream is unchanged."""
+    with own_rng(config.ppo.seed):
+        return load_reward(
+            config.reward,
+            kind=config.reward_kind,
+            device=config.device,
+            model=trainer.policy.model,
+            model_dir=model_dir,
+        )
 
 
 def start_run_folder(config: PPORunConfig, out: Path, checkpoint: Path, main: bool) -> bool:

@@ -446,3 +446,26 @@ def test_ppo_micro_step_peak_matches_the_plan_in_both_modes(arch, hidden, vocab,
         predicted = plan.parts["activations"] + plan.parts["gradients"]
         assert close(predicted, measured), (checkpointing, predicted, measured)
     assert peaks[True] < 0.75 * peaks[False]  # checkpointing does lower the PPO step's peak
+
+
+def test_a_learned_reward_on_the_shared_base_costs_its_adapter_not_a_second_base():
+    """20B in 8-bit on 24 GiB with a rank-16 reward adapter on all linear layers: the adapter and its score
+    head are counted (fp32, frozen: no gradients or Adam state), and a second copy of the base is what
+    sharing saves: with it the step would not fit."""
+    from minippo.app.memory_plan import PlanConfig, format_plan, plan_memory
+
+    config = PlanConfig(params=20e9, gpu_gib=24)
+    alone, shared = (
+        plan_memory(config),
+        plan_memory(PlanConfig(params=20e9, gpu_gib=24, reward_r=16)),
+    )
+    shape = shared.shape
+    adapter = 16 * shape.layers * sum(i + o for i, o in shape.adapted("all-linear").values())
+    assert shared.parts["reward adapter + head"] == 4 * (adapter + shape.hidden + 1)
+    assert shared.total - alone.total == shared.parts["reward adapter + head"]
+    assert shared.trainable == alone.trainable and shared.fits
+    assert shared.second_base == shared.parts["weights"] and alone.second_base == 0
+    assert shared.total + shared.second_base > shared.budget
+    text = format_plan(shared)
+    assert "a reward model on a copy of its own would add 19.20 GiB" in text
+    assert "does NOT fit 24 GiB" in text
