@@ -217,7 +217,9 @@ def _kbit_layer(
     if module.bias is not None:
         layer.bias = nn.Parameter(module.bias.detach().to("cpu").clone(), requires_grad=False)
     layer.source_cls = type(module)
-    return layer.to(device)
+    return layer.to(device).train(
+        module.training
+    )  # a new module is in train mode: take the old one's
 
 
 # -- loading -----------------------------------------------------------------------------------

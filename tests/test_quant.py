@@ -346,3 +346,15 @@ def test_a_model_with_its_own_code_is_refused_unless_asked(tmp_path, tokenizer):
         load_model(str(folder))
     loaded = load_model(str(folder), trust_remote_code=True)
     assert type(loaded).__name__ == "CustomForCausalLM" and isinstance(loaded, LlamaForCausalLM)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantised_layers_take_the_mode_of_the_layers_they_replace(bits):
+    """A new module starts in train mode; inside an eval model a train-mode Linear8bitLt would take
+    bitsandbytes' other CPU path (the dequantised weight) until something called eval() again."""
+    model = tiny_model("llama", 384).eval()
+    quantize_model(model, bits=bits)
+    assert not any(m.training for m in model.modules())
+    model.train()
+    quantize_model(model, bits=bits)  # nothing left to quantise: modes untouched
+    assert all(m.training for m in model.modules())
