@@ -32,7 +32,7 @@ from .core import (  # noqa: E402
 )
 from .lora import LoRAConfig, add_lora, disable_adapters, merge_lora  # noqa: E402
 from .policy import PolicyWithValueHead  # noqa: E402
-from .ppo import PPOConfig, PPOTrainer  # noqa: E402
+from .ppo import PPOCallback, PPOConfig, PPOTrainer  # noqa: E402
 from .quant import load_model, prepare_model_for_kbit_training, quantize_model  # noqa: E402
 from .rollout import RolloutBuffer  # noqa: E402
 
@@ -48,6 +48,6 @@ __all__ = [
     # critic-free advantages (GRPO, RLOO) and loss aggregation
     "grpo_advantages", "rloo_advantages", "aggregate_loss",
     # policy, rollouts, trainer
-    "PolicyWithValueHead", "RolloutBuffer", "PPOConfig", "PPOTrainer",
+    "PolicyWithValueHead", "RolloutBuffer", "PPOConfig", "PPOTrainer", "PPOCallback",
 ]
 # fmt: on

@@ -52,16 +52,17 @@ CPU_PPO = dict(
     max_new_tokens=16,
 )
 # A KL ceiling of 12 nats per review: beta stays at CPU_PPO's until a batch's KL passes 12, then rises
-# (by up to 1.2 ** (64 / 200) a step of 64 samples: fast enough to act within a 50-step run).
+# (by up to 1.2 ** (64 / 200) a step of 64 samples: fast enough to act within the preset's run).
 KL_CEILING_12 = dict(
     adap_kl_ctrl=True, target=12.0, horizon=200, min_kl_coef=CPU_PPO["init_kl_coef"]
 )
 PRESETS: dict[str, dict] = {
     "cpu": {
         # Sized for 2 CPU cores (times: the README). A small KL coefficient and a high LoRA learning
-        # rate (with gradient clipping) let PPO move within ~3,000 samples (trl's adaptive controller,
-        # horizon 10,000 samples, would hardly move: hence KL_CEILING_12). The reward is the classifier's
-        # logit clipped at 4 (P(positive) 0.98): past that, more "great great great" earns nothing.
+        # rate (with gradient clipping) let PPO move within a few thousand samples (trl's adaptive
+        # controller, horizon 10,000 samples, would hardly move: hence KL_CEILING_12). The reward is the
+        # classifier's logit clipped at 4 (P(positive) 0.98): past that, more "great great great" earns
+        # nothing.
         "sft": dict(
             max_steps=60,
             batch_size=4,
@@ -74,7 +75,7 @@ PRESETS: dict[str, dict] = {
         # PPO: 60 steps of 64 samples, one update per epoch on all 64 and a rank-4 adapter: less noise
         # per update, so less of the KL is drift; a penalty of 3 on the bigrams a step repeats, the
         # logit clipped at 4, and a KL ceiling of 12 nats (beta never below 0.1, above it when the KL
-        # is over 12) keep the samples diverse and the KL bounded (README, "The demo's results").
+        # is over 12) keep the samples diverse and the KL bounded (how they were found: docs/experiments.md).
         "ppo": dict(steps=60, eval_prompts=64, diversity_coef=3.0),
         "ppo_config": dict(
             CPU_PPO, batch_size=64, mini_batch_size=64, score_clip=4.0, **KL_CEILING_12
@@ -144,7 +145,7 @@ class DemoConfig:
     diversity_coef: float | None = None
     """Override the preset's `minippo ppo --diversity-coef` (a penalty on the bigrams a step repeats)."""
     score_clip: float | None = None
-    """Override the preset's `PPOConfig.score_clip` (the reward logit's clip; README, "The demo's results")."""
+    """Override the preset's `PPOConfig.score_clip` (the clip on the reward's logit)."""
     seed: int = 0
     """Seed of every stage."""
     quant: str = "8bit"

@@ -14,11 +14,12 @@ holds, part by part, and `format_plan` prints them as a table:
     reserve          what the runtime keeps for itself (CUDA context, allocator slack)
 
 This is the blog's arithmetic (Ref: "Fine-tuning 20B LLMs with RLHF on a 24GB consumer GPU",
-Hugging Face blog, 2023): 20B parameters in bf16 are ~40 GB and do not fit 24 GB; in 8-bit they
-are ~20 GB, and with adapters (a few MB of trainable parameters, so gradients and Adam state are
-tiny) the step fits.  In 4-bit NF4 (QLoRA, Dettmers et al. 2023, arXiv:2305.14314) they are
-~10.3 GB, and the largest model that fits grows again (`--quant 4bit`, and with no --params:
-`largest_fitting`).
+Hugging Face blog, 2023): 20B parameters at 2 bytes (bf16) do not fit 24 GB; at 1 byte (8-bit) with
+adapters (few trainable parameters, so gradients and Adam state are tiny) the step fits.  In 4-bit
+NF4 (QLoRA, Dettmers et al. 2023, arXiv:2305.14314) a weight takes about half a byte, and the largest
+model that fits grows again (`--quant 4bit`, and with no --params: `largest_fitting`).  The planner's
+answers for the blog's question, and how they compare with measured footprints, are in
+benchmarks/RESULTS.md.
 
 Activations (the only part that is not a plain count) per token and per transformer block, in
 elements of the compute dtype, counted from what autograd saves when the base weights are frozen
@@ -86,7 +87,8 @@ LOGIT_COPIES = 4  # fp32 (B, L, V) tensors alive at the peak: logits, log-softma
 ACTIVATION_COEFFS = {"gpt_neox": (5.3, 1.0), "llama": (6.5, 3.0), "gpt2": (8.5, 3.9)}
 LORA_ACTIVATION_PER_INPUT = 2.0  # per adapted linear, per token: 2 * d_in elements
 RECOMPUTE_FACTOR = 1.5  # checkpointing: a rebuilt block's tensors + its gradients in flight
-PPO_RECOMPUTE_FACTOR = {"llama": 1.2}  # measured: fewer in flight in eval mode (no dropout masks)
+# In eval mode (no dropout masks) fewer tensors are in flight; fitted to tests/app/test_memory_plan.py.
+PPO_RECOMPUTE_FACTOR = {"llama": 1.2}
 
 # Shapes of a few well-known models (their config.json values), so `--model gpt-neox-20b` works offline.
 KNOWN_MODELS = {

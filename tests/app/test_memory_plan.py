@@ -392,22 +392,24 @@ def test_cuda_int8_weights_match_the_plan():
 
 
 def measure_ppo_micro_step(model, batch, prompt_len, response_len, checkpointing):
-    """Peak bytes of new tensors in one of PPOTrainer's optimisation micro-steps (forward with the LM
-    head over the response positions, clipped losses, backward), as `PPOTrainer.step` runs it."""
+    """Peak bytes of new tensors in a PPO step of one epoch and one micro-batch: its peak is the
+    optimisation micro-step's (forward with the LM head over the response positions, clipped losses,
+    backward); the rollout and reference forwards run without gradient and keep less."""
     from minippo.ppo import PPOConfig, PPOTrainer
 
     config = PPOConfig(
-        batch_size=batch, mini_batch_size=batch, gradient_checkpointing=checkpointing
+        batch_size=batch,
+        mini_batch_size=batch,
+        ppo_epochs=1,
+        gradient_checkpointing=checkpointing,
     )
     trainer = PPOTrainer(config, model)
     vocab = model.config.vocab_size
     queries = [torch.randint(3, vocab, (prompt_len - i,)) for i in range(batch)]  # left padding
     responses = [torch.randint(3, vocab, (response_len,)) for _ in range(batch)]
-    rollout = trainer._padded_batch(queries, responses)
-    (rollout.old_logprobs, rollout.values, _), _ = trainer._rollout_forward(rollout)
-    rollout.advantages, rollout.returns = torch.randn(2, batch, response_len)
+    scores = torch.randn(batch)
     with TensorMemoryTracker() as mem:
-        trainer._clipped_loss_backward(rollout)
+        trainer.step(queries, responses, scores)
     return mem.peak
 
 
