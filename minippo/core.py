@@ -193,11 +193,18 @@ def kl_penalized_rewards(
 
 # -- losses -------------------------------------------------------------------------------------
 def policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_range: float,
+    loss_type: str = "dapo",
+    max_len: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO's clipped surrogate objective, as a loss: logprobs (with grad), old_logprobs, advantages,
     mask (B, T) -> (loss, stats), ``loss = masked_mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))``
-    with ``ratio = exp(logp - old)``.  A token on the clipped branch has zero gradient.
+    with ``ratio = exp(logp - old)``.  A token on the clipped branch has zero gradient. ``loss_type``
+    other than "dapo" (the masked mean) weighs the tokens as `aggregate_loss` says (GRPO, Dr. GRPO).
     Stats (detached scalars): ``clipfrac``, ``approxkl`` (``0.5 * mean((logp - old)^2)``), ``policykl``
     (``mean(old - logp)``), ``ratio`` (mean), ``advantages_mean``.
     Ref: Schulman et al. 2017 (arXiv:1707.06347), eq. 7."""
@@ -205,7 +212,7 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, loss_type, max_len)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),
