@@ -107,7 +107,10 @@ def get_task(name: str) -> ArithmeticTask:
 
 
 def chat_prompt(tokenizer, question: str) -> str:
-    """The question as the model's chat template writes a user turn, the assistant's turn opened."""
+    """The question as the model's chat template writes a user turn, the assistant's turn opened; a model
+    without a chat template (a base model) sees "Question: ...\nAnswer:"."""
+    if not getattr(tokenizer, "chat_template", None):
+        return f"Question: {question}\nAnswer:"
     messages = [{"role": "user", "content": question}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
