@@ -358,16 +358,17 @@ class PPOTrainer:
                 f"generate() got unexpected settings {sorted(set(overrides) - allowed)}; "
                 f"allowed: {sorted(allowed)} (the temperature comes from PPOConfig)"
             )
-        config, keys = (
-            self.config,
-            ("min_new_tokens", "max_new_tokens", "stop_at_eos", "temperature"),
+        config = self.config
+        settings = dict(
+            min_new_tokens=config.min_new_tokens,
+            max_new_tokens=config.max_new_tokens,
+            stop_at_eos=config.stop_at_eos,
+            temperature=config.temperature,
+            batch_size=config.generation_batch_size,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_token_id,
         )
-        settings = {k: getattr(config, k) for k in keys} | {
-            "batch_size": config.generation_batch_size
-        }
-        settings |= dict(
-            pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, **overrides
-        )
+        settings |= overrides
         with maybe_autocast(self.device.type, self.compute_dtype):
             generation = self.policy.generate(list(queries), **settings)
         return generation if return_generation else generation.responses()
