@@ -78,7 +78,7 @@ TASK_PPO = dict(
     gradient_checkpointing=False,  # on a CPU memory is plenty; recomputing costs a forward
 )
 TASK_PRESET = {
-    "ppo": dict(steps=60, eval_prompts=160, save_every=20),
+    "ppo": dict(steps=30, eval_prompts=160, save_every=10),
     "ppo_config": TASK_PPO,
     "ppo_lora": dict(r=8, alpha=16),
 }
