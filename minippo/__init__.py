@@ -16,8 +16,10 @@ from .adapter_files import load_adapter, save_adapter  # noqa: E402
 from .core import (  # noqa: E402
     AdaptiveKLController,
     FixedKLController,
+    aggregate_loss,
     compute_gae,
     entropy_from_logits,
+    grpo_advantages,
     kl_penalized_rewards,
     kl_penalty,
     logprobs_from_logits,
@@ -25,6 +27,7 @@ from .core import (  # noqa: E402
     masked_var,
     masked_whiten,
     policy_loss,
+    rloo_advantages,
     value_loss,
 )
 from .lora import LoRAConfig, add_lora, disable_adapters, merge_lora, use_adapter  # noqa: E402
@@ -43,6 +46,8 @@ __all__ = [
     "logprobs_from_logits", "entropy_from_logits", "masked_mean", "masked_var", "masked_whiten",
     "compute_gae", "kl_penalty", "kl_penalized_rewards", "policy_loss", "value_loss",
     "AdaptiveKLController", "FixedKLController",
+    # critic-free advantages (GRPO, RLOO) and loss aggregation
+    "grpo_advantages", "rloo_advantages", "aggregate_loss",
     # policy, rollouts, trainer
     "PolicyWithValueHead", "RolloutBuffer", "PPOConfig", "PPOTrainer", "PPOCallback",
 ]

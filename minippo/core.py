@@ -133,11 +133,18 @@ def kl_penalized_rewards(
 
 # -- losses -------------------------------------------------------------------------------------
 def policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_range: float,
+    loss_type: str = "dapo",
+    max_len: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO's clipped surrogate objective, as a loss: logprobs (with grad), old_logprobs, advantages,
     mask (B, T) -> (loss, stats), ``loss = masked_mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))``
-    with ``ratio = exp(logp - old)``.  A token on the clipped branch has zero gradient.
+    with ``ratio = exp(logp - old)``.  A token on the clipped branch has zero gradient. ``loss_type``
+    other than "dapo" (the masked mean) weighs the tokens as `aggregate_loss` says (GRPO, Dr. GRPO).
     Stats (detached scalars): ``clipfrac``, ``approxkl`` (``0.5 * mean((logp - old)^2)``), ``policykl``
     (``mean(old - logp)``), ``ratio`` (mean), ``advantages_mean``.
     Ref: Schulman et al. 2017 (arXiv:1707.06347), eq. 7."""
@@ -145,7 +152,7 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, loss_type, max_len)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),
@@ -263,3 +270,92 @@ def bradley_terry_loss(
             "rejected": rejected.mean(),
         }
     return loss, stats
+
+
+# -- critic-free advantages: one baseline per group of samples of a prompt --------------------------
+# Refs: Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from
+#     Human Feedback in LLMs" (RLOO), arXiv:2402.14740; Shao et al. 2024, "DeepSeekMath" (GRPO),
+#     arXiv:2402.03300; Liu et al. 2025, "Understanding R1-Zero-Like Training" (Dr. GRPO), arXiv:2503.20783;
+#     Yu et al. 2025, "DAPO", arXiv:2503.14476.
+LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
+
+
+def score_groups(scores: Tensor, group_size: int) -> Tensor:
+    """(B,) -> (B / G, G): the scores of each prompt's G samples in one row. The samples of a prompt are
+    consecutive, as ``prompts.repeat_interleave(G)`` lays them out. G must be >= 2 (a group of one has no
+    baseline: its advantage would be 0 whatever it scored) and divide B; else a ValueError naming both."""
+    B = scores.shape[0]
+    if group_size < 2:
+        raise ValueError(
+            f"group_size is {group_size}: a critic-free advantage compares the samples of a prompt, so "
+            "each prompt needs at least 2 (set num_generations >= 2)"
+        )
+    if B % group_size:
+        raise ValueError(
+            f"group_size {group_size} does not divide the batch of {B} scores: each prompt's "
+            f"{group_size} samples must all be in the batch (use a batch that is a multiple of {group_size})"
+        )
+    return scores.reshape(B // group_size, group_size)  # (B / G, G)
+
+
+def rloo_advantages(scores: Tensor, group_size: int) -> Tensor:
+    """REINFORCE Leave-One-Out: each sample's score minus the mean score of the other G - 1 samples of its
+    prompt, (B,) -> (B,): ``A_i = s_i - (sum_j s_j - s_i) / (G - 1) = G / (G - 1) * (s_i - mean_j s_j)``.
+    An unbiased baseline, as it does not depend on s_i itself. A group of equal scores gives exactly 0.
+    Ref: Ahmadian et al. 2024 (arXiv:2402.14740), eq. 10 (Kool et al. 2019's estimator)."""
+    groups = score_groups(scores, group_size)  # (B / G, G)
+    others_mean = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)  # (B / G, G)
+    advantages = groups - others_mean
+    return _zero_where_equal(groups, advantages).reshape(-1)  # (B,)
+
+
+def grpo_advantages(
+    scores: Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-4
+) -> Tensor:
+    """Group-relative advantages, (B,) -> (B,): ``A_i = (s_i - mean_j s_j) / (std_j s_j + eps)`` over the
+    G samples of i's prompt, with the unbiased std (Bessel, divide by G - 1: ``torch.std``, as trl computes
+    it). ``scale_by_std=False`` keeps ``s_i - mean_j s_j``: Dr. GRPO, where dividing by the std weights
+    prompts that are nearly all right or all wrong up (a difficulty bias). A group of equal scores gives
+    exactly 0, not NaN (its deviations are 0; with eps 0 the division would be 0 / 0).
+    Ref: Shao et al. 2024 (arXiv:2402.03300), sec. 4.1.2 (outcome supervision); Liu et al. 2025
+    (arXiv:2503.20783), sec. 3.1 (Dr. GRPO)."""
+    groups = score_groups(scores, group_size)  # (B / G, G)
+    advantages = groups - groups.mean(1, keepdim=True)
+    if scale_by_std:
+        advantages = advantages / (groups.std(1, keepdim=True) + eps)  # unbiased std
+    return _zero_where_equal(groups, advantages).reshape(-1)  # (B,)
+
+
+def _zero_where_equal(groups: Tensor, advantages: Tensor) -> Tensor:
+    """0 in every group whose scores are all equal: exact, whatever the rounding of their mean."""
+    spread = groups.amax(1, keepdim=True) - groups.amin(1, keepdim=True)  # (B / G, 1)
+    return torch.where(spread == 0, torch.zeros_like(advantages), advantages)
+
+
+def aggregate_loss(
+    per_token: Tensor, mask: Tensor, loss_type: str = "dapo", max_len: int | None = None
+) -> Tensor:
+    """One loss from per-token losses (B, T) and their mask (B, T), by how each token is weighed:
+    - ``"dapo"``: the mean over the batch's tokens, ``sum(l * m) / sum(m)``: every token weighs the same,
+      so a long response weighs more than a short one (DAPO's token-level loss; PPO's masked mean).
+    - ``"grpo"``: the mean over sequences of each sequence's token mean: every response weighs the same,
+      so each token of a short response weighs more than one of a long response (the GRPO paper's 1/|o_i|).
+    - ``"dr_grpo"``: ``sum(l * m) / (B * max_len)``, a constant normaliser: every token weighs the same and
+      the loss does not depend on how long the responses came out (Dr. GRPO; ``max_len`` = the longest
+      response the sampler may give, ``max_new_tokens``).
+    A response without tokens adds 0 to "grpo" (its mean counts as 0). Ref: Yu et al. 2025 (DAPO,
+    arXiv:2503.14476), eq. 12; Shao et al. 2024 (arXiv:2402.03300), eq. 3; Liu et al. 2025
+    (arXiv:2503.20783), sec. 3.1."""
+    mask = mask.to(per_token.dtype)
+    if loss_type == "dapo":
+        return masked_mean(per_token, mask)
+    if loss_type == "grpo":
+        per_sequence = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,)
+        return per_sequence.mean()
+    if loss_type == "dr_grpo":
+        if max_len is None or max_len < 1:
+            raise ValueError(
+                f"loss_type 'dr_grpo' needs max_len >= 1 (max_new_tokens), got {max_len}"
+            )
+        return (per_token * mask).sum() / (per_token.shape[0] * max_len)
+    raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {LOSS_TYPES}")

@@ -368,15 +368,18 @@ class PolicyWithValueHead(nn.Module):
         return Generation(query_ids, query_mask, tokens.cpu(), mask.cpu(), (logprobs * mask).cpu())
 
     # -- files ----------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write the LoRA adapter (peft layout) and ``value_head.safetensors`` into ``directory``."""
+    def save_pretrained(self, directory: str | os.PathLike, value_head: bool = True) -> None:
+        """Write the LoRA adapter (peft layout) and, unless ``value_head=False`` (a critic-free trainer's),
+        ``value_head.safetensors`` into ``directory``."""
         save_adapter(self.model, directory)
-        save_value_head(self.value_head, directory)
+        if value_head:
+            save_value_head(self.value_head, directory)
 
-    def load_pretrained(self, directory: str | os.PathLike) -> None:
-        """Load an adapter and value head written by `save_pretrained` (in place)."""
+    def load_pretrained(self, directory: str | os.PathLike, value_head: bool = True) -> None:
+        """Load an adapter and (``value_head=True``) value head written by `save_pretrained` (in place)."""
         load_adapter(self.model, directory)
-        load_value_head(self.value_head, directory)
+        if value_head:
+            load_value_head(self.value_head, directory)
 
 
 def _multinomial(probs: Tensor) -> Tensor:

@@ -45,7 +45,12 @@ RESUMABLE_CHANGES = (
     "log_with",
     "tracker_project_name",
 )
-RESUMABLE_CHANGES += ("logging_dir",)  # PPOConfig fields a resume may change; `load` refuses others
+RESUMABLE_CHANGES += ("logging_dir",)
+ADVANTAGE_ESTIMATORS = (
+    "gae",
+    "grpo",
+    "rloo",
+)  # PPOConfig fields a resume may change; `load` refuses others
 
 
 @dataclasses.dataclass
@@ -88,6 +93,16 @@ class PPOConfig:
     """KL estimator, penalised and logged: "kl" (= "k1", logp - ref), "abs", "mse", "k3" (never < 0)."""
     whiten_rewards: bool = False
     """scale the per-token rewards to unit variance over the batch (no mean shift) before GAE."""
+    advantage_estimator: str = "gae"
+    """"gae" (PPO: value head + GAE), or critic-free "grpo" or "rloo" (docs/estimators.md)."""
+    num_generations: int = 1
+    """samples of each prompt in a batch (trl's name), consecutive; >= 2 for grpo and rloo, divides batch."""
+    scale_rewards: bool = True
+    """grpo: divide by the group's score std (trl's name); False: Dr. GRPO (arXiv:2503.20783)."""
+    beta: float = 0.0
+    """weight of GRPO's KL term in the loss, beta * k3(policy || reference) per token (trl's name); 0: off."""
+    loss_type: str = "dapo"
+    """policy loss over tokens (trl's names): "dapo" token mean, "grpo" per response, "dr_grpo" constant."""
     max_grad_norm: float | None = None
     """clip the gradient norm of the trainable parameters to this value (None: no clipping)."""
     early_stopping: bool = False
@@ -157,6 +172,19 @@ class PPOConfig:
         )
         fields(self, checks.UNIT_INTERVAL, "gamma", "lam")
         fields(self, checks.one_of(*core.KL_ESTIMATORS), "kl_penalty")
+        fields(self, checks.one_of(*ADVANTAGE_ESTIMATORS), "advantage_estimator")
+        fields(self, checks.one_of(*core.LOSS_TYPES), "loss_type")
+        fields(self, checks.POSITIVE_INT, "num_generations")
+        fields(self, checks.NON_NEGATIVE, "beta")
+        fields(self, checks.BOOL, "scale_rewards")
+        n = self.num_generations
+        check(
+            self,
+            self.uses_value_head or n >= 2,
+            f"advantage_estimator {self.advantage_estimator!r} compares the samples of a prompt: set "
+            f"num_generations >= 2 (got {n})",
+        )
+        check(self, b % n == 0, f"num_generations ({n}) must divide batch_size ({b}): whole groups")
         fields(self, checks.optional(checks.POSITIVE), "max_grad_norm", "score_clip")
         fields(self, checks.optional(checks.POSITIVE_INT), "generation_batch_size")
         norm, scaling = self.use_score_norm, self.use_score_scaling
@@ -168,6 +196,17 @@ class PPOConfig:
         fields(self, (dtypes, no_fp16), "compute_dtype")
         fields(self, checks.optional(checks.one_of(*TRACKERS)), "log_with")
         checks.check_device(self)
+
+    @property
+    def uses_value_head(self) -> bool:
+        """PPO's critic: a value head trained, saved and run only for the "gae" estimator."""
+        return self.advantage_estimator == "gae"
+
+    @property
+    def uses_reference(self) -> bool:
+        """A KL is used, in the reward (init_kl_coef, min_kl_coef) or in the loss (beta): only then
+        does a step run the reference forward."""
+        return self.init_kl_coef > 0 or self.min_kl_coef > 0 or self.beta > 0
 
     @property
     def micro_batch_size(self) -> int:
@@ -237,7 +276,7 @@ class PPOTrainer:
             )
         self.device = policy.device
         self.compute_dtype = resolve_compute_dtype(config.compute_dtype, self.device, policy.model)
-        policy.value_head.requires_grad_(True)
+        policy.value_head.requires_grad_(config.uses_value_head)  # critic-free: not trained
         self.trainable = [p for p in policy.parameters() if p.requires_grad]
         distributed.broadcast_parameters(self.trainable)  # every rank starts from rank 0's adapters
         self.optimizer = optimizer or torch.optim.AdamW(
@@ -283,7 +322,14 @@ class PPOTrainer:
                 f"and mini_batch_size ({config.mini_batch_size}) by {n} x gradient_accumulation_steps "
                 f"({accumulation}): each process takes an equal share of both"
             )
-        return config.batch_size // n, config.mini_batch_size // (n * accumulation)
+        per_rank = config.batch_size // n
+        if per_rank % config.num_generations:
+            raise ValueError(
+                f"PPOConfig: with {n} processes each takes {per_rank} samples, which num_generations "
+                f"({config.num_generations}) must divide: every process holds whole groups of a prompt's "
+                f"samples (make batch_size a multiple of {n} x {config.num_generations})"
+            )
+        return per_rank, config.mini_batch_size // (n * accumulation)
 
     @staticmethod
     def _special_ids(tokenizer, model_config) -> tuple[int, int | None]:
@@ -387,10 +433,12 @@ class PPOTrainer:
         )
 
     def _forward(
-        self, micro: RolloutBuffer, with_values: bool = True
+        self, micro: RolloutBuffer, with_values: bool | None = None
     ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(b, t) log-probs, entropies (grad for the entropy bonus), values: `policy.response_logprobs`."""
+        """(b, t) log-probs, entropies (grad for the entropy bonus), values (None: as `uses_value_head`;
+        critic-free estimators run no value head): `policy.response_logprobs`."""
         config = self.config
+        with_values = config.uses_value_head if with_values is None else with_values
         with maybe_autocast(self.device.type, self.compute_dtype):
             return self.policy.response_logprobs(
                 micro.input_ids,
@@ -403,7 +451,7 @@ class PPOTrainer:
 
     @torch.no_grad()
     def _forward_in_micro_batches(
-        self, batch: RolloutBuffer, with_values: bool, order: Tensor | None = None
+        self, batch: RolloutBuffer, with_values: bool, order: Tensor | None = None, reuse=False
     ) -> tuple[Tensor, Tensor | None, Tensor]:
         """Log-probs, values (None without ``with_values``) and entropies, (B, T) each, 0 at padding, no
         gradient. The micro-batches are the first epoch's (or ``order``'s), so that the first update
@@ -415,9 +463,7 @@ class PPOTrainer:
         entropy = torch.zeros(B, T, device=self.device)
         for index in order.split(self.micro_batch_size):
             micro = batch.select(index)  # trimmed of all-padding columns
-            if (
-                self.rollout_reuse is not None and with_values
-            ):  # the fast path (minippo/fast/reuse.py)
+            if self.rollout_reuse is not None and reuse:  # the fast path (minippo/fast/reuse.py)
                 outputs = self.rollout_reuse.rollout(self._forward, micro)
             else:
                 outputs = self._forward(micro, with_values)
@@ -431,11 +477,16 @@ class PPOTrainer:
         return logprobs * mask, (values * mask if with_values else None), entropy * mask
 
     def _rollout_forward(self, batch: RolloutBuffer) -> tuple[Tensor, Tensor, Tensor]:
-        """(old log-probs, values, entropies), (B, T) each: the policy that sampled, adapters on."""
-        return self._forward_in_micro_batches(batch, with_values=True)
+        """(old log-probs, values, entropies), (B, T) each: the policy that sampled, adapters on; values
+        None for a critic-free estimator (no value head runs)."""
+        with_values = self.config.uses_value_head
+        return self._forward_in_micro_batches(batch, with_values, reuse=True)
 
-    def _reference_logprobs(self, batch: RolloutBuffer) -> Tensor:
-        """(B, T) log-probs of the reference policy: the same model with its adapters disabled."""
+    def _reference_logprobs(self, batch: RolloutBuffer) -> Tensor | None:
+        """(B, T) log-probs of the reference policy: the same model with its adapters disabled; None,
+        without a forward, where no KL is used (`PPOConfig.uses_reference`)."""
+        if not self.config.uses_reference:
+            return None
         with disable_adapters(self.policy.model):
             logprobs, _, _ = self._forward_in_micro_batches(batch, with_values=False)
         return logprobs
@@ -445,10 +496,12 @@ class PPOTrainer:
         mean shift, with the statistics of all processes' rewards (``whiten_rewards``)."""
         config = self.config
         mask = batch.response_mask
+        # without a reference (no KL used) the policy is its own reference: every KL is 0
+        ref_logprobs = batch.old_logprobs if batch.ref_logprobs is None else batch.ref_logprobs
         rewards, kl = core.kl_penalized_rewards(
             batch.scores,
             batch.old_logprobs,
-            batch.ref_logprobs,
+            ref_logprobs,
             mask,
             kl_coef,
             config.kl_penalty,
@@ -458,15 +511,27 @@ class PPOTrainer:
             rewards = core.masked_whiten(rewards, mask, shift_mean=False, moments=moments)
         return rewards, kl
 
-    def _advantages(self, batch: RolloutBuffer) -> tuple[Tensor, Tensor]:
-        """(advantages, returns), (B, T) each: GAE over the per-token rewards and the rollout's values,
-        the advantages whitened with the statistics of the whole batch, over all processes."""
+    def _advantages(self, batch: RolloutBuffer) -> tuple[Tensor, Tensor | None]:
+        """(advantages, returns), (B, T) each; the one place where the estimators differ
+        (docs/estimators.md). "gae": GAE over the per-token rewards and the rollout's values, whitened
+        with the statistics of the whole batch over all processes; returns are the value targets.
+        "grpo", "rloo": each response's reward (its score minus its KL penalty, the per-token rewards
+        summed) against the other samples of its prompt, at every token of the response; no returns."""
+        config = self.config
         mask = batch.response_mask
-        advantages, returns = core.compute_gae(
-            batch.values, batch.rewards, mask, self.config.gamma, self.config.lam
-        )
-        moments = distributed.masked_moments(advantages, mask)
-        return core.masked_whiten(advantages, mask, moments=moments), returns
+        if config.advantage_estimator == "gae":
+            advantages, returns = core.compute_gae(
+                batch.values, batch.rewards, mask, config.gamma, config.lam
+            )
+            moments = distributed.masked_moments(advantages, mask)
+            return core.masked_whiten(advantages, mask, moments=moments), returns
+        sequence_rewards = batch.rewards.sum(1)  # (B,) score - kl_coef * KL of the response
+        group = config.num_generations  # whole groups on every process: no exchange needed
+        if config.advantage_estimator == "grpo":
+            advantages = core.grpo_advantages(sequence_rewards, group, config.scale_rewards)
+        else:
+            advantages = core.rloo_advantages(sequence_rewards, group)
+        return advantages[:, None] * mask, None  # (B, T)
 
     def _train_on_minibatches(self, batch: RolloutBuffer) -> tuple[list[dict], list[str]]:
         """``ppo_epochs`` passes over the batch, each in its shuffled order of minibatches: one clipped
@@ -604,37 +669,46 @@ class PPOTrainer:
         return "skip" if skip else "update"
 
     def _clipped_loss_backward(self, minibatch: RolloutBuffer) -> dict[str, Tensor]:
-        """Clipped policy + value loss, forward and backward in micro-batches, each weighted by its share
-        of the minibatch's tokens (over all processes), so the summed gradients and stats are the
-        minibatch's masked mean's. Gradients stay in .grad (clipped to max_grad_norm, not stepped);
-        returns the stats."""
+        """Clipped policy loss (+ PPO's value loss, + GRPO's KL term), forward and backward in micro-batches,
+        each weighted by its share of the minibatch (over all processes): of its tokens for loss_type
+        "dapo", of its responses for "grpo" and "dr_grpo", so the summed gradients and stats are the whole
+        minibatch's loss's. Gradients stay in .grad (clipped to max_grad_norm, not stepped); returns the
+        stats."""
         config = self.config
-        n_tokens = distributed.all_reduce(minibatch.response_mask.sum())
+        per_token = config.loss_type == "dapo"
+        whole = minibatch.response_mask.sum() if per_token else float(len(minibatch))
+        whole = distributed.all_reduce(torch.as_tensor(whole, device=self.device))
+        aggregate = dict(loss_type=config.loss_type, max_len=config.max_new_tokens)
         totals: dict[str, Tensor] = {}
         for micro in minibatch.minibatches(self.micro_batch_size, shuffle=False):
             mask = micro.response_mask
-            weight = mask.sum() / n_tokens
+            weight = (mask.sum() if per_token else len(micro)) / whole
             if self.rollout_reuse is not None:  # the fast path (minippo/fast/reuse.py)
                 logprobs, entropy, values = self.rollout_reuse.update(self._forward, micro)
             else:
                 logprobs, entropy, values = self._forward(micro)  # (b, t) each
             pg_loss, pg_stats = core.policy_loss(
-                logprobs, micro.old_logprobs, micro.advantages, mask, config.cliprange
-            )
-            vf_loss, vf_stats = core.value_loss(
-                values, micro.values, micro.returns, mask, config.cliprange_value
+                logprobs, micro.old_logprobs, micro.advantages, mask, config.cliprange, **aggregate
             )
             ent = core.masked_mean(entropy, mask)  # exact, per token
-            loss = pg_loss + config.vf_coef * vf_loss - config.entropy_coef * ent
+            loss = pg_loss - config.entropy_coef * ent
+            named = {"loss/policy": pg_loss, "loss/entropy": ent}
+            if config.uses_value_head:  # PPO's critic
+                vf_loss, vf_stats = core.value_loss(
+                    values, micro.values, micro.returns, mask, config.cliprange_value
+                )
+                loss = loss + config.vf_coef * vf_loss
+                named |= {"loss/value": vf_loss} | {f"val/{k}": v for k, v in vf_stats.items()}
+            if (
+                config.beta > 0
+            ):  # GRPO's KL in the loss: k3 per token, aggregated as the policy loss
+                kl = core.kl_penalty(logprobs, micro.ref_logprobs, "k3")  # (b, t)
+                kl_loss = core.aggregate_loss(kl, mask, **aggregate)
+                loss = loss + config.beta * kl_loss
+                named["loss/kl"] = kl_loss
             (loss * weight).backward()
-            named = {
-                "loss/policy": pg_loss,
-                "loss/value": vf_loss,
-                "loss/total": loss,
-                "loss/entropy": ent,
-            }
+            named["loss/total"] = loss
             named |= {f"policy/{k}": v for k, v in pg_stats.items()}
-            named |= {f"val/{k}": v for k, v in vf_stats.items()}
             for k, v in named.items():
                 totals[k] = totals.get(k, 0.0) + v.detach() * weight
         # Sum the gradients over processes before clipping: clip the global gradient.
@@ -652,24 +726,15 @@ class PPOTrainer:
         negative log-probability (nats per sequence), ``ppo/policy/entropy`` the exact one per token."""
         mask = buffer.response_mask
         raw_scores = distributed.all_gather(raw_scores.to(self.device))
-        returns_mean, returns_var = distributed.masked_moments(buffer.returns, mask)
-        values_mean, values_var = distributed.masked_moments(buffer.values, mask)
         stats = {
-            "objective/kl": kl.sum(1).mean(),
             "objective/kl_coef": kl_coef,
             # per sequence, over the sampled tokens
             "objective/entropy": (-buffer.old_logprobs).sum(1).mean(),
             "objective/logprobs": buffer.old_logprobs.sum(1).mean(),
-            "objective/ref_logprobs": buffer.ref_logprobs.sum(1).mean(),
-            "ppo/mean_non_score_reward": (-kl_coef * kl).sum(1).mean(),
             "ppo/mean_scores": raw_scores.mean(),
             "ppo/learning_rate": self.optimizer.param_groups[0]["lr"],
             # per token, exact
             "ppo/policy/entropy": distributed.masked_moments(entropy, mask)[0],
-            "ppo/returns/mean": returns_mean,
-            "ppo/returns/var": returns_var,
-            "ppo/val/mean": values_mean,
-            "ppo/val/var": values_var,
             "ppo/updates": outcomes.count("update"),
             "ppo/skipped_updates": outcomes.count("skip"),
             "ppo/early_stopped": float("stop" in outcomes),
@@ -677,6 +742,17 @@ class PPOTrainer:
             "env/reward_std": raw_scores.std() if len(raw_scores) > 1 else 0.0,
             "env/response_length": mask.sum(1).mean(),
         }
+        if buffer.ref_logprobs is not None:  # KL measured (no reference forward: no KL to log)
+            stats["objective/kl"] = kl.sum(1).mean()
+            stats["objective/ref_logprobs"] = buffer.ref_logprobs.sum(1).mean()
+            stats["ppo/mean_non_score_reward"] = (-kl_coef * kl).sum(1).mean()
+        if buffer.returns is not None:  # PPO's value targets and values
+            stats["ppo/returns/mean"], stats["ppo/returns/var"] = distributed.masked_moments(
+                buffer.returns, mask
+            )
+            stats["ppo/val/mean"], stats["ppo/val/var"] = distributed.masked_moments(
+                buffer.values, mask
+            )
         for k in records[0]:  # per-minibatch records: mean over the step's minibatches
             stats[f"ppo/{k}"] = torch.stack([r[k] for r in records]).mean()
         values = torch.tensor(
@@ -690,7 +766,7 @@ class PPOTrainer:
         optimiser, LR scheduler, RNG states, trainer state: step, KL coefficient, score moments, config)
         via `atomic_directory`, so an interrupted save leaves the previous one intact; returns its path."""
         with atomic_directory(directory) as tmp:
-            self.policy.save_pretrained(tmp)
+            self.policy.save_pretrained(tmp, value_head=self.config.uses_value_head)
             torch.save(self.optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_STATE))
             if self.lr_scheduler is not None:
                 torch.save(self.lr_scheduler.state_dict(), os.path.join(tmp, SCHEDULER_STATE))
@@ -725,7 +801,7 @@ class PPOTrainer:
             )
         configured = [g.get("initial_lr", g["lr"]) for g in self.optimizer.param_groups]
         with _readable(directory):
-            self.policy.load_pretrained(directory)
+            self.policy.load_pretrained(directory, value_head=self.config.uses_value_head)
             self.optimizer.load_state_dict(load_torch(directory, OPTIMIZER_STATE, self.device))
             if self.lr_scheduler is not None:
                 self.lr_scheduler.load_state_dict(load_torch(directory, SCHEDULER_STATE))

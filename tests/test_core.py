@@ -9,8 +9,10 @@ from minippo.core import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,
+    aggregate_loss,
     compute_gae,
     entropy_from_logits,
+    grpo_advantages,
     kl_penalized_rewards,
     kl_penalty,
     logprobs_from_logits,
@@ -18,6 +20,7 @@ from minippo.core import (
     masked_var,
     masked_whiten,
     policy_loss,
+    rloo_advantages,
     value_loss,
 )
 
@@ -330,3 +333,105 @@ def test_bradley_terry_loss_and_gradient_by_hand(coef):
     assert stats["accuracy"].item() == 0.5 and stats["margin"].item() == 0.0
     assert (stats["chosen"].item(), stats["rejected"].item()) == (1.0, 1.0)
     assert not any(s.requires_grad for s in stats.values())
+
+
+# -- critic-free advantages and loss aggregation ----------------------------------------------------
+def test_rloo_advantages_by_hand():
+    # prompt 1: scores 1, 2, 3, 6 (others' means 11/3, 10/3, 3, 2); prompt 2: 0, 0, 4, 0
+    scores = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.0, 0.0, 4.0, 0.0])
+    want = [1 - 11 / 3, 2 - 10 / 3, 3 - 3, 6 - 2, 0 - 4 / 3, 0 - 4 / 3, 4 - 0, 0 - 4 / 3]
+    assert torch.allclose(rloo_advantages(scores, 4), torch.tensor(want))
+    # = G / (G - 1) * (s - group mean), a rescaled group-centred score
+    centred = scores.view(2, 4) - scores.view(2, 4).mean(1, keepdim=True)
+    assert torch.allclose(rloo_advantages(scores, 4), (4 / 3 * centred).view(-1))
+
+
+def test_rloo_with_two_samples_is_the_difference():
+    assert rloo_advantages(torch.tensor([5.0, 2.0]), 2).tolist() == [3.0, -3.0]
+
+
+def test_grpo_advantages_by_hand():
+    # group (1, 2, 3, 6): mean 3, unbiased std sqrt((4 + 1 + 0 + 9) / 3) = sqrt(14 / 3)
+    scores = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.0, 1.0, 0.0, 1.0])
+    std1, std2 = math.sqrt(14 / 3), math.sqrt(1 / 3)  # group 2: mean 0.5, deviations +-0.5
+    want = [-2 / (std1 + 1e-4), -1 / (std1 + 1e-4), 0.0, 3 / (std1 + 1e-4)]
+    want += [d / (std2 + 1e-4) for d in (-0.5, 0.5, -0.5, 0.5)]
+    assert torch.allclose(grpo_advantages(scores, 4), torch.tensor(want))
+    # trl's formula: torch.std (unbiased) of each group, repeat_interleave'd
+    grouped = scores.view(-1, 4)
+    mean = grouped.mean(1).repeat_interleave(4)
+    trl = (scores - mean) / (grouped.std(1).repeat_interleave(4) + 1e-4)
+    assert torch.allclose(grpo_advantages(scores, 4), trl)
+
+
+def test_dr_grpo_keeps_the_centred_scores():
+    scores = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    assert grpo_advantages(scores, 4, scale_by_std=False).tolist() == [-2.0, -1.0, 0.0, 3.0]
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "grpo", "dr_grpo", "grpo_eps0"])
+def test_equal_scores_give_zeros_not_nan(estimator):
+    scores = torch.tensor(
+        [0.1, 0.1, 0.1, 0.7, 0.7, 0.7, 1.0, 2.0, 3.0]
+    )  # 0.1 * 3 / 3 != 0.1 in float
+    advantages = {
+        "rloo": lambda: rloo_advantages(scores, 3),
+        "grpo": lambda: grpo_advantages(scores, 3),
+        "dr_grpo": lambda: grpo_advantages(scores, 3, scale_by_std=False),
+        "grpo_eps0": lambda: grpo_advantages(scores, 3, eps=0.0),
+    }[estimator]()
+    assert torch.isfinite(advantages).all()
+    assert advantages[:6].tolist() == [0.0] * 6  # exactly
+    assert advantages[6] < 0 < advantages[8]
+
+
+@pytest.mark.parametrize("advantages", [rloo_advantages, grpo_advantages])
+def test_a_group_size_that_does_not_divide_the_batch_is_refused(advantages):
+    with pytest.raises(ValueError, match=r"group_size 4 does not divide the batch of 6"):
+        advantages(torch.zeros(6), 4)
+
+
+@pytest.mark.parametrize("advantages", [rloo_advantages, grpo_advantages])
+def test_a_group_of_one_is_refused(advantages):
+    with pytest.raises(ValueError, match=r"group_size is 1.*at least 2"):
+        advantages(torch.zeros(4), 1)
+
+
+def test_advantages_sum_to_zero_per_group():
+    scores = torch.randn(12, generator=torch.Generator().manual_seed(0))
+    for a in (rloo_advantages(scores, 3), grpo_advantages(scores, 3)):
+        assert torch.allclose(a.view(4, 3).sum(1), torch.zeros(4), atol=1e-5)
+
+
+def test_aggregate_loss_weighs_short_and_long_responses():
+    # a short response (1 token, loss 1) and a long one (3 tokens, loss 0 each), max_len 4
+    per_token = torch.tensor([[1.0, 9.0, 9.0, 9.0], [0.0, 0.0, 0.0, 9.0]])
+    mask = torch.tensor([[1.0, 0, 0, 0], [1, 1, 1, 0]])
+    # token mean: 1 of 4 tokens -> 1/4; the short response's token weighs 1/4
+    assert aggregate_loss(per_token, mask, "dapo").item() == pytest.approx(1 / 4)
+    # sequence mean: (1/1 + 0/3) / 2; the short response's token weighs 1/2
+    assert aggregate_loss(per_token, mask, "grpo").item() == pytest.approx(1 / 2)
+    # constant: (1 + 0) / (2 x 4); every token weighs 1/8, however long the responses
+    assert aggregate_loss(per_token, mask, "dr_grpo", max_len=4).item() == pytest.approx(1 / 8)
+
+
+def test_aggregate_loss_weights_per_token_as_stated():
+    """The gradient of each aggregate with respect to each token's loss: its weight."""
+    mask = torch.tensor([[1.0, 0, 0, 0], [1, 1, 1, 0]])
+    weights = {}
+    for loss_type in ("dapo", "grpo", "dr_grpo"):
+        per_token = torch.zeros(2, 4, requires_grad=True)
+        aggregate_loss(per_token, mask, loss_type, max_len=4).backward()
+        weights[loss_type] = per_token.grad
+    assert torch.allclose(weights["dapo"], mask / 4)
+    assert torch.allclose(
+        weights["grpo"], torch.tensor([[1 / 2, 0, 0, 0], [1 / 6, 1 / 6, 1 / 6, 0]])
+    )
+    assert torch.allclose(weights["dr_grpo"], mask / 8)
+
+
+def test_aggregate_loss_refuses_unknown_and_missing_length():
+    with pytest.raises(ValueError, match="unknown loss_type 'bnpo'"):
+        aggregate_loss(torch.zeros(1, 2), torch.ones(1, 2), "bnpo")
+    with pytest.raises(ValueError, match="max_len"):
+        aggregate_loss(torch.zeros(1, 2), torch.ones(1, 2), "dr_grpo")

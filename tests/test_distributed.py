@@ -153,6 +153,68 @@ def ppo_steps_fixed_order(out_dir: str) -> None:
     ppo_steps(out_dir)
 
 
+# -- GRPO: 1 process x 16 samples == 2 processes x 8, whole groups of 4 on each ---------------------------
+
+
+def grpo_steps(out_dir: str, steps: int = 2) -> None:
+    """Two GRPO steps (4 prompts x 4 samples, GRPO's KL in the loss, sequence-mean loss) on this
+    process's share of `ppo_samples`: rank r holds groups 2r and 2r + 1, whole."""
+    torch.set_num_threads(1)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    RolloutBuffer.epoch_order = fixed_epoch_order
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    torch.manual_seed(100 + rank)
+    add_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
+    config = PPOConfig(
+        advantage_estimator="grpo",
+        num_generations=4,
+        beta=0.1,
+        loss_type="grpo",
+        init_kl_coef=0.0,
+        adap_kl_ctrl=False,
+        batch_size=BATCH,
+        mini_batch_size=MINI,
+        gradient_accumulation_steps=2,
+        ppo_epochs=2,
+        learning_rate=1e-3,
+        compute_dtype="float32",
+    )
+    trainer = PPOTrainer(config, model, tokenizer)
+    queries, responses, scores = ppo_samples(tokenizer)
+    share = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    for _ in range(steps):
+        stats = trainer.step(queries[share], responses[share], scores[share])
+    weights = {
+        name: p.detach().clone() for name, p in trainer.policy.named_parameters() if p.requires_grad
+    }
+    torch.save(
+        {"weights": weights, "stats": stats}, Path(out_dir) / f"grpo-rank{rank}-of{world}.pt"
+    )
+
+
+def test_grpo_two_processes_equal_one(tmp_path, monkeypatch):
+    """2 processes x 8 samples (2 whole groups each) give the adapters of 1 process x 16 after 2 GRPO
+    steps: the group advantages need no exchange, the loss's weights are global."""
+    run = torchrun(2, "grpo_steps", str(tmp_path))
+    assert run.returncode == 0, run.stderr[-3000:]
+    monkeypatch.setattr(RolloutBuffer, "epoch_order", fixed_epoch_order)
+    grpo_steps(str(tmp_path))
+    one = torch.load(tmp_path / "grpo-rank0-of1.pt")
+    ranks = [torch.load(tmp_path / f"grpo-rank{r}-of2.pt") for r in range(2)]
+    assert not any("value_head" in name for name in one["weights"])  # critic-free
+    for name in one["weights"]:
+        assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name]), name
+    diff = max((ranks[0]["weights"][k] - w).abs().max().item() for k, w in one["weights"].items())
+    change = max(w.abs().max().item() for k, w in one["weights"].items() if "lora_B" in k)
+    assert change > 1e-4
+    assert diff < 1e-5
+    # the losses (weighted per response, as loss_type "grpo"); per-token stats such as clipfrac are token
+    # means of micro-batches weighted per response, so they depend on the micro-batch size
+    for key in ("env/reward_mean", "ppo/loss/total", "ppo/loss/kl", "ppo/loss/policy"):
+        assert ranks[0]["stats"][key] == pytest.approx(one["stats"][key], rel=1e-4, abs=1e-6), key
+
+
 # -- SFT: 1 process x 4 blocks == 2 processes x 2 -------------------------------------------------------
 
 

@@ -26,6 +26,7 @@ READING_ORDER = [
     "rollout",
 ]
 READING_ORDER += ["tracking", "ppo"]
+READING_ORDER += ["rewards"]
 
 
 def minippo_imports(path: Path) -> set[str]:

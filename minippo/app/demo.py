@@ -36,13 +36,14 @@ from ..checks import (
 )
 from ..fileio import write_text
 from ..lora import LoRAConfig
-from ..ppo import PPOConfig
+from ..ppo import ADVANTAGE_ESTIMATORS, PPOConfig
 from .model_folders import DEFAULT_MODEL, FAST_MODES, quant_load_kwargs, resolve_model
 from .pairwise import PairwiseConfig
 from .pipeline import MergeConfig, PPORunConfig, run_merge, run_ppo
 from .report import MetricsLog, machine_description, markdown_table, plot_lines, write_json
 from .reward import RewardConfig, load_reward, train_reward
 from .sft import SFTConfig, run_sft
+from .tasks import get_task
 
 # Each preset: settings of the SFT, PPO and reward stages (anything not named keeps its default);
 # "lora" is the SFT adapter's, and the PPO adapter's too unless "ppo_lora" names its own.
@@ -63,6 +64,30 @@ CPU_PPO = dict(
 KL_CEILING_12 = dict(
     adap_kl_ctrl=True, target=12.0, horizon=200, min_kl_coef=CPU_PPO["init_kl_coef"]
 )
+# `minippo demo --task NAME`: GRPO on the embedded instruct model, no SFT: 4 prompts x 8 samples a step,
+# one update per step, no KL (no reference forward), sampled at 0.7, answers up to 8 tokens or EOS
+# ("The answer is 12." is 7). Sized for a 2-core CPU: a step's cost is its B x (P + T) tokens.
+TASK_PPO = dict(
+    advantage_estimator="grpo",
+    num_generations=8,
+    batch_size=32,
+    mini_batch_size=32,
+    ppo_epochs=1,
+    learning_rate=1e-3,
+    init_kl_coef=0.0,
+    adap_kl_ctrl=False,
+    max_grad_norm=1.0,
+    temperature=0.7,
+    min_new_tokens=8,
+    max_new_tokens=8,
+    stop_at_eos=True,
+    gradient_checkpointing=False,  # on a CPU memory is plenty; recomputing costs a forward
+)
+TASK_PRESET = {
+    "ppo": dict(steps=30, eval_prompts=160, save_every=10),
+    "ppo_config": TASK_PPO,
+    "ppo_lora": dict(r=8, alpha=16),
+}
 PRESETS: dict[str, dict] = {
     "cpu": {
         # Sized for 2 CPU cores (times: the README). A small KL coefficient and a high LoRA learning
@@ -172,10 +197,21 @@ class DemoConfig:
     else on for the 8-bit models."""
     resume: bool = False
     """Continue the SFT and PPO stages from their checkpoints exactly (reward and merge run again)."""
+    task: str | None = None
+    """Run a task whose reward a program checks instead of IMDB (`minippo.app.tasks`: "add"): GRPO on the
+    model itself (no reward, SFT or merge stage), reporting held-out accuracy before and after."""
+    estimator: str | None = None
+    """Override the advantage estimator: "gae" (PPO), "grpo" or "rloo" (None: the preset's)."""
+    num_generations: int | None = None
+    """Override the samples per prompt (None: the preset's; 4 for grpo/rloo on IMDB)."""
 
     def __post_init__(self):
         quant_load_kwargs(self.quant)
         check_fields(self, one_of(*FAST_MODES), "fast")
+        check_fields(self, optional(one_of(*ADVANTAGE_ESTIMATORS)), "estimator")
+        check_fields(self, optional(POSITIVE_INT), "num_generations")
+        if self.task is not None:
+            get_task(self.task)
         check(
             self,
             self.preset in PRESETS,
@@ -215,6 +251,7 @@ def demo_stage_configs(config: DemoConfig, model_dir: str) -> dict:
     )
     if config.score_clip is not None:
         settings["score_clip"] = config.score_clip
+    settings |= estimator_overrides(config)
     ppo_config = PPOConfig(**settings)
     ppo = dict(
         preset["ppo"],
@@ -282,11 +319,146 @@ def _ppo_reward(config: DemoConfig, run: Path) -> str:
     return config.reward or str(run / "reward")
 
 
+def estimator_overrides(config: DemoConfig) -> dict:
+    """The PPOConfig settings of --estimator and --num-generations; a critic-free estimator on IMDB
+    takes 4 samples per prompt unless told otherwise."""
+    settings = {}
+    if config.estimator is not None:
+        settings["advantage_estimator"] = config.estimator
+        if config.estimator != "gae" and config.task is None:
+            settings["num_generations"] = 4
+    if config.num_generations is not None:
+        settings["num_generations"] = config.num_generations
+    return settings
+
+
+def task_stage_config(config: DemoConfig, model_dir: str) -> PPORunConfig:
+    """The task demo's one stage: `minippo ppo --task NAME` on the model itself, in the run folder."""
+    settings = dict(TASK_PPO, seed=config.seed, device=config.device)
+    if config.gradient_checkpointing is not None:
+        settings["gradient_checkpointing"] = config.gradient_checkpointing
+    settings |= estimator_overrides(config)
+    ppo = dict(
+        TASK_PRESET["ppo"],
+        model=model_dir,
+        task=config.task,
+        output_dir=str(Path(config.output_dir) / "ppo"),
+        quant=config.quant,
+        fast=config.fast,
+        lora=LoRAConfig(**TASK_PRESET["ppo_lora"]),
+        ppo=PPOConfig(**settings),
+        resume=config.resume,
+    )
+    if config.ppo_steps:
+        ppo["steps"] = config.ppo_steps
+    return PPORunConfig(**ppo)
+
+
+def run_task_demo(config: DemoConfig) -> dict:
+    """`minippo demo --task NAME`: the task's PPO stage (GRPO by default) and its report.md."""
+    t = time.perf_counter()
+    model_dir = resolve_model(config.model)
+    stage = task_stage_config(config, model_dir)
+    run = Path(config.output_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    write_json(
+        run / "config.json",
+        {"demo": dataclasses.asdict(config), "ppo": dataclasses.asdict(stage)},
+    )
+    summary: dict = {
+        "model": model_dir,
+        "task": config.task,
+        "machine": machine_description(config.device),
+    }
+    summary["ppo"] = run_ppo(stage)
+    summary["total_seconds"] = time.perf_counter() - t
+    metrics = MetricsLog(run / "ppo" / "metrics.jsonl").read()
+    steps = [m["step"] for m in metrics]
+    lines = [
+        ("mean reward (share right) of samples", steps, [m["env/reward_mean"] for m in metrics])
+    ]
+    lines += [("distinct-2 of samples", steps, [m["env/distinct_2"] for m in metrics])]
+    if metrics and "objective/kl" in metrics[0]:
+        lines += [("KL to the starting model (nats)", steps, [m["objective/kl"] for m in metrics])]
+    title = f"{stage.ppo.advantage_estimator} on the {config.task} task"
+    plot_lines(run / "ppo_progress.png", lines, "step", title)
+    write_text(run / "report.md", render_task_report(config, stage, summary))
+    brief = {k: v for k, v in summary.items() if k != "ppo"}
+    for name in ("before", "after"):
+        if name in summary["ppo"]:
+            brief[name] = {
+                k: summary["ppo"][name][k] for k in ("accuracy", "kl_mean", "distinct_2")
+            }
+    write_json(run / "summary.json", brief | {"train_seconds": summary["ppo"]["train_seconds"]})
+    before, after = brief.get("before"), brief.get("after")
+    if before and after:
+        print(
+            f"demo: held-out {config.task} accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f}, "
+            f"KL to the starting model {after['kl_mean']:.2f} nats; "
+            f"{summary['total_seconds'] / 60:.1f} min; report: {run / 'report.md'}"
+        )
+    return summary
+
+
+def render_task_report(config: DemoConfig, stage: PPORunConfig, summary: dict) -> str:
+    """The task demo's report.md: the settings, held-out accuracy before and after, samples."""
+    ppo = summary["ppo"]
+    settings = stage.ppo
+    lines = [
+        f"# minippo demo report (task `{config.task}`)",
+        "",
+        f"Model: `{summary['model']}` ({config.quant} base, LoRA r={stage.lora.r}). Estimator "
+        f"`{settings.advantage_estimator}`, {stage.steps} steps of {settings.batch_size} samples "
+        f"({settings.batch_size // settings.num_generations} prompts x {settings.num_generations}), "
+        f"temperature {settings.temperature}. Total time {summary['total_seconds'] / 60:.1f} min "
+        f"(training {ppo['train_seconds']:.0f} s) on {summary['machine']}.",
+        "",
+    ]
+    if "before" in ppo and "after" in ppo:
+        b, a = ppo["before"], ppo["after"]
+        lines += [
+            f"Held-out: {len(b['prompts'])} samples of held-out questions (none seen in training), "
+            "sampled at the training temperature with the same seed before and after:",
+            "",
+            markdown_table(
+                ["", "held-out accuracy", "KL to starting model (nats/sample)", "distinct-2"],
+                [
+                    ["before (the model itself)", b["accuracy"], 0.0, b["distinct_2"]],
+                    ["after", a["accuracy"], a["kl_mean"], a["distinct_2"]],
+                ],
+            ),
+            "",
+            "![progress](ppo_progress.png)",
+            "",
+            "## Samples (same question, same seed)",
+            "",
+            markdown_table(
+                ["question", "before", "right", "after", "right"],
+                [
+                    [question_of(p), rb, ob, ra, oa]
+                    for p, rb, ob, ra, oa in list(
+                        zip(b["prompts"], b["responses"], b["right"], a["responses"], a["right"])
+                    )[:12]
+                ],
+            ),
+            "",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def question_of(prompt: str) -> str:
+    """The user's question in a decoded chat prompt (the line that asks)."""
+    asks = [line for line in prompt.splitlines() if line.startswith("What is")]
+    return asks[-1] if asks else prompt
+
+
 def run_demo(config: DemoConfig) -> dict:
     """Run every stage into `config.output_dir`; returns the summary written to summary.json.
 
     Under torchrun, sft and ppo run data parallel; rank 0 alone converts the model, trains the reward,
     merges and writes the report, while the others wait at a barrier (then find its files)."""
+    if config.task is not None:
+        return run_task_demo(config)
     distributed.init_from_env()
     main = distributed.rank() == 0
     run = Path(config.output_dir)

@@ -34,6 +34,7 @@ from ..fileio import atomic_directory, atomic_write
 from ..lora import LoRAConfig, add_lora, disable_adapters, merge_lora
 from ..ppo import PPOConfig, PPOTrainer, check_config
 from ..quant import load_model, resolve_dtype
+from ..rewards import WeightedRewards
 from .data import cycle_batches, load_imdb, make_prompts
 from .model_folders import (
     DEFAULT_MODEL,
@@ -45,7 +46,15 @@ from .model_folders import (
     resolve_model,
 )
 from .report import MetricsLog, distinct_n, markdown_table, repeated_ngram_share, write_json
-from .reward import RewardConfig, is_pairwise_reward, load_reward, train_reward
+from .reward import (
+    RewardConfig,
+    SentimentReward,
+    is_pairwise_reward,
+    load_reward,
+    load_reward_fn,
+    train_reward,
+)
+from .tasks import encode_prompts, get_task
 
 __all__ = [
     "RewardConfig",
@@ -229,6 +238,15 @@ class PPORunConfig:
     resume: bool = False
     """Continue the run in output_dir from its checkpoint/ exactly (RNG, optimiser, scheduler, prompt
     position), appending to metrics.jsonl; without a checkpoint, start from step 0."""
+    task: str | None = None
+    """A task whose reward a program checks (`minippo.app.tasks`: "add"): prompts, reward and held-out
+    accuracy come from it instead of IMDB and --reward."""
+    reward_fn: list[str] = field(default_factory=list)
+    """Reward functions to train on, summed: each "path.py:name" (a callable (prompts, completions) ->
+    scores), "sentiment" (--reward on prompt + completion) or "task" (the task's checker). Empty: "task"
+    with --task, else "sentiment". The held-out evaluation keeps the plain --reward or checker."""
+    reward_weights: list[float] | None = None
+    """One weight per --reward-fn (trl's reward_weights); None: all 1."""
     diversity_coef: float = 0.0
     """Lower each training score, after the trainer's scale and clip, by this times the share of the
     sample's bigrams that the step's batch repeats (what distinct-2 counts; under torchrun, each
@@ -270,6 +288,36 @@ class PPORunConfig:
         )
         if self.dtype != "auto":
             resolve_dtype(self.dtype)
+        if self.task is not None:
+            get_task(self.task)
+        n, weights = len(self.reward_fn), self.reward_weights
+        check(
+            self,
+            weights is None or len(weights) == n,
+            f"{len(weights or [])} reward_weights for {n} reward_fn: give one weight per function",
+        )
+        check(
+            self,
+            self.task is not None or "task" not in self.reward_fn,
+            'reward_fn "task" needs a --task',
+        )
+
+
+def training_reward(config: PPORunConfig, sentiment) -> WeightedRewards | None:
+    """The reward functions of --reward-fn, loaded (each file imported) and summed with their weights;
+    None where the run trains on the plain sentiment score (IMDB without --reward-fn)."""
+    names = config.reward_fn or (["task"] if config.task else [])
+    if not names:
+        return None
+    functions = []
+    for name in names:
+        if name == "task":
+            functions.append(get_task(config.task).correct)
+        elif name == "sentiment":
+            functions.append(SentimentReward(sentiment))
+        else:
+            functions.append(load_reward_fn(name))
+    return WeightedRewards(functions, config.reward_weights)
 
 
 def _decode_pairs(tokenizer, queries, responses) -> tuple[list[str], list[str]]:
@@ -350,6 +398,28 @@ def evaluate_policy(
     }
 
 
+def evaluate_accuracy(
+    trainer: PPOTrainer, tokenizer, task, prompts: list[torch.Tensor], seed: int, adapters=True
+) -> dict:
+    """A task's held-out accuracy: the share of sampled answers (fixed seed, the training temperature)
+    that its checker finds right, with the mean KL to the starting model and the samples."""
+    samples = evaluate_samples(trainer, tokenizer, prompts, seed, adapters)
+    responses = samples.pop("response_ids")
+    right = task.correct(samples["prompts"], samples["responses"])
+    kl = torch.zeros(len(prompts))
+    if adapters:  # (B,) a sample of KL(pi || ref) per response, as evaluate_policy
+        base_logp, mask = trainer.response_logprobs(prompts, responses, reference=True)
+        logp, _ = trainer.response_logprobs(prompts, responses)
+        kl = ((logp - base_logp) * mask).sum(1).cpu()
+    return {
+        "accuracy": sum(right) / len(right),
+        "kl_mean": kl.mean().item(),
+        "distinct_2": distinct_n(responses, 2),
+        "right": right,
+        **samples,
+    }
+
+
 @contextlib.contextmanager
 def own_rng(seed: int):
     """Run the block on torch's generators seeded with `seed`, then put back their earlier states."""
@@ -423,36 +493,38 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
     main = distributed.rank() == 0
     out, checkpoint = Path(config.output_dir), Path(config.output_dir) / "checkpoint"
     resume = start_run_folder(config, out, checkpoint, main)
-    # the reward first (on the trainer's device): a wrong path, or a folder that holds no trained reward,
-    # fails before a large model loads; a pairwise reward model joins the policy's model (`shared_reward`)
+    # the rewards first (on the trainer's device): a wrong path, or a folder that holds no trained
+    # reward, fails before a large model loads; a pairwise reward model joins the policy's model below
     pairwise = is_pairwise_reward(config.reward)
-    reward = None
-    if not pairwise:
+    reward = None  # the sentiment scorer (IMDB runs)
+    if not pairwise and (config.task is None or "sentiment" in config.reward_fn):
         reward = load_reward(config.reward, kind=config.reward_kind, device=config.device)
+    reward_fn = None if pairwise else training_reward(config, reward)
+    tokenizer = load_tokenizer(resolve_model(config.model))
+    prompts, eval_prompts = ppo_prompts(config, tokenizer)
+    if reward_fn is not None:  # one call on two prompts: a wrong length or a NaN fails here
+        probe = tokenizer.batch_decode(prompts[:2], skip_special_tokens=True)
+        reward_fn.scores(probe, ["", "1"][: len(probe)])
     trainer, tokenizer, model_dir = build_trainer(config)
     if pairwise:
         reward = shared_reward(config, trainer, model_dir)
+        reward_fn = training_reward(config, reward)
     share = slice(
         trainer.rank * trainer.batch_size_per_rank, (trainer.rank + 1) * trainer.batch_size_per_rank
     )
-    prompts, eval_prompts = ppo_prompts(config, tokenizer)
 
     result = {"model": model_dir, "output_dir": str(out)}
+    evaluate = functools.partial(evaluate_run, config, trainer, tokenizer, reward, eval_prompts)
     if eval_prompts and main:
-        before = evaluate_policy(
-            trainer, tokenizer, reward, eval_prompts, config.eval_seed, adapters=False
-        )
-        result["before"] = before
-        print(
-            f"ppo: before training, held-out reviews score P(positive) {before['reward_prob_mean']:.3f}"
-        )
+        result["before"] = evaluate(adapters=False)
 
     distributed.barrier()
     log = MetricsLog(out / "metrics.jsonl")
     start = resume_metrics(trainer, checkpoint, log if main else None) if resume else 0
     if not resume and main:
         log.path.unlink(missing_ok=True)  # a fresh run; checkpoints below are replaced atomically
-    batches = cycle_batches(len(prompts), config.ppo.batch_size, config.ppo.seed)
+    group = config.ppo.num_generations  # each prompt's samples, consecutive (whole groups per rank)
+    batches = cycle_batches(len(prompts), config.ppo.batch_size // group, config.ppo.seed)
     for _ in range(start):  # the prompt position: the batches the checkpoint's steps consumed
         next(batches)
     bar = tqdm(
@@ -463,26 +535,24 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
     )
     t0 = time.perf_counter()
     for step in bar:
-        queries = [prompts[i] for i in next(batches)][
-            share
-        ]  # every process takes its share of the batch
-        stats, samples = ppo_step(trainer, tokenizer, reward, queries, config.diversity_coef)
+        batch = [prompts[i] for i in next(batches) for _ in range(group)]
+        queries = batch[share]  # every process takes its share of the batch
+        stats, samples = ppo_step(
+            trainer, tokenizer, reward, queries, config.diversity_coef, reward_fn
+        )
         stats.update({"step": step, "time/elapsed": time.perf_counter() - t0})
         if main:
             log.write(stats)
-        bar.set_postfix(
-            reward=f"{stats['env/reward_mean']:.2f}",
-            pos=f"{stats['env/reward_prob_mean']:.2f}",
-            kl=f"{stats['objective/kl']:.2f}",
-            beta=f"{stats['objective/kl_coef']:.3f}",
-        )
+        shown = {"reward": "env/reward_mean", "pos": "env/reward_prob_mean", "kl": "objective/kl"}
+        shown["beta"] = "objective/kl_coef"
+        bar.set_postfix({k: f"{stats[name]:.3f}" for k, name in shown.items() if name in stats})
         if config.save_every and step % config.save_every == 0 and step < config.steps and main:
             trainer.save(checkpoint)
             for q, r in samples[: config.log_samples]:
                 bar.write(f"  step {step}: {q!r} -> {r!r}")
     result["train_seconds"] = time.perf_counter() - t0
     if main:  # the others wait at the barrier while rank 0 saves and evaluates
-        finish_run(config, trainer, tokenizer, reward, eval_prompts, result)
+        finish_run(config, trainer, evaluate, result)
     distributed.barrier()
     return result
 
@@ -515,21 +585,28 @@ def start_run_folder(config: PPORunConfig, out: Path, checkpoint: Path, main: bo
     return resume
 
 
-def finish_run(
-    config: PPORunConfig, trainer, tokenizer, reward, eval_prompts, result: dict
-) -> None:
+def evaluate_run(config: PPORunConfig, trainer, tokenizer, reward, eval_prompts, adapters=True):
+    """The held-out evaluation (`evaluate_policy`, or `evaluate_accuracy` for a task), printed."""
+    seed = config.eval_seed
+    if config.task is None:
+        metrics = evaluate_policy(trainer, tokenizer, reward, eval_prompts, seed, adapters)
+        what = f"held-out reviews score P(positive) {metrics['reward_prob_mean']:.3f}"
+    else:
+        task = get_task(config.task)
+        metrics = evaluate_accuracy(trainer, tokenizer, task, eval_prompts, seed, adapters)
+        what = f"held-out {config.task} accuracy {metrics['accuracy']:.3f}"
+    when = f"after {config.steps} steps" if adapters else "before training"
+    kl = f", KL to the starting model {metrics['kl_mean']:.2f} nats/sample" if adapters else ""
+    print(f"ppo: {when}, {what}{kl}")
+    return metrics
+
+
+def finish_run(config: PPORunConfig, trainer, evaluate, result: dict) -> None:
     """The adapter, the held-out evaluation after training, result.json; the tracker closed."""
     out = Path(config.output_dir)
     trainer.save(out / "adapter")
-    if eval_prompts:
-        after = result["after"] = evaluate_policy(
-            trainer, tokenizer, reward, eval_prompts, config.eval_seed
-        )
-        print(
-            f"ppo: after {config.steps} steps, held-out reviews score P(positive) "
-            f"{after['reward_prob_mean']:.3f} (before {result['before']['reward_prob_mean']:.3f}), "
-            f"KL to the starting model {after['kl_mean']:.2f} nats/review"
-        )
+    if "before" in result:
+        result["after"] = evaluate()
     write_json(out / "result.json", result)
     if trainer.tracker is not None:
         trainer.tracker.close()
@@ -537,7 +614,12 @@ def finish_run(
 
 def ppo_prompts(config: PPORunConfig, tokenizer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Prompts (1-D token ids) cut from IMDB train reviews for training, and from test reviews for
-    the held-out evaluation (none when eval_prompts is 0)."""
+    the held-out evaluation (none when eval_prompts is 0); for a task, its training questions and
+    eval_prompts held-out ones (each held-out question in turn, as many times as it takes)."""
+    if config.task is not None:
+        train, held_out = get_task(config.task).split(config.ppo.seed)
+        evaluated = [held_out[i % len(held_out)] for i in range(config.eval_prompts)]
+        return encode_prompts(tokenizer, train), encode_prompts(tokenizer, evaluated)
     cut = dict(min_tokens=config.prompt_min_tokens, max_tokens=config.prompt_max_tokens)
     n_train = max(config.steps * config.ppo.batch_size, 4 * config.ppo.batch_size)
     train_texts = load_imdb("train", config.data_dir, limit=2 * n_train, seed=config.ppo.seed)[
@@ -557,25 +639,37 @@ def ppo_prompts(config: PPORunConfig, tokenizer) -> tuple[list[torch.Tensor], li
 
 
 def ppo_step(
-    trainer: PPOTrainer, tokenizer, reward, queries, diversity_coef: float = 0.0
+    trainer: PPOTrainer,
+    tokenizer,
+    reward,
+    queries,
+    diversity_coef: float = 0.0,
+    reward_fn: WeightedRewards | None = None,
 ) -> tuple[dict, list]:
-    """One step of the loop: 1. sample responses, 2. score the whole reviews (prompt + response),
-    optionally lowered for repeated bigrams (`PPORunConfig.diversity_coef`), 3. one PPO step. Returns
-    the stats (with timings and the mean P(positive)) and the (prompt, response) texts."""
+    """One step of the loop: 1. sample responses, 2. score the whole reviews (prompt + response) with the
+    sentiment ``reward``, or the texts with ``reward_fn`` (then ``reward``, if any, only gives the
+    P(positive) stat), optionally lowered for repeated bigrams (`PPORunConfig.diversity_coef`), 3. one PPO
+    step. Returns the stats (with timings and the mean P(positive)) and the (prompt, response) texts."""
     t = time.perf_counter()
     responses = trainer.generate(queries)
     t_gen = time.perf_counter() - t
     q_text, r_text = _decode_pairs(tokenizer, queries, responses)
     t = time.perf_counter()
     full = [q + r for q, r in zip(q_text, r_text)]
-    scores, probs = reward.scores_and_probabilities(full)
+    if reward_fn is None:
+        scores, probs = reward.scores_and_probabilities(full)
+    else:
+        scores = reward_fn.scores(q_text, r_text)
+        probs = None if reward is None else reward.probability(full)
     repeated = torch.tensor(repeated_ngram_share(responses, 2))
     if diversity_coef:
         scores = penalise_repeats(trainer.config, scores, repeated, diversity_coef)
     t_score = time.perf_counter() - t
     stats = trainer.step(queries, responses, scores)
     stats.update({"time/generate": t_gen, "time/score": t_score})
-    stats["env/reward_prob_mean"] = distributed.all_reduce(probs.float().mean(), "mean").item()
+    if probs is not None:
+        mean_prob = probs.float().mean().to(trainer.device)
+        stats["env/reward_prob_mean"] = distributed.all_reduce(mean_prob, "mean").item()
     stats["env/distinct_1"], stats["env/distinct_2"] = (
         distinct_n(responses, 1),
         distinct_n(responses, 2),

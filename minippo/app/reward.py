@@ -690,3 +690,61 @@ def train_reward(config: RewardConfig) -> dict:
         reward.save(out)
     write_json(out / "metrics.json", {"config": asdict(config), "metrics": metrics, "path": path})
     return {"metrics": metrics, "path": path}
+
+
+# -- reward functions: `--reward-fn path.py:name`, and the sentiment scorers as one ------------------
+
+
+class SentimentReward:
+    """A sentiment scorer (`TfidfSentiment`, `HFSentiment`, `load_reward`'s) as a reward function
+    (`minippo.rewards`): it scores the whole review, prompt + completion, as `minippo ppo` does."""
+
+    __name__ = "sentiment"
+
+    def __init__(self, scorer: _Scorer):
+        self.scorer = scorer
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
+        return self.scorer([p + c for p, c in zip(prompts, completions)]).tolist()
+
+
+def load_reward_fn(spec: str):
+    """The reward function ``name`` defined in the Python file ``path.py``, from ``"path.py:name"``: any
+    callable ``(prompts: list[str], completions: list[str]) -> list[float]``. The file runs as a module
+    (it is code you chose to run). A bad spec, a missing file, a failing import, a missing or
+    non-callable name each raise a ValueError (FileNotFoundError for the file) that says which."""
+    import importlib.util
+
+    path, sep, name = str(spec).rpartition(":")
+    if not sep or not path or not name.isidentifier():
+        raise ValueError(
+            f"--reward-fn takes path.py:name (a Python file and the function's name in it), got {spec!r}"
+        )
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"reward function file {str(file)!r} (from --reward-fn {spec}) does not exist"
+        )
+    module_spec = importlib.util.spec_from_file_location(f"reward_fn_{file.stem}", file)
+    if module_spec is None or module_spec.loader is None:
+        raise ValueError(f"{file} is not a Python file that can be imported (--reward-fn {spec})")
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as err:
+        raise ValueError(
+            f"importing {file} for --reward-fn failed: {type(err).__name__}: {err}"
+        ) from err
+    if not hasattr(module, name):
+        defined = sorted(
+            k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
+        )
+        raise ValueError(
+            f"{file} defines no {name!r} (--reward-fn {spec}); its callables: {defined}"
+        )
+    function = getattr(module, name)
+    if not callable(function):
+        raise ValueError(
+            f"{file}:{name} is a {type(function).__name__}, not a function (prompts, completions) -> scores"
+        )
+    return function
