@@ -124,6 +124,18 @@ def load_adapter(
     A model without LoRA layers gets them (`add_lora` with the file's config); one with must match its
     rank and scaling.  A different base name (unless `check_base=False`), keys or shapes raise a
     ValueError naming what differs, and change nothing."""
+    config, tensors = check_adapter(model, directory, check_base)
+    if not dict(lora_layers(_unwrap(model))):  # 4. load
+        add_lora(_unwrap(model), config)
+    copy_adapter(model, tensors)
+    return model
+
+
+def check_adapter(
+    model: nn.Module, directory: str | os.PathLike, check_base: bool = True
+) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+    """Read the adapter in `directory` and check that it fits `model` (steps 1-3 of `load_adapter`); its
+    config and tensors, for `copy_adapter`. Changes nothing: a mismatch raises the ValueError naming it."""
     directory, lm = os.fspath(directory), _unwrap(model)
     cfg, config, tensors = read_adapter(directory)
     saved, ours = cfg.get("base_model_name_or_path"), _base_name(lm)
@@ -131,15 +143,17 @@ def load_adapter(
         _check_base(saved, ours, directory)
     expected = _expected_shapes(lm, config, directory)  # 2. the shapes this model needs
     _check_tensors(tensors, expected, directory, saved, ours)  # 3. the file fits them
-    if not dict(lora_layers(lm)):  # 4. load
-        add_lora(lm, config)
-    layers = dict(lora_layers(lm))
+    return config, tensors
+
+
+def copy_adapter(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy adapter tensors checked by `check_adapter` into the model's LoRA layers, in place."""
+    layers = dict(lora_layers(_unwrap(model)))
     with torch.no_grad():
         for key, value in tensors.items():
             path, which, _ = key.rsplit(".", 2)
             param = getattr(layers[path], which).weight
             param.copy_(value.to(device=param.device, dtype=param.dtype))
-    return model
 
 
 def read_adapter(directory: str) -> tuple[dict, LoRAConfig, dict[str, torch.Tensor]]:
