@@ -248,8 +248,9 @@ def sampled_steps(trainer, tokenizer, n: int) -> None:
 def checkpoint_worker(out_dir: str) -> None:
     """On every rank: (1) 3 steps straight, and 1 step, save, 1 more step (the generators move on), a
     fresh trainer loads, 2 steps; (2) 30 saves into one folder; (3) a save given another folder on each
-    rank. Writes what each rank saw to checkpoint-rank<r>.json. In (2) and (3) every `os.rename` takes
-    20 ms longer, as on a slow file system, so that two writers would collide reliably."""
+    rank; (4) a save that rank 0 fails to write. Writes what each rank saw to checkpoint-rank<r>.json.
+    In (2) and (3) every `os.rename` takes 20 ms longer, as on a slow file system, so that two writers
+    would collide reliably."""
     out = Path(out_dir)
     straight, tokenizer = resumable_trainer()
     sampled_steps(straight, tokenizer, 3)
@@ -284,6 +285,11 @@ def checkpoint_worker(out_dir: str) -> None:
     except ValueError as error:
         result["different_folders"] = str(error)
     os.rename = rename
+    (out / "a-file").touch()  # (4) rank 0 cannot write (a file where the folder should go)
+    try:
+        resumed.save(out / "a-file" / "checkpoint")
+    except Exception as error:
+        result["failed_write"] = f"{type(error).__name__}: {error}"
     (out / f"checkpoint-rank{resumed.rank}.json").write_text(json.dumps(result))
 
 
@@ -317,6 +323,16 @@ def test_save_from_every_rank_gives_one_checkpoint_and_no_debris(checkpoint_run)
         assert "different folders on the 2 processes" in rank["different_folders"]
     assert json.loads((out / "race" / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
     assert not (out / "rank0").exists() and not (out / "rank1").exists()
+
+
+def test_a_save_that_fails_on_rank_0_fails_on_every_rank(checkpoint_run):
+    """Rank 0's error is raised on rank 0, and on rank 1 (which waited) as a RuntimeError naming it."""
+    _, ranks = checkpoint_run
+    assert ranks[0]["failed_write"].startswith(("FileExistsError", "NotADirectoryError"))
+    assert ranks[1]["failed_write"].startswith(
+        "RuntimeError: rank 0 failed while the others waited"
+    )
+    assert ranks[0]["failed_write"].split(": ", 1)[1] in ranks[1]["failed_write"]
 
 
 def test_resume_needs_the_same_number_of_processes(tmp_path, tokenizer):
