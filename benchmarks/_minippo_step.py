@@ -76,7 +76,7 @@ def build_trainer(spec: Spec, info: dict):
 
 
 def main(spec: Spec) -> None:
-    from minippo.app.allocator import retain_freed_memory
+    from minippo.fast.allocator import retain_freed_memory
 
     retain_freed_memory()  # as the `minippo` command does
     torch.set_num_threads(spec.threads)

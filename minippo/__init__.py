@@ -27,22 +27,23 @@ from .core import (  # noqa: E402
     policy_loss,
     value_loss,
 )
-from .lora import LoRAConfig, add_lora, disable_adapters, merge_lora  # noqa: E402
+from .lora import LoRAConfig, add_lora, disable_adapters, merge_lora, use_adapter  # noqa: E402
 from .policy import PolicyWithValueHead  # noqa: E402
-from .ppo import PPOConfig, PPOTrainer  # noqa: E402
+from .ppo import PPOCallback, PPOConfig, PPOTrainer  # noqa: E402
 from .quant import load_model, prepare_model_for_kbit_training, quantize_model  # noqa: E402
 from .rollout import RolloutBuffer  # noqa: E402
 
 # fmt: off
 __all__ = [
     # LoRA and k-bit loading
-    "LoRAConfig", "add_lora", "disable_adapters", "merge_lora", "save_adapter", "load_adapter",
+    "LoRAConfig", "add_lora", "disable_adapters", "use_adapter", "merge_lora", "save_adapter",
+    "load_adapter",
     "load_model", "quantize_model", "prepare_model_for_kbit_training",
     # PPO math
     "logprobs_from_logits", "entropy_from_logits", "masked_mean", "masked_var", "masked_whiten",
     "compute_gae", "kl_penalty", "kl_penalized_rewards", "policy_loss", "value_loss",
     "AdaptiveKLController", "FixedKLController",
     # policy, rollouts, trainer
-    "PolicyWithValueHead", "RolloutBuffer", "PPOConfig", "PPOTrainer",
+    "PolicyWithValueHead", "RolloutBuffer", "PPOConfig", "PPOTrainer", "PPOCallback",
 ]
 # fmt: on

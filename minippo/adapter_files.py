@@ -1,7 +1,10 @@
 """Adapter files in peft's layout: `save_adapter` and `load_adapter`.
 
 A folder holds `adapter_config.json` (peft's LoraConfig fields) and `adapter_model.safetensors` (keys
-`base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`): peft loads ours, and we load peft's."""
+`base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`): peft loads ours, and we load peft's.
+As peft's `save_pretrained`, a named adapter other than "default" goes into a subfolder of that name (the
+same two files, the name in no key): `load_adapter(model, folder, adapter_name="reward")` reads
+`folder/reward`, or `folder` itself when it holds an adapter saved alone."""
 
 from __future__ import annotations
 
@@ -19,11 +22,13 @@ from .lora import (
     LoRAConfig,
     _model_type,
     _unwrap,
+    adapter_layers,
+    adapter_names,
     add_lora,
+    base_of,
     find_targets,
     from_conv1d,
     layer_dims,
-    lora_layers,
     lora_state_dict,
 )
 
@@ -39,21 +44,19 @@ def _base_name(lm: nn.Module) -> str | None:
     return name or None
 
 
-def adapter_config_dict(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
-    """The `adapter_config.json` fields (peft's LoraConfig) describing `model`'s adapters."""
+def adapter_config_dict(
+    model: nn.Module, base_model_name_or_path: str | None = None, adapter_name: str = "default"
+) -> dict:
+    """The `adapter_config.json` fields (peft's LoraConfig) describing adapter `adapter_name` of `model`."""
     lm = _unwrap(model)
-    layers = [layer for _, layer in lora_layers(lm)]
-    if not layers:
+    if not adapter_names(lm):
         raise ValueError("the model has no LoRA layers: call add_lora (or load_adapter) first")
+    named = adapter_layers(lm, adapter_name)
+    layers = [layer for _, layer in named]
     first = layers[0]
-    config = getattr(lm, "lora_config", None) or getattr(
-        model, "lora_config", None
-    )  # None: layers by hand
-    targets = (
-        config.target_modules
-        if config
-        else sorted({n.rsplit(".", 1)[-1] for n, _ in lora_layers(lm)})
-    )
+    configs = getattr(lm, "lora_configs", None) or getattr(model, "lora_configs", None) or {}
+    config = configs.get(adapter_name)  # None: layers by hand
+    targets = config.target_modules if config else sorted({n.rsplit(".", 1)[-1] for n, _ in named})
     dropout = config.dropout if config else getattr(first.lora_dropout, "p", 0.0)
     return {
         "peft_type": "LORA",
@@ -66,7 +69,7 @@ def adapter_config_dict(model: nn.Module, base_model_name_or_path: str | None = 
         "lora_dropout": dropout,
         "target_modules": targets,
         "fan_in_fan_out": _model_type(lm) == "gpt2"
-        or any(from_conv1d(layer.base_layer) for layer in layers),
+        or any(from_conv1d(base_of(layer)) for layer in layers),
         "bias": "none",
         "use_rslora": first.use_rslora,
         "use_dora": False,
@@ -79,16 +82,27 @@ def adapter_config_dict(model: nn.Module, base_model_name_or_path: str | None = 
     }
 
 
+def adapter_folder(directory: str | os.PathLike, adapter_name: str = "default") -> str:
+    """Where an adapter's files go in peft's layout: `directory` for "default", else its subfolder."""
+    directory = os.fspath(directory)
+    return directory if adapter_name == "default" else os.path.join(directory, adapter_name)
+
+
 def save_adapter(
-    model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None
-):
-    """Write the two adapter files (keys relative to the LM in a wrapper) atomically; returns `directory`."""
-    lm, config = _unwrap(model), adapter_config_dict(model, base_model_name_or_path)
+    model: nn.Module,
+    directory: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+    adapter_name: str = "default",
+) -> str:
+    """Write the two files of adapter `adapter_name` (keys relative to the LM in a wrapper) atomically, into
+    `adapter_folder(directory, adapter_name)`; returns that folder."""
+    lm = _unwrap(model)
+    config = adapter_config_dict(model, base_model_name_or_path, adapter_name)
     tensors = {
         PEFT_PREFIX + key: value.to("cpu").contiguous()
-        for key, value in lora_state_dict(lm).items()
+        for key, value in lora_state_dict(lm, adapter_name).items()
     }
-    directory = os.fspath(directory)
+    directory = adapter_folder(directory, adapter_name)
     os.makedirs(directory, exist_ok=True)
     weights = os.path.join(directory, ADAPTER_WEIGHTS)
     atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
@@ -117,38 +131,51 @@ def _config_from_peft(cfg: dict, where: str) -> LoRAConfig:
 
 
 def load_adapter(
-    model: nn.Module, directory: str | os.PathLike, check_base: bool = True
+    model: nn.Module,
+    directory: str | os.PathLike,
+    check_base: bool = True,
+    adapter_name: str = "default",
 ) -> nn.Module:
-    """Load a LoRA adapter saved by `save_adapter` or by peft into `model`, in place; returns it.
+    """Load a LoRA adapter saved by `save_adapter` or by peft into `model` as adapter `adapter_name`, in
+    place; returns it.  Reads `adapter_folder(directory, adapter_name)` when that holds an adapter, else
+    `directory` (an adapter saved alone, loaded under another name).
 
-    A model without LoRA layers gets them (`add_lora` with the file's config); one with must match its
-    rank and scaling.  A different base name (unless `check_base=False`), keys or shapes raise a
-    ValueError naming what differs, and change nothing."""
-    config, tensors = check_adapter(model, directory, check_base)
-    if not dict(lora_layers(_unwrap(model))):  # 4. load
-        add_lora(_unwrap(model), config)
-    copy_adapter(model, tensors)
+    A model without that adapter gets it (`add_lora` with the file's config: a second adapter starts
+    inactive); one with must match its rank and scaling.  A different base name (unless
+    `check_base=False`), keys or shapes raise a ValueError naming what differs, and change nothing."""
+    config, tensors = check_adapter(model, directory, check_base, adapter_name)
+    if adapter_name not in adapter_names(_unwrap(model)):  # 4. load
+        add_lora(_unwrap(model), config, adapter_name)
+    copy_adapter(model, tensors, adapter_name)
     return model
 
 
 def check_adapter(
-    model: nn.Module, directory: str | os.PathLike, check_base: bool = True
+    model: nn.Module,
+    directory: str | os.PathLike,
+    check_base: bool = True,
+    adapter_name: str = "default",
 ) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
-    """Read the adapter in `directory` and check that it fits `model` (steps 1-3 of `load_adapter`); its
+    """Read the adapter that `load_adapter` would and check that it fits `model` (its steps 1-3): its
     config and tensors, for `copy_adapter`. Changes nothing: a mismatch raises the ValueError naming it."""
     directory, lm = os.fspath(directory), _unwrap(model)
+    named = adapter_folder(directory, adapter_name)
+    if os.path.isfile(os.path.join(named, ADAPTER_CONFIG)):
+        directory = named
     cfg, config, tensors = read_adapter(directory)
     saved, ours = cfg.get("base_model_name_or_path"), _base_name(lm)
     if check_base:  # 1. same base?
         _check_base(saved, ours, directory)
-    expected = _expected_shapes(lm, config, directory)  # 2. the shapes this model needs
+    expected = _expected_shapes(lm, config, directory, adapter_name)  # 2. the shapes it needs
     _check_tensors(tensors, expected, directory, saved, ours)  # 3. the file fits them
     return config, tensors
 
 
-def copy_adapter(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy adapter tensors checked by `check_adapter` into the model's LoRA layers, in place."""
-    layers = dict(lora_layers(_unwrap(model)))
+def copy_adapter(
+    model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str = "default"
+) -> None:
+    """Copy adapter tensors checked by `check_adapter` into the model's adapter `adapter_name`, in place."""
+    layers = dict(adapter_layers(_unwrap(model), adapter_name))
     with torch.no_grad():
         for key, value in tensors.items():
             path, which, _ = key.rsplit(".", 2)
@@ -180,7 +207,8 @@ def read_adapter(directory: str) -> tuple[dict, LoRAConfig, dict[str, torch.Tens
         key,
         value,
     ) in raw.items():  # peft's in-memory names carry the adapter name: "lora_A.default"
-        tensors[re.sub(r"\.(lora_[AB])\.default\.", r".\1.", key.removeprefix(PEFT_PREFIX))] = value
+        key = key.removeprefix(PEFT_PREFIX)
+        tensors[re.sub(r"\.(lora_[AB])\.[\w-]+\.weight$", r".\1.weight", key)] = value
     return cfg, config, tensors
 
 
@@ -198,10 +226,12 @@ def _check_base(saved: str | None, ours: str | None, directory: str) -> None:
 
 
 def _expected_shapes(
-    lm: nn.Module, config: LoRAConfig, directory: str
+    lm: nn.Module, config: LoRAConfig, directory: str, adapter_name: str = "default"
 ) -> dict[str, tuple[int, int]]:
-    """Key -> shape, from the model's LoRA layers, else from the layers add_lora would wrap."""
-    existing = dict(lora_layers(lm))
+    """Key -> shape, from the adapter's LoRA layers, else from the layers add_lora would wrap."""
+    existing = {}
+    if adapter_name in adapter_names(lm):
+        existing = dict(adapter_layers(lm, adapter_name))
     for name, layer in existing.items():
         if layer.r != config.r or not math.isclose(layer.scaling, config.scaling):
             raise ValueError(

@@ -19,80 +19,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 KL_ESTIMATORS = ("k1", "kl", "abs", "mse", "k3")
-# `logprobs_from_hidden`: logits a matmul takes (GPU, CPU), rows an element-wise pass takes (cache-sized)
-HEAD_BLOCK, HEAD_BLOCK_CPU, HEAD_ROWS = 2**26, 2**24, 16
 
 
 # -- log-probabilities and entropy ------------------------------------------------------------
 def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     """Log-probability of each label under the softmax of its logits, (B, T, V), (B, T) -> (B, T):
-    ``logits[label] - logsumexp(logits)``, which keeps no second (B, T, V) tensor for the backward."""
-    label_logits = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (B, T)
-    lse = torch.cat([torch.logsumexp(z, dim=-1) for z in _row_blocks(logits)])  # (B * T,)
-    return label_logits - lse.view(label_logits.shape)
+    ``log_softmax(logits)[label]``."""
+    logp = torch.log_softmax(logits, dim=-1)  # (B, T, V)
+    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (B, T)
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
     """Entropy of the softmax at each position, (B, T, V) -> (B, T): logsumexp(z) - sum softmax(z) * z."""
-    ent = [
-        torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
-        for z in _row_blocks(logits)
-    ]
-    return torch.cat(ent).view(logits.shape[:-1])
-
-
-def logprobs_from_hidden(hidden: Tensor, weight: Tensor, labels: Tensor, scale: float = 1.0):
-    """`logprobs_from_logits` and `entropy_from_logits` (detached) of logits ``scale * hidden @ weight.T``,
-    (B, T, H), (V, H), (B, T) -> (B, T), (B, T), in blocks of rows: no (B, T, V) tensor kept, fewer passes.
-    The gradient is made in the forward, ``d logp / dh = scale * (W[label] - softmax @ W)`` per row (a fused
-    linear cross-entropy, as Liger-Kernel's, arXiv:2410.10989), so the backward is a product; none for W."""
-    with_grad = torch.is_grad_enabled() and hidden.requires_grad
-    return _HeadLogprobs.apply(hidden, weight, labels, scale, with_grad)
-
-
-class _HeadLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, scale, with_grad):
-        h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)  # (N, H), (N,)
-        logp, ent = torch.empty(len(y), device=h.device), torch.empty(len(y), device=h.device)
-        grad = torch.empty(h.shape, device=h.device) if with_grad else None  # float32 (N, H)
-        step, sub = (
-            max(1, (HEAD_BLOCK_CPU if h.is_cpu else HEAD_BLOCK) // weight.shape[0]),
-            HEAD_ROWS,
-        )
-        for i in range(0, len(y), step):
-            z = h[i : i + step] @ weight.T  # (n, V) in the weight's dtype
-            p = torch.empty_like(z) if with_grad else None  # softmax(z)
-            for j in range(0, len(z), sub):
-                zj, rows = z[j : j + sub].float(), slice(i + j, i + j + min(sub, len(z) - j))
-                zj = zj if scale == 1.0 else zj.mul_(scale)
-                e = zj.sub_(zj.amax(-1, keepdim=True)).exp()  # z - max(z), and its exp
-                s = e.sum(-1)
-                log_s = s.log()
-                logp[rows] = zj.gather(1, y[rows, None])[:, 0] - log_s
-                ent[rows] = log_s - torch.linalg.vecdot(e, zj) / s
-                if with_grad:
-                    p[j : j + sub] = e.div_(s[:, None])
-            if with_grad:
-                grad[i : i + step] = (weight[y[i : i + step]].float() - p @ weight) * scale
-        logp, ent = logp.view(labels.shape), ent.view(labels.shape)
-        ctx.mark_non_differentiable(ent)
-        ctx.save_for_backward(grad)
-        ctx.dtype, ctx.shape = hidden.dtype, hidden.shape
-        return logp, ent
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_ent):
-        return (grad_logp.reshape(-1, 1) * ctx.saved_tensors[0]).to(ctx.dtype).view(ctx.shape), *[
-            None
-        ] * 4
-
-
-def _row_blocks(x: Tensor) -> list[Tensor]:
-    """x's rows of the last dim: on a CPU 8 at a time (cache-sized: 2-5x faster at V = 49k, the same
-    numbers, as each row is reduced alone), on a GPU all at once."""
-    rows = x.reshape(-1, x.shape[-1])  # (B * T, V)
-    return list(rows.split(8)) if rows.is_cpu else [rows]
+    probs = torch.softmax(logits, dim=-1)  # (B, T, V)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
 
 
 # -- masked statistics --------------------------------------------------------------------------
@@ -317,3 +257,30 @@ class RunningMoments:
             float(state["var"]),
             int(state["count"]),
         )
+
+
+# -- the reward model's loss --------------------------------------------------------------------
+def bradley_terry_loss(
+    chosen: Tensor, rejected: Tensor, center_rewards_coefficient: float | None = None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The pairwise reward-model loss, -log sigmoid(r_chosen - r_rejected), averaged over B pairs:
+    (B,), (B,) scores of the preferred and the other answer -> (loss, stats).
+
+    With ``center_rewards_coefficient`` c it adds c * mean((r_chosen + r_rejected)^2), which keeps the
+    scores near zero mean (the loss alone sees only differences: trl's RewardTrainer). Stats, detached:
+    accuracy (share of pairs with r_chosen > r_rejected), margin (mean r_chosen - r_rejected), and the mean
+    chosen and rejected scores.
+    Ref: Christiano et al. 2017, arXiv:1706.03741, section 2.2.3; Ouyang et al. 2022, arXiv:2203.02155,
+    eq. 1 (one pair per prompt); centring: Eisenstein et al. 2023, arXiv:2312.09244."""
+    margin = chosen - rejected  # (B,)
+    loss = -F.logsigmoid(margin).mean()
+    if center_rewards_coefficient:
+        loss = loss + center_rewards_coefficient * (chosen + rejected).square().mean()
+    with torch.no_grad():
+        stats = {
+            "accuracy": (margin > 0).float().mean(),
+            "margin": margin.mean(),
+            "chosen": chosen.mean(),
+            "rejected": rejected.mean(),
+        }
+    return loss, stats

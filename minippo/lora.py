@@ -7,7 +7,12 @@ A LoRA layer adds a trainable low-rank update to a frozen layer W (out, in):
 with scaling = alpha / r (alpha / sqrt(r) with rsLoRA) and B = 0 at init, so an adapted model starts
 as its base.  The layer only *calls* the base, never reads its weight, so the base may be int8 or 4-bit.
 Ref: Hu et al. 2021, LoRA, arXiv:2106.09685, eq. 3; Kalajdzievski 2023, rsLoRA, arXiv:2312.03732.
-minLoRA-style API: `add_lora`, `disable_adapters`, `lora_state_dict`, `merge_lora`; files: `adapter_files`."""
+minLoRA-style API: `add_lora`, `disable_adapters`, `lora_state_dict`, `merge_lora`; files: `adapter_files`.
+
+Named adapters: `add_lora(model, config, adapter_name="reward")` adds a second adapter to a model that has
+one (peft's multi-adapter model, on one copy of the base weights).  A layer with two adapters is two
+LoRALayers, one inside the other, each adding its own update; the new one starts inactive (the active one
+stays, as in peft), `use_adapter(model, name)` runs a block with only `name` on."""
 
 from __future__ import annotations
 
@@ -23,8 +28,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import compat
 from .checks import BOOL, FRACTION, POSITIVE, POSITIVE_INT, check_fields, one_of
-from .quant import dequantize_4bit, dequantize_8bit, pin_kbit_layers, resolve_dtype
+from .quant import dequantize_4bit, dequantize_8bit, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +134,9 @@ class LoRALayer(nn.Module):
 
     `base_layer` is only ever called.  `lora_A` (in -> r) and `lora_B` (r -> out) are bias-free fp32
     nn.Linear, so state dict keys are peft's (`<path>.lora_A.weight`).  The adapter runs in fp32, also
-    under autocast, cast to the base output's dtype; `disabled` makes the layer its base."""
+    under autocast, cast to the base output's dtype; `disabled` makes the layer its base.  `adapter_name`
+    names the adapter the layer belongs to; a second adapter on the same layer is a LoRALayer inserted as
+    this one's `base_layer` (`add_lora`)."""
 
     def __init__(
         self,
@@ -138,6 +146,7 @@ class LoRALayer(nn.Module):
         dropout=0.0,
         use_rslora=False,
         init="default",
+        adapter_name: str = "default",
     ):
         super().__init__()
         if not is_linear_like(base_layer):
@@ -156,6 +165,7 @@ class LoRALayer(nn.Module):
         self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=torch.float32)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.adapter_name = adapter_name
         self.disabled = False
         self.reset_lora_parameters(init)
 
@@ -182,7 +192,8 @@ class LoRALayer(nn.Module):
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, disabled={self.disabled}"
+        name, r, scaling = self.adapter_name, self.r, self.scaling
+        return f"{name!r}, r={r}, alpha={self.alpha}, scaling={scaling:g}, disabled={self.disabled}"
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -198,7 +209,46 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
+    """(path, layer) of every LoRA layer of every adapter (an inner adapter's path ends in `.base_layer`)."""
     return ((name, m) for name, m in model.named_modules() if isinstance(m, LoRALayer))
+
+
+# -- named adapters ----------------------------------------------------------------------------
+def module_path(name: str) -> str:
+    """The path of the layer an adapter wraps: a LoRA layer's path less its outer adapters' `.base_layer`."""
+    return re.sub(r"(\.base_layer)+$", "", name)
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of the model's adapters, each once, in module order."""
+    return list(dict.fromkeys(layer.adapter_name for _, layer in lora_layers(model)))
+
+
+def check_adapter(model: nn.Module, adapter_name: str) -> None:
+    """ValueError naming the adapters that exist, unless the model has one called `adapter_name`."""
+    names = adapter_names(model)
+    if adapter_name not in names:
+        raise ValueError(f"the model has no adapter named {adapter_name!r}; its adapters: {names}")
+
+
+def adapter_layers(model: nn.Module, adapter_name: str = "default") -> list[tuple[str, LoRALayer]]:
+    """(path of the wrapped layer, LoRA layer) of one adapter; ValueError for an unknown name."""
+    check_adapter(model, adapter_name)
+    layers = lora_layers(model)
+    return [(module_path(n), m) for n, m in layers if m.adapter_name == adapter_name]
+
+
+def adapter_parameters(model: nn.Module, adapter_name: str = "default") -> list[nn.Parameter]:
+    """The A and B matrices of one adapter: what an optimiser trains for it."""
+    layers = adapter_layers(model, adapter_name)
+    return [p for _, m in layers for p in (m.lora_A.weight, m.lora_B.weight)]
+
+
+def base_of(layer: nn.Module) -> nn.Module:
+    """The frozen layer under a LoRA layer and under any adapters inside it (the layer itself if none)."""
+    while isinstance(layer, LoRALayer):
+        layer = layer.base_layer
+    return layer
 
 
 # -- adding adapters ---------------------------------------------------------------------------
@@ -213,11 +263,16 @@ def _model_type(model: nn.Module) -> str | None:
 
 
 def _linear_like_names(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(path, module) of the Linear-like modules of `model`, outside existing LoRA layers."""
+    """(path, module) of the Linear-like modules of `model` and of its outermost LoRA layers (which a new
+    adapter may target too), never the modules inside a LoRA layer."""
     inside = {
         f"{n}.{sub}" for n, _ in lora_layers(model) for sub in ("base_layer", "lora_A", "lora_B")
     }
-    return [(n, m) for n, m in model.named_modules() if is_linear_like(m) and n and n not in inside]
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if (is_linear_like(m) or isinstance(m, LoRALayer)) and n and n not in inside
+    ]
 
 
 def resolve_target_modules(model: nn.Module, config: LoRAConfig):
@@ -260,14 +315,25 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Mod
     return found
 
 
-def add_lora(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
-    """Wrap the target layers of `model` in `LoRALayer`s, freeze all else (a wrapper's value head too:
-    unfreeze it afterwards) and `pin_kbit_layers`, in place.  Keeps the resolved config as
-    `model.lora_config` for `save_adapter`.  Returns `model`."""
+def add_lora(
+    model: nn.Module, config: LoRAConfig | None = None, adapter_name: str = "default"
+) -> nn.Module:
+    """Wrap the target layers of `model` in `LoRALayer`s of adapter `adapter_name`, in place.
+
+    The first adapter of a model is active.  Another name adds a second adapter, with its own targets,
+    rank and alpha, that starts inactive (the active one stays, as in peft; `use_adapter` runs it): a layer
+    that has an adapter gets the new one as its innermost `base_layer`.  Freezes every parameter but the
+    adapters' (a wrapper's value head too: unfreeze it afterwards; earlier adapters keep their flags); the
+    base layers keep the function they compute.  Keeps the resolved config in
+    `model.lora_configs[adapter_name]` for `save_adapter`.  Returns `model`."""
     config = config or LoRAConfig()
-    if next(lora_layers(model), None) is not None:
+    names = adapter_names(model)
+    if not isinstance(adapter_name, str) or not re.fullmatch(r"[\w-]+", adapter_name):
+        raise ValueError(f"adapter_name must be letters, digits, _ or -, got {adapter_name!r}")
+    if adapter_name in names:
         raise ValueError(
-            "the model already has LoRA layers: add_lora once per model (merge_lora to stack)"
+            f"the model already has LoRA adapter {adapter_name!r} (its adapters: {names}): give a new "
+            "adapter another adapter_name, or merge_lora to stack"
         )
     found = find_targets(model, config)
     if too_small := [(n, layer_dims(m)) for n, m in found if config.r > min(layer_dims(m))]:
@@ -276,30 +342,50 @@ def add_lora(model: nn.Module, config: LoRAConfig | None = None) -> nn.Module:
             f"LoRA rank r={config.r} exceeds min(in, out) of {len(too_small)} target layer(s), e.g. "
             f"{name} with (in, out) = ({i}, {o}); choose r <= {min(min(d) for _, d in too_small)}"
         )
-    model.requires_grad_(False)
+    adapters = {id(p) for other in names for p in adapter_parameters(model, other)}
+    for p in model.parameters():
+        if id(p) not in adapters:
+            p.requires_grad_(False)
     for name, module in found:
-        layer = LoRALayer(
-            module, config.r, config.alpha, config.dropout, config.use_rslora, config.init
+        args = (config.r, config.alpha, config.dropout, config.use_rslora, config.init)
+        layer = LoRALayer(base_of(module), *args, adapter_name=adapter_name).train(module.training)
+        layer.disabled = bool(names)  # a second adapter starts inactive
+        if isinstance(module, LoRALayer):  # inside the adapters the layer has
+            inner = module
+            while isinstance(inner.base_layer, LoRALayer):
+                inner = inner.base_layer
+            inner.base_layer = layer
+        else:
+            model.set_submodule(name, layer)
+    if repacked := compat.keep_4bit_layers_unpacked(model):
+        logger.warning(
+            "add_lora: %d Linear4bit layer(s) (e.g. %s) were repacked by bitsandbytes' AVX512-BF16 CPU "
+            "kernel, which passes no gradient to its input: adapters below them will not learn. Load "
+            "with minippo.load_model, or call minippo.compat.keep_4bit_layers_unpacked(model) before "
+            "the first forward",
+            len(repacked),
+            repacked[0],
         )
-        model.set_submodule(name, layer.train(module.training))
-    pin_kbit_layers(model)
     resolved = resolve_target_modules(model, config)
     if resolved == "all-linear":  # saved as the names it expanded to, as peft does
         resolved = sorted({n.rsplit(".", 1)[-1] for n, _ in found})
-    model.lora_config = dataclasses.replace(config, target_modules=resolved)
+    configs = getattr(model, "lora_configs", {})
+    resolved_config = dataclasses.replace(config, target_modules=resolved)
+    model.lora_configs = {**configs, adapter_name: resolved_config}
     trainable, total = count_parameters(model)
-    msg = "add_lora: %d layers, r=%d; trainable params %d / %d (%.3f%%)"
-    logger.info(msg, len(found), config.r, trainable, total, 100.0 * trainable / max(total, 1))
+    msg = "add_lora %r: %d layers, r=%d; trainable params %d / %d (%.3f%%)"
+    share = 100.0 * trainable / max(total, 1)
+    logger.info(msg, adapter_name, len(found), config.r, trainable, total, share)
     return model
 
 
 @contextlib.contextmanager
-def disable_adapters(model: nn.Module):
-    """Context manager under which every LoRA layer of `model` is its base layer exactly.  Restores
-    each layer's flag on exit (also on an exception), so it nests; train/eval mode is untouched."""
+def _adapter_flags(model: nn.Module, off):
+    """Set each LoRA layer's `disabled` to `off(layer)` for a block, then restore every flag (also on an
+    exception), so the context managers built on it nest; train/eval mode is untouched."""
     previous = {layer: layer.disabled for _, layer in lora_layers(model)}
     for layer in previous:
-        layer.disabled = True
+        layer.disabled = off(layer)
     try:
         yield model
     finally:
@@ -307,10 +393,30 @@ def disable_adapters(model: nn.Module):
             layer.disabled = flag
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{"<path>.lora_A.weight": A (r, in), "<path>.lora_B.weight": B (out, r)}, detached, for every layer."""
+def disable_adapters(model: nn.Module):
+    """Context manager under which every LoRA layer of `model`, of every adapter, is its base layer
+    exactly.  Restores each layer's flag on exit (also on an exception), so it nests."""
+    return _adapter_flags(model, lambda layer: True)
+
+
+def use_adapter(model: nn.Module, adapter_name: str):
+    """Context manager under which only adapter `adapter_name` is active (every other adapter's layers are
+    their base).  Restores each layer's flag on exit (also on an exception), so it nests with itself and
+    with `disable_adapters`.  ValueError, naming the adapters that exist, for an unknown name."""
+    check_adapter(model, adapter_name)
+    return _adapter_flags(model, lambda layer: layer.adapter_name != adapter_name)
+
+
+def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """{"<path>.lora_A.weight": A (r, in), "<path>.lora_B.weight": B (out, r)}, detached: of every LoRA
+    layer (their paths in the model), or of adapter `adapter_name`, keyed by the paths of the layers it
+    wraps (its adapter file's keys; the same for a model's only adapter)."""
+    if adapter_name is None:
+        layers = list(lora_layers(model))
+    else:
+        layers = adapter_layers(model, adapter_name)
     out = {}
-    for name, layer in lora_layers(model):
+    for name, layer in layers:
         out[f"{name}.lora_A.weight"] = layer.lora_A.weight.detach()
         out[f"{name}.lora_B.weight"] = layer.lora_B.weight.detach()
     return out
@@ -345,9 +451,9 @@ def _plain_layer(layer: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> 
 
 
 def _strip_markers(model: nn.Module) -> None:
-    """Remove transformers' k-bit markers and our `lora_config`: `save_pretrained` writes a float model."""
+    """Remove transformers' k-bit markers and our `lora_configs`: `save_pretrained` writes a float model."""
     for target in {id(m): m for m in (model, _unwrap(model))}.values():
-        markers = "quantization_method is_loaded_in_8bit is_loaded_in_4bit _weight_conversions lora_config"
+        markers = "quantization_method is_loaded_in_8bit is_loaded_in_4bit _weight_conversions lora_configs"
         for attr in markers.split():
             vars(target).pop(attr, None)
         if getattr(target, "hf_quantizer", None) is not None:
@@ -356,29 +462,58 @@ def _strip_markers(model: nn.Module) -> None:
             delattr(target.config, "quantization_config")
 
 
-def merge_lora(model: nn.Module, dtype: torch.dtype | str = torch.float32) -> nn.Module:
-    """Fold every adapter into its base weight, W' = W + scaling * B @ A, in place; returns the model.
+def _merged_chain(chain: nn.Module, adapter_name: str | None, dtype: torch.dtype) -> nn.Module:
+    """An outermost LoRA layer and the adapters inside it, with `adapter_name`'s (every one's: None) update
+    folded into the base weight: a plain layer, or the adapters kept, over one."""
+    layers = []  # outer to inner
+    while isinstance(chain, LoRALayer):
+        layers.append(chain)
+        chain = chain.base_layer
+    base = chain
+    folded = [m for m in layers if adapter_name in (None, m.adapter_name)]
+    weight = _float_weight(base)  # (out, in)
+    for m in folded:
+        weight = weight + m.delta_weight().to(weight.device)
+    merged = _plain_layer(base, weight, dtype)
+    for m in reversed([m for m in layers if m not in folded]):  # the kept adapters, inner to outer
+        m.base_layer = merged
+        merged = m
+    return merged
+
+
+def merge_lora(
+    model: nn.Module, dtype: torch.dtype | str = torch.float32, adapter_name: str | None = None
+) -> nn.Module:
+    """Fold every adapter (or only `adapter_name`) into its base weight, W' = W + scaling * B @ A, in place;
+    returns the model.
 
     Each LoRALayer becomes an nn.Linear (Conv1D where the base came from one) holding W' in `dtype`, and
     other k-bit layers are dequantised too; k-bit markers go, so `save_pretrained` writes a float model.
-    The base's quantisation error is kept (8-bit: without activation quantisation).  Only explicit."""
+    Adapters other than `adapter_name` stay, over the merged weights, in float32.  The base's quantisation
+    error is kept (8-bit: without activation quantisation).  Only explicit."""
     dtype = resolve_dtype(dtype)
+    if adapter_name is not None:
+        check_adapter(model, adapter_name)
     with torch.no_grad():
         for name, layer in list(lora_layers(model)):
-            base = layer.base_layer
-            weight = _float_weight(base) + layer.delta_weight().to(base.weight.device)  # (out, in)
-            model.set_submodule(name, _plain_layer(base, weight, dtype))
+            if module_path(name) == name:  # an outermost LoRA layer
+                model.set_submodule(name, _merged_chain(layer, adapter_name, dtype))
         for name, module in list(model.named_modules()):
             if isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)):
                 model.set_submodule(name, _plain_layer(module, _float_weight(module), dtype))
+    configs = getattr(model, "lora_configs", {})
+    kept = {name: c for name, c in configs.items() if adapter_name not in (None, name)}
     _strip_markers(model)
+    if kept:
+        model.lora_configs = kept
+    adapters = {id(p) for _, m in lora_layers(model) for p in (m.lora_A.weight, m.lora_B.weight)}
     for p in model.parameters():
-        if p.is_floating_point():
+        if p.is_floating_point() and id(p) not in adapters:
             p.data = p.data.to(dtype)
     lm = _unwrap(model)
     if hasattr(lm, "tie_weights"):
         lm.tie_weights()
     config = getattr(lm, "config", None)
     if config is not None:
-        setattr(config, "dtype" if hasattr(config, "dtype") else "torch_dtype", dtype)
+        compat.set_config_dtype(config, dtype)
     return model

@@ -10,7 +10,6 @@ lengths, never from comparing token ids with the pad id, so the pad id may equal
 from __future__ import annotations
 
 import functools
-import inspect
 import os
 from dataclasses import dataclass
 
@@ -20,8 +19,9 @@ import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from . import compat
 from .adapter_files import load_adapter, save_adapter
-from .core import entropy_from_logits, logprobs_from_hidden, logprobs_from_logits
+from .core import entropy_from_logits, logprobs_from_logits
 from .fileio import atomic_write
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -128,17 +128,15 @@ class PolicyWithValueHead(nn.Module):
         if value_head is None:
             value_head = ValueHead(config.hidden_size, dropout=value_head_dropout)
         self.value_head = value_head.to(self.device)
-        params = inspect.signature(self.backbone.forward).parameters
-        self._cache_arg = (
-            "cache" if "cache" in params else "past_key_values"
-        )  # KV cache: transformers 5, 4.x
+        self._cache_arg = compat.kv_cache_arg(self.backbone)
         # logits = softcap(lm_head(h) * logit_scale / logits_scaling), as those models' forwards
         scale, divisor = (
             getattr(config, "logit_scale", None),
             getattr(config, "logits_scaling", None),
         )
         self._logit_scale = (scale or 1.0) / (divisor or 1.0)
-        self._softcap, self._checkpointing = getattr(config, "final_logit_softcapping", None), False
+        self._softcap = getattr(config, "final_logit_softcapping", None)
+        self._checkpointing = False
         self.check_logits()
 
     @property
@@ -180,17 +178,7 @@ class PolicyWithValueHead(nn.Module):
             theirs = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
             hidden = self._response_hidden(ids, mask, None)  # (2, 8, H), `forward`'s
             ours = self.logits_from_hidden(hidden)  # (2, 8, V)
-            head = (
-                self.lm_head
-            )  # the fused head: a plain float nn.Linear head, probed on the same states
-            plain = (
-                type(head) is nn.Linear and head.bias is None and head.weight.is_floating_point()
-            )
-            self.fused_head = plain and not self._softcap
-            if self.fused_head:
-                fused = self._fused_logprobs(hidden[:, :-1], ids[:, 1:])[0]  # (2, 7)
-                error = fused - logprobs_from_logits(ours[:, :-1], ids[:, 1:])
-                self.fused_head = error.abs().max().item() < 1e-3
+            self.fused_head = self._fused_head_agrees(hidden, ids, ours)
         finally:
             self.model.train(training)
         error, scale = (ours - theirs).abs().max().item(), theirs.abs().max().item()
@@ -200,6 +188,17 @@ class PolicyWithValueHead(nn.Module):
                 f"|logit| {scale:.3g}): its forward post-processes them in a way minippo does not know, so "
                 "PPO would train another distribution. Use a model whose logits are lm_head(hidden)."
             )
+
+    def _fused_head_agrees(self, hidden: Tensor, ids: Tensor, logits: Tensor) -> bool:
+        """Whether the LM head offers ``logprobs_and_entropy`` (`minippo.fast`'s head) and it gives this
+        policy's log-probs on the probe batch (a hook that changes the head's output makes it disagree)."""
+        fused = getattr(self.lm_head, "logprobs_and_entropy", None)
+        if fused is None or self._softcap:
+            return False
+        with torch.autocast(hidden.device.type, enabled=False):
+            logp = fused(hidden[:, :-1], ids[:, 1:], self._logit_scale)[0]  # (2, 7)
+        error = logp - logprobs_from_logits(logits[:, :-1], ids[:, 1:])
+        return error.abs().max().item() < 1e-3
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -250,24 +249,25 @@ class PolicyWithValueHead(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Log-probs and entropies (B, T) of the T response tokens that end a (B, L) batch, as `forward`'s
         logits give them, and values (None without ``with_values``); the entropy without gradient unless
-        ``entropy_grad``. Without it, by `core.logprobs_from_hidden` (no logits kept) where `check_logits`
-        found that exact: a frozen float nn.Linear LM head without bias, softcap or hooks that change it."""
+        ``entropy_grad``. An LM head that offers ``logprobs_and_entropy`` (`minippo.fast`'s; `check_logits`
+        sets ``fused_head`` where it agrees with the logits) computes both from the hidden states without
+        keeping the logits, where it can: no gradient for the head's weight or the entropy."""
         hidden = self._response_hidden(input_ids, attention_mask, response_ids.shape[1])
         values = self.value_head(hidden) if with_values else None
-        head_grad = (
-            torch.is_grad_enabled() and self.lm_head.weight.requires_grad
-        )  # the fused head gives none
-        if entropy_grad or head_grad or not self.fused_head:
-            logits = self.logits_from_hidden(hidden, temperature)  # (B, T, V)
-            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-                entropy = entropy_from_logits(logits)
-            return logprobs_from_logits(logits, response_ids), entropy, values
-        return *self._fused_logprobs(hidden, response_ids, temperature), values
-
-    def _fused_logprobs(self, hidden, labels, temperature=1.0):
-        with torch.autocast(hidden.device.type, enabled=False):  # the head in its weight's dtype
-            w, scale = self.lm_head.weight, self._logit_scale / temperature
-            return logprobs_from_hidden(hidden.to(w.dtype), w, labels, scale)
+        head = self.lm_head
+        head_grad = torch.is_grad_enabled() and head.weight.requires_grad
+        if self.fused_head and not (entropy_grad or head_grad):
+            scale = self._logit_scale / temperature
+            with torch.autocast(hidden.device.type, enabled=False):
+                logprobs, entropy = head.logprobs_and_entropy(hidden, response_ids, scale)
+            return logprobs, entropy, values
+        logits = self.logits_from_hidden(hidden, temperature)  # (B, T, V)
+        # the plain functions, or the LM head's own forms of them (`minippo.fast`'s: in row blocks)
+        logprobs_of = getattr(head, "logprobs_from_logits", logprobs_from_logits)
+        entropy_of = getattr(head, "entropy_from_logits", entropy_from_logits)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = entropy_of(logits)
+        return logprobs_of(logits, response_ids), entropy, values
 
     def _response_hidden(self, input_ids, attention_mask, response_length):
         """The last hidden state (B, L, H), or (B, T, H) at the positions that predict the last T tokens."""
@@ -331,6 +331,8 @@ class PolicyWithValueHead(nn.Module):
     def _sample(self, queries, lengths, pad_token_id, eos_token_id, temperature) -> Generation:
         """One batch of `generate`: prefill the prompts, then one cached forward per new token."""
         device = self.device
+        # a token per row from probabilities (B, V): torch.multinomial, or the LM head's own sampler
+        sample = getattr(self.lm_head, "sample", _multinomial)
         query_ids, query_mask = left_pad(queries, pad_token_id)  # (B, P)
         B, T, lengths = len(queries), int(lengths.max()), lengths.to(device)
         tokens = torch.full((B, T), pad_token_id, dtype=torch.long, device=device)  # (B, T)
@@ -345,14 +347,7 @@ class PolicyWithValueHead(nn.Module):
             )
             logits = self.logits_from_hidden(hidden[:, -1:], temperature)[:, 0]  # (B, V)
             logp_all = torch.log_softmax(logits, dim=-1)  # (B, V)
-            # inverse-CDF sampling, one uniform per row (torch.multinomial draws V exponentials per row)
-            cdf = logp_all.exp().cumsum(-1, dtype=torch.float64)  # (B, V)
-            u = (
-                torch.rand(B, 1, dtype=cdf.dtype, device=device) * cdf[:, -1:]
-            )  # (B, 1) in [0, total)
-            next_token = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_max(
-                cdf.shape[1] - 1
-            )  # (B,)
+            next_token = sample(logp_all.exp())  # (B,)
             alive = ~finished & (t < lengths)
             tokens[:, t] = torch.where(alive, next_token, pad_token_id)
             logprobs[:, t] = torch.where(alive, logp_all.gather(1, next_token[:, None])[:, 0], 0.0)
@@ -382,6 +377,11 @@ class PolicyWithValueHead(nn.Module):
         """Load an adapter and value head written by `save_pretrained` (in place)."""
         load_adapter(self.model, directory)
         load_value_head(self.value_head, directory)
+
+
+def _multinomial(probs: Tensor) -> Tensor:
+    """One token per row drawn from probabilities (B, V) -> (B,)."""
+    return torch.multinomial(probs, 1)[:, 0]
 
 
 def _checkpointed(forward, *args, **kwargs):

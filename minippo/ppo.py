@@ -33,6 +33,9 @@ from .tracking import TRACKERS, Tracker, check_installed
 
 logger = logging.getLogger(__name__)
 
+# set on a model by `minippo.fast.enable` (load_model(fast=True)): the trainer then reuses the rollout forward
+FAST_MARKER = "minippo_fast"
+
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.pt"
 SCHEDULER_STATE = "scheduler.pt"
@@ -176,20 +179,43 @@ class PPOConfig:
         return self.mini_batch_size // self.gradient_accumulation_steps
 
 
+class PPOCallback:
+    """Hooks into `PPOTrainer.step`, for logging, tests and early exits: subclass and override.
+    Each method gets the trainer; the stats are detached tensors (per minibatch) or floats (per step)."""
+
+    def on_minibatch(
+        self, trainer: PPOTrainer, minibatch: RolloutBuffer, stats: dict[str, Tensor]
+    ) -> None:
+        """After each minibatch's update (or skip): its buffer and its stats (``policy/ratio``, ...)."""
+
+    def on_step_end(
+        self, trainer: PPOTrainer, batch: RolloutBuffer, stats: dict[str, float]
+    ) -> None:
+        """After each step: the whole rollout buffer (log-probs, rewards, advantages) and the stats."""
+
+
 class PPOTrainer:
     """Trains a policy (LoRA adapters + value head) with PPO against a reference = adapters off.
 
     ``model``: a `PolicyWithValueHead`, or a causal LM with LoRA layers (``add_lora``) to wrap in one.
     ``tokenizer`` gives the pad and EOS ids (EOS pads if there is no pad token: masks come from lengths).
     ``optimizer``: AdamW over the trainable parameters by default; ``lr_scheduler`` steps once per `step`,
-    as in trl. The policy runs in eval mode (dropout off): each step's first minibatch has ratio 1."""
+    as in trl. ``callbacks``: `PPOCallback` objects called during each step. The policy runs in eval
+    mode (dropout off): each step's first minibatch has ratio 1."""
 
     def __init__(
-        self, config: PPOConfig, model: nn.Module, tokenizer=None, optimizer=None, lr_scheduler=None
+        self,
+        config: PPOConfig,
+        model: nn.Module,
+        tokenizer=None,
+        optimizer=None,
+        lr_scheduler=None,
+        callbacks: Sequence[PPOCallback] = (),
     ):
         self.config = config
         distributed.init_from_env()  # a no-op unless launched by torchrun with WORLD_SIZE > 1
-        self.world_size, self.rank = distributed.world_size(), distributed.rank()
+        self.world_size = distributed.world_size()
+        self.rank = distributed.rank()
         self.batch_size_per_rank, self.micro_batch_size = self._split_batch(config, self.world_size)
         policy = model if isinstance(model, PolicyWithValueHead) else PolicyWithValueHead(model)
         if not any(True for _ in lora_layers(policy.model)):
@@ -197,14 +223,16 @@ class PPOTrainer:
                 "the model has no LoRA layers: PPOTrainer trains adapters and takes the reference policy "
                 "from the same model with its adapters disabled; call minippo.add_lora(model) first"
             )
-        want, have = torch.device(config.device or policy.device), policy.device
+        want = torch.device(config.device or policy.device)
+        have = policy.device
         if want.type != have.type or want.index not in (None, have.index):
-            policy.to(
-                want
-            )  # an 8-bit model should rather be loaded on its device (load_model(device=...))
+            # an 8-bit model should rather be loaded on its device (load_model(device=...))
+            policy.to(want)
         self.policy = policy.eval()
-        kbit, on = is_8bit(policy.model) or is_4bit(policy.model), config.gradient_checkpointing
-        policy.gradient_checkpointing = kbit if on is None else on
+        if config.gradient_checkpointing is None:
+            policy.gradient_checkpointing = is_8bit(policy.model) or is_4bit(policy.model)
+        else:
+            policy.gradient_checkpointing = config.gradient_checkpointing
         if any(
             not isinstance(layer.lora_dropout, nn.Identity)
             for _, layer in lora_layers(policy.model)
@@ -217,18 +245,31 @@ class PPOTrainer:
         policy.value_head.requires_grad_(True)
         self.trainable = [p for p in policy.parameters() if p.requires_grad]
         distributed.broadcast_parameters(self.trainable)  # every rank starts from rank 0's adapters
-        lr, decay, beta = config.learning_rate, config.weight_decay, config.init_kl_coef
-        self.optimizer = optimizer or torch.optim.AdamW(self.trainable, lr, weight_decay=decay)
+        self.optimizer = optimizer or torch.optim.AdamW(
+            self.trainable, config.learning_rate, weight_decay=config.weight_decay
+        )
         self.lr_scheduler = lr_scheduler
         if config.adap_kl_ctrl:
             self.kl_ctl = core.AdaptiveKLController(
-                beta, config.target, config.horizon, config.min_kl_coef
+                config.init_kl_coef, config.target, config.horizon, config.min_kl_coef
             )
         else:
-            self.kl_ctl = core.FixedKLController(beta)
+            self.kl_ctl = core.FixedKLController(config.init_kl_coef)
         self.pad_token_id, self.eos_token_id = self._special_ids(tokenizer, policy.model.config)
         self.vocab_size = getattr(policy.lm_head, "out_features", None)
-        self.score_moments, self.current_step = core.RunningMoments(), 0
+        self.score_moments = core.RunningMoments()
+        self.current_step = 0
+        self.callbacks = list(callbacks)
+        self.rollout_reuse = None
+        if (
+            getattr(policy.model, FAST_MARKER, False)
+            and self.micro_batch_size == self.batch_size_per_rank
+        ):
+            from .fast.reuse import (
+                RolloutReuse,
+            )  # the fast path: only where the model was loaded so
+
+            self.rollout_reuse = RolloutReuse()
         if config.log_with:
             check_installed(config.log_with)  # on every rank: the same error everywhere
         self.tracker = None  # rank 0 logs the (global) stats
@@ -265,15 +306,6 @@ class PPOTrainer:
             )
         return int(pad), (None if eos is None else int(eos))
 
-    def _forward(
-        self, micro: RolloutBuffer, with_values: bool = True
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(b, t) log-probs, entropies (grad for the entropy bonus), values: `policy.response_logprobs`."""
-        ids, mask, config = micro.input_ids, micro.attention_mask, self.config
-        args = micro.response_ids, config.temperature, with_values, config.entropy_coef > 0
-        with maybe_autocast(self.device.type, self.compute_dtype):
-            return self.policy.response_logprobs(ids, mask, *args)
-
     # -- generation -----------------------------------------------------------------------------
     def generate(self, queries: Sequence[Tensor], return_generation: bool = False, **overrides):
         """Sample one response per query (1-D token tensors) with the current policy and config; keyword
@@ -285,16 +317,17 @@ class PPOTrainer:
                 f"generate() got unexpected settings {sorted(set(overrides) - allowed)}; "
                 f"allowed: {sorted(allowed)} (the temperature comes from PPOConfig)"
             )
-        config, keys = (
-            self.config,
-            ("min_new_tokens", "max_new_tokens", "stop_at_eos", "temperature"),
+        config = self.config
+        settings = dict(
+            min_new_tokens=config.min_new_tokens,
+            max_new_tokens=config.max_new_tokens,
+            stop_at_eos=config.stop_at_eos,
+            temperature=config.temperature,
+            batch_size=config.generation_batch_size,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_token_id,
         )
-        settings = {k: getattr(config, k) for k in keys} | {
-            "batch_size": config.generation_batch_size
-        }
-        settings |= dict(
-            pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, **overrides
-        )
+        settings |= overrides
         with maybe_autocast(self.device.type, self.compute_dtype):
             generation = self.policy.generate(list(queries), **settings)
         return generation if return_generation else generation.responses()
@@ -310,92 +343,177 @@ class PPOTrainer:
     ) -> dict[str, float]:
         """One PPO step on ``batch_size`` samples: lists of 1-D token tensors and one score each.
         Returns the step's statistics (trl / OpenAI names: ``objective/kl``, ``ppo/policy/clipfrac``, ...)."""
-        config, timing = self.config, {}
+        timing = {}
         raw_scores = self._check_inputs(queries, responses, scores)  # (B,)
         with timed(timing, "total"):
             # 1. One padded batch: queries left-padded to P, responses right-padded to T.
             batch = self._padded_batch(queries, responses)
-            mask = batch.response_mask  # (B, T)
 
             with timed(timing, "forward_pass"):
-                # 2. Rollout log-probs, values and entropy, adapters on (one micro-batch: kept for update 1).
-                rollout, kept = self._rollout_forward(
-                    batch, keep_graph=self.micro_batch_size == len(batch)
-                )
-                batch.old_logprobs, batch.values, entropy = rollout  # (B, T) each
-                # 3. Reference log-probs: the same model and inputs with the adapters disabled.
-                with disable_adapters(self.policy.model):
-                    (batch.ref_logprobs, _, _), _ = self._rollout_forward(batch, with_values=False)
+                # 2. Log-probs, values and entropies of the policy that sampled (adapters on).
+                batch.old_logprobs, batch.values, entropy = self._rollout_forward(batch)
+                # 3. Reference log-probs: the same model and inputs, adapters disabled.
+                batch.ref_logprobs = self._reference_logprobs(batch)
 
             with timed(timing, "compute_rewards"):
-                # 4. KL-penalised per-token rewards, the (normalised) score added at the last token.
-                batch.scores = self._normalise_scores(raw_scores.to(self.device))  # (B,)
+                # 4. Per-token rewards: the KL penalty, and the (normalised) score at the last token.
                 kl_coef = self.kl_ctl.value
-                batch.rewards, kl = core.kl_penalized_rewards(
-                    batch.scores,
-                    batch.old_logprobs,
-                    batch.ref_logprobs,
-                    mask,
-                    kl_coef,
-                    config.kl_penalty,
-                )
-                if config.whiten_rewards:  # with the statistics of all processes' rewards
-                    moments = distributed.masked_moments(batch.rewards, mask)
-                    batch.rewards = core.masked_whiten(
-                        batch.rewards, mask, shift_mean=False, moments=moments
-                    )
+                batch.scores = self._normalise_scores(raw_scores.to(self.device))  # (B,)
+                batch.rewards, kl = self._kl_penalised_rewards(batch, kl_coef)
 
             with timed(timing, "compute_advantages"):
-                # 5. Advantages (GAE) and value targets; advantages whitened over the (global) batch.
-                advantages, batch.returns = core.compute_gae(
-                    batch.values, batch.rewards, mask, config.gamma, config.lam
-                )
-                moments = distributed.masked_moments(advantages, mask)
-                batch.advantages = core.masked_whiten(advantages, mask, moments=moments)
+                # 5. Advantages (GAE, whitened over the batch) and value targets.
+                batch.advantages, batch.returns = self._advantages(batch)
 
             with timed(timing, "optimize_step"):
                 # 6. ppo_epochs passes over shuffled minibatches, one clipped update each.
-                records, outcomes = [], []
-                for minibatch in batch.epochs(
-                    config.ppo_epochs, config.mini_batch_size // self.world_size
-                ):
-                    # gradients into .grad; kept dropped once used (held, it cost ~1 GB of CPU heap)
-                    stats, kept = self._clipped_loss_backward(minibatch, kept), None
-                    records.append(stats)
-                    outcomes.append(self._apply_update(stats))  # "update", "skip" or "stop"
-                    if outcomes[-1] == "stop":
-                        break
-                self.optimizer.zero_grad(set_to_none=True)
+                records, outcomes = self._train_on_minibatches(batch)
 
-            # 7. Once per step, as trl: the KL controller (penalised KL, mean over processes), LR scheduler.
-            self.kl_ctl.update(
-                distributed.all_reduce(kl.sum(1).mean(), "mean").item(), config.batch_size
-            )
-            if self.lr_scheduler is not None:
-                self.lr_scheduler.step()
-            self.current_step += 1
+            # 7. Once per step, as trl: the KL controller, then the LR scheduler.
+            self._end_step(kl)
 
-        # 8. Statistics.
-        stats = (
-            self._step_stats(batch, raw_scores, kl, kl_coef, entropy, records, outcomes) | timing
-        )
-        if self.tracker is not None:
-            self.tracker.log(stats, self.current_step)
+        # 8. Statistics, global over processes, to the callbacks and the tracker.
+        stats = self._step_stats(batch, raw_scores, kl, kl_coef, entropy, records, outcomes)
+        stats |= timing
+        self._report(batch, stats)
         return stats
 
     def _padded_batch(
         self, queries: Sequence[Tensor], responses: Sequence[Tensor]
     ) -> RolloutBuffer:
         pad = self.pad_token_id
-        query_ids, query_mask = (x.to(self.device) for x in left_pad(list(queries), pad))  # (B, P)
-        response_ids, response_mask = (
-            x.to(self.device) for x in right_pad(list(responses), pad)
-        )  # (B, T)
-        return RolloutBuffer(query_ids, query_mask, response_ids, response_mask.float())
+        query_ids, query_mask = left_pad(list(queries), pad)  # (B, P)
+        response_ids, response_mask = right_pad(list(responses), pad)  # (B, T)
+        return RolloutBuffer(
+            query_ids.to(self.device),
+            query_mask.to(self.device),
+            response_ids.to(self.device),
+            response_mask.float().to(self.device),
+        )
+
+    def _forward(
+        self, micro: RolloutBuffer, with_values: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(b, t) log-probs, entropies (grad for the entropy bonus), values: `policy.response_logprobs`."""
+        config = self.config
+        with maybe_autocast(self.device.type, self.compute_dtype):
+            return self.policy.response_logprobs(
+                micro.input_ids,
+                micro.attention_mask,
+                micro.response_ids,
+                temperature=config.temperature,
+                with_values=with_values,
+                entropy_grad=config.entropy_coef > 0,
+            )
+
+    @torch.no_grad()
+    def _forward_in_micro_batches(
+        self, batch: RolloutBuffer, with_values: bool, order: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Log-probs, values (None without ``with_values``) and entropies, (B, T) each, 0 at padding, no
+        gradient. The micro-batches are the first epoch's (or ``order``'s), so that the first update
+        recomputes these very numbers: its probability ratio is exactly 1."""
+        B, T = batch.response_ids.shape
+        order = batch.epoch_order(0) if order is None else order
+        logprobs = torch.zeros(B, T, device=self.device)
+        values = torch.zeros(B, T, device=self.device)
+        entropy = torch.zeros(B, T, device=self.device)
+        for index in order.split(self.micro_batch_size):
+            micro = batch.select(index)  # trimmed of all-padding columns
+            if (
+                self.rollout_reuse is not None and with_values
+            ):  # the fast path (minippo/fast/reuse.py)
+                outputs = self.rollout_reuse.rollout(self._forward, micro)
+            else:
+                outputs = self._forward(micro, with_values)
+            micro_logprobs, micro_entropy, micro_values = outputs  # (b, t) each
+            t = micro.response_ids.shape[1]
+            logprobs[index, :t] = micro_logprobs
+            entropy[index, :t] = micro_entropy
+            if micro_values is not None:
+                values[index, :t] = micro_values
+        mask = batch.response_mask
+        return logprobs * mask, (values * mask if with_values else None), entropy * mask
+
+    def _rollout_forward(self, batch: RolloutBuffer) -> tuple[Tensor, Tensor, Tensor]:
+        """(old log-probs, values, entropies), (B, T) each: the policy that sampled, adapters on."""
+        return self._forward_in_micro_batches(batch, with_values=True)
+
+    def _reference_logprobs(self, batch: RolloutBuffer) -> Tensor:
+        """(B, T) log-probs of the reference policy: the same model with its adapters disabled."""
+        with disable_adapters(self.policy.model):
+            logprobs, _, _ = self._forward_in_micro_batches(batch, with_values=False)
+        return logprobs
+
+    def _kl_penalised_rewards(self, batch: RolloutBuffer, kl_coef: float) -> tuple[Tensor, Tensor]:
+        """(rewards, kl), (B, T) each: `core.kl_penalized_rewards`, then optionally whitened without a
+        mean shift, with the statistics of all processes' rewards (``whiten_rewards``)."""
+        config = self.config
+        mask = batch.response_mask
+        rewards, kl = core.kl_penalized_rewards(
+            batch.scores,
+            batch.old_logprobs,
+            batch.ref_logprobs,
+            mask,
+            kl_coef,
+            config.kl_penalty,
+        )
+        if config.whiten_rewards:
+            moments = distributed.masked_moments(rewards, mask)
+            rewards = core.masked_whiten(rewards, mask, shift_mean=False, moments=moments)
+        return rewards, kl
+
+    def _advantages(self, batch: RolloutBuffer) -> tuple[Tensor, Tensor]:
+        """(advantages, returns), (B, T) each: GAE over the per-token rewards and the rollout's values,
+        the advantages whitened with the statistics of the whole batch, over all processes."""
+        mask = batch.response_mask
+        advantages, returns = core.compute_gae(
+            batch.values, batch.rewards, mask, self.config.gamma, self.config.lam
+        )
+        moments = distributed.masked_moments(advantages, mask)
+        return core.masked_whiten(advantages, mask, moments=moments), returns
+
+    def _train_on_minibatches(self, batch: RolloutBuffer) -> tuple[list[dict], list[str]]:
+        """``ppo_epochs`` passes over the batch, each in its shuffled order of minibatches: one clipped
+        loss and optimiser update per minibatch. Returns each minibatch's stats and outcome ("update",
+        "skip" or "stop": `_apply_update`), and calls the callbacks' ``on_minibatch``."""
+        config = self.config
+        records = []
+        outcomes = []
+        size = config.mini_batch_size // self.world_size  # this process's share of a minibatch
+        for minibatch in batch.epochs(config.ppo_epochs, size):
+            stats = self._clipped_loss_backward(minibatch)  # gradients into .grad
+            outcome = self._apply_update(stats)
+            records.append(stats)
+            outcomes.append(outcome)
+            for callback in self.callbacks:
+                callback.on_minibatch(self, minibatch, stats)
+            if outcome == "stop":
+                break
+        self.optimizer.zero_grad(set_to_none=True)
+        return records, outcomes
+
+    def _end_step(self, kl: Tensor) -> None:
+        """The KL controller (the penalised KL, nats per sequence, mean over processes), the LR
+        scheduler, the step counter."""
+        mean_kl = distributed.all_reduce(kl.sum(1).mean(), "mean").item()
+        self.kl_ctl.update(mean_kl, self.config.batch_size)
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        self.current_step += 1
+
+    def _report(self, batch: RolloutBuffer, stats: dict[str, float]) -> None:
+        for callback in self.callbacks:
+            callback.on_step_end(self, batch, stats)
+        if self.tracker is not None:
+            self.tracker.log(stats, self.current_step)
 
     @torch.no_grad()
     def response_logprobs(
-        self, queries: Sequence[Tensor], responses: Sequence[Tensor], reference: bool = False
+        self,
+        queries: Sequence[Tensor],
+        responses: Sequence[Tensor],
+        reference: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """Log-probabilities (B, T) of each response token under the policy (``reference=True``: adapters
         off), 0 at padding, and the mask (B, T): step()'s forward, so ``(logp - ref_logp) * mask`` summed
@@ -403,7 +521,7 @@ class PPOTrainer:
         batch = self._padded_batch(queries, responses)
         order = torch.arange(len(batch), device=self.device)
         with disable_adapters(self.policy.model) if reference else contextlib.nullcontext():
-            (logprobs, _, _), _ = self._rollout_forward(batch, with_values=False, order=order)
+            logprobs, _, _ = self._forward_in_micro_batches(batch, with_values=False, order=order)
         return logprobs, batch.response_mask
 
     def _check_inputs(self, queries, responses, scores) -> Tensor:
@@ -470,34 +588,14 @@ class PPOTrainer:
             scores = scores.clamp(-config.score_clip, config.score_clip)
         return scores
 
-    def _rollout_forward(
-        self, batch: RolloutBuffer, with_values: bool = True, order=None, keep_graph=False
-    ):
-        """Log-probs, values, entropies ((B, T), 0 at padding, no grad) on the first epoch's micro-batches
-        (or ``order``'s); ``keep_graph`` (one micro-batch): also its `_forward`, graph kept, for update 1."""
-        B, T = batch.response_ids.shape
-        order = batch.epoch_order(0) if order is None else order
-        logprobs, values, entropy = (torch.zeros(B, T, device=self.device) for _ in range(3))
-        for index in order.split(self.micro_batch_size):
-            micro = batch.select(index)  # trimmed of all-padding columns
-            t = micro.response_ids.shape[1]
-            with torch.set_grad_enabled(keep_graph):
-                outputs = self._forward(micro, with_values)  # (b, t) each
-            logprobs[index, :t], entropy[index, :t], v = (
-                x if x is None else x.detach() for x in outputs
-            )
-            values[index, :t] = 0 if v is None else v
-        logprobs, values, entropy = (x * batch.response_mask for x in (logprobs, values, entropy))
-        return (logprobs, values if with_values else None, entropy), (
-            outputs if keep_graph else None
-        )
-
     def _apply_update(self, stats: dict[str, Tensor]) -> str:
         """Step the optimiser: "update"; or "skip" for a non-finite loss or gradient norm or a mean ratio
         above ratio_threshold (a loss spike, trl PR #488); or "stop" (early_stopping) if the policy KL >
         1.5 * target_kl, dropping the step's other epochs. A max over processes: all take the same branch."""
-        config, problem, ratio = self.config, None, stats["policy/ratio"].item()
+        config = self.config
+        ratio = stats["policy/ratio"].item()
         stop = config.early_stopping and stats["policy/policykl"].item() > 1.5 * config.target_kl
+        problem = None
         if not (torch.isfinite(stats["loss/total"]) and torch.isfinite(stats["grad_norm"])):
             problem = "non-finite loss or gradient norm"
         elif ratio > config.ratio_threshold:
@@ -514,23 +612,27 @@ class PPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return "skip" if skip else "update"
 
-    def _clipped_loss_backward(self, minibatch: RolloutBuffer, kept=None) -> dict[str, Tensor]:
-        """Clipped policy + value loss, forward and backward in micro-batches, each weighted by its share of
-        the minibatch's tokens (over all processes), so the summed gradients and stats are the minibatch's
-        masked mean's. Gradients stay in .grad (clipped to max_grad_norm, not stepped); returns the stats."""
+    def _clipped_loss_backward(self, minibatch: RolloutBuffer) -> dict[str, Tensor]:
+        """Clipped policy + value loss, forward and backward in micro-batches, each weighted by its share
+        of the minibatch's tokens (over all processes), so the summed gradients and stats are the
+        minibatch's masked mean's. Gradients stay in .grad (clipped to max_grad_norm, not stepped);
+        returns the stats."""
         config = self.config
         n_tokens = distributed.all_reduce(minibatch.response_mask.sum())
         totals: dict[str, Tensor] = {}
         for micro in minibatch.minibatches(self.micro_batch_size, shuffle=False):
-            weight, mask = micro.response_mask.sum() / n_tokens, micro.response_mask
-            logprobs, entropy, vpred = kept or self._forward(
-                micro
-            )  # (b, T) each; kept: the rollout's
-            eps, eps_v = config.cliprange, config.cliprange_value
+            mask = micro.response_mask
+            weight = mask.sum() / n_tokens
+            if self.rollout_reuse is not None:  # the fast path (minippo/fast/reuse.py)
+                logprobs, entropy, values = self.rollout_reuse.update(self._forward, micro)
+            else:
+                logprobs, entropy, values = self._forward(micro)  # (b, t) each
             pg_loss, pg_stats = core.policy_loss(
-                logprobs, micro.old_logprobs, micro.advantages, mask, eps
+                logprobs, micro.old_logprobs, micro.advantages, mask, config.cliprange
             )
-            vf_loss, vf_stats = core.value_loss(vpred, micro.values, micro.returns, mask, eps_v)
+            vf_loss, vf_stats = core.value_loss(
+                values, micro.values, micro.returns, mask, config.cliprange_value
+            )
             ent = core.masked_mean(entropy, mask)  # exact, per token
             loss = pg_loss + config.vf_coef * vf_loss - config.entropy_coef * ent
             (loss * weight).backward()
@@ -544,13 +646,11 @@ class PPOTrainer:
             named |= {f"val/{k}": v for k, v in vf_stats.items()}
             for k, v in named.items():
                 totals[k] = totals.get(k, 0.0) + v.detach() * weight
-        distributed.all_reduce_grads(
-            self.trainable, "sum"
-        )  # before clipping: clip the global gradient
+        # Sum the gradients over processes before clipping: clip the global gradient.
+        distributed.all_reduce_grads(self.trainable, "sum")
         totals = dict(zip(totals, distributed.all_reduce(torch.stack(list(totals.values())))))
-        totals["grad_norm"] = nn.utils.clip_grad_norm_(
-            self.trainable, config.max_grad_norm or float("inf")
-        )
+        max_norm = config.max_grad_norm or float("inf")
+        totals["grad_norm"] = nn.utils.clip_grad_norm_(self.trainable, max_norm)
         return totals
 
     def _step_stats(
@@ -566,15 +666,15 @@ class PPOTrainer:
         stats = {
             "objective/kl": kl.sum(1).mean(),
             "objective/kl_coef": kl_coef,
-            "objective/entropy": (-buffer.old_logprobs)
-            .sum(1)
-            .mean(),  # per sequence, sampled tokens
+            # per sequence, over the sampled tokens
+            "objective/entropy": (-buffer.old_logprobs).sum(1).mean(),
             "objective/logprobs": buffer.old_logprobs.sum(1).mean(),
             "objective/ref_logprobs": buffer.ref_logprobs.sum(1).mean(),
             "ppo/mean_non_score_reward": (-kl_coef * kl).sum(1).mean(),
             "ppo/mean_scores": raw_scores.mean(),
             "ppo/learning_rate": self.optimizer.param_groups[0]["lr"],
-            "ppo/policy/entropy": distributed.masked_moments(entropy, mask)[0],  # per token, exact
+            # per token, exact
+            "ppo/policy/entropy": distributed.masked_moments(entropy, mask)[0],
             "ppo/returns/mean": returns_mean,
             "ppo/returns/var": returns_var,
             "ppo/val/mean": values_mean,

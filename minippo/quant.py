@@ -4,19 +4,27 @@
 activations per row, except outlier columns above `threshold` (fp16).  Ref: arXiv:2208.07339, sec. 3.
 `Linear4bit` stores blocks of 64 weights as 4-bit codes (NF4 or FP4) with one absmax scale (8-bit
 with double quantisation), dequantised at matmul time.  Ref: QLoRA, arXiv:2305.14314.
-`load_model` / `quantize_model` get there; `prepare_model_for_kbit_training` freezes everything and
-pins the k-bit layers to one function on every device (`pin_kbit_layers`)."""
+`load_model` / `quantize_model` get there; `prepare_model_for_kbit_training` freezes everything else.
+
+The layers are bitsandbytes' own, forward and backward: in eval mode (PPO's rollouts and updates) an
+8-bit layer computes LLM.int8() (activations rounded to fp16, then to int8 per row, outlier columns in
+float) and passes its input gradient ``grad @ (SCB / 127 * CB)``, so LoRA layers below it train. In train
+mode (SFT) bitsandbytes' CPU path computes ``x @ (SCB / 127 * CB).T`` instead: the same int8 weight,
+without quantising the activations, so SFT trains against a function within the activations' int8
+rounding of the eval-mode one (on CUDA both modes run LLM.int8()). `load_model(..., fast=True)` swaps
+in the faster modules of `minippo.fast` (docs/fast.md); nothing here needs them."""
 
 from __future__ import annotations
 
 import logging
 import os
-import weakref
 
 import bitsandbytes as bnb
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from . import compat
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +34,6 @@ _DTYPES = {
     **dict.fromkeys(("float16", "fp16", "half"), torch.float16),
 }
 QUANT_TYPES = ("nf4", "fp4")  # bitsandbytes' 4-bit data types
-_LOGGED_AUTO: set = set()
 CPU_BF16_ENV = "MINIPPO_CPU_BF16"  # 0 / 1: override the CPU's native-bf16 probe
 
 
@@ -63,10 +70,8 @@ def auto_compute_dtype(
     cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     cpu_bf16 = device.type == "cpu" and cpu_bf16_is_native() and not eight_bit
     dtype = torch.bfloat16 if cuda_bf16 or cpu_bf16 else torch.float32
-    if (device.type, dtype) not in _LOGGED_AUTO:
-        _LOGGED_AUTO.add((device.type, dtype))
-        cpu = f"{torch.backends.cpu.get_cpu_capability()}, native bf16 {cpu_bf16_is_native()}"
-        logger.info("compute_dtype auto -> %s on %s (%s)", dtype, device, cpu)
+    cpu = f"{torch.backends.cpu.get_cpu_capability()}, native bf16 {cpu_bf16_is_native()}"
+    logger.debug("compute_dtype auto -> %s on %s (%s)", dtype, device, cpu)
     return dtype
 
 
@@ -114,7 +119,8 @@ def dequantize_4bit(layer: bnb.nn.Linear4bit) -> torch.Tensor:
     if getattr(state, "packing_format_for_cpu", False):
         raise ValueError(
             "this Linear4bit was repacked for bitsandbytes' AVX512-BF16 CPU kernel (scales rounded to bf16); "
-            "load it with minippo.load_model / quantize_model, or call minippo.quant.pin_kbit_layers first"
+            "load it with minippo.load_model / quantize_model, or call "
+            "minippo.compat.keep_4bit_layers_unpacked(model) before its first forward"
         )
     return bnb.functional.dequantize_4bit(weight.data, state).float()  # (out, in)
 
@@ -181,7 +187,8 @@ def quantize_model(
         model.set_submodule(name, _kbit_layer(module, device, *options))
     if not targets:
         logger.warning("quantize_model: no nn.Linear / Conv1D module to quantise")
-    return keep_4bit_layers_unpacked(model)
+    compat.keep_4bit_layers_unpacked(model)
+    return model
 
 
 def _kbit_layer(
@@ -225,27 +232,31 @@ def load_model(
     quant_type: str = "nf4",
     double_quant: bool = True,
     compute_dtype: torch.dtype | str = "auto",
+    fast: bool = False,
     **from_pretrained_kwargs,
 ) -> nn.Module:
     """Load a Hugging Face causal LM in eval mode, optionally with its Linear layers in 8-bit or 4-bit.
 
     Float parameters get `dtype` ("auto": what `auto_compute_dtype` picks, so that the frozen float parts
-    are stored in the dtype their matmuls run in, and an 8-bit model's embeddings in bf16 on a CPU with
-    native bf16: `store_embeddings_in`); the k-bit options are `quantize_model`'s. transformers'
+    are stored in the dtype their matmuls run in); the k-bit options are `quantize_model`'s. transformers'
     `BitsAndBytesConfig` path is tried first; if it fails here or leaves no k-bit layer, a float load is
-    quantised by `quantize_model`. Extra keyword arguments go to `from_pretrained`."""
+    quantised by `quantize_model`. ``fast=True`` then calls `minippo.fast.enable(model)`, which swaps in
+    the faster modules (each tested against the plain one; docs/fast.md) before the first forward; with
+    ``dtype="auto"`` it also picks the embeddings' storage dtype (bf16 where `minippo.fast` finds it native).
+    Extra keyword arguments go to `from_pretrained`."""
     import transformers
-    from packaging.version import Version
 
     if load_in_8bit and load_in_4bit:
         raise ValueError(
             "load_in_8bit and load_in_4bit are exclusive: choose one (or neither, for float)"
         )
     bits = 4 if load_in_4bit else 8 if load_in_8bit else 0
-    device, auto = torch.device(device), dtype == "auto"
-    dtype = auto_compute_dtype(device, eight_bit=bits == 8) if auto else dtype
-    dtype_kw = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-    kwargs, model = {dtype_kw: resolve_dtype(dtype), **from_pretrained_kwargs}, None
+    device = torch.device(device)
+    auto = dtype == "auto"
+    if auto:
+        dtype = auto_compute_dtype(device, eight_bit=bits == 8)
+    kwargs = {compat.from_pretrained_dtype_kwarg(): resolve_dtype(dtype), **from_pretrained_kwargs}
+    model = None
     if bits == 4:
         compute_dtype = _check_quant_args(bits, quant_type, device, compute_dtype)
     if bits:
@@ -277,172 +288,55 @@ def load_model(
             }
             quantize_model(model, threshold=threshold, device=device, bits=bits, **options)
         model = model.to(device)
-    if auto and bits == 8 and device.type == "cpu" and cpu_bf16_is_native():
-        store_embeddings_in(model, torch.bfloat16)
-    return keep_4bit_layers_unpacked(model).eval()
+    compat.keep_4bit_layers_unpacked(model)  # before the first forward: one function in every mode
+    model.eval()
+    if fast:
+        from . import fast as fast_path  # only here: the plain path never imports it
 
-
-def store_embeddings_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Store the frozen input and output embeddings (one matrix where tied) in `dtype`, in place; the hidden
-    states keep theirs (lookups and logits cast back, the LM head's input to `dtype`).  `load_model`
-    ("auto") does so for an 8-bit model on a CPU with native bf16, where a bf16 LM head is ~4x faster."""
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    hidden = getattr(emb, "_minippo_hidden_dtype", emb.weight.dtype)
-    for module in [m for m in (emb, head) if m is not None]:
-        for p in module.parameters(recurse=False):
-            p.data, p._minippo_stored = (
-                p.data.to(dtype),
-                True,
-            )  # prepare_model_for_kbit_training keeps it
-        if getattr(module, "_minippo_hidden_dtype", None) is None:
-            module._minippo_hidden_dtype = hidden
-            module.register_forward_hook(lambda m, args, out: out.to(m._minippo_hidden_dtype))
-            if module is head:
-                module.register_forward_pre_hook(
-                    lambda m, args: (args[0].to(m.weight.dtype), *args[1:])
-                )
+        fast_path.enable(model, embeddings_dtype="auto" if auto else None)
     return model
 
 
 # -- preparing for training --------------------------------------------------------------------
-# the last input's (weak reference, (version, threshold), quantisation): q, k, v (or gate, up) read one x
-_last_input: list = [None, None, None]
-
-
-def _quantise_rows(a: torch.Tensor, threshold: float):
-    """(CA, scale, cols, a[:, cols]) of `int8_linear` for its input rows a (N, in)."""
-    cols = (_absmax(a, 0)[0] >= threshold).nonzero()[:, 0]  # (k,) outlier columns
-    rest = a.index_fill(1, cols, 0) if len(cols) else a  # (N, in) without them
-    scale = _absmax(rest, 1)  # (N, 1)
-    outliers = a[:, cols]  # (N, k)
-    if len(cols):  # an outlier column's entries under the threshold count in their rows' absmax too
-        sub = outliers.abs()
-        scale = torch.maximum(scale, sub.masked_fill_(sub >= threshold, 0).amax(1, keepdim=True))
-    return (rest * (127 / scale.clamp_(min=1e-8))).round_().to(torch.int8), scale, cols, outliers
-
-
-def int8_linear(x: torch.Tensor, layer: bnb.nn.Linear8bitLt) -> torch.Tensor:
-    """LLM.int8() as bitsandbytes' CPU path computes it, but in float32 (not float16) and scaled in place:
-    outlier columns (|x| >= threshold anywhere) through a float matmul on their dequantised weight
-    columns, the rest of each row of x as int8 (its absmax -> 127) through bitsandbytes' int8 GEMM."""
-    (CB, SCB), threshold = int8_weight_and_scales(layer), layer.state.threshold or float("inf")
-    last, key = (
-        _last_input,
-        None if x.is_inference() else (x._version, threshold),
-    )  # no version: no reuse
-    if key is None or last[1] != key or last[0]() is not x:
-        last[:] = weakref.ref(x), key, _quantise_rows(x.reshape(-1, x.shape[-1]).float(), threshold)
-    CA, scale, cols, outliers = last[2]
-    out = torch.ops.bitsandbytes.int8_linear_matmul(CA, CB).float().mul_(scale / 127**2).mul_(SCB)
-    if len(cols):
-        out.addmm_(outliers, (CB[:, cols].float() * (SCB[:, None] / 127)).t())  # (N, out)
-    out = out if layer.bias is None else out.add_(layer.bias)
-    return out.view(*x.shape[:-1], -1).to(x.dtype)
-
-
-def _absmax(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """max |t| along ``dim`` (kept): two reductions, no |t| copy."""
-    return torch.maximum(t.amax(dim, keepdim=True), -t.amin(dim, keepdim=True))
-
-
-class _Int8Linear(torch.autograd.Function):
-    """`int8_linear`; the input gradient ``grad @ (SCB / 127 * CB)`` as one matmul in ``layer.grad_dtype``:
-    None, the gradient's; bf16, CB exact and the scaled gradient rounded (as CUDA's fp16); int8, each row of
-    the scaled gradient rounded to int8 (absmax -> 127) for the int8 GEMM, as SwitchBack, arXiv:2304.13013."""
-
-    @staticmethod
-    def forward(ctx, x, layer):
-        ctx.layer = layer
-        return int8_linear(x, layer)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (CB, SCB), dtype = int8_weight_and_scales(ctx.layer), ctx.layer.grad_dtype or grad.dtype
-        g = grad.reshape(-1, grad.shape[-1]).float() * (SCB / 127)  # (N, out)
-        if dtype != torch.int8:
-            return (g.to(dtype) @ CB.to(dtype)).view(*grad.shape[:-1], -1).to(grad.dtype), None
-        scale = _absmax(g, 1).clamp_(min=1e-30)  # (N, 1)
-        g = torch._int_mm(g.mul_(127 / scale).round_().to(torch.int8), CB).float().mul_(scale / 127)
-        return g.view(*grad.shape[:-1], -1).to(grad.dtype), None  # (..., in)
-
-
-class _EvalPinnedLinear8bitLt(bnb.nn.Linear8bitLt):
-    """A frozen Linear8bitLt whose `train()` keeps its pinned mode (`int8_path`); on a CPU the int8 path
-    is `int8_linear`, its input gradient in `grad_dtype` (above); on CUDA bitsandbytes' own kernels."""
-
-    int8_path, grad_dtype = True, None
-
-    def train(self, mode: bool = True):
-        return super().train(not self.int8_path)
-
-    def forward(self, x):
-        if self.int8_path and x.device.type == "cpu":
-            return _Int8Linear.apply(x, self)
-        return super().forward(x)
-
-
-def int8_matmul_is_native(device: torch.device | str) -> bool:
-    """CUDA, or a CPU with VNNI or AMX; elsewhere torch's int8 GEMM is emulated, slower than float32."""
-    cpu = torch.cpu
-    return (
-        torch.device(device).type != "cpu"
-        or cpu._is_vnni_supported()
-        or cpu._is_amx_tile_supported()
-    )
-
-
-def keep_8bit_layers_in_eval(model: nn.Module, int8_path: bool | None = None) -> nn.Module:
-    """Pin every `Linear8bitLt` of `model` to one mode for good, whatever `model.train()` says, in place:
-    ``int8_path=True``: the int8 matmul with outliers (`int8_linear` on a CPU, bitsandbytes' on CUDA).
-    ``False``: the CPU train-mode path, a float matmul on the dequantised weight.  ``None``: the int8
-    path where `int8_matmul_is_native`, there with its input gradient through the GEMM (``grad_dtype``)."""
-    for module in model.modules():
-        if type(module) is bnb.nn.Linear8bitLt:
-            module.__class__ = _EvalPinnedLinear8bitLt
-        if isinstance(module, _EvalPinnedLinear8bitLt):
-            native = int8_matmul_is_native(module.weight.device)
-            module.int8_path = native if int8_path is None else int8_path
-            module.grad_dtype = torch.int8 if module.int8_path and native else None
-            module.train(False)
-    return model
-
-
-def keep_4bit_layers_unpacked(model: nn.Module) -> nn.Module:
-    """Keep every `Linear4bit` on the portable path, in place: the AVX512-BF16 CPU repacking rounds the
-    block scales to bf16 and drops input gradients, so rollouts and training would see two functions."""
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-    return model
-
-
-def pin_kbit_layers(model: nn.Module) -> nn.Module:
-    """`keep_8bit_layers_in_eval` and `keep_4bit_layers_unpacked`: one function on every device."""
-    return keep_4bit_layers_unpacked(keep_8bit_layers_in_eval(model))
-
-
 def prepare_model_for_kbit_training(
     model: nn.Module, use_gradient_checkpointing: bool = False, use_reentrant: bool = True
 ) -> nn.Module:
     """Make a (k-bit) causal LM ready for adapter training, in place, as peft's (whose blog-era int8
-    version cast only norms); returns it: 1. freeze all; 2. float params to fp32 (not packed 4-bit, nor
-    `store_embeddings_in`'s); 3. fp32 logits (output-embedding hook); 4. input embeddings' output
-    requires grad, for re-entrant checkpointing; 5. optional gradient checkpointing; 6. `pin_kbit_layers`."""
+    version cast only norms); returns it. The k-bit layers keep the function they compute.
+    1. freeze all;
+    2. fp16 / bf16 float params to fp32 (not packed 4-bit ones, nor those a module stores in a dtype of
+       its own, ``module.minippo_stored_dtype``: `minippo.fast`'s bf16 embeddings);
+    3. fp32 logits (a forward hook on the output embeddings, its handle kept as
+       ``model.minippo_fp32_logits``);
+    4. the input embeddings' output requires grad, for re-entrant checkpointing;
+    5. optional gradient checkpointing;
+    6. 4-bit layers kept in the layout that has input gradients (`compat.keep_4bit_layers_unpacked`;
+       a ValueError where bitsandbytes repacked one already)."""
+    if repacked := compat.keep_4bit_layers_unpacked(model):
+        raise ValueError(
+            f"{len(repacked)} Linear4bit layer(s) (e.g. {repacked[0]}) were repacked by bitsandbytes' "
+            "AVX512-BF16 CPU inference kernel at a forward without gradients; that layout passes no "
+            "gradient to its input. Load the model with minippo.load_model, or call "
+            "minippo.compat.keep_4bit_layers_unpacked(model) right after loading, before its first forward"
+        )
+    kept = set()  # parameters stored in a dtype of their own (`minippo.fast`'s bf16 embeddings)
+    for module in model.modules():
+        if getattr(module, "minippo_stored_dtype", None) is not None:
+            kept |= {id(p) for p in module.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-        kept = isinstance(p, bnb.nn.Params4bit) or getattr(p, "_minippo_stored", False)
-        if p.dtype in (torch.float16, torch.bfloat16) and not kept:
+        low = p.dtype in (torch.float16, torch.bfloat16)
+        if low and not isinstance(p, bnb.nn.Params4bit) and id(p) not in kept:
             p.data = p.data.float()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and not getattr(head, "_minippo_logits_fp32", False):
-        head.register_forward_hook(lambda module, inputs, output: output.float())
-        head._minippo_logits_fp32 = True
+    if head is not None and getattr(model, "minippo_fp32_logits", None) is None:
+        model.minippo_fp32_logits = head.register_forward_hook(_float_output)
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     if use_gradient_checkpointing:
-        kwargs = {"use_reentrant": use_reentrant}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    return pin_kbit_layers(model)
+        compat.enable_gradient_checkpointing(model, use_reentrant)
+    return model
+
+
+def _float_output(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+    return output.float()

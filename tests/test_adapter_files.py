@@ -186,3 +186,106 @@ def test_interrupted_save_keeps_the_previous_adapter(tokenizer, batch, tmp_path,
     ]
     fresh = load_adapter(tiny_model("llama", len(tokenizer)), tmp_path / "a")
     assert torch.equal(logits(fresh, batch), expected)
+
+
+# -- named adapters ------------------------------------------------------------------------------
+# scaling 4, a power of two: peft scales after B, we before; exact either way, so logits compare bit for bit
+REWARD = LoRAConfig(r=2, alpha=8, target_modules=["q_proj", "o_proj"])
+
+
+def two_adapters(tokenizer, bits=0):
+    from minippo import quantize_model
+
+    model = tiny_model("llama", len(tokenizer))
+    if bits:
+        quantize_model(model, bits=bits)
+    add_lora(model, LoRAConfig(r=4, alpha=8))
+    add_lora(model, REWARD, adapter_name="reward")
+    return randomise_adapters(model)
+
+
+def adapter_logits(model, batch):
+    """{"base", "default", "reward"}: the logits with no adapter, and with each alone."""
+    from minippo.lora import disable_adapters, use_adapter
+
+    out = {}
+    with disable_adapters(model):
+        out["base"] = logits(model, batch)
+    for name in ("default", "reward"):
+        with use_adapter(model, name):
+            out[name] = logits(model, batch)
+    return out
+
+
+@pytest.mark.parametrize("bits", [0, 8, 4])
+def test_named_adapters_save_in_peft_layout_and_load_back(tokenizer, batch, tmp_path, bits):
+    model = two_adapters(tokenizer, bits)
+    expected = adapter_logits(model, batch)
+    assert save_adapter(model, tmp_path / "a") == str(tmp_path / "a")
+    assert save_adapter(model, tmp_path / "a", adapter_name="reward") == str(
+        tmp_path / "a" / "reward"
+    )
+    cfg = json.load(open(tmp_path / "a" / "reward" / "adapter_config.json"))
+    assert (cfg["r"], cfg["lora_alpha"], cfg["target_modules"]) == (2, 8, ["q_proj", "o_proj"])
+    keys = load_file(tmp_path / "a" / "reward" / "adapter_model.safetensors")
+    assert f"{PEFT_PREFIX}model.layers.0.self_attn.o_proj.lora_A.weight" in keys  # no name in keys
+    assert not any("reward" in k or "base_layer" in k for k in keys)
+    fresh = tiny_model("llama", len(tokenizer))
+    if bits:
+        from minippo import quantize_model
+
+        quantize_model(fresh, bits=bits)
+    load_adapter(fresh, tmp_path / "a")
+    load_adapter(fresh, tmp_path / "a", adapter_name="reward")
+    got = adapter_logits(fresh, batch)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    # an adapter saved alone loads under any name (a reward adapter beside the policy's)
+    other = add_lora(tiny_model("llama", len(tokenizer)), LoRAConfig(r=4, alpha=8))
+    load_adapter(other, tmp_path / "a" / "reward", adapter_name="critic")
+    from minippo.lora import adapter_names
+
+    assert adapter_names(other) == ["default", "critic"]
+    with pytest.raises(ValueError, match=r"no adapter named 'value'.*\['default', 'critic'\]"):
+        save_adapter(other, tmp_path / "b", adapter_name="value")
+
+
+def test_peft_loads_our_named_adapters(tokenizer, batch, tmp_path):
+    from peft import PeftModel
+
+    model = two_adapters(tokenizer)
+    expected = adapter_logits(model, batch)
+    save_adapter(model, tmp_path / "a")
+    save_adapter(model, tmp_path / "a", adapter_name="reward")
+    theirs = PeftModel.from_pretrained(tiny_model("llama", len(tokenizer)), tmp_path / "a")
+    theirs.load_adapter(tmp_path / "a" / "reward", adapter_name="reward")
+    theirs.eval()
+    assert torch.equal(logits(theirs, batch), expected["default"])
+    theirs.set_adapter("reward")
+    assert torch.equal(logits(theirs, batch), expected["reward"])
+    with theirs.disable_adapter():
+        assert torch.equal(logits(theirs, batch), expected["base"])
+
+
+def test_we_load_peft_named_adapters(tokenizer, batch, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from minippo.lora import use_adapter
+
+    default = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    theirs = get_peft_model(tiny_model("llama", len(tokenizer)), default)
+    theirs.add_adapter("reward", LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "o_proj"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    theirs.eval().save_pretrained(tmp_path / "theirs")  # default in the folder, reward in reward/
+    assert (tmp_path / "theirs" / "reward" / "adapter_model.safetensors").exists()
+    expected = {"default": logits(theirs, batch)}
+    theirs.set_adapter("reward")
+    expected["reward"] = logits(theirs, batch)
+    ours = load_adapter(tiny_model("llama", len(tokenizer)), tmp_path / "theirs")
+    load_adapter(ours, tmp_path / "theirs", adapter_name="reward")
+    assert torch.equal(logits(ours, batch), expected["default"])
+    with use_adapter(ours, "reward"):
+        assert torch.equal(logits(ours, batch), expected["reward"])

@@ -13,7 +13,6 @@ from minippo.core import (
     entropy_from_logits,
     kl_penalized_rewards,
     kl_penalty,
-    logprobs_from_hidden,
     logprobs_from_logits,
     masked_mean,
     masked_var,
@@ -49,50 +48,6 @@ def test_entropy_from_logits():
     torch.testing.assert_close(entropy_from_logits(logits), -(p * p.log()).sum(-1))
     uniform = torch.zeros(1, 1, 8)
     torch.testing.assert_close(entropy_from_logits(uniform), torch.full((1, 1), math.log(8)))
-
-
-def test_logprobs_and_entropy_in_row_blocks_are_the_whole_tensors_numbers():
-    """On a CPU both reduce 8 rows at a time (cache-sized); each row is reduced alone, so the numbers and
-    the gradient are those of the whole tensor at once, bit for bit (21 rows: the last block short)."""
-    torch.manual_seed(0)
-    logits = torch.randn(3, 7, 5000, requires_grad=True)
-    labels = torch.randint(0, 5000, (3, 7))
-    ours = logprobs_from_logits(logits, labels)
-    whole = logits.gather(-1, labels[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
-    assert torch.equal(ours, whole)
-    assert torch.equal(*(torch.autograd.grad(x.sum(), logits)[0] for x in (ours, whole)))
-    p = torch.softmax(logits, -1)
-    assert torch.equal(
-        entropy_from_logits(logits), torch.logsumexp(logits, -1) - (p * logits).sum(-1)
-    )
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_logprobs_from_hidden_are_the_logits_ones_without_the_logits(dtype):
-    """The fused head: log-probs, entropies and the hidden states' gradient of ``scale * h @ W.T`` as the
-    float32 logits give them, over several blocks of rows (400 rows, 2**23 // V = 167 a block on a CPU,
-    sub-blocks of 16); no gradient for W; under no_grad no gradient is made at all."""
-    torch.manual_seed(0)
-    V, H, scale = 50_000, 24, 0.7
-    weight = (torch.randn(V, H) * 0.3).to(dtype)
-    hidden = torch.randn(4, 100, H).to(dtype).requires_grad_()
-    labels, g = torch.randint(0, V, (4, 100)), torch.randn(4, 100)
-    logits = (
-        hidden.to(dtype) @ weight.T
-    ).float() * scale  # the logits way, as PolicyWithValueHead's
-    want_logp, want_ent = logprobs_from_logits(logits, labels), entropy_from_logits(logits)
-    (want_grad,) = torch.autograd.grad((want_logp * g).sum(), hidden)
-    logp, ent = logprobs_from_hidden(hidden, weight, labels, scale)
-    assert logp.requires_grad and not ent.requires_grad
-    torch.testing.assert_close(logp, want_logp, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(ent, want_ent, atol=1e-4, rtol=1e-5)
-    (grad,) = torch.autograd.grad((logp * g).sum(), hidden)
-    assert grad.dtype == dtype
-    # bf16: both ways round their (N, V) softmax-sized factor to bf16 for the matmul, differently
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    assert (grad.float() - want_grad.float()).abs().max() <= tol * want_grad.float().abs().max()
-    with torch.no_grad():
-        assert torch.equal(logprobs_from_hidden(hidden, weight, labels, scale)[0], logp.detach())
 
 
 # -- masked statistics --------------------------------------------------------------------------
@@ -350,3 +305,28 @@ def test_running_moments_equal_the_moments_of_everything_seen():
     restored = RunningMoments()
     restored.load_state_dict(moments.state_dict())
     assert restored.update(torch.ones(2)) == moments.update(torch.ones(2))
+
+
+# -- the reward model's loss ----------------------------------------------------------------------
+@pytest.mark.parametrize("coef", [None, 0.5])
+def test_bradley_terry_loss_and_gradient_by_hand(coef):
+    from minippo.core import bradley_terry_loss
+
+    chosen = torch.tensor([2.0, 0.0], requires_grad=True)
+    rejected = torch.tensor([1.0, 1.0], requires_grad=True)  # margins +1 and -1
+    loss, stats = bradley_terry_loss(chosen, rejected, center_rewards_coefficient=coef)
+    # -log sigmoid(1) = log(1 + e^-1), -log sigmoid(-1) = log(1 + e); d/dm -log sigmoid(m) = -sigmoid(-m)
+    expected = (math.log(1 + math.exp(-1)) + math.log(1 + math.e)) / 2
+    grad = [-1 / (1 + math.e) / 2, -1 / (1 + math.exp(-1)) / 2]  # -sigmoid(-m) / B
+    if coef:  # + c * mean((c_i + r_i)^2) = 0.5 * (9 + 1) / 2; d/dc_i = c * 2 * (c_i + r_i) / B
+        expected += 0.5 * (9 + 1) / 2
+        centre = [0.5 * 2 * 3 / 2, 0.5 * 2 * 1 / 2]
+    else:
+        centre = [0.0, 0.0]
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    torch.testing.assert_close(chosen.grad, torch.tensor(grad) + torch.tensor(centre))
+    torch.testing.assert_close(rejected.grad, -torch.tensor(grad) + torch.tensor(centre))
+    assert stats["accuracy"].item() == 0.5 and stats["margin"].item() == 0.0
+    assert (stats["chosen"].item(), stats["rejected"].item()) == (1.0, 1.0)
+    assert not any(s.requires_grad for s in stats.values())

@@ -305,3 +305,197 @@ def test_adapter_gradients_are_those_of_two_linear_layers(out_features):
         (layer.lora_B.weight.grad, b.grad),
     ):
         torch.testing.assert_close(ours, reference)  # float32 tolerances
+
+
+# -- the base is the base -----------------------------------------------------------------------
+def save_tiny_llama_64(path):
+    """A tiny llama whose layer sizes are multiples of 64: bitsandbytes' AVX512-BF16 4-bit CPU kernel,
+    which a forward without gradients switches to, needs them."""
+    from tiny import tiny_tokenizer
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer()),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("fast_path", [False, True])
+def test_add_lora_and_disable_adapters_keep_the_base_bit_for_bit(tmp_path, bits, fast_path):
+    """A model loaded by transformers with BitsAndBytesConfig computes, with adapters added and switched
+    off, the logits it computed before, bit for bit: on the plain path, and on the fast path switched on
+    (`minippo.fast.enable`) before the first logits."""
+    import transformers
+
+    from minippo import fast
+    from minippo.fast.int8 import int8_matmul_is_native
+
+    if fast_path and bits == 8 and not int8_matmul_is_native("cpu"):
+        pytest.skip("the fast int8 layers need VNNI or AMX")
+    folder = save_tiny_llama_64(tmp_path / "tiny")
+    options = {"load_in_8bit": True} if bits == 8 else {"load_in_4bit": True}
+    if bits == 4:
+        options["bnb_4bit_compute_dtype"] = torch.float32
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder,
+        quantization_config=transformers.BitsAndBytesConfig(**options),
+        device_map={"": "cpu"},
+        dtype=torch.float32,
+    )
+    if fast_path:
+        fast.enable(model)
+    ids = torch.randint(3, 300, (2, 11))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    add_lora(model, LoRAConfig(target_modules="all-linear"))
+    randomise_adapters(model)
+    with torch.no_grad(), disable_adapters(model):
+        assert torch.equal(model(input_ids=ids).logits, want)
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=ids).logits, want)  # the adapters are on again
+
+
+# -- named adapters ----------------------------------------------------------------------------
+REWARD = LoRAConfig(r=2, alpha=6, target_modules=["q_proj", "o_proj"])  # own targets, rank, alpha
+
+
+def two_adapters(tokenizer, bits=0, seed=0):
+    """A tiny llama (k-bit for bits 8 / 4) with a "default" adapter on q, v and a "reward" one on q, o."""
+    model = tiny_model("llama", len(tokenizer), seed=seed)
+    if bits:
+        quantize_model(model, bits=bits)
+    add_lora(model, LoRAConfig(r=4))
+    add_lora(model, REWARD, adapter_name="reward")
+    return randomise_adapters(model, seed=seed + 1)
+
+
+def one_adapter(tokenizer, other, name, bits=0, seed=0):
+    """The same base with only adapter `name` of `other`, under the same name (its weights copied)."""
+    from minippo.lora import lora_state_dict as state
+
+    model = tiny_model("llama", len(tokenizer), seed=seed)
+    if bits:
+        quantize_model(model, bits=bits)
+    add_lora(model, other.lora_configs[name], adapter_name=name)
+    with torch.no_grad():
+        for key, value in state(model, name).items():
+            value.copy_(state(other, name)[key])
+    return model
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_named_adapters_on_a_kbit_base_select_and_leave_the_base_exact(tokenizer, batch, bits):
+    from minippo.lora import adapter_layers, adapter_names, use_adapter
+
+    base = quantize_model(tiny_model("llama", len(tokenizer)), bits=bits)
+    expected_base = logits(base, batch)
+    model = two_adapters(tokenizer, bits)
+    assert adapter_names(model) == ["default", "reward"]
+    o_proj = model.model.layers[0].self_attn.o_proj  # targeted only by the second adapter
+    assert isinstance(o_proj, LoRALayer) and o_proj.adapter_name == "reward"
+    q_proj = model.model.layers[0].self_attn.q_proj  # both: "reward" inside "default"
+    assert (q_proj.adapter_name, q_proj.base_layer.adapter_name) == ("default", "reward")
+    assert [n for n, _ in adapter_layers(model, "reward")][:2] == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.o_proj",
+    ]
+    assert {m.r for _, m in adapter_layers(model, "reward")} == {2}
+    with disable_adapters(model):
+        assert torch.equal(logits(model, batch), expected_base)  # bit for bit
+    # the first adapter is the active one; each alone equals a model holding only it
+    policy = logits(model, batch)
+    assert torch.equal(policy, logits(one_adapter(tokenizer, model, "default", bits), batch))
+    with use_adapter(model, "reward"):
+        reward = logits(model, batch)
+    assert torch.equal(reward, logits(one_adapter(tokenizer, model, "reward", bits), batch))
+    assert not torch.equal(reward, policy) and not torch.equal(reward, expected_base)
+    assert torch.equal(logits(model, batch), policy)
+
+
+def test_use_adapter_and_disable_adapters_nest_and_restore(tokenizer, batch):
+    from minippo.lora import use_adapter
+
+    model = two_adapters(tokenizer)
+    policy = logits(model, batch)
+    with disable_adapters(model):
+        base = logits(model, batch)
+    with use_adapter(model, "reward"):
+        reward = logits(model, batch)
+        with disable_adapters(model):
+            assert torch.equal(logits(model, batch), base)
+            with use_adapter(model, "default"):
+                assert torch.equal(logits(model, batch), policy)
+            assert torch.equal(logits(model, batch), base)
+        assert torch.equal(logits(model, batch), reward)
+        with pytest.raises(RuntimeError, match="boom"):
+            with use_adapter(model, "default"):
+                raise RuntimeError("boom")
+        assert torch.equal(logits(model, batch), reward)
+    assert torch.equal(logits(model, batch), policy)
+
+
+def test_second_adapter_trains_apart_from_the_first(tokenizer, batch):
+    from minippo.lora import adapter_parameters, use_adapter
+
+    model = tiny_model("llama", len(tokenizer))
+    add_lora(model, LoRAConfig(r=4))
+    add_lora(model, REWARD, adapter_name="reward")
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    policy, reward = adapter_parameters(model, "default"), adapter_parameters(model, "reward")
+    assert trainable == {id(p) for p in policy + reward}  # the first adapter stays trainable
+    before = [p.detach().clone() for p in policy]
+    opt = torch.optim.Adam(reward, lr=1e-2)
+    with use_adapter(model, "reward"):
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+    assert all(p.grad is None for p in policy)  # an inactive adapter gets no gradient
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(policy, before))
+
+
+def test_adapter_names_are_checked(tokenizer):
+    from minippo.lora import adapter_parameters, use_adapter
+
+    model = two_adapters(tokenizer)
+    for call in (
+        lambda: use_adapter(model, "critic"),
+        lambda: merge_lora(model, adapter_name="critic"),
+        lambda: adapter_parameters(model, "critic"),
+    ):
+        with pytest.raises(ValueError, match=r"no adapter named 'critic'.*\['default', 'reward'\]"):
+            call()
+    with pytest.raises(
+        ValueError, match=r"already has LoRA adapter 'reward'.*\['default', 'reward'\]"
+    ):
+        add_lora(model, REWARD, adapter_name="reward")
+    with pytest.raises(ValueError, match="adapter_name must be"):
+        add_lora(model, REWARD, adapter_name="a.b")
+
+
+def test_merge_one_named_adapter_keeps_the_other(tokenizer, batch):
+    from minippo.lora import adapter_names, use_adapter
+
+    model = two_adapters(tokenizer, bits=8)
+    with use_adapter(model, "reward"):
+        reward = logits(model, batch)
+    merged = merge_lora(model, adapter_name="reward")
+    assert adapter_names(merged) == ["default"]
+    assert all(
+        m.lora_A.weight.dtype == torch.float32 for m in merged.modules() if isinstance(m, LoRALayer)
+    )
+    with disable_adapters(merged):  # the base now holds the reward adapter (8-bit: dequantised)
+        torch.testing.assert_close(logits(merged, batch), reward, rtol=0, atol=1e-2)
+    assert list(merged.lora_configs) == ["default"]
+    merge_lora(merged)
+    assert not any(isinstance(m, LoRALayer) for m in merged.modules())

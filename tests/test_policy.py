@@ -110,9 +110,12 @@ def test_forward_under_bf16_autocast_keeps_float32_logits(model):
 
 
 def test_response_logprobs_by_the_fused_head_are_the_logits_ones(model):
-    """`response_logprobs` without logits (`core.logprobs_from_hidden`) gives the log-probs, entropies,
+    """`response_logprobs` without logits (`minippo.fast`'s LM head) gives the log-probs, entropies,
     values and LoRA gradients of the logits path, at temperature 0.7; the entropy bonus's gradient
     (``entropy_grad``) takes the logits path."""
+    from minippo import fast
+
+    fast.enable(model)
     add_lora(model, LoRAConfig(r=2, alpha=4, target_modules="all-linear"))
     torch.manual_seed(0)
     for _, layer in lora_layers(model):
@@ -148,6 +151,9 @@ def test_response_logprobs_by_the_fused_head_are_the_logits_ones(model):
 def test_a_hook_on_the_lm_head_turns_the_fused_head_off(model):
     """check_logits probes the fused head against the logits: a forward hook that changes the logits (so
     the model's own forward too) leaves minippo on the logits path, which honours it."""
+    from minippo import fast
+
+    fast.enable(model)
     bias = torch.zeros(model.get_output_embeddings().weight.shape[0])
     bias[7] = 3.0
     model.get_output_embeddings().register_forward_hook(lambda m, args, out: out + bias)
@@ -158,9 +164,6 @@ def test_a_hook_on_the_lm_head_turns_the_fused_head_off(model):
         logp = policy.response_logprobs(ids, torch.ones_like(ids), torch.full((2, 3), 7))[0]
         logits, _ = policy(ids, torch.ones_like(ids), response_length=3)
     torch.testing.assert_close(logp, logprobs_from_logits(logits, torch.full((2, 3), 7)))
-
-
-# -- generation ---------------------------------------------------------------------------------
 
 
 def test_batched_left_padded_generation_matches_unpadded_forward(model, tokenizer):

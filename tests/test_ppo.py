@@ -4,18 +4,18 @@ import dataclasses
 import json
 import logging
 import os
-import weakref
 from types import SimpleNamespace
 
 import pytest
 import torch
 from tiny import field_docs, tiny_model
 
+from minippo import fast as fast_path
 from minippo.core import kl_penalty
 from minippo.lora import LoRAConfig, add_lora, lora_state_dict
 from minippo.policy import PolicyWithValueHead
-from minippo.ppo import PPOConfig, PPOTrainer
-from minippo.quant import prepare_model_for_kbit_training, quantize_model, store_embeddings_in
+from minippo.ppo import FAST_MARKER, PPOCallback, PPOConfig, PPOTrainer
+from minippo.quant import prepare_model_for_kbit_training, quantize_model
 
 PROMPTS = ["This movie", "A wonderful, moving picture with a", "Boring and", "The best film of"]
 
@@ -35,8 +35,8 @@ def lora_model(arch, tokenizer, int8=False, head_scale=1.0, seed=0, dtype=torch.
             model.get_output_embeddings().weight.mul_(head_scale)
     if int8:
         quantize_model(model)
-        if int8 == "bf16 embeddings":  # as load_model stores them on a CPU with native bf16
-            store_embeddings_in(model, torch.bfloat16)
+        if int8 == "bf16 embeddings":  # as load_model(fast=True) stores them where bf16 is native
+            fast_path.enable(model, embeddings_dtype=torch.bfloat16)
         prepare_model_for_kbit_training(model)
     return add_lora(model, LoRAConfig(target_modules="all-linear"))
 
@@ -76,21 +76,25 @@ def make_trainer(arch, tokenizer, int8=False, dtype=torch.float32, **overrides):
     return trainer, queries, responses
 
 
+class Recorder(PPOCallback):
+    """Records the rollout buffer of every step and the stats of every minibatch."""
+
+    def __init__(self):
+        self.buffers = []
+        self.minibatches = []
+
+    def on_minibatch(self, trainer, minibatch, stats):
+        self.minibatches.append(stats)
+
+    def on_step_end(self, trainer, batch, stats):
+        self.buffers.append(batch)
+
+
 def capture(trainer):
     """Record the rollout buffer and the stats of every minibatch of the next steps."""
-    seen = SimpleNamespace(buffers=[], minibatches=[])
-    step_stats, loss_backward = trainer._step_stats, trainer._clipped_loss_backward
-
-    def _step_stats(buffer, *args):
-        seen.buffers.append(buffer)
-        return step_stats(buffer, *args)
-
-    def _clipped_loss_backward(minibatch, kept=None):
-        seen.minibatches.append(loss_backward(minibatch, kept))
-        return seen.minibatches[-1]
-
-    trainer._step_stats, trainer._clipped_loss_backward = _step_stats, _clipped_loss_backward
-    return seen
+    recorder = Recorder()
+    trainer.callbacks.append(recorder)
+    return recorder
 
 
 def adapter_snapshot(trainer):
@@ -318,31 +322,43 @@ def test_first_minibatch_has_ratio_exactly_one(arch, tokenizer, compute_dtype, i
     assert seen.minibatches[-1]["policy/approxkl"].item() > 0
 
 
+class ForwardCounter:
+    """Counts the backbone's forwards (a forward hook; its handle removed on exit)."""
+
+    def __init__(self, trainer):
+        self.calls = 0
+        self.backbone = trainer.policy.backbone
+
+    def __enter__(self):
+        self.handle = self.backbone.register_forward_hook(self.count)
+        return self
+
+    def count(self, *args):
+        self.calls += 1
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
 @pytest.mark.parametrize("int8", [False, True])
-def test_one_micro_batch_reuses_the_rollout_forward_for_the_first_update(arch, tokenizer, int8):
-    """Where one micro-batch is the whole batch, the rollout's forward keeps its graph and is the first
-    update's: a step runs one forward fewer, and makes the update that recomputing it makes, bit for bit."""
+def test_the_fast_path_reuses_the_rollout_forward_for_the_first_update(arch, tokenizer, int8):
+    """On a model marked fast, where one micro-batch is the whole batch, the rollout's forward keeps its
+    graph and is the first update's: a step runs one forward fewer, and makes the update that
+    recomputing it makes (the plain trainer), bit for bit."""
     results = []
-    for reuse in (True, False):
+    for fast in (True, False):
         torch.manual_seed(0)
-        trainer, queries, responses = make_trainer(arch, tokenizer, int8=int8, mini_batch_size=8)
-        forward, rollout_forward, calls = trainer._forward, trainer._rollout_forward, []
-
-        def counted(*args, forward=forward, calls=calls):
-            calls.append(1)
-            return forward(*args)
-
-        def graph_dropped(*args, keep_graph=False, rollout_forward=rollout_forward, **kwargs):
-            return rollout_forward(*args, **kwargs)[
-                0
-            ], None  # the first update recomputes the forward
-
-        trainer._forward = counted
-        if not reuse:
-            trainer._rollout_forward = graph_dropped
+        model = lora_model(arch, tokenizer, int8)
+        if fast:
+            setattr(model, FAST_MARKER, True)  # this piece of the fast path alone
+        trainer = PPOTrainer(small_config(mini_batch_size=8), model, tokenizer)
+        assert (trainer.rollout_reuse is not None) == fast
+        queries = encode(tokenizer, 8)
+        responses = trainer.generate(queries)
         seen = capture(trainer)
-        stats = trainer.step(queries, responses, torch.arange(8.0))
-        results.append((adapter_snapshot(trainer), stats, len(calls)))
+        with ForwardCounter(trainer) as counter:
+            stats = trainer.step(queries, responses, torch.arange(8.0))
+        results.append((adapter_snapshot(trainer), stats, counter.calls))
         assert seen.minibatches[0]["policy/ratio"].item() == 1.0
     (reused, reused_stats, n_reused), (recomputed, recomputed_stats, n_recomputed) = results
     assert (n_reused, n_recomputed) == (3, 4)  # rollout, reference, 2 epochs (the first one reused)
@@ -350,21 +366,31 @@ def test_one_micro_batch_reuses_the_rollout_forward_for_the_first_update(arch, t
     assert reused_stats["ppo/loss/total"] == recomputed_stats["ppo/loss/total"]
 
 
-def test_the_reused_forward_is_released_after_the_first_update(tokenizer):
-    """Held through the later epochs, the reused outputs cost the demo ~1 GB of heap: gone by then."""
-    trainer, queries, responses = make_trainer("llama", tokenizer, mini_batch_size=8)
-    loss_backward, refs = trainer._clipped_loss_backward, []
+def test_the_reused_forward_is_handed_over_once():
+    """`RolloutReuse.update` returns the kept outputs to the first update only (so they are freed with
+    its backward), and never for another micro-batch."""
+    from minippo.fast.reuse import RolloutReuse
 
-    def watched(minibatch, kept=None):
-        if kept is not None:
-            refs.extend(weakref.ref(x) for x in kept if x is not None)
-        else:
-            assert refs and all(ref() is None for ref in refs)
-        return loss_backward(minibatch, kept)
+    reuse = RolloutReuse()
+    micro = SimpleNamespace(input_ids=torch.tensor([[1, 2, 3]]))
+    other = SimpleNamespace(input_ids=torch.tensor([[1, 2, 4]]))
+    calls = []
 
-    trainer._clipped_loss_backward = watched
-    trainer.step(queries, responses, torch.arange(8.0))
-    assert len(refs) == 3  # log-probs, entropies and values, of the first update only
+    def forward(m):
+        calls.append(m)
+        x = torch.ones(1, 2, requires_grad=True) * len(calls)
+        return x, x, x
+
+    detached = reuse.rollout(forward, micro)
+    assert all(not t.requires_grad for t in detached)
+    first = reuse.update(forward, micro)
+    assert len(calls) == 1 and first[0].requires_grad  # the kept graph, no second forward
+    assert reuse.kept is None
+    reuse.update(forward, micro)
+    assert len(calls) == 2  # handed over once: the second update recomputes
+    reuse.rollout(forward, micro)
+    reuse.update(forward, other)
+    assert len(calls) == 4 and calls[-1] is other  # another micro-batch never gets the kept outputs
 
 
 def test_reference_logprobs_come_from_the_base_model(arch, tokenizer):
@@ -708,7 +734,10 @@ def test_load_takes_a_checkpoint_older_than_a_config_field(tmp_path, tokenizer):
     state = json.loads(state_file.read_text())
     del state["config"]["entropy_coef"]  # as saved before the field existed
     state_file.write_text(json.dumps(state))
-    PPOTrainer(small_config(), lora_model("llama", tokenizer), tokenizer).load(tmp_path / "ckpt")
+    resumed = PPOTrainer(small_config(), lora_model("llama", tokenizer, seed=1), tokenizer)
+    resumed.load(tmp_path / "ckpt")  # the missing field is taken as unchanged, not refused
+    assert resumed.current_step == trainer.current_step
+    assert_same(adapter_snapshot(resumed), adapter_snapshot(trainer))
 
 
 def test_gradient_checkpointing_in_a_ppo_step(tokenizer, monkeypatch):

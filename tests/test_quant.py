@@ -6,7 +6,7 @@ import json
 import bitsandbytes as bnb
 import pytest
 import torch
-from tiny import tiny_model
+from tiny import randomise_adapters, tiny_model
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.pytorch_utils import Conv1D
@@ -20,8 +20,7 @@ from minippo import (
     quantize_model,
 )
 from minippo.app.memory_plan import model_footprint_bytes
-from minippo.policy import PolicyWithValueHead
-from minippo.quant import dequantize_8bit, is_8bit, keep_8bit_layers_in_eval, store_embeddings_in
+from minippo.quant import dequantize_8bit, is_8bit
 
 TEXTS = ["This movie was great, I loved the acting.", "Awful dialogue, a waste of time."]
 
@@ -115,213 +114,78 @@ def test_footprint_counts_tied_weights_once(tokenizer):
     )
 
 
-def test_8bit_layers_stay_in_eval_mode(model, batch):
-    quantize_model(model)
-    keep_8bit_layers_in_eval(model, int8_path=True)
-    model.train()
-    assert model.training
-    assert all(not m.training for m in int8_layers(model).values())
-    assert all(m.training for m in model.modules() if isinstance(m, nn.Dropout))
-    assert all(isinstance(m, bnb.nn.Linear8bitLt) for m in int8_layers(model).values())
-
-
-def test_pinned_eval_keeps_int8_path_in_train_mode(tokenizer, batch):
-    """Llama has no dropout: with the 8-bit layers pinned, train-mode logits == eval-mode logits."""
+def test_8bit_layers_are_bitsandbytes_own_and_follow_the_model_mode(tokenizer):
+    """prepare_model_for_kbit_training and add_lora leave bitsandbytes' own Linear8bitLt class and its
+    train/eval mode alone (no re-classing, no pinning)."""
     model = quantize_model(tiny_model("llama", len(tokenizer)))
-    keep_8bit_layers_in_eval(model, int8_path=True)
-    eval_logits = logits(model, batch)
+    prepare_model_for_kbit_training(model)
+    add_lora(model, LoRAConfig(r=4, target_modules="all-linear"))
+    layers = int8_layers(model).values()
+    assert layers and all(type(m) is bnb.nn.Linear8bitLt for m in layers)
     model.train()
-    assert torch.equal(logits(model, batch), eval_logits)
+    assert all(m.training for m in layers)
+    model.eval()
+    assert all(not m.training for m in layers)
 
 
-def test_8bit_path_follows_the_cpu(tokenizer, batch, monkeypatch):
-    """The int8 GEMM where the CPU has VNNI/AMX; else the dequantising float matmul, whose logits are
-    at least as close to fp32 (no activation quantisation), in train and eval mode alike."""
-    fp32, errors = logits(tiny_model("llama", len(tokenizer)), batch), {}
-    for native in (True, False):
-        monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda native=native: native)
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-        model = keep_8bit_layers_in_eval(quantize_model(tiny_model("llama", len(tokenizer))))
-        layers = int8_layers(model).values()
-        assert all(m.int8_path == native and m.training == (not native) for m in layers)
-        eval_logits = logits(model, batch)
-        model.train()
-        assert torch.equal(logits(model, batch), eval_logits)  # pinned: one function in both modes
-        errors[native] = (eval_logits - fp32).abs().max()
-    assert errors[True] < 1e-2
-    assert errors[False] <= errors[True]  # the float matmul on int8 weights: no activation rounding
+def test_eval_mode_8bit_passes_the_input_gradient_so_lora_below_trains(tokenizer):
+    """bitsandbytes' eval-mode LLM.int8() (PPO's mode) has an input gradient: grad @ (CB * SCB / 127),
+    the dequantised weight (within float32 rounding); the adapters of the first layer get gradients."""
+    model = quantize_model(tiny_model("llama", len(tokenizer))).eval()
+    for layer in int8_layers(model).values():
+        x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+        grad = torch.randn(2, 5, layer.out_features)
+        layer(x).backward(grad)
+        torch.testing.assert_close(x.grad, grad @ dequantize_8bit(layer), atol=1e-5, rtol=1e-5)
+    prepare_model_for_kbit_training(model)
+    randomise_adapters(add_lora(model, LoRAConfig(r=4, target_modules="all-linear")))
+    model.eval()
+    ids = torch.arange(3, 19).view(2, 8)
+    model(input_ids=ids, labels=ids).loss.backward()
+    first = model.model.layers[0].self_attn.q_proj
+    assert first.lora_A.weight.grad is not None and first.lora_A.weight.grad.abs().sum() > 0
 
 
-def test_int8_linear_is_llm_int8_in_float32(tokenizer):
-    """minippo's CPU int8 forward: bitsandbytes' LLM.int8() (outlier columns in float, the rest int8 per
-    row) computed in float32: as close to the float matmul on the dequantised weight as bitsandbytes'
-    float16 version, and closer to it than to that matmul; any input rank; outlier columns exact."""
-    model = keep_8bit_layers_in_eval(
-        quantize_model(tiny_model("llama", len(tokenizer))), int8_path=True
-    )
+def test_train_mode_8bit_on_a_cpu_is_the_dequantised_matmul(tokenizer):
+    """bitsandbytes' CPU train mode (SFT's): x @ (CB * SCB / 127).T, no activation quantisation; eval
+    mode quantises the activations, a function within their int8 rounding of it."""
+    model = quantize_model(tiny_model("llama", len(tokenizer)))
     torch.manual_seed(0)
     for layer in int8_layers(model).values():
-        x = torch.randn(16, 5, layer.in_features)
-        x[1, 2, 3] = 9.0  # an outlier (threshold 6): column 3 goes through the float matmul
-        bias = 0 if layer.bias is None else layer.bias
-        exact = x @ dequantize_8bit(layer).t() + bias
-        ours, theirs = quant.int8_linear(x, layer), bnb.nn.Linear8bitLt.forward(layer, x)
-        assert ours.shape == exact.shape and ours.dtype == torch.float32
-        error, theirs_error = (ours - exact).abs().mean(), (theirs - exact).abs().mean()
-        assert 0 < error <= 1.02 * theirs_error and (ours - theirs).abs().mean() < theirs_error
-        assert torch.equal(layer(x), ours)  # the pinned layer's forward on a CPU
-        assert torch.equal(quant.int8_linear(x.view(80, -1), layer), ours.view(80, -1))
-        assert torch.equal(quant.int8_linear(x.view(4, 4, 5, -1), layer), ours.view(4, 4, 5, -1))
-        outliers = torch.zeros_like(x)
-        outliers[..., 3] = torch.linspace(-8, 8, 80).view(16, 5)
-        torch.testing.assert_close(
-            quant.int8_linear(outliers, layer), outliers @ dequantize_8bit(layer).t() + bias
-        )
-
-
-def test_int8_linear_quantises_an_input_once_for_the_layers_that_read_it(tokenizer, monkeypatch):
-    """q, k and v (gate and up) read one tensor: its int8 rows and outlier columns are made once and
-    reused, with each layer's numbers those of a fresh quantisation; an in-place change of the input, or
-    another tensor, is quantised anew."""
-    model = keep_8bit_layers_in_eval(
-        quantize_model(tiny_model("llama", len(tokenizer))), int8_path=True
-    )
-    attention = model.model.layers[0].self_attn
-    made = []
-    quantise = quant._quantise_rows
-    monkeypatch.setattr(quant, "_quantise_rows", lambda *args: made.append(1) or quantise(*args))
-    layers = attention.q_proj, attention.k_proj, attention.v_proj
-    x = torch.randn(3, 5, attention.q_proj.in_features)
-    x[0, 1, 2] = 9.0  # an outlier column
-    outs = [quant.int8_linear(x, layer) for layer in layers]
-    assert len(made) == 1  # once for the three
-    fresh = [quant.int8_linear(x.clone(), layer) for layer in layers]  # another tensor each time
-    assert len(made) == 4 and all(torch.equal(a, b) for a, b in zip(outs, fresh))
-    quant.int8_linear(x, layers[0])
-    x.mul_(-0.5)  # changed in place: quantised anew
-    after = quant.int8_linear(x, layers[0])
-    assert len(made) == 6 and torch.equal(after, quant.int8_linear(x.clone(), layers[0]))
-
-    with torch.inference_mode():  # inference tensors have no version counter: quantised each call
-        y, before = torch.randn(3, 5, attention.q_proj.in_features), len(made)
-        outs = [quant.int8_linear(y, layer) for layer in layers]
-        assert len(made) == before + 3
-        y.mul_(-0.5)
-        assert torch.equal(quant.int8_linear(y, layers[0]), quant.int8_linear(y.clone(), layers[0]))
+        x = torch.randn(3, 5, layer.in_features)
+        exact = x @ dequantize_8bit(layer).t()
+        torch.testing.assert_close(layer.train()(x), exact, atol=1e-5, rtol=1e-5)
+        eval_out = layer.eval()(x)
+        assert 0 < (eval_out - exact).abs().max() < 0.05 * exact.abs().max()
 
 
 def test_8bit_model_runs_under_inference_mode(tokenizer, batch):
     """`torch.inference_mode()`, as users write around generation and evaluation, gives the no_grad logits."""
-    model = keep_8bit_layers_in_eval(
-        quantize_model(tiny_model("llama", len(tokenizer))), int8_path=True
-    )
+    model = quantize_model(tiny_model("llama", len(tokenizer))).eval()
     expected = logits(model, batch)
     with torch.inference_mode():
         assert torch.equal(model(**batch).logits, expected)
 
 
-def test_int8_input_gradient_in_bf16_or_int8(tokenizer):
-    """grad_dtype bf16 or int8: the same forward bit for bit; the input gradient one bf16 matmul on the exact
-    int8 weight, or the gradient's rows rounded to int8 through the int8 GEMM: within that rounding of
-    the fp32 gradient on the dequantised weight (bitsandbytes' own), on 2-D and 3-D inputs."""
-    model = keep_8bit_layers_in_eval(
-        quantize_model(tiny_model("llama", len(tokenizer))), int8_path=True
-    )
-    for layer in int8_layers(model).values():
-        for shape in ((2, 5), (7,)):
-            x = torch.randn(*shape, layer.in_features)
-            grads, outs = {}, {}
-            for dtype in (None, torch.bfloat16, torch.int8):
-                layer.grad_dtype, x.grad = dtype, None
-                outs[dtype] = layer(x.requires_grad_())
-                grad = torch.linspace(-1, 1, outs[dtype].numel()).view_as(outs[dtype]) ** 3
-                outs[dtype].backward(grad)
-                grads[dtype] = x.grad
-                assert torch.equal(outs[None], outs[dtype]) and x.grad.shape == x.shape
-            exact = grad @ dequantize_8bit(layer)  # (*shape, in)
-            for dtype, tolerance in ((None, 1e-5), (torch.bfloat16, 1e-2), (torch.int8, 1e-2)):
-                error = (grads[dtype] - exact).abs().max() / exact.abs().max()
-                assert (dtype is None or 0 < error) and error < tolerance  # rounded, not skipped
-
-
-def test_int8_input_gradient_follows_the_cpu(tokenizer, monkeypatch):
-    """The input gradient through the int8 GEMM wherever the int8 path is native; LoRA gradients as with
-    the float32 or bf16 input gradient (cosine > 0.999), with the layers recomputed in backward too."""
-    for native in (True, False):
-        monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda native=native: native)
-        model = quantize_model(tiny_model("llama", len(tokenizer)))
-        for int8_path in (None, True, False):
-            keep_8bit_layers_in_eval(model, int8_path=int8_path)
-            layers = int8_layers(model).values()
-            assert {m.int8_path for m in layers} == {native if int8_path is None else int8_path}
-            int8_grad = native and int8_path is not False
-            assert {m.grad_dtype for m in layers} == {torch.int8 if int8_grad else None}
-    grads = {}
-    runs = ((None, False), (torch.bfloat16, False), (torch.int8, False), (torch.int8, True))
-    for dtype, checkpointing in runs:
-        torch.manual_seed(0)
-        model = quantize_model(tiny_model("llama", len(tokenizer)))
-        prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
-        add_lora(model, LoRAConfig(r=4, alpha=8))
-        for layer in int8_layers(model).values():
-            layer.int8_path, layer.grad_dtype = True, dtype
-        model.train()
-        ids = torch.arange(3, 19).view(2, 8)
-        model(input_ids=ids, labels=ids).loss.backward()
-        grads[dtype, checkpointing] = torch.cat(
-            [p.grad.flatten() for p in model.parameters() if p.requires_grad]
-        )
-    reference = grads.pop((None, False))
-    assert reference.abs().sum() > 0
-    for grad in grads.values():  # bf16, int8, and int8 with the layers recomputed in backward
-        assert torch.nn.functional.cosine_similarity(reference, grad, dim=0) > 0.999
-
-
-@pytest.mark.parametrize(
-    "arch", ["llama", "gpt2", "gpt_neox"]
-)  # gpt2 ties its LM head, the others not
-def test_embeddings_stored_in_bf16_keep_the_hidden_states_float32(tokenizer, batch, arch):
-    """store_embeddings_in: bf16 embedding and LM head weights (still one matrix where tied), float32
-    hidden states and logits close to the float32 model's; idempotent; prepare keeps the bf16 storage;
-    LoRA gradients as with float32 embeddings; the logits are the policy's own (check_logits)."""
-    models, grads = {}, {}
-    for stored in (False, True):
-        model = quantize_model(tiny_model(arch, len(tokenizer)))
-        tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
-        if stored:
-            for _ in range(2):
-                store_embeddings_in(model, torch.bfloat16)
-        prepare_model_for_kbit_training(model)
-        add_lora(model, LoRAConfig(r=4, init="gaussian", target_modules="all-linear"))
-        models[stored] = model
-        out = model(**batch, labels=batch["input_ids"], output_hidden_states=True)
-        out.loss.backward()
-        grads[stored] = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
-        assert out.logits.dtype == torch.float32 and out.hidden_states[0].dtype == torch.float32
-        assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
-    assert tied == (arch == "gpt2")
-    for module in (models[True].get_input_embeddings(), models[True].get_output_embeddings()):
-        assert module.weight.dtype == torch.bfloat16
-    assert models[False].get_input_embeddings().weight.dtype == torch.float32
-    fp32, bf16 = logits(models[False], batch), logits(models[True], batch)
-    assert 0 < (bf16 - fp32).abs().max() < 2e-2 * fp32.abs().max()  # rounded weights, nothing else
-    assert torch.nn.functional.cosine_similarity(grads[False], grads[True], dim=0) > 0.999
-    PolicyWithValueHead(models[True]).check_logits(
-        rtol=1e-6
-    )  # minippo's logits are the model's own
-
-
-def test_load_model_stores_8bit_embeddings_in_bf16_where_native(tiny_model_dir, batch, monkeypatch):
-    """dtype="auto" + 8-bit: embeddings in bf16 on a CPU with native bf16 only; an explicit dtype is kept."""
+def test_load_model_fast_stores_8bit_embeddings_in_bf16_where_native(
+    tiny_model_dir, batch, monkeypatch
+):
+    """fast=True with dtype="auto" + 8-bit: embeddings in bf16 on a CPU with native bf16 only; the plain
+    path and an explicit dtype keep float32."""
     for native in (False, True):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
-        auto = load_model(tiny_model_dir, load_in_8bit=True, dtype="auto")
+        auto = load_model(tiny_model_dir, load_in_8bit=True, dtype="auto", fast=True)
+        assert auto.minippo_fast is True
         assert auto.lm_head.weight.dtype == (torch.bfloat16 if native else torch.float32)
         assert (
             auto.model.norm.weight.dtype == torch.float32
             and logits(auto, batch).dtype == torch.float32
         )
-    assert load_model(tiny_model_dir, load_in_8bit=True).lm_head.weight.dtype == torch.float32
+        plain = load_model(tiny_model_dir, load_in_8bit=True, dtype="auto")
+        assert plain.lm_head.weight.dtype == torch.float32
+        assert not hasattr(plain, "minippo_fast")
+    explicit = load_model(tiny_model_dir, load_in_8bit=True, fast=True)
+    assert explicit.lm_head.weight.dtype == torch.float32
     assert (
         load_model(tiny_model_dir, dtype="auto").lm_head.weight.dtype == torch.bfloat16
     )  # float model
@@ -336,7 +200,7 @@ def test_cpu_bf16_setting_overrides_the_probe(tiny_model_dir, monkeypatch):
         bf16 = setting == "1" or (native and not setting)
         assert quant.cpu_bf16_is_native() is bf16
         assert quant.auto_compute_dtype("cpu") == (torch.bfloat16 if bf16 else torch.float32)
-        auto = load_model(tiny_model_dir, load_in_8bit=True, dtype="auto")
+        auto = load_model(tiny_model_dir, load_in_8bit=True, dtype="auto", fast=True)
         assert auto.lm_head.weight.dtype == (torch.bfloat16 if bf16 else torch.float32)
     monkeypatch.setenv(quant.CPU_BF16_ENV, "yes")
     with pytest.raises(

@@ -249,7 +249,7 @@ def test_dequantize_refuses_a_repacked_cpu_weight():
     bf16: a layer in that state is refused with the fix rather than dequantised wrongly."""
     layer = quantize_model(nn.Sequential(nn.Linear(64, 64)), bits=4)[0]
     layer.weight.quant_state.packing_format_for_cpu = True
-    with pytest.raises(ValueError, match="repacked.*pin_kbit_layers"):
+    with pytest.raises(ValueError, match="repacked.*keep_4bit_layers_unpacked"):
         dequantize_4bit(layer)
 
 

@@ -3,7 +3,7 @@
 Each field of a command's `@dataclass` is a `--flag` whose help text is the docstring written
 under the field and whose default is the field's default, so `minippo ppo --help` always lists
 exactly what `PPORunConfig` accepts. A nested config is a group of flags: `--lora.r`,
-`--lora.alpha`, ... (`--lora-r` still works); `PPORunConfig.ppo` keeps trl's bare names
+`--lora.alpha`, ... (`--lora-r` is accepted too); `PPORunConfig.ppo` keeps trl's bare names
 (`--learning-rate`, `--batch-size`). `Optional` settings take `None` (or `none`, `null`).
 """
 
@@ -19,14 +19,14 @@ from typing import Any
 import tyro
 from tyro.constructors import ConstructorRegistry, PrimitiveConstructorSpec
 
-from minippo.app.allocator import retain_freed_memory
+from minippo.app.model_folders import fast_is_on
 
 _REGISTRY = ConstructorRegistry()
 
 
 @_REGISTRY.primitive_rule
 def _none_in_any_case(info) -> PrimitiveConstructorSpec | None:
-    """`none` and `null` mean None too, as before tyro (tyro itself takes only `None`)."""
+    """`none` and `null` mean None too (tyro itself takes only `None`)."""
     if info.type is not type(None):
         return None
     return PrimitiveConstructorSpec(
@@ -61,7 +61,7 @@ def _names_or_pattern(info) -> PrimitiveConstructorSpec | None:
     )
 
 
-# The flags of the nested LoRA settings before tyro: --lora-r, --no-lora-use-rslora.
+# Hyphenated spellings of the nested LoRA flags (--lora-r, --no-lora-use-rslora), read as --lora.r.
 _OLD_LORA_FLAG = re.compile(r"^--(no-)?lora-")
 
 
@@ -144,7 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cls, flags, prog=f"minippo {name}", description=(cls.__doc__ or help_text).strip()
     )
     try:
-        retain_freed_memory()  # glibc: reuse freed blocks instead of page-faulting them in every step
+        if fast_is_on(getattr(config, "fast", "off"), getattr(config, "device", None) or "cpu"):
+            from minippo.fast.allocator import retain_freed_memory
+
+            retain_freed_memory()  # glibc: reuse freed blocks instead of page-faulting them each step
         run(config)
     except KeyboardInterrupt:
         print(

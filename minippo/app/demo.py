@@ -3,7 +3,12 @@
     reward  -> TF-IDF + logistic regression sentiment model (or a HF classifier you name)
     sft     -> LoRA fine-tune of the 8-bit base on review text          (step 1)
     merge   -> base + SFT adapter -> plain model folder                  (step 2)
+    [pairwise reward model on the merged model: --reward pairwise]
     ppo     -> a new LoRA adapter on the merged model, loaded in 8-bit   (step 3)
+
+With `--reward pairwise` the reward PPO optimises is a pairwise reward model trained after the merge,
+on the merged model itself, so that PPO runs it as a second adapter on the policy's base; the TF-IDF
+reward is trained too and scores the same held-out samples (each reward's view of the other's gains).
     report  -> report.md, sft_loss.png, ppo_progress.png
 
 Presets size the run: "cpu" is the default and is sized for a 2-core CPU (its times: the README);
@@ -26,15 +31,17 @@ from ..checks import (
     check,
     check_device,
     check_fields,
+    one_of,
     optional,
 )
 from ..fileio import write_text
 from ..lora import LoRAConfig
 from ..ppo import PPOConfig
-from .model_folders import DEFAULT_MODEL, quant_load_kwargs, resolve_model
+from .model_folders import DEFAULT_MODEL, FAST_MODES, quant_load_kwargs, resolve_model
+from .pairwise import PairwiseConfig
 from .pipeline import MergeConfig, PPORunConfig, run_merge, run_ppo
 from .report import MetricsLog, machine_description, markdown_table, plot_lines, write_json
-from .reward import RewardConfig, train_reward
+from .reward import RewardConfig, load_reward, train_reward
 from .sft import SFTConfig, run_sft
 
 # Each preset: settings of the SFT, PPO and reward stages (anything not named keeps its default);
@@ -52,16 +59,17 @@ CPU_PPO = dict(
     max_new_tokens=16,
 )
 # A KL ceiling of 12 nats per review: beta stays at CPU_PPO's until a batch's KL passes 12, then rises
-# (by up to 1.2 ** (64 / 200) a step of 64 samples: fast enough to act within a 50-step run).
+# (by up to 1.2 ** (64 / 200) a step of 64 samples: fast enough to act within the preset's run).
 KL_CEILING_12 = dict(
     adap_kl_ctrl=True, target=12.0, horizon=200, min_kl_coef=CPU_PPO["init_kl_coef"]
 )
 PRESETS: dict[str, dict] = {
     "cpu": {
         # Sized for 2 CPU cores (times: the README). A small KL coefficient and a high LoRA learning
-        # rate (with gradient clipping) let PPO move within ~3,000 samples (trl's adaptive controller,
-        # horizon 10,000 samples, would hardly move: hence KL_CEILING_12). The reward is the classifier's
-        # logit clipped at 4 (P(positive) 0.98): past that, more "great great great" earns nothing.
+        # rate (with gradient clipping) let PPO move within a few thousand samples (trl's adaptive
+        # controller, horizon 10,000 samples, would hardly move: hence KL_CEILING_12). The reward is the
+        # classifier's logit clipped at 4 (P(positive) 0.98): past that, more "great great great" earns
+        # nothing.
         "sft": dict(
             max_steps=60,
             batch_size=4,
@@ -74,7 +82,7 @@ PRESETS: dict[str, dict] = {
         # PPO: 60 steps of 64 samples, one update per epoch on all 64 and a rank-4 adapter: less noise
         # per update, so less of the KL is drift; a penalty of 3 on the bigrams a step repeats, the
         # logit clipped at 4, and a KL ceiling of 12 nats (beta never below 0.1, above it when the KL
-        # is over 12) keep the samples diverse and the KL bounded (README, "The demo's results").
+        # is over 12) keep the samples diverse and the KL bounded (how they were found: docs/experiments.md).
         "ppo": dict(steps=60, eval_prompts=64, diversity_coef=3.0),
         "ppo_config": dict(
             CPU_PPO, batch_size=64, mini_batch_size=64, score_clip=4.0, **KL_CEILING_12
@@ -82,6 +90,8 @@ PRESETS: dict[str, dict] = {
         "lora": dict(r=16, alpha=32),
         "ppo_lora": dict(r=4, alpha=8),
         "reward": dict(),
+        # --reward pairwise: the reward model's settings (RewardConfig's, "pairwise" PairwiseConfig's)
+        "pairwise": dict(num_train=1920, num_eval=300, pairwise=dict(steps=120, batch_size=16)),
         # Off on a CPU, where memory is plenty and recomputing costs an extra forward per micro-batch.
         "gradient_checkpointing": False,
     },
@@ -96,6 +106,7 @@ PRESETS: dict[str, dict] = {
         ),
         "lora": dict(r=16, alpha=32),
         "reward": dict(),
+        "pairwise": dict(num_train=4800, num_eval=500, pairwise=dict(steps=300, batch_size=16)),
     },
     "smoke": {
         "sft": dict(
@@ -117,6 +128,9 @@ PRESETS: dict[str, dict] = {
         ),
         "lora": dict(r=4, alpha=8),
         "reward": dict(num_train=400, num_eval=200),
+        "pairwise": dict(
+            num_train=16, num_eval=8, pairwise=dict(steps=2, batch_size=4, num_calibration=16)
+        ),
     },
 }
 
@@ -134,7 +148,8 @@ class DemoConfig:
     data_dir: str | None = None
     """IMDB parquet folder (None: $MINIPPO_IMDB_DIR, else the hub's stanfordnlp/imdb)."""
     reward: str | None = None
-    """A reward to use instead of training the TF-IDF one: a reward folder or a HF classifier name."""
+    """A reward to use instead of training the TF-IDF one: a reward folder or a HF classifier name; or
+    "pairwise": a pairwise reward model trained on the merged model (PPO runs it on the same base)."""
     device: str = "cpu"
     """Device for every stage: cpu, cuda or cuda:N."""
     sft_steps: int | None = None
@@ -144,11 +159,14 @@ class DemoConfig:
     diversity_coef: float | None = None
     """Override the preset's `minippo ppo --diversity-coef` (a penalty on the bigrams a step repeats)."""
     score_clip: float | None = None
-    """Override the preset's `PPOConfig.score_clip` (the reward logit's clip; README, "The demo's results")."""
+    """Override the preset's `PPOConfig.score_clip` (the clip on the reward's logit)."""
     seed: int = 0
     """Seed of every stage."""
     quant: str = "8bit"
     """Base model's Linear layers in SFT and PPO: "8bit" (the blog's), "4bit" (NF4, QLoRA) or "none"."""
+    fast: str = "auto"
+    """`minippo.fast` in SFT and PPO (faster modules, each tested against the plain ones): "on", "off", or
+    "auto" (on a CPU with native bf16 or int8 matmuls, or CUDA)."""
     gradient_checkpointing: bool | None = None
     """Recompute activations in SFT and PPO backward passes; None: the preset's choice (off for cpu),
     else on for the 8-bit models."""
@@ -157,6 +175,7 @@ class DemoConfig:
 
     def __post_init__(self):
         quant_load_kwargs(self.quant)
+        check_fields(self, one_of(*FAST_MODES), "fast")
         check(
             self,
             self.preset in PRESETS,
@@ -180,6 +199,7 @@ def demo_stage_configs(config: DemoConfig, model_dir: str) -> dict:
         output_dir=str(run / "sft"),
         device=config.device,
         quant=config.quant,
+        fast=config.fast,
         seed=config.seed,
         lora=dataclasses.replace(SFTConfig().lora, **preset["lora"]),
         gradient_checkpointing=checkpointing,
@@ -200,15 +220,36 @@ def demo_stage_configs(config: DemoConfig, model_dir: str) -> dict:
         preset["ppo"],
         model=str(run / "merged"),
         data_dir=config.data_dir,
-        reward=config.reward or str(run / "reward"),
+        reward=_ppo_reward(config, run),
         output_dir=str(run / "ppo"),
         quant=config.quant,
+        fast=config.fast,
         lora=LoRAConfig(**preset.get("ppo_lora", preset["lora"])),
         ppo=ppo_config,
         resume=config.resume,
     )
     if config.ppo_steps:
         ppo["steps"] = config.ppo_steps
+    stages = {}
+    if config.reward == "pairwise":
+        settings = dict(preset["pairwise"])
+        pairwise = PairwiseConfig(
+            **dict(
+                settings.pop("pairwise"),
+                base_model=str(run / "merged"),
+                quant=config.quant,
+                tfidf=str(run / "reward"),
+            )
+        )
+        stages["pairwise"] = RewardConfig(
+            **settings,
+            model="pairwise",
+            data_dir=config.data_dir,
+            output_dir=str(run / "reward_pairwise"),
+            seed=config.seed,
+            device=config.device,
+            pairwise=pairwise,
+        )
     if config.diversity_coef is not None:
         ppo["diversity_coef"] = config.diversity_coef
     return {
@@ -230,7 +271,15 @@ def demo_stage_configs(config: DemoConfig, model_dir: str) -> dict:
             data_dir=config.data_dir,
         ),
         "ppo": PPORunConfig(**ppo),
+        **stages,
     }
+
+
+def _ppo_reward(config: DemoConfig, run: Path) -> str:
+    """The reward PPO runs with: the one named, the pairwise model, or the TF-IDF one trained here."""
+    if config.reward == "pairwise":
+        return str(run / "reward_pairwise")
+    return config.reward or str(run / "reward")
 
 
 def run_demo(config: DemoConfig) -> dict:
@@ -267,7 +316,7 @@ def run_demo(config: DemoConfig) -> dict:
         "machine": machine_description(config.device),
     }
     print(f"demo: run folder {run}, preset {config.preset!r}, model {model_dir}")
-    if config.reward is None:
+    if config.reward in (None, "pairwise"):
         t = time.perf_counter()
         summary["reward"] = train_reward(stages["reward"])["metrics"]
         seconds["reward"] = time.perf_counter() - t
@@ -278,10 +327,16 @@ def run_demo(config: DemoConfig) -> dict:
         t = time.perf_counter()
         summary[name] = run_stage(stages[name])
         seconds[name] = time.perf_counter() - t
+        if name == "merge" and "pairwise" in stages:  # trained on the merged model, rank 0 alone
+            t = time.perf_counter()
+            summary["pairwise"] = train_reward(stages["pairwise"])["metrics"]
+            seconds["pairwise"] = time.perf_counter() - t
         if name == "merge":
             distributed.barrier()  # the merged model is on disk for the other ranks' ppo
     summary["seconds"] = seconds
     summary["total_seconds"] = sum(seconds.values())
+    if "pairwise" in stages:
+        summary["tfidf_view"] = tfidf_view(run / "reward", summary["ppo"])
 
     write_plots(run, summary)
     write_text(run / "report.md", render_report(config, summary))
@@ -297,6 +352,18 @@ def run_demo(config: DemoConfig) -> dict:
             f"{summary['total_seconds'] / 60:.1f} min; report: {run / 'report.md'}"
         )
     return summary
+
+
+def tfidf_view(reward_dir: Path, ppo: dict) -> dict:
+    """Mean TF-IDF P(positive) of the held-out samples before and after PPO (prompt + response): how
+    the other reward sees the gains PPO made on the pairwise one."""
+    tfidf = load_reward(reward_dir)
+    view = {}
+    for name in ("before", "after"):
+        if name in ppo:
+            texts = [p + r for p, r in zip(ppo[name]["prompts"], ppo[name]["responses"])]
+            view[f"tfidf_prob_{name}"] = tfidf.probability(texts).mean().item()
+    return view
 
 
 def _run_sft_ppo_on_other_rank(stages: dict) -> dict:
@@ -360,6 +427,18 @@ def render_report(config: DemoConfig, summary: dict) -> str:
         lines += [
             f"**Reward model**: TF-IDF + logistic regression on {r['num_train']} IMDB train reviews, "
             f"validation accuracy {r['validation_accuracy']:.3f}.",
+            "",
+        ]
+    if "pairwise" in summary:
+        p, view = summary["pairwise"], summary.get("tfidf_view", {})
+        lines += [
+            f"**Pairwise reward model** (PPO's reward; Bradley-Terry on {p['num_train_pairs']} pairs of "
+            f"same-length IMDB review starts, trained on the merged model): validation pair accuracy "
+            f"{p['validation_pair_accuracy']:.3f}, held-out label accuracy "
+            f"{p.get('heldout_label_accuracy', float('nan')):.3f}, agreement with TF-IDF "
+            f"{p.get('heldout_tfidf_agreement', float('nan')):.3f}. The TF-IDF reward's P(positive) of "
+            f"the held-out samples: {view.get('tfidf_prob_before', float('nan')):.3f} before PPO, "
+            f"{view.get('tfidf_prob_after', float('nan')):.3f} after.",
             "",
         ]
     if "eval_loss_before" in sft:

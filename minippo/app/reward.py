@@ -6,7 +6,11 @@
   run code, and scored by our own batched NumPy code, so scoring needs no scikit-learn.
 - `HFSentiment`: any Hugging Face sequence-classification model (the blog's
   `lvwerra/distilbert-imdb`), scoring the positive class.
-- `load_reward(spec)`: either one, from a folder or a hub name.
+- `PairwiseSentiment`: a pairwise reward model (`minippo.reward_model`, trained by `minippo reward
+  --model pairwise`, app/pairwise.py), its score calibrated into log-odds of a positive review; on
+  PPO's own model it is a second adapter on the same weights.
+- `load_reward(spec)`: any of them, from a folder or a hub name; a folder that holds no trained reward
+  (a causal LM, an adapter alone, a classifier whose head would be initialised at random) is refused.
 
 Both score a list of B texts as a float tensor (B,), `kind` "prob" (P(positive)) or "logit".
 """
@@ -19,7 +23,7 @@ import os
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +31,9 @@ import torch
 
 from ..checks import POSITIVE, POSITIVE_INT, check_device, check_fields, optional
 from ..fileio import atomic_directory, write_json
+from ..reward_model import REWARD_MODEL_FILE, RewardModel, read_reward_config
 from .data import clean_review, load_imdb
+from .pairwise import PairwiseConfig
 
 TFIDF_TYPE = "minippo-tfidf-sentiment"
 TFIDF_FORMAT = 1
@@ -354,9 +360,16 @@ class HFSentiment(_Scorer):
         )
         folder = resolve_model(name_or_path)
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = (
-            AutoModelForSequenceClassification.from_pretrained(folder).to(self.device).eval()
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            folder, output_loading_info=True
         )
+        if fresh := sorted(info.get("missing_keys", [])) + sorted(info.get("mismatched_keys", [])):
+            raise ValueError(
+                f"reward {str(name_or_path)!r} is not a trained classifier: {len(fresh)} of its weights "
+                f"are not in the checkpoint and would be initialised at random (e.g. {fresh[:3]}). "
+                + REWARD_FOLDER_HELP
+            )
+        self.model = model.to(self.device).eval()
         if self.tokenizer.pad_token is None:
             ensure_pad_token(self.tokenizer)
         if self.model.config.pad_token_id is None:
@@ -398,6 +411,133 @@ class HFSentiment(_Scorer):
         return logits.softmax(-1)[:, self.positive_index]
 
 
+# -- pairwise reward models ------------------------------------------------------------------------
+
+
+class PairwiseSentiment(_Scorer):
+    """A pairwise reward model's score s, calibrated into the log-odds of a positive review a * s + b
+    (kind "logit") and P(positive) = sigmoid(a * s + b) (kind "prob"); (a, b) = (1, 0) for a model
+    trained on other preferences than IMDB's."""
+
+    def __init__(
+        self,
+        reward_model: RewardModel,
+        calibration: Sequence[float] = (1.0, 0.0),
+        kind: str = "logit",
+        batch_size: int = 32,
+        metrics: dict | None = None,
+    ):
+        self.reward_model, self.batch_size = reward_model, batch_size
+        self.scale, self.shift = (float(v) for v in calibration)
+        self.kind = _check_kind(kind)
+        self.metrics = dict(metrics or {})
+
+    def class_logits(self, texts: Sequence[str]) -> torch.Tensor:
+        """a * score + b, (B,) float32 (the texts scored `batch_size` at a time)."""
+        return self.reward_model.score(list(texts), self.batch_size) * self.scale + self.shift
+
+    @staticmethod
+    def _logit(logits: torch.Tensor) -> torch.Tensor:
+        return logits.float()
+
+    @staticmethod
+    def _probability(logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits).float()
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        kind: str = "logit",
+        device: str | torch.device = "cpu",
+        batch_size: int = 32,
+        model=None,
+        model_dir: str | None = None,
+    ) -> PairwiseSentiment:
+        """The reward model in folder `path`, on `model` (a causal LM loaded from `model_dir`: PPO's
+        policy) when it was trained on that model, as a second adapter on the same weights; else on a
+        copy of its own base, loaded as it was trained (quantisation, dtype) on `device`."""
+        from ..quant import load_model
+        from .model_folders import load_tokenizer, quant_load_kwargs, resolve_model
+
+        config = read_reward_config(path)
+        base = resolve_model(config["base_model"])
+        if model is None or not same_folder(base, model_dir):
+            if model is not None:
+                print(
+                    f"reward: {path} was trained on {base}, not on {model_dir}: it runs on a copy of "
+                    "its own base (train it on the PPO model to share one copy of the weights)"
+                )
+            quant = quant_load_kwargs(config.get("quant", "none"))
+            model = load_model(base, **quant, dtype=config.get("dtype", "float32"), device=device)
+        tokenizer = load_tokenizer(base, padding_side="right")
+        reward_model = RewardModel.load(path, model, tokenizer, check_base=False)
+        calibration = config.get("calibration", (1.0, 0.0))
+        return cls(reward_model, calibration, kind, batch_size, config.get("metrics"))
+
+
+def same_folder(a: str | os.PathLike | None, b: str | os.PathLike | None) -> bool:
+    """Whether two paths name one folder."""
+    return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
+
+
+def is_pairwise_reward(spec: str | os.PathLike) -> bool:
+    """Whether `spec` is a pairwise reward model's folder (checked: `reward_model.json` and its files)."""
+    path = Path(spec).expanduser()
+    if not (path / REWARD_MODEL_FILE).is_file():
+        return False
+    check_reward_folder(path)
+    return True
+
+
+# -- what a reward folder must hold -----------------------------------------------------------------
+
+REWARD_FOLDER_HELP = (
+    "A reward must be a trained one: a TF-IDF reward folder from `minippo reward` (config.json of type "
+    f"{TFIDF_TYPE!r}, vocabulary.json, weights.safetensors), a Hugging Face sequence classifier "
+    "(config.json with a *ForSequenceClassification architecture, and the weights of its trained head), "
+    "or a pairwise reward model from `minippo reward --model pairwise` (reward_model.json, "
+    "score_head.safetensors and its adapter folder)."
+)
+
+
+def describe_folder(path: Path) -> str:
+    """What a folder holds, in words (for the refusals)."""
+    config = path / "config.json"
+    if config.is_file():
+        architectures = json.loads(config.read_text()).get("architectures") or []
+        if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+            return (
+                f"a causal language model ({', '.join(architectures)}), with no trained score head"
+            )
+        return f"a model of architecture {architectures or 'unknown'}"
+    if (path / "adapter_config.json").is_file():
+        return "a LoRA adapter alone (adapter_config.json), with no score head"
+    return f"the files {sorted(p.name for p in path.iterdir())[:8]}"
+
+
+def check_reward_folder(path: str | os.PathLike) -> None:
+    """ValueError, saying what the folder holds and what a reward folder must hold, unless folder `path`
+    holds a trained reward: a TF-IDF one, a sequence classifier, or a complete pairwise reward model."""
+    path = Path(path)
+    if (path / REWARD_MODEL_FILE).is_file():  # a pairwise reward model: its head and adapter too
+        config = read_reward_config(path)
+        adapter = path / config.get("adapter_name", "reward") / "adapter_model.safetensors"
+        if not adapter.is_file():
+            raise ValueError(
+                f"{path} has {REWARD_MODEL_FILE} but no adapter {adapter}. {REWARD_FOLDER_HELP}"
+            )
+        return
+    config = path / "config.json"
+    if config.is_file():
+        saved = json.loads(config.read_text())
+        architectures = saved.get("architectures") or []
+        classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
+        if saved.get("type") == TFIDF_TYPE or classifier:
+            return
+    raise ValueError(f"reward folder {path} holds {describe_folder(path)}. {REWARD_FOLDER_HELP}")
+
+
 # -- by name --------------------------------------------------------------------------------------
 
 
@@ -407,12 +547,21 @@ def load_reward(
     device: str | torch.device = "cpu",
     batch_size: int = 32,
     positive_label: str | int | None = None,
+    model=None,
+    model_dir: str | None = None,
 ) -> _Scorer:
     """A reward from `spec`: a folder saved by `TfidfSentiment.save` / `minippo reward`, a local HF
     classifier folder, or a hub name (downloaded, or from the HF cache offline). `kind` None keeps
-    the TF-IDF file's kind and uses "logit" for HF classifiers."""
+    the TF-IDF file's kind and uses "logit" for the others. A folder that holds no trained reward is
+    refused (`check_reward_folder`); `model` and `model_dir` go to `PairwiseSentiment.load`."""
     path = Path(spec).expanduser()
     config = path / "config.json"
+    if path.is_dir() and any(path.iterdir()):
+        check_reward_folder(path)
+    if (path / REWARD_MODEL_FILE).is_file():
+        return PairwiseSentiment.load(
+            path, kind or "logit", device, batch_size, model=model, model_dir=model_dir
+        )
     if config.is_file():
         if json.loads(config.read_text()).get("type") == TFIDF_TYPE:
             return TfidfSentiment.load(path, kind=kind)
@@ -453,7 +602,9 @@ def load_reward(
 @dataclass
 class RewardConfig:
     model: str = "tfidf"
-    """"tfidf" trains TF-IDF + logistic regression on IMDB; else a HF classifier name/path to evaluate."""
+    """"tfidf" trains TF-IDF + logistic regression on IMDB; "pairwise" a pairwise reward model (a reward
+    adapter and score head on --pairwise.base-model, the Bradley-Terry loss); else a HF classifier to
+    evaluate."""
     data_dir: str | None = None
     """Folder with IMDB {train,validation}.parquet; None: $MINIPPO_IMDB_DIR, else the hub."""
     output_dir: str = "runs/reward"
@@ -477,7 +628,9 @@ class RewardConfig:
     device: str = "cpu"
     """Device for a HF classifier's evaluation."""
     batch_size: int = 32
-    """Texts per forward pass of a HF classifier."""
+    """Texts per forward pass of a HF classifier or a pairwise reward model's evaluation."""
+    pairwise: PairwiseConfig = field(default_factory=PairwiseConfig)
+    """The pairwise reward model's settings (--model pairwise; num_train and num_eval count pairs)."""
 
     def __post_init__(self):
         _check_kind(self.kind)
@@ -495,6 +648,14 @@ def train_reward(config: RewardConfig) -> dict:
     Returns {"metrics": {...}, "path": spec to pass to `load_reward`}.
     """
     out = Path(config.output_dir)
+    if config.model == "pairwise":
+        from .pairwise import train_pairwise_reward
+
+        metrics = train_pairwise_reward(config, out)
+        write_json(
+            out / "metrics.json", {"config": asdict(config), "metrics": metrics, "path": str(out)}
+        )
+        return {"metrics": metrics, "path": str(out)}
     val = load_imdb("validation", config.data_dir, limit=config.num_eval, seed=config.seed)
     start = time.perf_counter()
     if config.model == "tfidf":

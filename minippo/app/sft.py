@@ -26,7 +26,15 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..adapter_files import check_adapter, copy_adapter, save_adapter
-from ..checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check, check_device, check_fields
+from ..checks import (
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    check,
+    check_device,
+    check_fields,
+    one_of,
+)
 from ..fileio import atomic_directory, committed_directory, write_binary, write_json
 from ..lora import LoRAConfig, add_lora, count_parameters
 from ..ppo import (
@@ -42,8 +50,10 @@ from ..quant import load_model, prepare_model_for_kbit_training, resolve_dtype
 from .data import clean_review, cycle_batches, load_imdb, pack_blocks
 from .model_folders import (
     DEFAULT_MODEL,
+    FAST_MODES,
     check_context,
     context_window,
+    fast_is_on,
     load_tokenizer,
     quant_load_kwargs,
     resolve_model,
@@ -69,6 +79,9 @@ class SFTConfig:
     "none"."""
     dtype: str = "float32"
     """dtype of the base weights that are not int8; training upcasts them to float32."""
+    fast: str = "auto"
+    """`minippo.fast` (faster modules, each tested against the plain ones): "on", "off", or "auto" (on a
+    CPU with native bf16 or int8 matmuls, or CUDA)."""
     device: str = "cpu"
     """Device to train on: cpu, cuda or cuda:N."""
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(r=16, alpha=32.0, dropout=0.05))
@@ -111,6 +124,7 @@ class SFTConfig:
             self.quant = "none"
         quant_load_kwargs(self.quant)
         self.load_in_8bit = self.quant == "8bit"
+        check_fields(self, one_of(*FAST_MODES), "fast")
         positive = (
             "max_steps",
             "batch_size",
@@ -270,7 +284,11 @@ def load_sft_model(config: SFTConfig, device: torch.device):
     model_dir = resolve_model(config.model)
     tokenizer = load_tokenizer(model_dir, padding_side="right")
     model = load_model(
-        model_dir, **quant_load_kwargs(config.quant), dtype=config.dtype, device=device
+        model_dir,
+        **quant_load_kwargs(config.quant),
+        dtype=config.dtype,
+        device=device,
+        fast=fast_is_on(config.fast, device),
     )
     checkpointing = config.gradient_checkpointing
     checkpointing = config.quant != "none" if checkpointing is None else checkpointing

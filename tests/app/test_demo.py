@@ -100,3 +100,17 @@ def test_demo_overrides_the_presets_steps_and_diversity_penalty(tmp_path):
     assert demo_stage_configs(zero, "some-model")["ppo"].diversity_coef == 0.0
     with pytest.raises(ValueError, match="diversity_coef must be None or a number >= 0, got -1.0"):
         DemoConfig(diversity_coef=-1.0)
+
+
+def test_the_pairwise_demo_trains_its_reward_on_the_merged_model(tmp_path):
+    """--reward pairwise: a pairwise reward stage on the merged model (PPO's base, so PPO shares it),
+    in the demo's quantisation, compared with the TF-IDF reward the demo trains too; PPO runs with it."""
+    config = DemoConfig(preset="smoke", output_dir=str(tmp_path), reward="pairwise", quant="4bit")
+    stages = demo_stage_configs(config, "some-model")
+    pairwise = stages["pairwise"]
+    assert pairwise.model == "pairwise" and pairwise.output_dir == str(tmp_path / "reward_pairwise")
+    assert pairwise.pairwise.base_model == stages["ppo"].model == str(tmp_path / "merged")
+    assert pairwise.pairwise.quant == stages["ppo"].quant == "4bit"
+    assert pairwise.pairwise.tfidf == stages["reward"].output_dir
+    assert stages["ppo"].reward == pairwise.output_dir
+    assert "pairwise" not in demo_stage_configs(DemoConfig(preset="smoke"), "some-model")

@@ -392,22 +392,24 @@ def test_cuda_int8_weights_match_the_plan():
 
 
 def measure_ppo_micro_step(model, batch, prompt_len, response_len, checkpointing):
-    """Peak bytes of new tensors in one of PPOTrainer's optimisation micro-steps (forward with the LM
-    head over the response positions, clipped losses, backward), as `PPOTrainer.step` runs it."""
+    """Peak bytes of new tensors in a PPO step of one epoch and one micro-batch: its peak is the
+    optimisation micro-step's (forward with the LM head over the response positions, clipped losses,
+    backward); the rollout and reference forwards run without gradient and keep less."""
     from minippo.ppo import PPOConfig, PPOTrainer
 
     config = PPOConfig(
-        batch_size=batch, mini_batch_size=batch, gradient_checkpointing=checkpointing
+        batch_size=batch,
+        mini_batch_size=batch,
+        ppo_epochs=1,
+        gradient_checkpointing=checkpointing,
     )
     trainer = PPOTrainer(config, model)
     vocab = model.config.vocab_size
     queries = [torch.randint(3, vocab, (prompt_len - i,)) for i in range(batch)]  # left padding
     responses = [torch.randint(3, vocab, (response_len,)) for _ in range(batch)]
-    rollout = trainer._padded_batch(queries, responses)
-    (rollout.old_logprobs, rollout.values, _), _ = trainer._rollout_forward(rollout)
-    rollout.advantages, rollout.returns = torch.randn(2, batch, response_len)
+    scores = torch.randn(batch)
     with TensorMemoryTracker() as mem:
-        trainer._clipped_loss_backward(rollout)
+        trainer.step(queries, responses, scores)
     return mem.peak
 
 
@@ -444,3 +446,26 @@ def test_ppo_micro_step_peak_matches_the_plan_in_both_modes(arch, hidden, vocab,
         predicted = plan.parts["activations"] + plan.parts["gradients"]
         assert close(predicted, measured), (checkpointing, predicted, measured)
     assert peaks[True] < 0.75 * peaks[False]  # checkpointing does lower the PPO step's peak
+
+
+def test_a_learned_reward_on_the_shared_base_costs_its_adapter_not_a_second_base():
+    """20B in 8-bit on 24 GiB with a rank-16 reward adapter on all linear layers: the adapter and its score
+    head are counted (fp32, frozen: no gradients or Adam state), and a second copy of the base is what
+    sharing saves: with it the step would not fit."""
+    from minippo.app.memory_plan import PlanConfig, format_plan, plan_memory
+
+    config = PlanConfig(params=20e9, gpu_gib=24)
+    alone, shared = (
+        plan_memory(config),
+        plan_memory(PlanConfig(params=20e9, gpu_gib=24, reward_r=16)),
+    )
+    shape = shared.shape
+    adapter = 16 * shape.layers * sum(i + o for i, o in shape.adapted("all-linear").values())
+    assert shared.parts["reward adapter + head"] == 4 * (adapter + shape.hidden + 1)
+    assert shared.total - alone.total == shared.parts["reward adapter + head"]
+    assert shared.trainable == alone.trainable and shared.fits
+    assert shared.second_base == shared.parts["weights"] and alone.second_base == 0
+    assert shared.total + shared.second_base > shared.budget
+    text = format_plan(shared)
+    assert "a reward model on a copy of its own would add 19.20 GiB" in text
+    assert "does NOT fit 24 GiB" in text

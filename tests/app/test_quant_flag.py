@@ -46,3 +46,39 @@ def test_sft_in_4bit_through_the_cli_records_quant(tiny_model_dir, imdb_dir, tmp
     recorded = json.loads((out / "sft_config.json").read_text())
     assert recorded["quant"] == "4bit" and recorded["load_in_8bit"] is False
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# -- the `fast` setting -----------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", [SFTConfig, PPORunConfig, DemoConfig])
+def test_fast_setting_defaults_to_auto_and_is_validated(cls):
+    assert cls().fast == "auto"
+    with pytest.raises(ValueError, match="fast"):
+        cls(fast="yes")
+
+
+def test_demo_passes_fast_to_sft_and_ppo(tmp_path):
+    stages = demo_stage_configs(DemoConfig(fast="off", output_dir=str(tmp_path)), "some-model")
+    assert stages["sft"].fast == "off" and stages["ppo"].fast == "off"
+
+
+def test_fast_auto_follows_the_hardware(monkeypatch):
+    import torch
+
+    from minippo.app.model_folders import fast_is_on
+
+    assert fast_is_on("on", "cpu") and not fast_is_on("off", "cuda")
+    for vnni, bf16 in ((False, False), (True, False), (False, True)):
+        monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda vnni=vnni: vnni)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda bf16=bf16: bf16)
+        assert fast_is_on("auto", "cpu") == (vnni or bf16)
+    assert fast_is_on("auto", "cuda")
+    monkeypatch.setenv("MINIPPO_CPU_BF16", "1")  # the override still counts as native bf16
+    assert fast_is_on("auto", "cpu")
+
+
+@pytest.mark.parametrize("fast", ["on", "off"])
+def test_ppo_trainer_loads_the_fast_path_that_the_setting_names(tiny_model_dir, fast):
+    trainer, _, _ = build_trainer(PPORunConfig(model=tiny_model_dir, fast=fast))
+    model = trainer.policy.model
+    assert getattr(model, "minippo_fast", False) == (fast == "on")
+    assert ("FastLMHead" in repr(model)) == (fast == "on")

@@ -1,17 +1,20 @@
-"""minippo.app.allocator: freed memory kept for reuse, seen as page faults in a fresh process."""
+"""minippo.fast.allocator: freed memory kept for reuse, seen as page faults in a fresh process."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from minippo.app import allocator
+from minippo.fast import allocator
+
+REPO = Path(__file__).resolve().parents[2]
 
 # Allocate, touch and free a 256 MiB block eight times; print the minor page faults of the last seven.
 PROBE = """
 import resource, sys
 import torch
-from minippo.app.allocator import retain_freed_memory
+from minippo.fast.allocator import retain_freed_memory
 print(retain_freed_memory())
 torch.ones(2**26).sum()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -23,6 +26,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 def run_probe(setting: str) -> tuple[str, int]:
     env = {"MINIPPO_KEEP_FREED_MEMORY": setting, "OMP_NUM_THREADS": "1", "PATH": ""}
+    env["PYTHONPATH"] = str(REPO)  # this checkout's minippo
     out = subprocess.run(
         [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True
     )
@@ -30,6 +34,7 @@ def run_probe(setting: str) -> tuple[str, int]:
     return did, int(faults)
 
 
+@pytest.mark.machine
 @pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="glibc malloc settings: Linux only"
 )

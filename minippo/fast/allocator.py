@@ -1,14 +1,13 @@
-"""Keep freed memory in the process for reuse (glibc malloc settings), as `minippo` commands do.
+"""Keep freed memory in the process for reuse (glibc malloc settings); the `minippo` command calls it
+when its `fast` setting is on.
 
-A PPO step on a CPU allocates and frees the same large blocks again and again: activations of a few
-MB per layer and the logits over the vocabulary (200 MB for the demo's 64 x 16 response tokens).
-With glibc's defaults a block that large is served by `mmap` and unmapped when freed, or the heap top
-is trimmed back to the system, so every step page-faults its memory in anew (the kernel zeroes each
-page first). `retain_freed_memory` makes malloc serve blocks up to 1 GiB from the heap, keep up to 2
-GiB of free heap top and grow it 512 MiB at a time (`mallopt`; see `man 3 mallopt`): the demo's PPO
-optimisation phase measured 10-30% faster and steadier, `make demo` 10% faster, peak RSS 3-5% higher
-(benchmarks/RESULTS.md, "Freed memory kept for reuse"). The `minippo` command line calls it at start;
-library users may too. Set $MINIPPO_KEEP_FREED_MEMORY=0 to keep glibc's defaults.
+A PPO step on a CPU allocates and frees the same large blocks again and again: activations of a few MB
+per layer and the logits over the vocabulary. With glibc's defaults a block that large is served by `mmap`
+and unmapped when freed, or the heap top is trimmed back to the system, so every step page-faults its
+memory in anew (the kernel zeroes each page first). `retain_freed_memory` makes malloc serve blocks up to
+1 GiB from the heap, keep up to 2 GiB of free heap top and grow it 512 MiB at a time (`mallopt`; see
+`man 3 mallopt`): the same numbers, faster, at a somewhat higher peak RSS (benchmarks/RESULTS.md, "Freed
+memory kept for reuse"). Library users may call it too. $MINIPPO_KEEP_FREED_MEMORY=0 keeps glibc's defaults.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ def retain_freed_memory() -> bool:
     except (OSError, AttributeError):  # another C library (musl): leave it alone
         return False
     # The largest block served from the heap first: 1 GiB, or 32 MiB where an older glibc caps it. Without
-    # it a fixed trim threshold would also fix glibc's mmap threshold at 128 KiB (measured 3x slower).
+    # it a fixed trim threshold would also fix glibc's mmap threshold at 128 KiB (a slower setting).
     if not any(mallopt(M_MMAP_THRESHOLD, size) == 1 for size in (2**30, 2**25)):
         return False
     # The free heap top kept (`int` arguments: at most 2 GiB - 1) and the extra heap asked for at each growth.
