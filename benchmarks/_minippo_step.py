@@ -32,16 +32,26 @@ def build_trainer(spec: Spec, info: dict):
     from minippo.ppo import PPOConfig, PPOTrainer
     from minippo.quant import auto_compute_dtype, load_model, prepare_model_for_kbit_training
 
-    int8, nf4 = spec.dtype == "int8", spec.dtype == "nf4"
+    fast = spec.dtype.endswith(
+        "-fast"
+    )  # "int8-fast": load_model(fast=True), as `minippo ppo --fast on`
+    kind = spec.dtype.removesuffix("-fast")
+    int8 = kind == "int8"
+    nf4 = kind == "nf4"
     # "auto": the compute dtype compute_dtype="auto" picks here, and the frozen base stored in it
     auto = auto_compute_dtype(spec.device) if spec.dtype == "auto" else None
     weights = (
         torch.bfloat16 if spec.dtype == "bf16-weights" or auto == torch.bfloat16 else torch.float32
     )
-    if int8:  # as `minippo ppo`: float32, the embeddings in bf16 where that is native
+    if int8:  # as `minippo ppo`: "auto" (with fast: the embeddings in bf16 where that is native)
         weights = "auto"
     model = load_model(
-        spec.model_dir, load_in_8bit=int8, load_in_4bit=nf4, dtype=weights, device=spec.device
+        spec.model_dir,
+        load_in_8bit=int8,
+        load_in_4bit=nf4,
+        dtype=weights,
+        device=spec.device,
+        fast=fast,
     )
     if int8 or nf4:
         prepare_model_for_kbit_training(model)
@@ -76,9 +86,10 @@ def build_trainer(spec: Spec, info: dict):
 
 
 def main(spec: Spec) -> None:
-    from minippo.fast.allocator import retain_freed_memory
+    if spec.dtype.endswith("-fast"):  # as the `minippo` command does with the fast path on
+        from minippo.fast.allocator import retain_freed_memory
 
-    retain_freed_memory()  # as the `minippo` command does
+        retain_freed_memory()
     torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
     from minippo.lora import disable_adapters

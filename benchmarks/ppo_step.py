@@ -465,7 +465,7 @@ def main(argv=None) -> int:
         "--variants",
         default="float32,auto",
         help="minippo dtypes: float32,auto (compute_dtype auto, base stored in what it picks),bfloat16,"
-        "bf16-weights,int8,nf4",
+        "bf16-weights,int8,nf4; a -fast suffix (int8-fast) loads with load_model(fast=True)",
     )
     p.add_argument(
         "--rounds", type=int, default=1, help="alternating rounds (a process per side per round)"

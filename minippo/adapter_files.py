@@ -143,6 +143,21 @@ def load_adapter(
     A model without that adapter gets it (`add_lora` with the file's config: a second adapter starts
     inactive); one with must match its rank and scaling.  A different base name (unless
     `check_base=False`), keys or shapes raise a ValueError naming what differs, and change nothing."""
+    config, tensors = read_checked_adapter(model, directory, check_base, adapter_name)
+    if adapter_name not in adapter_names(_unwrap(model)):  # 4. load
+        add_lora(_unwrap(model), config, adapter_name)
+    copy_adapter(model, tensors, adapter_name)
+    return model
+
+
+def read_checked_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    check_base: bool = True,
+    adapter_name: str = "default",
+) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+    """Read the adapter that `load_adapter` would and check that it fits `model` (its steps 1-3): its
+    config and tensors, for `copy_adapter`. Changes nothing: a mismatch raises the ValueError naming it."""
     directory, lm = os.fspath(directory), _unwrap(model)
     named = adapter_folder(directory, adapter_name)
     if os.path.isfile(os.path.join(named, ADAPTER_CONFIG)):
@@ -153,15 +168,19 @@ def load_adapter(
         _check_base(saved, ours, directory)
     expected = _expected_shapes(lm, config, directory, adapter_name)  # 2. the shapes it needs
     _check_tensors(tensors, expected, directory, saved, ours)  # 3. the file fits them
-    if adapter_name not in adapter_names(lm):  # 4. load
-        add_lora(lm, config, adapter_name)
-    layers = dict(adapter_layers(lm, adapter_name))
+    return config, tensors
+
+
+def copy_adapter(
+    model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str = "default"
+) -> None:
+    """Copy tensors checked by `read_checked_adapter` into the model's adapter `adapter_name`, in place."""
+    layers = dict(adapter_layers(_unwrap(model), adapter_name))
     with torch.no_grad():
         for key, value in tensors.items():
             path, which, _ = key.rsplit(".", 2)
             param = getattr(layers[path], which).weight
             param.copy_(value.to(device=param.device, dtype=param.dtype))
-    return model
 
 
 def read_adapter(directory: str) -> tuple[dict, LoRAConfig, dict[str, torch.Tensor]]:

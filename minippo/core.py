@@ -12,6 +12,8 @@ Refs:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -220,12 +222,22 @@ class RunningMoments:
     """Running mean and std of a stream of scalars, equal to the moments of everything seen.
 
     ``update(x)`` adds a (B,) batch and returns the new (mean, std) as floats; std is unbiased (Bessel)
-    and at least ``eps``.  Ref: Chan, Golub, LeVeque 1979 (pairwise variance update)."""
+    and at least ``eps``. ``low`` and ``high`` are the smallest and largest value seen (``spread``: two
+    distinct values were seen, so the std measures something).
+    Ref: Chan, Golub, LeVeque 1979 (pairwise variance update)."""
 
     def __init__(self, eps: float = 1e-8):
         self.mean, self.var, self.count, self.eps = 0.0, 1.0, 0, eps
+        self.low = math.inf
+        self.high = -math.inf
+
+    @property
+    def spread(self) -> bool:
+        return self.high > self.low
 
     def update(self, x: Tensor) -> tuple[float, float]:
+        self.low = min(self.low, x.min().item())
+        self.high = max(self.high, x.max().item())
         n, batch_mean = x.numel(), x.float().mean().item()
         batch_m2 = ((x.float() - batch_mean) ** 2).sum().item()  # sum of squared deviations
         total, delta = self.count + n, batch_mean - self.mean
@@ -235,9 +247,18 @@ class RunningMoments:
         return self.mean, max(self.var**0.5, self.eps)
 
     def state_dict(self) -> dict[str, float]:
-        return {"mean": self.mean, "var": self.var, "count": self.count}
+        return {
+            "mean": self.mean,
+            "var": self.var,
+            "count": self.count,
+            "low": self.low,
+            "high": self.high,
+        }
 
     def load_state_dict(self, state: dict[str, float]) -> None:
+        seen = int(state["count"]) > 1  # a state saved before low/high: taken to have seen a spread
+        self.low = float(state.get("low", -math.inf if seen else math.inf))
+        self.high = float(state.get("high", math.inf if seen else -math.inf))
         self.mean, self.var, self.count = (
             float(state["mean"]),
             float(state["var"]),

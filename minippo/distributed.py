@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from .core import masked_mean, masked_var
+
+T = TypeVar("T")
 
 
 def init_from_env() -> bool:
@@ -87,3 +91,34 @@ def broadcast_parameters(params: list[torch.Tensor]) -> None:
     """Copy rank 0's values of ``params`` to every rank (identical adapters to start from)."""
     for p in params if world_size() > 1 else []:
         dist.broadcast(p.data, src=0)
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank: ``[obj]`` with one process."""
+    if world_size() == 1:
+        return [obj]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def on_rank0(write: Callable[[], T]) -> T | None:
+    """Run ``write()`` on rank 0 while the other ranks wait (e.g. writing a file); returns its result on
+    rank 0, None elsewhere. An error on rank 0 is raised there and, as a RuntimeError naming it, on every
+    other rank: none is left waiting."""
+    if world_size() == 1:
+        return write()
+    result = None
+    error = None
+    if rank() == 0:
+        try:
+            result = write()
+        except BaseException as err:  # Ctrl-C too: the others must not wait for ever
+            error = err
+    message = [None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(message, src=0)
+    if error is not None:
+        raise error
+    if message[0] is not None:
+        raise RuntimeError(f"rank 0 failed while the others waited: {message[0]}")
+    return result

@@ -19,12 +19,14 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 from torch import Tensor
 
 from . import checks, core, distributed
-from .fileio import atomic_directory, write_json
+from .adapter_files import copy_adapter, read_checked_adapter
+from .fileio import atomic_directory, committed_directory, write_binary, write_json
 from .lora import disable_adapters, lora_layers
-from .policy import PolicyWithValueHead, left_pad, maybe_autocast, right_pad
+from .policy import VALUE_HEAD_FILE, PolicyWithValueHead, left_pad, maybe_autocast, right_pad
 from .quant import is_4bit, is_8bit, resolve_compute_dtype
 from .rollout import RolloutBuffer
 from .tracking import TRACKERS, Tracker, check_installed
@@ -37,7 +39,10 @@ FAST_MARKER = "minippo_fast"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.pt"
 SCHEDULER_STATE = "scheduler.pt"
-RNG_STATE = "rng_state.pt"
+RNG_STATE = "rng_state.pt"  # every rank's generators, in rank order
+# use_score_scaling divides by max(running std, SCORE_STD_FLOOR x running root-mean-square of the scores):
+# however alike the scores, one of typical size is scaled to at most 1 / SCORE_STD_FLOOR = 100.
+SCORE_STD_FLOOR = 0.01
 RESUMABLE_CHANGES = (
     "learning_rate",
     "device",
@@ -632,14 +637,18 @@ class PPOTrainer:
     def _normalise_scores(self, scores: Tensor) -> Tensor:
         """(B,) -> (B,): score_scale, then optionally trl's use_score_scaling (divide by the running std of
         all scores so far, this batch included), use_score_norm (also centre on the running mean), score_clip.
-        OpenAI's reward gain and bias do it once, at the start. Ref: Ziegler et al. 2019, sec. 2.2."""
+        OpenAI's reward gain and bias do it once, at the start. Ref: Ziegler et al. 2019, sec. 2.2.
+        Note: no division until two distinct scores were seen (before, the std measures nothing), and
+        the std is floored at SCORE_STD_FLOOR x the scores' running root-mean-square."""
         config = self.config
         scores = scores * config.score_scale
         if config.use_score_scaling:
-            mean, std = self.score_moments.update(
-                distributed.all_gather(scores)
-            )  # every process's scores
-            scores = (scores - mean) / std if config.use_score_norm else scores / std
+            moments = self.score_moments
+            mean, std = moments.update(distributed.all_gather(scores))  # every process's scores
+            if config.use_score_norm:
+                scores = scores - mean
+            if moments.spread:
+                scores = scores / max(std, SCORE_STD_FLOOR * (mean**2 + moments.var) ** 0.5)
         if config.score_clip is not None:
             scores = scores.clamp(-config.score_clip, config.score_clip)
         return scores
@@ -763,64 +772,127 @@ class PPOTrainer:
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> str:
         """Write a checkpoint from which `load` continues exactly (adapter in peft's layout, value head,
-        optimiser, LR scheduler, RNG states, trainer state: step, KL coefficient, score moments, config)
-        via `atomic_directory`, so an interrupted save leaves the previous one intact; returns its path."""
+        optimiser, LR scheduler, every rank's generators, trainer state: step, KL coefficient, score
+        moments, config); returns its path. Under torch.distributed it is a collective, called on every
+        rank with the same folder: rank 0 writes, with all ranks' generators, while the others wait.
+        Written by `fileio.atomic_directory`: a kill at any instant leaves this checkpoint or the
+        previous one, and `load` finds it."""
+        directory = os.path.abspath(os.fspath(directory))
+        gathered = distributed.all_gather_object((directory, rng_state()))  # [(folder, generators)]
+        folders = sorted({folder for folder, _ in gathered})
+        if len(folders) > 1:
+            raise ValueError(
+                f"save() got {len(folders)} different folders on the {self.world_size} processes "
+                f"({', '.join(folders)}): pass every process the same folder"
+            )
+        generators = [state for _, state in gathered]  # in rank order
+        distributed.on_rank0(lambda: self._write_checkpoint(directory, generators))
+        return directory
+
+    def _write_checkpoint(self, directory: str, generators: list[dict]) -> None:
         with atomic_directory(directory) as tmp:
             self.policy.save_pretrained(tmp, value_head=self.config.uses_value_head)
-            torch.save(self.optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_STATE))
+            optimizer = self.optimizer.state_dict()
+            write_binary(os.path.join(tmp, OPTIMIZER_STATE), lambda f: torch.save(optimizer, f))
             if self.lr_scheduler is not None:
-                torch.save(self.lr_scheduler.state_dict(), os.path.join(tmp, SCHEDULER_STATE))
-            torch.save(rng_state(), os.path.join(tmp, RNG_STATE))
+                scheduler = self.lr_scheduler.state_dict()
+                write_binary(os.path.join(tmp, SCHEDULER_STATE), lambda f: torch.save(scheduler, f))
+            write_binary(os.path.join(tmp, RNG_STATE), lambda f: torch.save(generators, f))
             state = dict(
                 step=self.current_step, kl_coef=self.kl_ctl.value, world_size=self.world_size
             )
-            moments, config = self.score_moments.state_dict(), dataclasses.asdict(self.config)
-            state |= dict(score_moments=moments, config=config)
+            state["score_moments"] = self.score_moments.state_dict()
+            state["config"] = dataclasses.asdict(self.config)
             write_json(os.path.join(tmp, TRAINER_STATE), state)
-        return os.path.abspath(os.fspath(directory))
 
-    def load(self, directory: str | os.PathLike) -> None:
-        """Restore a checkpoint of `save`: training continues exactly. The config must equal this trainer's
-        except in `RESUMABLE_CHANGES` (this trainer's value applies, with a warning; other differences raise
-        a ValueError listing them). The learning rate is the configured one times the scheduler's factor."""
-        directory = os.fspath(directory)
-        with _readable(directory), open(os.path.join(directory, TRAINER_STATE)) as f:
-            state = json.load(f)
-        if state.get("world_size", 1) != self.world_size:
+    def load(self, directory: str | os.PathLike) -> str:
+        """Restore a checkpoint of `save`: training continues exactly; returns the folder read (``directory``,
+        or its previous version where a save was killed mid-swap: `fileio.committed_directory`).
+
+        1. Read and check every file: a damaged, truncated, foreign or incomplete checkpoint raises one
+           ValueError naming the folder, and the trainer is left exactly as it was.
+        2. Only then change the trainer: nothing is left that can fail.
+
+        The config must equal this trainer's except in `RESUMABLE_CHANGES` (this trainer's value applies,
+        with a warning; other differences raise a ValueError listing them), and the number of processes
+        must be the saving run's: each rank restores its own generators. The learning rate is the
+        configured one times the scheduler's factor."""
+        folder = committed_directory(directory)
+        if folder is None:
+            raise ValueError(f"no checkpoint in {os.fspath(directory)}: the folder does not exist")
+        with reading_checkpoint(folder):
+            state = read_trainer_state(folder)
+        if state["world_size"] != self.world_size:
             raise ValueError(
-                f"{directory} was saved by {state['world_size']} processes, and {self.world_size} load it: "
+                f"{folder} was saved by {state['world_size']} processes, and {self.world_size} load it: "
                 "resume with the same number (each one's share of the batch and seed depend on it)"
             )
         check_config(
             state["config"], dataclasses.asdict(self.config), RESUMABLE_CHANGES, "PPO checkpoint"
         )
-        if (self.lr_scheduler is None) == os.path.exists(os.path.join(directory, SCHEDULER_STATE)):
+        if (self.lr_scheduler is None) == os.path.exists(os.path.join(folder, SCHEDULER_STATE)):
             raise ValueError(
-                f"{directory} was saved {'with' if self.lr_scheduler is None else 'without'} an LR "
+                f"{folder} was saved {'with' if self.lr_scheduler is None else 'without'} an LR "
                 "scheduler and this trainer has the other: make the trainer as the run that saved it"
             )
+        with reading_checkpoint(folder):
+            files = self._read_checkpoint(folder, state)
+        self._restore(state, files)
+        return folder
+
+    def _read_checkpoint(self, folder: str, state: dict) -> dict:
+        """Step 1 of `load`: every file read and checked against this trainer; nothing changes."""
+        _, adapter = read_checked_adapter(self.policy.model, folder)
+        value_head = None  # critic-free estimators train and save none
+        if self.config.uses_value_head:
+            value_head = load_file(os.path.join(folder, VALUE_HEAD_FILE))
+            check_tensors(value_head, self.policy.value_head.state_dict(), VALUE_HEAD_FILE)
+        optimizer = load_torch(folder, OPTIMIZER_STATE, self.device)
+        check_optimizer_state(optimizer, self.optimizer)
+        scheduler = None
+        if self.lr_scheduler is not None:
+            scheduler = load_torch(folder, SCHEDULER_STATE)
+            if not isinstance(scheduler, dict) or set(scheduler) != set(
+                self.lr_scheduler.state_dict()
+            ):
+                raise ValueError(f"{SCHEDULER_STATE} holds another LR scheduler's state")
+        generators = own_rng_state(load_torch(folder, RNG_STATE), self.rank, self.world_size)
+        moments = core.RunningMoments()
+        moments.load_state_dict(state["score_moments"])
+        return dict(
+            adapter=adapter,
+            value_head=value_head,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            generators=generators,
+            moments=moments,
+        )
+
+    def _restore(self, state: dict, files: dict) -> None:
+        """Step 2 of `load`: the checked state into the trainer."""
+        copy_adapter(self.policy.model, files["adapter"])
+        if files["value_head"] is not None:
+            self.policy.value_head.load_state_dict(files["value_head"])
         configured = [g.get("initial_lr", g["lr"]) for g in self.optimizer.param_groups]
-        with _readable(directory):
-            self.policy.load_pretrained(directory, value_head=self.config.uses_value_head)
-            self.optimizer.load_state_dict(load_torch(directory, OPTIMIZER_STATE, self.device))
-            if self.lr_scheduler is not None:
-                self.lr_scheduler.load_state_dict(load_torch(directory, SCHEDULER_STATE))
-                self.lr_scheduler.base_lrs = configured
-            set_rng_state(load_torch(directory, RNG_STATE))
-        for group, lr in zip(
-            self.optimizer.param_groups, configured
-        ):  # the saved factor, configured rate
+        self.optimizer.load_state_dict(files["optimizer"])
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.load_state_dict(files["scheduler"])
+            self.lr_scheduler.base_lrs = configured
+        for group, lr in zip(self.optimizer.param_groups, configured):
+            # the saved schedule's factor times the configured rate
             group["lr"] = group["lr"] * lr / group.get("initial_lr", group["lr"])
             group.update({"initial_lr": lr} if "initial_lr" in group else {})
-        if self.rank:  # the checkpoint holds rank 0's generators: the others draw their own again
-            torch.manual_seed(self.config.seed + self.rank + 7919 * int(state["step"]))
+        if files["generators"] is not None:
+            set_rng_state(files["generators"])
+        else:  # a checkpoint holding rank 0's generators only (minippo 0.2): the others draw their own
+            torch.manual_seed(self.config.seed + self.rank + 7919 * state["step"])
         self.kl_ctl.value = float(state["kl_coef"])
-        self.score_moments.load_state_dict(state["score_moments"])
-        self.current_step = int(state["step"])
+        self.score_moments = files["moments"]
+        self.current_step = state["step"]
 
 
 @contextlib.contextmanager
-def _readable(directory: str):
+def reading_checkpoint(directory: str):
     """Turn any failure to read a checkpoint's files into one ValueError that names the folder."""
     try:
         yield
@@ -831,12 +903,66 @@ def _readable(directory: str):
         ) from err
 
 
+def read_trainer_state(directory: str) -> dict:
+    """``trainer_state.json`` of a checkpoint, with its fields checked (ValueError naming a missing or
+    malformed one); ``world_size`` is 1 where absent (a checkpoint of minippo 0.1)."""
+    with open(os.path.join(directory, TRAINER_STATE)) as f:
+        state = json.load(f)
+    if not isinstance(state, dict):
+        raise ValueError(f"{TRAINER_STATE} holds a {type(state).__name__}, not an object")
+    state = {"world_size": 1} | state
+    fields = dict(step=int, kl_coef=(int, float), world_size=int, score_moments=dict, config=dict)
+    if missing := [name for name in fields if name not in state]:
+        raise ValueError(f"{TRAINER_STATE} lacks {', '.join(missing)}")
+    for name, kind in fields.items():
+        if not isinstance(state[name], kind) or isinstance(state[name], bool):
+            raise ValueError(f"{TRAINER_STATE}: {name} is {state[name]!r}")
+    moments = state["score_moments"]
+    numbers = [moments.get(k) for k in ("mean", "var", "count")]
+    if not all(isinstance(x, (int, float)) and x == x and abs(x) < float("inf") for x in numbers):
+        raise ValueError(f"{TRAINER_STATE}: score_moments is {moments!r}")
+    if state["step"] < 0 or state["world_size"] < 1 or not 0 <= state["kl_coef"] < float("inf"):
+        raise ValueError(f"{TRAINER_STATE}: step, world_size or kl_coef out of range")
+    return state
+
+
+def check_tensors(tensors: dict[str, Tensor], expected: dict[str, Tensor], name: str) -> None:
+    """Raise unless ``tensors`` has exactly the keys and shapes of ``expected`` (a state_dict)."""
+    if set(tensors) != set(expected):
+        raise ValueError(f"{name} has keys {sorted(tensors)}, this model {sorted(expected)}")
+    for key, want in expected.items():
+        if tensors[key].shape != want.shape:
+            raise ValueError(
+                f"{name}: size mismatch for {key}: {tuple(tensors[key].shape)} in the file, "
+                f"{tuple(want.shape)} in this model"
+            )
+
+
+def check_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> None:
+    """Raise unless ``optimizer.load_state_dict(state)`` fits: the same parameter groups, and for every
+    parameter state tensors of its shape (torch itself checks the group sizes only)."""
+    groups = state["param_groups"]
+    sizes = [len(g["params"]) for g in groups]
+    if sizes != [len(g["params"]) for g in optimizer.param_groups]:
+        raise ValueError(f"{OPTIMIZER_STATE} has parameter groups of sizes {sizes}")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, param in zip([i for g in groups for i in g["params"]], params):
+        for key, value in state["state"].get(index, {}).items():
+            if isinstance(value, Tensor) and value.dim() > 0 and value.shape != param.shape:
+                raise ValueError(
+                    f"{OPTIMIZER_STATE}: {key} of parameter {index} has shape {tuple(value.shape)}, "
+                    f"the parameter {tuple(param.shape)}"
+                )
+
+
 def load_torch(directory: str | os.PathLike, name: str, device: torch.device | str = "cpu"):
     """``torch.load`` of ``directory/name`` onto ``device``, tensors and containers only (weights_only)."""
     return torch.load(os.path.join(directory, name), map_location=device, weights_only=True)
 
 
 def rng_state() -> dict:
+    """This process's generators: torch's CPU one, Python's `random`, every CUDA device's (minippo draws
+    from no other: numpy's global generator is neither used nor saved)."""
     cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
     return {"torch": torch.get_rng_state(), "python": random.getstate()} | cuda
 
@@ -846,6 +972,28 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def own_rng_state(saved, rank: int, world_size: int) -> dict | None:
+    """This rank's entry of a checkpoint's ``rng_state.pt`` (every rank's `rng_state`, in rank order),
+    checked by setting it on spare generators. A single dict is rank 0's alone (minippo 0.2): None on
+    the other ranks."""
+    if isinstance(saved, dict):
+        saved = [saved] + [None] * (world_size - 1)
+    if not isinstance(saved, (list, tuple)) or len(saved) != world_size:
+        raise ValueError(f"{RNG_STATE} does not hold one state per process ({world_size})")
+    state = saved[rank]
+    if state is not None:
+        torch.Generator().set_state(state["torch"])
+        random.Random().setstate(state["python"])
+        cuda = state.get("cuda", []) if torch.cuda.is_available() else []
+        if cuda and len(cuda) != torch.cuda.device_count():
+            raise ValueError(
+                f"{RNG_STATE} holds {len(cuda)} CUDA generators, this machine has more or less"
+            )
+        for device, cuda_state in enumerate(cuda):
+            torch.Generator(f"cuda:{device}").set_state(cuda_state)
+    return state
 
 
 def check_config(saved: dict, current: dict, allowed: Sequence[str], what: str) -> None:

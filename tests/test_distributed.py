@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -239,6 +240,7 @@ def sft_run(out_dir: str, model_dir: str, data_dir: str) -> None:
         num_train_texts=20,
         num_eval_blocks=6,
         eval_batch_size=2,
+        save_every=1,  # a checkpoint at each step: saved by every process, written by rank 0
     )
     run_sft(config)
 
@@ -265,6 +267,134 @@ def test_sft_two_processes_equal_one(tmp_path, tiny_model_dir, imdb_dir):
         [loss for _, loss in json.loads((d / "loss_log.json").read_text())] for d in (one, two)
     ]
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    for folder, world in ((one, 1), (two, 2)):  # one checkpoint each, no debris beside it
+        assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]
+        generators = torch.load(folder / "checkpoint" / "rng_state.pt", weights_only=True)
+        assert len(generators) == world
+
+
+# -- checkpoints: every rank's generators, saves from every rank --------------------------------------
+
+
+def resumable_trainer():
+    """A trainer whose steps sample (each rank from its own generators) and normalise scores."""
+    torch.set_num_threads(1)
+    rank = int(os.environ.get("RANK", 0))
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    torch.manual_seed(100 + rank)
+    add_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
+    config = PPOConfig(
+        batch_size=8,
+        mini_batch_size=4,
+        ppo_epochs=2,
+        learning_rate=1e-2,
+        min_new_tokens=2,
+        max_new_tokens=6,
+        use_score_scaling=True,
+        use_score_norm=True,
+        compute_dtype="float32",
+    )
+    return PPOTrainer(config, model, tokenizer), tokenizer
+
+
+def sampled_steps(trainer, tokenizer, n: int) -> None:
+    """n steps of generate -> score (a point per token id divisible by 3) -> step, on this rank's share."""
+    queries = ppo_samples(tokenizer)[0]
+    share = queries[trainer.rank * trainer.batch_size_per_rank :][: trainer.batch_size_per_rank]
+    for _ in range(n):
+        responses = trainer.generate(share)
+        trainer.step(share, responses, [float((r % 3 == 0).sum()) for r in responses])
+
+
+def checkpoint_worker(out_dir: str) -> None:
+    """On every rank: (1) 3 steps straight, and 1 step, save, 1 more step (the generators move on), a
+    fresh trainer loads, 2 steps; (2) 30 saves into one folder; (3) a save given another folder on each
+    rank; (4) a save that rank 0 fails to write. Writes what each rank saw to checkpoint-rank<r>.json.
+    In (2) and (3) every `os.rename` takes 20 ms longer, as on a slow file system, so that two writers
+    would collide reliably."""
+    out = Path(out_dir)
+    straight, tokenizer = resumable_trainer()
+    sampled_steps(straight, tokenizer, 3)
+    first, _ = resumable_trainer()
+    sampled_steps(first, tokenizer, 1)
+    first.save(out / "resume" / "checkpoint")
+    sampled_steps(first, tokenizer, 1)
+    resumed, _ = resumable_trainer()
+    resumed.load(out / "resume" / "checkpoint")
+    sampled_steps(resumed, tokenizer, 2)
+    pairs = zip(straight.trainable, resumed.trainable)
+    result = {"max_difference": max((a - b).abs().max().item() for a, b in pairs)}
+    result["bit_identical"] = all(map(torch.equal, straight.trainable, resumed.trainable))
+    result["save_errors"] = []
+    rename = os.rename
+
+    def slow_rename(
+        *args, **kwargs
+    ):  # as on a slow (network) file system: a wider window for a race
+        time.sleep(0.02)
+        return rename(*args, **kwargs)
+
+    os.rename = slow_rename
+    for _ in range(30):
+        distributed.barrier()  # both ranks start each save together: the most overlap
+        try:
+            resumed.save(out / "race" / "checkpoint")
+        except Exception as error:  # what a race gives: FileNotFoundError, ...
+            result["save_errors"].append(repr(error))
+    try:
+        resumed.save(out / f"rank{resumed.rank}")
+    except ValueError as error:
+        result["different_folders"] = str(error)
+    os.rename = rename
+    (out / "a-file").touch()  # (4) rank 0 cannot write (a file where the folder should go)
+    try:
+        resumed.save(out / "a-file" / "checkpoint")
+    except Exception as error:
+        result["failed_write"] = f"{type(error).__name__}: {error}"
+    (out / f"checkpoint-rank{resumed.rank}.json").write_text(json.dumps(result))
+
+
+@pytest.fixture(scope="module")
+def checkpoint_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("checkpoints")
+    run = torchrun(2, "checkpoint_worker", str(out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out, [json.loads((out / f"checkpoint-rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_a_resume_on_two_processes_is_bit_identical_on_both(checkpoint_run):
+    """3 steps straight == 1 step, save, load into a fresh trainer, 2 steps: every trainable tensor bit
+    for bit on both ranks, as each rank restores its own generators (sampling and minibatch orders)."""
+    out, ranks = checkpoint_run
+    for rank in ranks:
+        assert rank["bit_identical"], rank["max_difference"]
+    generators = torch.load(out / "resume" / "checkpoint" / "rng_state.pt", weights_only=True)
+    assert len(generators) == 2  # every rank's, in rank order, and they differ
+    assert not torch.equal(generators[0]["torch"], generators[1]["torch"])
+
+
+def test_save_from_every_rank_gives_one_checkpoint_and_no_debris(checkpoint_run):
+    """30 saves called on both ranks into one folder: no error on either rank, one complete checkpoint
+    (rank 0 wrote it, rank 1 waited), nothing beside it. Different folders on the ranks: the same
+    ValueError on both, and nothing written."""
+    out, ranks = checkpoint_run
+    assert [rank["save_errors"] for rank in ranks] == [[], []]
+    assert os.listdir(out / "race") == ["checkpoint"]
+    for rank in ranks:
+        assert "different folders on the 2 processes" in rank["different_folders"]
+    assert json.loads((out / "race" / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
+    assert not (out / "rank0").exists() and not (out / "rank1").exists()
+
+
+def test_a_save_that_fails_on_rank_0_fails_on_every_rank(checkpoint_run):
+    """Rank 0's error is raised on rank 0, and on rank 1 (which waited) as a RuntimeError naming it."""
+    _, ranks = checkpoint_run
+    assert ranks[0]["failed_write"].startswith(("FileExistsError", "NotADirectoryError"))
+    assert ranks[1]["failed_write"].startswith(
+        "RuntimeError: rank 0 failed while the others waited"
+    )
+    assert ranks[0]["failed_write"].split(": ", 1)[1] in ranks[1]["failed_write"]
 
 
 def test_resume_needs_the_same_number_of_processes(tmp_path, tokenizer):
@@ -311,8 +441,6 @@ def test_one_rank_raising_fails_the_whole_run_with_its_message(tmp_path):
 
 def stalled_peer(out_dir: str) -> None:
     """Rank 1 is alive but never joins rank 0's all-reduce."""
-    import time
-
     distributed.init_from_env()
     if distributed.rank() == 1:
         time.sleep(600)

@@ -30,7 +30,7 @@ from ..checks import (
     check_fields,
     one_of,
 )
-from ..fileio import atomic_directory, atomic_write
+from ..fileio import atomic_directory, atomic_write, committed_directory
 from ..lora import LoRAConfig, add_lora, disable_adapters, merge_lora
 from ..ppo import PPOConfig, PPOTrainer, check_config
 from ..quant import load_model, resolve_dtype
@@ -464,9 +464,10 @@ RESUMABLE_RUN_CHANGES = (
 
 
 def resume_metrics(trainer: PPOTrainer, checkpoint: Path, log: MetricsLog | None) -> int:
-    """Load the checkpoint into the trainer and cut metrics.jsonl back to its step (rows written after
-    the checkpoint would otherwise come twice); returns the step to continue from."""
-    trainer.load(checkpoint)
+    """Load the checkpoint into the trainer and cut metrics.jsonl back to the step of the one loaded (its
+    previous version where a save was killed mid-swap; rows written after it would otherwise come twice);
+    returns the step to continue from."""
+    loaded = trainer.load(checkpoint)
     if log is None:  # not rank 0: only rank 0 writes metrics.jsonl
         return trainer.current_step
     lines = log.path.read_text().splitlines(keepends=True) if log.path.exists() else []
@@ -478,7 +479,7 @@ def resume_metrics(trainer: PPOTrainer, checkpoint: Path, log: MetricsLog | None
     atomic_write(
         log.path, lambda tmp: Path(tmp).write_text("".join(keep))
     )  # a torn last line goes too
-    print(f"ppo: resuming {checkpoint} at step {trainer.current_step}")
+    print(f"ppo: resuming {loaded} at step {trainer.current_step}")
     return trainer.current_step
 
 
@@ -546,12 +547,13 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
         shown = {"reward": "env/reward_mean", "pos": "env/reward_prob_mean", "kl": "objective/kl"}
         shown["beta"] = "objective/kl_coef"
         bar.set_postfix({k: f"{stats[name]:.3f}" for k, name in shown.items() if name in stats})
-        if config.save_every and step % config.save_every == 0 and step < config.steps and main:
-            trainer.save(checkpoint)
-            for q, r in samples[: config.log_samples]:
+        if config.save_every and step % config.save_every == 0 and step < config.steps:
+            trainer.save(checkpoint)  # on every process: rank 0 writes, with all ranks' generators
+            for q, r in samples[: config.log_samples if main else 0]:
                 bar.write(f"  step {step}: {q!r} -> {r!r}")
     result["train_seconds"] = time.perf_counter() - t0
-    if main:  # the others wait at the barrier while rank 0 saves and evaluates
+    trainer.save(out / "adapter")  # on every process, as the checkpoints
+    if main:  # the others wait at the barrier while rank 0 evaluates
         finish_run(config, trainer, evaluate, result)
     distributed.barrier()
     return result
@@ -574,7 +576,8 @@ def shared_reward(config: PPORunConfig, trainer: PPOTrainer, model_dir: str):
 def start_run_folder(config: PPORunConfig, out: Path, checkpoint: Path, main: bool) -> bool:
     """Whether the run resumes (asked, and a checkpoint exists; then the run's settings must match:
     `PPOTrainer.load` checks the PPO ones); rank 0 writes the run's config.json."""
-    resume = config.resume and (checkpoint / "trainer_state.json").exists()
+    # a checkpoint, or its previous version where a save was killed mid-swap: `PPOTrainer.load` finds it
+    resume = config.resume and committed_directory(checkpoint) is not None
     if resume and (out / "config.json").exists():
         saved = json.loads((out / "config.json").read_text())
         check_config(saved, dataclasses.asdict(config), RESUMABLE_RUN_CHANGES, f"the run in {out}")
@@ -602,9 +605,8 @@ def evaluate_run(config: PPORunConfig, trainer, tokenizer, reward, eval_prompts,
 
 
 def finish_run(config: PPORunConfig, trainer, evaluate, result: dict) -> None:
-    """The adapter, the held-out evaluation after training, result.json; the tracker closed."""
+    """The held-out evaluation after training, result.json; the tracker closed."""
     out = Path(config.output_dir)
-    trainer.save(out / "adapter")
     if "before" in result:
         result["after"] = evaluate()
     write_json(out / "result.json", result)

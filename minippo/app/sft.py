@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..adapter_files import load_adapter, save_adapter
+from ..adapter_files import copy_adapter, read_checked_adapter, save_adapter
 from ..checks import (
     NON_NEGATIVE,
     POSITIVE,
@@ -35,9 +35,17 @@ from ..checks import (
     check_fields,
     one_of,
 )
-from ..fileio import atomic_directory, write_json
+from ..fileio import atomic_directory, committed_directory, write_binary, write_json
 from ..lora import LoRAConfig, add_lora, count_parameters
-from ..ppo import check_config, rng_state, set_rng_state
+from ..ppo import (
+    check_config,
+    check_optimizer_state,
+    load_torch,
+    own_rng_state,
+    reading_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from ..quant import load_model, prepare_model_for_kbit_training, resolve_dtype
 from .data import clean_review, cycle_batches, load_imdb, pack_blocks
 from .model_folders import (
@@ -312,7 +320,7 @@ def train_lm(
     batches = cycle_batches(
         len(blocks), micro * world, config.seed
     )  # the same global stream everywhere
-    if config.resume and (checkpoint / "trainer_state.json").exists():
+    if config.resume and committed_directory(checkpoint) is not None:
         loss_log[:] = load_checkpoint(checkpoint, config, model, optimizer, scheduler)
         for _ in range(len(loss_log) * config.grad_accum_steps):
             next(batches)
@@ -341,7 +349,7 @@ def train_lm(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             loss_log.append((step, step_loss))
-            if config.save_every and step % config.save_every == 0 and rank == 0:
+            if config.save_every and step % config.save_every == 0:  # on every process
                 save_checkpoint(checkpoint, config, model, optimizer, scheduler, loss_log)
             if step % config.log_every == 0 or step == config.max_steps:
                 recent = [l for _, l in loss_log[-config.log_every :]]
@@ -364,28 +372,63 @@ RESUMABLE_CHANGES += ("data_dir",)
 
 
 def save_checkpoint(folder: Path, config, model, optimizer, scheduler, loss_log) -> None:
-    """Everything `load_checkpoint` needs to continue exactly, written crash-safe (`atomic_directory`)."""
-    with atomic_directory(folder) as tmp:
-        save_adapter(model, tmp)
-        torch.save(optimizer.state_dict(), Path(tmp) / "optimizer.pt")
-        torch.save(scheduler.state_dict(), Path(tmp) / "scheduler.pt")
-        torch.save(rng_state(), Path(tmp) / "rng_state.pt")
-        state = {"step": len(loss_log), "loss_log": loss_log, "config": dataclasses.asdict(config)}
-        write_json(Path(tmp) / "trainer_state.json", state)
+    """Everything `load_checkpoint` needs to continue exactly. Called on every process: rank 0 writes,
+    with every rank's generators, crash-safe (`atomic_directory`), while the others wait."""
+    generators = distributed.all_gather_object(rng_state())  # in rank order
+    state = {
+        "step": len(loss_log),
+        "loss_log": loss_log,
+        "world_size": distributed.world_size(),
+        "config": dataclasses.asdict(config),
+    }
+
+    def write() -> None:
+        with atomic_directory(folder) as tmp:
+            save_adapter(model, tmp)
+            optimizer_state = optimizer.state_dict()
+            write_binary(Path(tmp) / "optimizer.pt", lambda f: torch.save(optimizer_state, f))
+            scheduler_state = scheduler.state_dict()
+            write_binary(Path(tmp) / "scheduler.pt", lambda f: torch.save(scheduler_state, f))
+            write_binary(Path(tmp) / "rng_state.pt", lambda f: torch.save(generators, f))
+            write_json(Path(tmp) / "trainer_state.json", state)
+
+    distributed.on_rank0(write)
 
 
 def load_checkpoint(folder: Path, config, model, optimizer, scheduler) -> list:
-    """Restore what `save_checkpoint` wrote (refusing another config); returns the loss log."""
-    state = json.loads((folder / "trainer_state.json").read_text())
+    """Restore what `save_checkpoint` wrote (or its previous version, where a save was killed mid-swap),
+    refusing another config or number of processes; returns the loss log. Every file is read and checked
+    first: a damaged checkpoint raises one ValueError naming it, and changes nothing."""
+    folder = Path(committed_directory(folder) or folder)
+    with reading_checkpoint(folder):
+        state = json.loads((folder / "trainer_state.json").read_text())
+        loss_log = [(int(step), float(loss)) for step, loss in state["loss_log"]]
+        saved_config = state["config"]
     check_config(
-        state["config"], dataclasses.asdict(config), RESUMABLE_CHANGES, f"SFT checkpoint {folder}"
+        saved_config, dataclasses.asdict(config), RESUMABLE_CHANGES, f"SFT checkpoint {folder}"
     )
-    load_adapter(model, folder)
-    load = lambda name: torch.load(folder / name, map_location="cpu", weights_only=True)  # noqa: E731
-    optimizer.load_state_dict(load("optimizer.pt"))
-    scheduler.load_state_dict(load("scheduler.pt"))
-    set_rng_state(load("rng_state.pt"))
-    return [tuple(row) for row in state["loss_log"]]
+    rank, world = distributed.rank(), distributed.world_size()
+    if state.get("world_size", world) != world:
+        raise ValueError(
+            f"{folder} was saved by {state['world_size']} processes, and {world} load it: "
+            "resume with the same number (each one's share of the batch depends on it)"
+        )
+    with reading_checkpoint(folder):  # 1. read and check everything
+        _, adapter = read_checked_adapter(model, folder)
+        optimizer_state = load_torch(folder, "optimizer.pt")
+        check_optimizer_state(optimizer_state, optimizer)
+        scheduler_state = load_torch(folder, "scheduler.pt")
+        if not isinstance(scheduler_state, dict) or set(scheduler_state) != set(
+            scheduler.state_dict()
+        ):
+            raise ValueError("scheduler.pt holds another LR scheduler's state")
+        generators = own_rng_state(load_torch(folder, "rng_state.pt"), rank, world)
+    copy_adapter(model, adapter)  # 2. then change the model and the optimiser
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
+    if generators is not None:  # None: rank 0's generators alone were saved (minippo 0.2)
+        set_rng_state(generators)
+    return loss_log
 
 
 def _available(device: str) -> torch.device:
