@@ -223,22 +223,24 @@ def test_scheduler_steps_once_per_ppo_step(tokenizer):
 
 
 def test_score_normalisation_uses_running_statistics(tokenizer):
-    trainer = PPOTrainer(
-        small_config(use_score_scaling=True, use_score_norm=True),
-        lora_model("llama", tokenizer),
-        tokenizer,
+    """The scores entering the rewards (the rollout buffer's, seen by a callback) are centred and scaled
+    by the moments of every score so far, this batch's included."""
+    trainer, queries, responses = make_trainer(
+        "llama", tokenizer, use_score_scaling=True, use_score_norm=True
     )
-    seen = []
-    for scores in (torch.tensor([0.0, 0.0, 1.0, 0.0]), torch.tensor([0.0, 1.0, 1.0, 0.0])):
-        seen.append(scores)
-        out = trainer._normalise_scores(scores)
-        everything = torch.cat(seen)
-        assert torch.allclose(out, (scores - everything.mean()) / everything.std(), atol=1e-6)
-    scaled_only = PPOTrainer(
-        small_config(use_score_scaling=True), lora_model("llama", tokenizer), tokenizer
-    )
-    x = torch.tensor([0.0, 0.0, 1.0, 0.0])
-    assert torch.allclose(scaled_only._normalise_scores(x), x / x.std(), atol=1e-6)
+    seen = capture(trainer)
+    given = []
+    for scores in (torch.tensor([0.0, 0.0, 1.0, 0.0] * 2), torch.tensor([0.0, 1.0, 1.0, 3.0] * 2)):
+        given.append(scores)
+        trainer.step(queries, responses, scores)
+        everything = torch.cat(given)
+        expected = (scores - everything.mean()) / everything.std()
+        torch.testing.assert_close(seen.buffers[-1].scores, expected, atol=1e-6, rtol=0)
+    scaled_only, queries, responses = make_trainer("llama", tokenizer, use_score_scaling=True)
+    seen = capture(scaled_only)
+    x = torch.tensor([0.0, 0.0, 1.0, 0.0] * 2)
+    scaled_only.step(queries, responses, x)
+    torch.testing.assert_close(seen.buffers[-1].scores, x / x.std(), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
