@@ -183,8 +183,7 @@ class LoRALayer(nn.Module):
             return out
         with torch.autocast(x.device.type, enabled=False):  # fp32 even under bf16 autocast
             x_a = self.lora_dropout(x.to(self.lora_A.weight.dtype))  # (..., in), fp32
-            # (..., r) -> (..., out); B.T contiguous: the backward's thin products run 2x faster on a CPU
-            delta = (self.lora_A(x_a) * self.scaling) @ self.lora_B.weight.t().contiguous()
+            delta = self.lora_B(self.lora_A(x_a) * self.scaling)  # (..., r) -> (..., out)
         return out + delta.to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:

@@ -284,8 +284,8 @@ def test_adapter_math_runs_in_fp32_under_bf16_autocast():
 
 @pytest.mark.parametrize("out_features", [8, 40])
 def test_adapter_gradients_are_those_of_two_linear_layers(out_features):
-    """The adapter's product (by B.T made contiguous, for a CPU's fast layouts in the backward) has the
-    gradients of two nn.Linear, x @ A.T * scaling @ B.T, for x, A and B, on 3-D inputs."""
+    """The adapter's product has the gradients of x @ A.T * scaling @ B.T, for x, A and B, on 3-D
+    inputs."""
     torch.manual_seed(0)
     layer = LoRALayer(torch.nn.Linear(24, out_features), r=4, alpha=8)
     torch.nn.init.normal_(layer.lora_B.weight)
