@@ -122,11 +122,13 @@ def _config_from_peft(cfg: dict, where: str) -> LoRAConfig:
     ]
     if bad:
         raise ValueError(f"{where}: adapter uses {bad}, which minippo's LoRA does not support")
-    r, alpha, dropout = int(cfg["r"]), cfg.get("lora_alpha", 8), float(cfg.get("lora_dropout", 0.0))
-    targets, rslora = cfg.get("target_modules"), bool(cfg.get("use_rslora", False))
-    init = "gaussian" if cfg.get("init_lora_weights") == "gaussian" else "default"
     return LoRAConfig(
-        r=r, alpha=alpha, dropout=dropout, target_modules=targets, use_rslora=rslora, init=init
+        r=int(cfg["r"]),
+        alpha=cfg.get("lora_alpha", 8),
+        dropout=float(cfg.get("lora_dropout", 0.0)),
+        target_modules=cfg.get("target_modules"),
+        use_rslora=bool(cfg.get("use_rslora", False)),
+        init="gaussian" if cfg.get("init_lora_weights") == "gaussian" else "default",
     )
 
 
@@ -158,12 +160,14 @@ def read_checked_adapter(
 ) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
     """Read the adapter that `load_adapter` would and check that it fits `model` (its steps 1-3): its
     config and tensors, for `copy_adapter`. Changes nothing: a mismatch raises the ValueError naming it."""
-    directory, lm = os.fspath(directory), _unwrap(model)
+    directory = os.fspath(directory)
+    lm = _unwrap(model)
     named = adapter_folder(directory, adapter_name)
     if os.path.isfile(os.path.join(named, ADAPTER_CONFIG)):
         directory = named
     cfg, config, tensors = read_adapter(directory)
-    saved, ours = cfg.get("base_model_name_or_path"), _base_name(lm)
+    saved = cfg.get("base_model_name_or_path")
+    ours = _base_name(lm)
     if check_base:  # 1. same base?
         _check_base(saved, ours, directory)
     expected = _expected_shapes(lm, config, directory, adapter_name)  # 2. the shapes it needs

@@ -200,7 +200,9 @@ class AdaptiveKLController:
     The floor ``min_coef`` is ours: at the initial beta it turns the target into a ceiling (README, demo)."""
 
     def __init__(self, init_kl_coef: float, target: float, horizon: float, min_coef: float = 0.0):
-        self.value, self.target, self.horizon = float(init_kl_coef), float(target), float(horizon)
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
         self.min_coef = float(min_coef)
 
     def update(self, current_kl: float, n_steps: int) -> None:
@@ -227,7 +229,10 @@ class RunningMoments:
     Ref: Chan, Golub, LeVeque 1979 (pairwise variance update)."""
 
     def __init__(self, eps: float = 1e-8):
-        self.mean, self.var, self.count, self.eps = 0.0, 1.0, 0, eps
+        self.mean = 0.0
+        self.var = 1.0
+        self.count = 0
+        self.eps = eps
         self.low = math.inf
         self.high = -math.inf
 
@@ -238,12 +243,15 @@ class RunningMoments:
     def update(self, x: Tensor) -> tuple[float, float]:
         self.low = min(self.low, x.min().item())
         self.high = max(self.high, x.max().item())
-        n, batch_mean = x.numel(), x.float().mean().item()
+        n = x.numel()
+        batch_mean = x.float().mean().item()
         batch_m2 = ((x.float() - batch_mean) ** 2).sum().item()  # sum of squared deviations
-        total, delta = self.count + n, batch_mean - self.mean
+        total = self.count + n
+        delta = batch_mean - self.mean
         m2 = self.var * max(self.count - 1, 0) + batch_m2 + delta**2 * self.count * n / total
         self.mean += delta * n / total
-        self.var, self.count = m2 / max(total - 1, 1), total
+        self.var = m2 / max(total - 1, 1)
+        self.count = total
         return self.mean, max(self.var**0.5, self.eps)
 
     def state_dict(self) -> dict[str, float]:
@@ -259,11 +267,9 @@ class RunningMoments:
         seen = int(state["count"]) > 1  # a state saved before low/high: taken to have seen a spread
         self.low = float(state.get("low", -math.inf if seen else math.inf))
         self.high = float(state.get("high", math.inf if seen else -math.inf))
-        self.mean, self.var, self.count = (
-            float(state["mean"]),
-            float(state["var"]),
-            int(state["count"]),
-        )
+        self.mean = float(state["mean"])
+        self.var = float(state["var"])
+        self.count = int(state["count"])
 
 
 # -- the reward model's loss --------------------------------------------------------------------

@@ -159,8 +159,12 @@ class LoRALayer(nn.Module):
                 f"LoRA rank r={r} exceeds min(in, out) = {min(in_features, out_features)} here"
             )
         device = base_layer.weight.device
-        self.base_layer, self.in_features, self.out_features = base_layer, in_features, out_features
-        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.base_layer = base_layer
+        self.in_features = in_features
+        self.out_features = out_features
+        self.r = r
+        self.alpha = alpha
+        self.use_rslora = use_rslora
         self.scaling = lora_scaling(r, alpha, use_rslora)
         self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=torch.float32)
@@ -191,8 +195,10 @@ class LoRALayer(nn.Module):
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
     def extra_repr(self) -> str:
-        name, r, scaling = self.adapter_name, self.r, self.scaling
-        return f"{name!r}, r={r}, alpha={self.alpha}, scaling={scaling:g}, disabled={self.disabled}"
+        return (
+            f"{self.adapter_name!r}, r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, "
+            f"disabled={self.disabled}"
+        )
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -169,10 +169,10 @@ class PolicyWithValueHead(nn.Module):
     def check_logits(self, rtol: float = 1e-2) -> None:
         """Raise a ValueError unless this policy's logits equal ``model(ids).logits`` on a probe batch
         (up to ``rtol`` of their largest magnitude: bf16 models round differently)."""
-        ids = (torch.arange(16, device=self.device) * 7919 % self.lm_head.weight.shape[0]).view(
-            2, 8
-        )
-        mask, training = torch.ones_like(ids), self.model.training
+        vocab = self.lm_head.weight.shape[0]
+        ids = (torch.arange(16, device=self.device) * 7919 % vocab).view(2, 8)  # (2, 8)
+        mask = torch.ones_like(ids)
+        training = self.model.training
         self.model.eval()
         try:
             theirs = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
@@ -181,7 +181,8 @@ class PolicyWithValueHead(nn.Module):
             self.fused_head = self._fused_head_agrees(hidden, ids, ours)
         finally:
             self.model.train(training)
-        error, scale = (ours - theirs).abs().max().item(), theirs.abs().max().item()
+        error = (ours - theirs).abs().max().item()
+        scale = theirs.abs().max().item()
         if not error <= rtol * scale + 1e-5:
             raise ValueError(
                 f"{type(self.model).__name__}'s logits differ from minippo's (max |diff| {error:.3g}, max "
@@ -300,7 +301,8 @@ class PolicyWithValueHead(nn.Module):
         uniform in ``[min_new_tokens, max_new_tokens]``, tokens from ``softmax(logits / temperature)`` over
         the whole vocabulary (top_k 0, top_p 1: PPO's log-probs are this distribution's); with ``stop_at_eos``
         up to and including the first EOS. Torch's global generator; returns a CPU `Generation`."""
-        queries, vocab = [torch.as_tensor(q) for q in queries], self.lm_head.weight.shape[0]
+        queries = [torch.as_tensor(q) for q in queries]
+        vocab = self.lm_head.weight.shape[0]
         if not queries or any(
             q.dim() != 1 or not len(q) or q.min() < 0 or q.max() >= vocab for q in queries
         ):
@@ -313,7 +315,8 @@ class PolicyWithValueHead(nn.Module):
         if stop_at_eos and eos_token_id is None:
             raise ValueError("stop_at_eos=True needs an eos_token_id")
         lengths = torch.randint(lo, hi + 1, (len(queries),))
-        n, eos = batch_size or len(queries), eos_token_id if stop_at_eos else None
+        n = batch_size or len(queries)
+        eos = eos_token_id if stop_at_eos else None
         chunks = [(queries[i : i + n], lengths[i : i + n]) for i in range(0, len(queries), n)]
         parts = [self._sample(q, k, pad_token_id, eos, temperature) for q, k in chunks]
         if len(parts) == 1:
@@ -334,13 +337,16 @@ class PolicyWithValueHead(nn.Module):
         # a token per row from probabilities (B, V): torch.multinomial, or the LM head's own sampler
         sample = getattr(self.lm_head, "sample", _multinomial)
         query_ids, query_mask = left_pad(queries, pad_token_id)  # (B, P)
-        B, T, lengths = len(queries), int(lengths.max()), lengths.to(device)
+        B = len(queries)
+        T = int(lengths.max())
+        lengths = lengths.to(device)
         tokens = torch.full((B, T), pad_token_id, dtype=torch.long, device=device)  # (B, T)
         logprobs = torch.zeros((B, T), device=device)  # (B, T)
         finished = torch.zeros(B, dtype=torch.bool, device=device)  # stopped at EOS
         attention_mask = query_mask.to(device)  # (B, P + t), grows by one column per step
         position_ids = position_ids_from_mask(attention_mask)  # (B, P) for the prefill
-        step_ids, cache = query_ids.to(device), None
+        step_ids = query_ids.to(device)
+        cache = None
         for t in range(T):
             hidden, cache = self._hidden(
                 step_ids, attention_mask, position_ids, use_cache=True, cache=cache

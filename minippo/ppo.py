@@ -313,8 +313,12 @@ class PPOTrainer:
             check_installed(config.log_with)  # on every rank: the same error everywhere
         self.tracker = None  # rank 0 logs the (global) stats
         if config.log_with and self.rank == 0:
-            name, project, folder = config.log_with, config.tracker_project_name, config.logging_dir
-            self.tracker = Tracker(name, project, folder, dataclasses.asdict(config))
+            self.tracker = Tracker(
+                config.log_with,
+                config.tracker_project_name,
+                config.logging_dir,
+                dataclasses.asdict(config),
+            )
         torch.manual_seed(config.seed + self.rank)  # rank r samples with seed + r
 
     @staticmethod

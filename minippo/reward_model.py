@@ -74,8 +74,10 @@ class RewardModel(nn.Module):
                 f"the model has no adapter named {adapter_name!r} (its adapters: "
                 f"{adapter_names(model)}): add_lora(model, config, adapter_name={adapter_name!r}) first"
             )
-        self.model, self.tokenizer = model, tokenizer
-        self.adapter_name, self.max_length = adapter_name, max_length
+        self.model = model
+        self.tokenizer = tokenizer
+        self.adapter_name = adapter_name
+        self.max_length = max_length
         hidden_size = model.config.get_text_config().hidden_size
         device = next(model.parameters()).device
         self.score_head = score_head or ScoreHead(hidden_size, device=device)

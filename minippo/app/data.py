@@ -208,7 +208,8 @@ class LengthSampler:
             raise ValueError(
                 f"LengthSampler needs 0 <= min_value < max_value, got [{min_value}, {max_value})"
             )
-        self.min_value, self.max_value = min_value, max_value
+        self.min_value = min_value
+        self.max_value = max_value
         self.rng = random.Random(seed)
 
     def __call__(self) -> int:

@@ -225,7 +225,8 @@ class DemoConfig:
 
 def demo_stage_configs(config: DemoConfig, model_dir: str) -> dict:
     """The resolved configs of every stage (preset + overrides), all pointing into the run folder."""
-    run, preset = Path(config.output_dir), PRESETS[config.preset]
+    run = Path(config.output_dir)
+    preset = PRESETS[config.preset]
     checkpointing = config.gradient_checkpointing
     checkpointing = preset.get("gradient_checkpointing") if checkpointing is None else checkpointing
     sft = dict(
@@ -586,7 +587,10 @@ def write_plots(run: Path, summary: dict) -> None:
 
 def render_report(config: DemoConfig, summary: dict) -> str:
     """The run's report.md: what ran, how long, and what changed, with samples before and after."""
-    sft, merge, ppo, sec = summary["sft"], summary["merge"], summary["ppo"], summary["seconds"]
+    sft = summary["sft"]
+    merge = summary["merge"]
+    ppo = summary["ppo"]
+    sec = summary["seconds"]
     lines = [
         f"# minippo demo report (preset `{config.preset}`)",
         "",
@@ -602,7 +606,8 @@ def render_report(config: DemoConfig, summary: dict) -> str:
             "",
         ]
     if "pairwise" in summary:
-        p, view = summary["pairwise"], summary.get("tfidf_view", {})
+        p = summary["pairwise"]
+        view = summary.get("tfidf_view", {})
         lines += [
             f"**Pairwise reward model** (PPO's reward; Bradley-Terry on {p['num_train_pairs']} pairs of "
             f"same-length IMDB review starts, trained on the merged model): validation pair accuracy "

@@ -492,7 +492,8 @@ def run_ppo(config: PPORunConfig, progress: bool = True) -> dict:
 
     distributed.init_from_env()
     main = distributed.rank() == 0
-    out, checkpoint = Path(config.output_dir), Path(config.output_dir) / "checkpoint"
+    out = Path(config.output_dir)
+    checkpoint = out / "checkpoint"
     resume = start_run_folder(config, out, checkpoint, main)
     # the rewards first (on the trainer's device): a wrong path, or a folder that holds no trained
     # reward, fails before a large model loads; a pairwise reward model joins the policy's model below

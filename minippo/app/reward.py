@@ -353,11 +353,9 @@ class HFSentiment(_Scorer):
         self.kind = _check_kind(kind)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.name_or_path, self.batch_size, self.device = (
-            str(name_or_path),
-            batch_size,
-            torch.device(device),
-        )
+        self.name_or_path = str(name_or_path)
+        self.batch_size = batch_size
+        self.device = torch.device(device)
         folder = resolve_model(name_or_path)
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         model, info = AutoModelForSequenceClassification.from_pretrained(
@@ -427,7 +425,8 @@ class PairwiseSentiment(_Scorer):
         batch_size: int = 32,
         metrics: dict | None = None,
     ):
-        self.reward_model, self.batch_size = reward_model, batch_size
+        self.reward_model = reward_model
+        self.batch_size = batch_size
         self.scale, self.shift = (float(v) for v in calibration)
         self.kind = _check_kind(kind)
         self.metrics = dict(metrics or {})
