@@ -12,9 +12,10 @@ Ref: Dettmers et al. 2022, "LLM.int8()", arXiv:2208.07339, sec. 3.
 It computes that function in train mode too (bitsandbytes' CPU train mode multiplies by the dequantised
 weight instead), so a model's 8-bit layers compute one function whatever its mode.
 
-Steps 1-2 depend only on A and the threshold. q, k and v (or gate and up) read the same x, so within one
-forward of the model an `Int8InputReuse` keeps the last quantisation per thread, found again by comparing
-A itself: a changed input (a write through `.data` included) never matches, and another thread has its own.
+Steps 1-2 depend only on x and the threshold. q, k and v (or gate and up) read the same x, so within one
+forward of the model an `Int8InputReuse` keeps the last quantisation per thread with a copy of its input,
+found again by comparing x with that copy: a changed input (a write through `.data` included) never
+matches, and another thread has its own.
 
 The input gradient is grad @ (CB * SCB / 127) (bitsandbytes' own backward, ``int8_backward=False``), or,
 where the hardware has an int8 GEMM, the same product with each row of grad * SCB / 127 rounded to int8
@@ -40,8 +41,8 @@ _INV_127_SQUARED = 6.200124e-05
 class QuantisedRows:
     """An input's rows (N, in) as LLM.int8() quantises them."""
 
-    a16: Tensor
-    """(N, in) the input rounded to fp16: what the quantisation depends on (with the threshold)."""
+    x: Tensor
+    """(N, in) a copy of the input that was quantised: an input equal to it has this quantisation."""
     threshold: float
     """the outlier threshold it was quantised with."""
     ca: Tensor
@@ -52,29 +53,41 @@ class QuantisedRows:
     """(k,) the outlier columns (None without a threshold)."""
 
 
-def quantise_rows(x2d: Tensor, threshold: float) -> QuantisedRows:
-    """Steps 1-2 of the module docstring for x (N, in), as bitsandbytes' `int8_vectorwise_quant`."""
-    a16 = x2d.to(torch.float16)  # (N, in)
-    a = a16
-    absolute = a16.abs()
+def quantise_rows(x2d: Tensor, threshold: float, keep_input: bool = False) -> QuantisedRows:
+    """Steps 1-2 of the module docstring for x (N, in): bitsandbytes' `int8_vectorwise_quant`, bit for bit.
+
+    bitsandbytes zeroes each outlier entry, takes each row's absmax, quantises, then zeroes the outlier
+    columns. The same numbers, with fewer passes over x: outlier columns from the column maxima, the
+    rest of each row's absmax from x without those columns, and the columns' entries under the
+    threshold (which count in their rows' absmax) from the k outlier columns alone. The fp16-rounded
+    input is held in fp32, where it is exact and its scaling happens anyway (fp16 times fp32 scales),
+    so no fp16 arithmetic runs, which a CPU does slowly. ``keep_input``: keep a copy of x to recognise
+    it by (`Int8InputReuse`)."""
+    a = x2d.to(torch.float16).float()  # (N, in): x rounded to fp16
     cols = None
+    rest = a
     if threshold > 0.0:
-        outliers = absolute >= threshold  # (N, in)
-        cols = outliers.any(0).nonzero().view(-1)  # (k,)
+        cols = (_absmax(a, 0) >= threshold).nonzero().view(-1)  # (k,) columns with an outlier
         if len(cols):
-            a = a16.masked_fill(outliers, 0)
-            absolute.masked_fill_(outliers, 0)
-    sca = absolute.amax(1).float()  # (N,)
-    ca = torch.round(a * (127.0 / sca.unsqueeze(-1))).to(torch.int8)  # (N, in)
-    if cols is not None and len(cols) and len(ca) > 1:
-        ca[:, cols] = 0
-    return QuantisedRows(a16, threshold, ca, sca, cols)
+            rest = a.index_fill(1, cols, 0)  # (N, in) without them
+    sca = _absmax(rest, 1)  # (N,)
+    if cols is not None and len(cols):
+        under = a[:, cols].abs()  # (N, k)
+        sca = torch.maximum(sca, under.masked_fill_(under >= threshold, 0).amax(1))
+    ca = (rest * (127.0 / sca.unsqueeze(-1))).round_().to(torch.int8)  # (N, in)
+    kept = x2d.clone() if keep_input else x2d
+    return QuantisedRows(kept, threshold, ca, sca, cols)
+
+
+def _absmax(t: Tensor, dim: int) -> Tensor:
+    """max |t| along ``dim``: two reductions, no |t| copy."""
+    return torch.maximum(t.amax(dim), -t.amin(dim))
 
 
 class Int8InputReuse:
     """The last `QuantisedRows` of each thread, kept from the start to the end of one forward of the module
     it is attached to (forward pre- and post-hooks, whose handles it keeps in ``handles``); outside such a
-    forward every call quantises afresh. A lookup compares the input's fp16 rounding with the kept one."""
+    forward every call quantises afresh. A lookup compares the input with the kept copy of the last one."""
 
     def __init__(self):
         self._threads = threading.local()
@@ -100,11 +113,11 @@ class Int8InputReuse:
         if scope is None:
             return quantise_rows(x2d, threshold)
         last = scope[0]
-        a16 = x2d.to(torch.float16)
-        same = last is not None and last.threshold == threshold and last.a16.shape == a16.shape
-        if same and last.a16.device == a16.device and torch.equal(last.a16, a16):
+        same = last is not None and last.threshold == threshold and last.x.shape == x2d.shape
+        same = same and last.x.dtype == x2d.dtype and last.x.device == x2d.device
+        if same and torch.equal(last.x, x2d):  # a copy: a write since (through .data too) differs
             return last
-        scope[0] = quantise_rows(x2d, threshold)
+        scope[0] = quantise_rows(x2d, threshold, keep_input=True)
         return scope[0]
 
     def __getstate__(self):  # a copied model gets its own, empty, unattached reuse

@@ -175,3 +175,23 @@ def test_a_classifier_with_an_untrained_head_is_refused(tiny_model_dir, tmp_path
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="not a trained classifier: .* initialised at random"):
         load_reward(folder)
+
+
+def test_a_pairwise_reward_trains_a_critic_free_policy(trained, imdb_dir, tmp_path):
+    """GRPO with the reward adapter beside the policy's: no value head is trained or saved, and the
+    policy adapter learns from the shared reward model's scores."""
+    root, model_dir = trained
+    argv = ["ppo", "--model", model_dir, "--reward", str(root / "rm"), "--data-dir", str(imdb_dir)]
+    argv += ["--output-dir", str(tmp_path / "run"), "--steps", "2", "--batch-size", "4"]
+    argv += ["--mini-batch-size", "4", "--ppo-epochs", "1", "--eval-prompts", "4"]
+    argv += ["--min-new-tokens", "3", "--max-new-tokens", "4", "--lora-r", "4"]
+    argv += ["--advantage-estimator", "grpo", "--num-generations", "2"]
+    assert main(argv) == 0
+    adapter = tmp_path / "run" / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert not (adapter / "value_head.safetensors").exists()
+    assert not (adapter / "reward").exists()  # the reward adapter is not the policy's
+    metrics = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert len(metrics) == 2 and not any(k.startswith("ppo/val/") for k in metrics[0])
