@@ -219,7 +219,7 @@ class PPOConfig:
 
 
 class PPOCallback:
-    """Hooks into `PPOTrainer.step`, for logging, tests and early exits: subclass and override.
+    """Hooks into `PPOTrainer.step`, for logging and tests: subclass and override.
     Each method gets the trainer; the stats are detached tensors (per minibatch) or floats (per step)."""
 
     def on_minibatch(
