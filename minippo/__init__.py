@@ -10,7 +10,7 @@ import logging as _logging
 # bitsandbytes logs a float16-cast notice on every int8 matmul, and an optional-package note: not actionable.
 _logging.getLogger("bitsandbytes").setLevel(_logging.ERROR)
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from .adapter_files import load_adapter, save_adapter  # noqa: E402
 from .core import (  # noqa: E402
