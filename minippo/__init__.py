@@ -1,8 +1,12 @@
-"""minippo: PPO on LoRA adapters over 8-bit / 4-bit causal language models, small enough to read.
+"""minippo: PPO, GRPO and RLOO on LoRA adapters over 8-bit / 4-bit causal language models, small enough
+to read.
 
-The core, in reading order (docs/design.md): ``core`` (PPO math), ``quant`` (k-bit loading), ``lora``,
-``adapter_files`` (peft's layout), ``policy`` (value head, sampling), ``rollout``, ``ppo`` (the trainer);
-``fileio`` writes crash-safely.  The blog's IMDB application (`minippo.app`) uses the core as any user.
+The core, in reading order (docs/design.md): ``fileio`` (crash-safe writes), ``checks``, ``core`` (the
+math), ``distributed``, ``compat`` (version shims), ``quant`` (k-bit loading), ``lora``,
+``adapter_files`` (peft's layout), ``policy`` (value head, sampling), ``reward_model``, ``rollout``,
+``tracking``, ``ppo`` (the trainer), ``rewards`` (reward functions). ``minippo.fast`` holds the faster
+forms, one switch away (``load_model(..., fast=True)``).  The blog's IMDB application (`minippo.app`)
+uses the core as any user.
 Shapes: B batch, P prompt length, T response length, L = P + T, V vocabulary, H hidden size, r LoRA rank."""
 
 import logging as _logging
