@@ -8,13 +8,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from probes import ForwardCounter, capture
 from tiny import field_docs, tiny_model
 
 from minippo import fast as fast_path
 from minippo.core import kl_penalty
 from minippo.lora import LoRAConfig, add_lora, lora_state_dict
 from minippo.policy import PolicyWithValueHead
-from minippo.ppo import FAST_MARKER, PPOCallback, PPOConfig, PPOTrainer
+from minippo.ppo import FAST_MARKER, PPOConfig, PPOTrainer
 from minippo.quant import prepare_model_for_kbit_training, quantize_model
 
 PROMPTS = ["This movie", "A wonderful, moving picture with a", "Boring and", "The best film of"]
@@ -74,27 +75,6 @@ def make_trainer(arch, tokenizer, int8=False, dtype=torch.float32, **overrides):
     queries = encode(tokenizer, trainer.config.batch_size)
     responses = trainer.generate(queries)
     return trainer, queries, responses
-
-
-class Recorder(PPOCallback):
-    """Records the rollout buffer of every step and the stats of every minibatch."""
-
-    def __init__(self):
-        self.buffers = []
-        self.minibatches = []
-
-    def on_minibatch(self, trainer, minibatch, stats):
-        self.minibatches.append(stats)
-
-    def on_step_end(self, trainer, batch, stats):
-        self.buffers.append(batch)
-
-
-def capture(trainer):
-    """Record the rollout buffer and the stats of every minibatch of the next steps."""
-    recorder = Recorder()
-    trainer.callbacks.append(recorder)
-    return recorder
 
 
 def adapter_snapshot(trainer):
@@ -322,24 +302,6 @@ def test_first_minibatch_has_ratio_exactly_one(arch, tokenizer, compute_dtype, i
         assert first["policy/clipfrac"].item() == 0.0
     # later minibatches see updated adapters
     assert seen.minibatches[-1]["policy/approxkl"].item() > 0
-
-
-class ForwardCounter:
-    """Counts the backbone's forwards (a forward hook; its handle removed on exit)."""
-
-    def __init__(self, trainer):
-        self.calls = 0
-        self.backbone = trainer.policy.backbone
-
-    def __enter__(self):
-        self.handle = self.backbone.register_forward_hook(self.count)
-        return self
-
-    def count(self, *args):
-        self.calls += 1
-
-    def __exit__(self, *exc):
-        self.handle.remove()
 
 
 @pytest.mark.parametrize("int8", [False, True])

@@ -3,11 +3,12 @@ saved or run; groups of num_generations samples; GRPO's KL in the loss; the loss
 
 import pytest
 import torch
+from probes import ForwardCounter, Recorder
 from tiny import tiny_model
 
 from minippo.core import grpo_advantages, rloo_advantages
 from minippo.lora import LoRAConfig, add_lora, lora_state_dict
-from minippo.ppo import PPOCallback, PPOConfig, PPOTrainer
+from minippo.ppo import PPOConfig, PPOTrainer
 from minippo.quant import prepare_model_for_kbit_training, quantize_model
 
 PROMPTS = ["This movie", "A wonderful, moving picture with a"]
@@ -51,36 +52,6 @@ def grouped_queries(tokenizer, n_prompts=2):
 def scores_for(responses):
     """Every 8th token id earns a point: scores that differ within a group."""
     return [float((r % 8 == 0).sum()) for r in responses]
-
-
-class Recorder(PPOCallback):
-    def __init__(self):
-        self.buffers = []
-        self.minibatches = []
-
-    def on_minibatch(self, trainer, minibatch, stats):
-        self.minibatches.append(stats)
-
-    def on_step_end(self, trainer, batch, stats):
-        self.buffers.append(batch)
-
-
-class ForwardCounter:
-    """Counts the backbone's forwards (a forward hook, its handle removed on exit)."""
-
-    def __init__(self, trainer):
-        self.calls = 0
-        self.backbone = trainer.policy.backbone
-
-    def __enter__(self):
-        self.handle = self.backbone.register_forward_hook(self.count)
-        return self
-
-    def count(self, *args):
-        self.calls += 1
-
-    def __exit__(self, *exc):
-        self.handle.remove()
 
 
 # -- config ---------------------------------------------------------------------------------------
