@@ -609,7 +609,8 @@ class RewardConfig:
     output_dir: str = "runs/reward"
     """Where the trained reward (and metrics.json) is written."""
     kind: str = "prob"
-    """Score the reward returns: "prob" (P(positive)) or "logit" (log-odds / raw positive logit)."""
+    """Score the reward returns: "prob" (P(positive)) or "logit" (log-odds / raw positive logit);
+    "pairwise" is another spelling of --model pairwise (its score is a logit)."""
     num_train: int | None = None
     """Train on this many shuffled train reviews (None: all 20,000)."""
     num_eval: int | None = None
@@ -632,6 +633,14 @@ class RewardConfig:
     """The pairwise reward model's settings (--model pairwise; num_train and num_eval count pairs)."""
 
     def __post_init__(self):
+        if self.kind == "pairwise":
+            if self.model not in ("tfidf", "pairwise"):
+                raise ValueError(
+                    f"--kind pairwise trains a pairwise reward model, but --model is {self.model!r}: "
+                    f"drop --model, or use --model pairwise"
+                )
+            self.model = "pairwise"
+            self.kind = "logit"
         _check_kind(self.kind)
         check_fields(self, optional((lambda v: v >= 2, "at least 2")), "num_train", "num_eval")
         check_fields(self, POSITIVE_INT, "ngram_max", "min_df", "batch_size")

@@ -137,6 +137,13 @@ def test_reward_config_validation(field, value, match):
         RewardConfig(**{field: value})
 
 
+def test_kind_pairwise_is_the_pairwise_reward_model():
+    config = RewardConfig(kind="pairwise")
+    assert (config.model, config.kind) == ("pairwise", "logit")
+    with pytest.raises(ValueError, match="--kind pairwise trains a pairwise reward model"):
+        RewardConfig(model="distilbert-imdb", kind="pairwise")
+
+
 # -- Hugging Face classifiers ------------------------------------------------------------------------
 
 
