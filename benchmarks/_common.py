@@ -1,4 +1,4 @@
-"""What both benchmark workers share: the work spec, prompts, the reward, timing and memory probes.
+"""What the benchmarks share: the work spec, prompts, the reward, timing and memory probes, model sizes.
 
 Imported by `_peer_step.py` (trl 0.4.7 stack in .venv-peer) and `_minippo_step.py` (.venv), so it
 uses only the standard library and torch: same prompts, same reward, same measurement on both sides.
@@ -12,6 +12,38 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+
+# GPT-NeoX sizes of the benchmarks' random-weight models, by name.
+NEOX_SIZES = {
+    "neox-7m": dict(
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        vocab_size=8192,
+    ),
+    "neox-30m": dict(
+        hidden_size=512,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        intermediate_size=2048,
+        vocab_size=8192,
+    ),
+    "neox-100m": dict(
+        hidden_size=768,
+        num_hidden_layers=11,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        vocab_size=16384,
+    ),
+    "neox-350m": dict(
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        intermediate_size=4096,
+        vocab_size=16384,
+    ),
+}
 
 
 @dataclass

@@ -34,6 +34,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
+from _common import NEOX_SIZES  # noqa: E402
 
 BEGIN, END = "<!-- memory:begin -->", "<!-- memory:end -->"
 WEIGHTS_BEGIN, WEIGHTS_END = "<!-- memory:weights:begin -->", "<!-- memory:weights:end -->"
@@ -41,36 +42,7 @@ DTYPES = ("fp32", "bf16", "int8", "nf4")
 MiB = 2**20
 
 # GPT-NeoX sizes for the bytes/param table (random weights).
-SIZES = {
-    "neox-7m": dict(
-        hidden_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=1024,
-        vocab_size=8192,
-    ),
-    "neox-30m": dict(
-        hidden_size=512,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        intermediate_size=2048,
-        vocab_size=8192,
-    ),
-    "neox-100m": dict(
-        hidden_size=768,
-        num_hidden_layers=11,
-        num_attention_heads=12,
-        intermediate_size=3072,
-        vocab_size=16384,
-    ),
-    "neox-350m": dict(
-        hidden_size=1024,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        intermediate_size=4096,
-        vocab_size=16384,
-    ),
-}
+SIZES = NEOX_SIZES
 
 
 def neox(sizes: dict, seed: int = 0):

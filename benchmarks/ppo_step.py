@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
-from _common import Spec  # noqa: E402
+from _common import NEOX_SIZES, Spec  # noqa: E402
 
 from minippo.app.demo import DemoConfig, demo_stage_configs  # noqa: E402
 from minippo.app.report import cpu_flags, cpu_name  # noqa: E402
@@ -50,23 +50,7 @@ RESULTS = HERE / "RESULTS.md"
 BEGIN, END = "<!-- ppo_step:begin -->", "<!-- ppo_step:end -->"
 
 # name -> GPT-NeoX sizes (random weights), or None for the embedded SmolLM2.
-MODELS = {
-    "neox-7m": dict(
-        hidden_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=1024,
-        vocab_size=8192,
-    ),
-    "neox-100m": dict(
-        hidden_size=768,
-        num_hidden_layers=11,
-        num_attention_heads=12,
-        intermediate_size=3072,
-        vocab_size=16384,
-    ),
-    "smollm2-135m": None,
-}
+MODELS = {name: NEOX_SIZES[name] for name in ("neox-7m", "neox-100m")} | {"smollm2-135m": None}
 INPUT_EMBEDDINGS = (
     "embed_in",
     "embed_tokens",

@@ -412,7 +412,8 @@ class PPOTrainer:
                 batch.rewards, kl = self._kl_penalised_rewards(batch, kl_coef)
 
             with timed(timing, "compute_advantages"):
-                # 5. Advantages (GAE, whitened over the batch) and value targets.
+                # 5. Advantages and value targets: GAE whitened over the batch, or (critic-free)
+                #    each response's reward against its group's (GRPO, RLOO; no value targets).
                 batch.advantages, batch.returns = self._advantages(batch)
 
             with timed(timing, "optimize_step"):
