@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..checks import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check, check_fields, optional
 from ..core import bradley_terry_loss
@@ -142,7 +143,8 @@ def train_pairs(reward: RewardModel, pairs, config: PairwiseConfig, seed: int) -
     indices: list[int] = []
     losses = []
     reward.model.eval()
-    for _ in range(config.steps):
+    bar = tqdm(range(config.steps), desc="reward", unit="step", dynamic_ncols=True)
+    for _ in bar:
         if len(indices) < config.batch_size:
             indices += order.sample(range(len(pairs)), len(pairs))
         batch = [pairs[indices.pop()] for _ in range(min(config.batch_size, len(pairs)))]
@@ -156,6 +158,7 @@ def train_pairs(reward: RewardModel, pairs, config: PairwiseConfig, seed: int) -
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     return losses
 
 
