@@ -13,36 +13,22 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-# GPT-NeoX sizes of the benchmarks' random-weight models, by name.
+# GPT-NeoX sizes of the benchmarks' random-weight models, by name: (hidden size, layers, attention
+# heads, vocabulary); the MLP is 4x the hidden size.
 NEOX_SIZES = {
-    "neox-7m": dict(
-        hidden_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=1024,
-        vocab_size=8192,
-    ),
-    "neox-30m": dict(
-        hidden_size=512,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        intermediate_size=2048,
-        vocab_size=8192,
-    ),
-    "neox-100m": dict(
-        hidden_size=768,
-        num_hidden_layers=11,
-        num_attention_heads=12,
-        intermediate_size=3072,
-        vocab_size=16384,
-    ),
-    "neox-350m": dict(
-        hidden_size=1024,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        intermediate_size=4096,
-        vocab_size=16384,
-    ),
+    name: dict(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        vocab_size=vocab,
+    )
+    for name, (hidden, layers, heads, vocab) in {
+        "neox-7m": (256, 4, 4, 8192),
+        "neox-30m": (512, 6, 8, 8192),
+        "neox-100m": (768, 11, 12, 16384),
+        "neox-350m": (1024, 24, 16, 16384),
+    }.items()
 }
 
 

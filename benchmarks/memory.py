@@ -41,9 +41,6 @@ WEIGHTS_BEGIN, WEIGHTS_END = "<!-- memory:weights:begin -->", "<!-- memory:weigh
 DTYPES = ("fp32", "bf16", "int8", "nf4")
 MiB = 2**20
 
-# GPT-NeoX sizes for the bytes/param table (random weights).
-SIZES = NEOX_SIZES
-
 
 def neox(sizes: dict, seed: int = 0):
     from transformers import AutoModelForCausalLM, GPTNeoXConfig
@@ -78,7 +75,7 @@ def weights_table(names: list[str]) -> list[dict]:
 
     rows = []
     for name in names:
-        model = smollm2() if name == "smollm2-135m" else neox(SIZES[name])
+        model = smollm2() if name == "smollm2-135m" else neox(NEOX_SIZES[name])
         cfg = model.config
         n_params = sum(p.numel() for p in model.parameters())
         n_linear = linear_params(model)
@@ -120,7 +117,7 @@ def reference_worker(model_name: str, mode: str, dtype: str) -> dict:
 
     torch.set_num_threads(2)
     before = rss_mib()
-    model = smollm2() if model_name == "smollm2-135m" else neox(SIZES[model_name])
+    model = smollm2() if model_name == "smollm2-135m" else neox(NEOX_SIZES[model_name])
     if dtype == "int8":
         quantize_model(model)
         prepare_model_for_kbit_training(model)
