@@ -70,6 +70,7 @@ def worker(model_dir: str, warmup: int, steps: int, device: str = "cpu") -> None
             times.append(time.perf_counter() - start)
     if trainer.rank == 0:
         print("RESULT " + json.dumps({"seconds": times}))
+    distributed.shutdown()
 
 
 def launch(

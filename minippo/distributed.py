@@ -34,6 +34,14 @@ def init_from_env() -> bool:
     return True
 
 
+def shutdown() -> None:
+    """Leave the process group, at the end of a torchrun script: a process that exits while still in
+    it can abort in gloo's teardown ("terminate called without an active exception"). A no-op with
+    one process."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 

@@ -457,4 +457,7 @@ def test_process_group_timeout_fails_a_rank_left_waiting(tmp_path):
 
 
 if __name__ == "__main__":
-    globals()[sys.argv[1]](*sys.argv[2:])
+    try:
+        globals()[sys.argv[1]](*sys.argv[2:])
+    finally:
+        distributed.shutdown()

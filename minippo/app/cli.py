@@ -19,6 +19,7 @@ from typing import Any
 import tyro
 from tyro.constructors import ConstructorRegistry, PrimitiveConstructorSpec
 
+from minippo import distributed
 from minippo.app.model_folders import fast_is_on
 
 _REGISTRY = ConstructorRegistry()
@@ -157,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as err:  # bad input, missing files, offline hub: a message
         print(f"minippo {name}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()  # under torchrun: leave the process group before exiting
     return 0
 
 
