@@ -36,8 +36,9 @@ def init_from_env() -> bool:
 
 def shutdown() -> None:
     """Leave the process group, at the end of a torchrun script: a process that exits while still in
-    it can abort in gloo's teardown ("terminate called without an active exception"). A no-op with
-    one process."""
+    it can abort in gloo's teardown ("terminate called without an active exception"). Call it when
+    the run succeeded: a rank that fails should exit inside the group, so that the launcher reports it
+    as the failure's cause. A no-op with one process."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -150,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             retain_freed_memory()  # glibc: reuse freed blocks instead of page-faulting them each step
         run(config)
+        distributed.shutdown()  # under torchrun: leave the process group before exiting
     except KeyboardInterrupt:
         print(
             "\nminippo: interrupted; the last saved adapter/checkpoint is intact.", file=sys.stderr
@@ -158,8 +159,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as err:  # bad input, missing files, offline hub: a message
         print(f"minippo {name}: error: {err}", file=sys.stderr)
         return 2
-    finally:
-        distributed.shutdown()  # under torchrun: leave the process group before exiting
     return 0
 
 
